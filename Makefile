@@ -1,0 +1,47 @@
+# The two commands of the README, plus helpers. Everything a fresh machine needs is installed here.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+MAX_JOBS ?= 2
+export MAX_JOBS
+
+# Debian's Fashion-MNIST package, when apt is there (else the demo says it fell back to digits).
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: deps build data demo test test-fast bench cpp-test clean
+
+deps:
+	$(PIP) install --quiet torch ninja numpy scikit-learn tqdm matplotlib pytest pytest-benchmark setuptools wheel
+
+# --no-build-isolation: compile against the torch installed above (see setup.py's docstring).
+build: deps
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PYTHON) -c "import dfmu_ext, json; print(json.dumps(dfmu_ext.build_info()))"
+
+data:
+	@if [ ! -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
+	fi
+
+demo: build data
+	$(PYTHON) -m dfmu_ext demo
+
+test: build data
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	$(MAKE) cpp-test
+
+test-fast:
+	$(PYTHON) -m pytest -q -x -p no:cacheprovider tests
+
+bench: build
+	$(PYTHON) -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+cpp-test:
+	@if [ -f CMakeLists.txt ]; then \
+		cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/dev/null && \
+		cmake --build build/cmake -j $(MAX_JOBS) && ctest --test-dir build/cmake --output-on-failure; \
+	fi
+
+clean:
+	rm -rf build dist *.egg-info dfmu_ext/_C*.so dfmu_ext/_build_config.py

@@ -1,0 +1,56 @@
+// Host side of block_importance on CUDA: validation and layout (shared with the CPU kernel),
+// buffers, group segments, and the two kernel launches of block_importance_kernels.cu.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-op headers keep the build fast
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../block_importance.h"
+#include "launch.h"
+
+namespace dfmu {
+namespace {
+
+cuda::DType to_kernel_dtype(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kDouble: return cuda::DType::kDouble;
+    case at::kHalf: return cuda::DType::kHalf;
+    default: return cuda::DType::kBFloat16;
+  }
+}
+
+at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
+                                 const std::optional<at::Tensor>& groups, int64_t num_groups,
+                                 int64_t channel_dim, c10::string_view reduce) {
+  TORCH_CHECK_VALUE(act.is_cuda(), "block_importance: expected CUDA tensors, got act on ", act.device());
+  const c10::cuda::CUDAGuard guard(act.device());
+  ImportanceProblem p = canonicalize(act, grad, channel_dim, std::string(reduce));
+  check_groups(groups, p.N, num_groups, act);
+  at::Tensor out = at::empty({num_groups, p.C}, act.options().dtype(p.out_dtype));
+  if (p.N == 0 || p.C == 0 || p.R == 0) return out.zero_();
+  GroupSegments seg = group_segments(groups, p.N, num_groups, act.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, act.device().index()));
+
+  const cuda::DotsProblem problem{to_kernel_dtype(p.act.scalar_type()), p.act.const_data_ptr(),
+                                  p.grad.const_data_ptr(), p.N, p.C, p.R,
+                                  p.layout == Layout::kChannelsOuter};
+  const int64_t splits = cuda::importance_splits(problem, sms);
+  at::Tensor partial = at::empty({splits, p.N, p.C}, out.options());
+  cuda::launch_importance_dots(problem, sms, splits, partial.mutable_data_ptr(), stream);
+  cuda::launch_group_reduce(p.out_dtype == at::kDouble, partial.const_data_ptr(), splits, p.N, p.C,
+                            seg.perm.defined() ? seg.perm.const_data_ptr<int64_t>() : nullptr,
+                            seg.offsets.const_data_ptr<int64_t>(), num_groups, int(p.reduce),
+                            out.mutable_data_ptr(), stream);
+  return out;
+}
+
+}  // namespace
+}  // namespace dfmu
+
+TORCH_LIBRARY_IMPL(dfmu_ext, CUDA, m) { m.impl("block_importance", &dfmu::block_importance_cuda); }

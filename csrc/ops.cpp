@@ -1,0 +1,22 @@
+// Op schemas for dfmu_ext: declared once here, implemented per dispatch key in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import dfmu_ext._C` loads this shared object, which runs the static TORCH_LIBRARY
+// registrations below. The module itself is empty: every entry point is a torch op.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dfmu_ext, m) {
+  // out[k, c] = sum_{n : groups[n] == k} r( sum_{positions p != (n, c)} act[n, .., c, ..] * grad[...] )
+  // with r = |.| ("abs"), (.)^2 ("square") or identity ("signed"). Shape (num_groups, C),
+  // float32 for half/bfloat16/float32 inputs, float64 for float64.
+  m.def("block_importance(Tensor act, Tensor grad, Tensor? groups, int num_groups, int channel_dim, "
+        "str reduce) -> Tensor");
+  // tensors[i] *= masks[i] broadcast along dim 0, in place, every i.
+  m.def("apply_channel_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
+}

@@ -1,0 +1,119 @@
+"""Dataset plumbing shared by every stage: labels, class splits, stratified fractions, batched prediction.
+
+Every function takes any map-style dataset whose items are ``(input, label)``; a
+``TensorDataset`` (and a ``Subset`` of one) takes a fast path that never touches items one by one.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """All labels of ``dataset`` as a 1-D int64 CPU tensor, in index order."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].reshape(-1).long().cpu()
+    if isinstance(dataset, Subset):
+        parent = dataset_labels(dataset.dataset)
+        return parent[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).reshape(-1).long().cpu()
+    n = len(dataset)  # type: ignore[arg-type]
+    return torch.tensor([int(dataset[i][1]) for i in range(n)], dtype=torch.long)
+
+
+def split_forget_retain(dataset: Dataset, forget_classes: Iterable[int]) -> tuple[Subset, Subset]:
+    """(forget subset, retain subset) of ``dataset`` by label membership in ``forget_classes``."""
+    labels = dataset_labels(dataset)
+    is_forget = torch.isin(labels, torch.as_tensor(sorted(set(forget_classes)), dtype=torch.long))
+    forget_idx = torch.nonzero(is_forget).flatten().tolist()
+    retain_idx = torch.nonzero(~is_forget).flatten().tolist()
+    return Subset(dataset, forget_idx), Subset(dataset, retain_idx)
+
+
+def stratified_fraction(dataset: Dataset, fraction: float, seed: int = 0) -> Subset:
+    """A class-stratified random ``fraction`` of ``dataset`` (at least one sample per present class).
+
+    Reproducible for a given ``seed``; the chosen indices are sorted so that iteration order does
+    not depend on the draw.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = dataset_labels(dataset)
+    if fraction == 1.0:
+        return Subset(dataset, list(range(len(labels))))
+    gen = torch.Generator().manual_seed(seed)
+    chosen: list[torch.Tensor] = []
+    for cls in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == cls).flatten()
+        k = max(1, int(round(fraction * idx.numel())))
+        chosen.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    picked = torch.sort(torch.cat(chosen)).values.tolist() if chosen else []
+    return Subset(dataset, picked)
+
+
+def make_loader(dataset: Dataset, batch_size: int = 256, shuffle: bool = False, seed: int = 0,
+                sampler=None) -> DataLoader:
+    """A single-process DataLoader (our datasets are in-memory tensors; workers only add start-up cost)."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      generator=gen, sampler=sampler, num_workers=0)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512,
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``model`` in eval mode over ``dataset``, both on the CPU.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    try:
+        for x, y in make_loader(dataset, batch_size=batch_size):
+            outs.append(model(x.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y).long().reshape(-1))
+    finally:
+        model.train(was_training)
+    if not outs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512,
+             device: torch.device | str | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (nan for an empty dataset)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return float("nan")
+    logits, labels = predict_logits(model, dataset, batch_size, device)
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def per_class_accuracy(model: torch.nn.Module, dataset: Dataset, num_classes: int,
+                       batch_size: int = 512, device=None) -> list[float]:
+    """Accuracy per class (nan where a class has no sample)."""
+    logits, labels = predict_logits(model, dataset, batch_size, device)
+    pred = logits.argmax(1) if logits.numel() else labels
+    out = []
+    for c in range(num_classes):
+        sel = labels == c
+        out.append((pred[sel] == c).float().mean().item() if sel.any() else float("nan"))
+    return out
+
+
+def take_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the items at ``indices`` into one ``(x, y)`` batch."""
+    if isinstance(dataset, TensorDataset):
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return dataset.tensors[0][idx], dataset.tensors[1][idx].long()
+    if isinstance(dataset, Subset):
+        return take_batch(dataset.dataset, [dataset.indices[i] for i in indices])
+    items = [dataset[i] for i in indices]
+    xs = torch.stack([torch.as_tensor(x) for x, _ in items])
+    ys = torch.tensor([int(y) for _, y in items], dtype=torch.long)
+    return xs, ys

@@ -1,0 +1,48 @@
+"""Pure-PyTorch definitions of the two ops, computed in float64: the tests' oracle.
+
+Written for clarity, not speed; they share no code with the kernels.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor | None = None,
+                     num_groups: int = 1, channel_dim: int = 1, reduce: str = "abs",
+                     compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``out[k, c] = sum_{n: groups[n]=k} r(sum_{p} act[n,..c..] * grad[n,..c..])`` in ``compute_dtype``.
+
+    ``compute_dtype=act.dtype`` gives "the same computation in the input's own precision", whose
+    error against the float64 result calibrates the tolerance for low-precision inputs.
+    """
+    cd = channel_dim % act.dim()
+    a = act.to(compute_dtype).movedim(cd, 1)
+    g = grad.to(compute_dtype).movedim(cd, 1)
+    s = (a * g).reshape(a.shape[0], a.shape[1], -1).sum(-1)  # (N, C)
+    if reduce == "abs":
+        r = s.abs()
+    elif reduce == "square":
+        r = s * s
+    elif reduce == "signed":
+        r = s
+    else:
+        raise ValueError(f"unknown reduce {reduce!r}")
+    ids = torch.zeros(a.shape[0], dtype=torch.long, device=act.device) if groups is None else groups.long()
+    out = torch.zeros(num_groups, a.shape[1], dtype=compute_dtype, device=act.device)
+    out.index_add_(0, ids, r)
+    return out
+
+
+def apply_channel_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """New tensors ``t * m`` broadcast along dim 0, the product taken in float64 and rounded once.
+
+    The mask's values are those of the op's math precision: float32 unless ``t`` is float64.
+    """
+    out = []
+    for t, m in zip(tensors, masks):
+        shape = (-1,) + (1,) * (t.dim() - 1)
+        m = m.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+        out.append((t.double() * m.double().reshape(shape)).to(t.dtype))
+    return out

@@ -1,0 +1,196 @@
+"""block_importance against the float64 reference over devices x dtypes x layouts x sizes x groups."""
+import itertools
+
+import pytest
+import torch
+
+from dfmu_ext import ops
+from dfmu_ext import reference as ref
+from conftest import DEVICES
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+REDUCES = ["abs", "square", "signed"]
+
+
+def _inputs(shape, dtype, device, seed=0, layout="contiguous"):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    a, g = a.to(device=device, dtype=dtype), g.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        a, g = a.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
+    elif layout == "strided":  # a non-dense view: every other position of the last dim
+        a = torch.cat([a, a], dim=-1)[..., ::2]
+        g = torch.cat([g, g], dim=-1)[..., ::2]
+    return a, g
+
+
+def _check(out, act, grad, groups, K, cd, reduce):
+    """Within a small multiple of the error of the same computation done in the input's precision."""
+    exact = ref.block_importance(act, grad, groups, K, cd, reduce)
+    assert out.shape == exact.shape
+    assert out.dtype == (torch.float64 if act.dtype == torch.float64 else torch.float32)
+    # Magnitude of what was summed, per (k, c): the scale every rounding error is relative to.
+    scale = ref.block_importance(act.abs(), grad.abs(), groups, K, cd, "abs")
+    if reduce == "square":
+        scale = scale * scale
+    eps = torch.finfo(torch.float32 if act.dtype != torch.float64 else torch.float64).eps
+    n_terms = act.numel() / max(1, exact.shape[1])
+    tol = 4 * eps * (n_terms ** 0.5 + 8) * scale + 1e-30
+    if act.dtype in (torch.float16, torch.bfloat16):
+        same_prec = ref.block_importance(act, grad, groups, K, cd, reduce, compute_dtype=act.dtype)
+        tol = tol + 3 * (same_prec.double() - exact).abs()
+    err = (out.double() - exact).abs()
+    worst = (err - tol).max().item() if err.numel() else 0.0
+    assert worst <= 0, f"max error {err.max().item():.3e} exceeds tolerance (excess {worst:.3e})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cd,layout", [
+    ((8, 16, 5, 5), 1, "contiguous"),
+    ((8, 16, 5, 5), 1, "channels_last"),
+    ((6, 8, 3, 4, 5), 1, "channels_last"),
+    ((6, 8, 3, 4, 5), 1, "contiguous"),
+    ((7, 13), 1, "contiguous"),
+    ((5, 13, 24), -1, "contiguous"),
+    ((5, 13, 24), 2, "contiguous"),
+    ((4, 9, 11), 1, "contiguous"),
+    ((4, 6, 7, 8), 1, "strided"),
+    ((3, 5, 6), 1, "strided"),
+])
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_matches_reference_layouts(device, dtype, shape, cd, layout, reduce):
+    act, grad = _inputs(shape, dtype, device, layout=layout)
+    groups = torch.arange(shape[0], device=device) % 3
+    out = ops.block_importance(act, grad, groups, 3, cd, reduce)
+    _check(out, act, grad, groups, 3, cd, reduce)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cd", [
+    ((1, 3, 4, 4), 1),        # N = 1
+    ((9, 1, 6, 6), 1),        # C = 1
+    ((3, 257, 3, 3), 1),      # C = 257 (odd, not a multiple of any pack width)
+    ((2, 3, 1, 1), 1),        # spatial 1
+    ((2, 2, 65537), 1),       # spatial 65537 (long odd rows, split across teams)
+    ((3, 13, 257), -1),       # T = 13, C = 257 channels-last
+    ((4, 65537, 2), 1),       # many channels, short rows
+    ((33, 5), 1),             # linear, odd
+])
+def test_odd_sizes(device, dtype, shape, cd):
+    act, grad = _inputs(shape, dtype, device, seed=1)
+    groups = torch.tensor([i % 2 for i in range(shape[0])], device=device)
+    out = ops.block_importance(act, grad, groups, 2, cd, "abs")
+    _check(out, act, grad, groups, 2, cd, "abs")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_variants(device):
+    act, grad = _inputs((10, 6, 3, 3), torch.float32, device, seed=2)
+    # no groups: everything in group 0
+    _check(ops.block_importance(act, grad), act, grad, None, 1, 1, "abs")
+    # several groups, some empty, int32 ids
+    groups = torch.tensor([4, 0, 4, 4, 0, 1, 4, 0, 1, 4], dtype=torch.int32, device=device)
+    out = ops.block_importance(act, grad, groups, 6, 1, "square")
+    _check(out, act, grad, groups, 6, 1, "square")
+    assert torch.all(out[2] == 0) and torch.all(out[3] == 0) and torch.all(out[5] == 0)
+    # one group per sample gives the per-sample scores
+    per_sample = ops.block_importance(act, grad, torch.arange(10, device=device), 10, 1, "signed")
+    total = ops.block_importance(act, grad, None, 1, 1, "signed")
+    torch.testing.assert_close(per_sample.double().sum(0), total.double()[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_size(device, dtype):
+    act = torch.empty(0, 5, 3, 3, device=device, dtype=dtype)
+    out = ops.block_importance(act, act, torch.empty(0, dtype=torch.long, device=device), 2)
+    assert out.shape == (2, 5) and torch.all(out == 0)
+    act = torch.empty(3, 0, 2, device=device, dtype=dtype)
+    assert ops.block_importance(act, act).shape == (1, 0)
+    act = torch.randn(3, 4, 0, device=device, dtype=dtype)
+    out = ops.block_importance(act, act)
+    assert out.shape == (1, 4) and torch.all(out == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,cd", [((16, 32, 17, 17), 1), ((64, 30, 96), -1), ((1, 1, 70001), 1)])
+def test_deterministic(device, shape, cd):
+    act, grad = _inputs(shape, torch.float32, device, seed=3)
+    groups = torch.randint(0, 4, (shape[0],), generator=torch.Generator().manual_seed(0)).to(device)
+    first = ops.block_importance(act, grad, groups, 4, cd, "signed")
+    for _ in range(3):
+        assert torch.equal(first, ops.block_importance(act, grad, groups, 4, cd, "signed"))
+
+
+def test_threads_do_not_change_the_result():
+    act, grad = _inputs((8, 40, 33, 33), torch.float32, "cpu", seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.block_importance(act, grad)
+        torch.set_num_threads(max(2, before))
+        many = ops.block_importance(act, grad)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    a = torch.randn(4, 3, 2, 2, device=device)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.block_importance(a, torch.randn(4, 3, 2, 3, device=device))
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.block_importance(a, a.double())
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
+        ops.block_importance(a.int(), a.int())
+    with pytest.raises(ValueError, match="num_groups must be >= 1"):
+        ops.block_importance(a, a, None, 0)
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, num_groups=2\)"):
+        ops.block_importance(a, a, torch.tensor([0, 1, 2, 0], device=device), 2)
+    with pytest.raises(ValueError, match=r"group ids must lie"):
+        ops.block_importance(a, a, torch.tensor([0, -1, 1, 0], device=device), 2)
+    with pytest.raises(ValueError, match="one id per sample"):
+        ops.block_importance(a, a, torch.tensor([0, 1], device=device), 2)
+    with pytest.raises(TypeError, match="groups must be an int64 or int32"):
+        ops.block_importance(a, a, torch.zeros(4, device=device), 2)
+    with pytest.raises(ValueError, match="batch dimension"):
+        ops.block_importance(a, a, channel_dim=0)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.block_importance(a, a, channel_dim=4)
+    with pytest.raises(ValueError, match="reduce must be"):
+        ops.block_importance(a, a, reduce="mean")
+    with pytest.raises(ValueError, match="batch and a channel"):
+        ops.block_importance(torch.randn(4, device=device), torch.randn(4, device=device))
+
+
+@pytest.mark.cuda
+def test_device_mismatch():
+    a = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="is on"):
+        ops.block_importance(a, a.cuda())
+    with pytest.raises(ValueError, match="groups is on"):
+        ops.block_importance(a.cuda(), a.cuda(), torch.zeros(4, dtype=torch.long), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    act, grad = _inputs((4, 6, 3, 3), torch.float32, device)
+    groups = torch.tensor([0, 1, 1, 0], device=device)
+    torch.library.opcheck(torch.ops.dfmu_ext.block_importance.default, (act, grad, groups, 2, 1, "abs"))
+    torch.library.opcheck(torch.ops.dfmu_ext.block_importance.default, (act, grad, None, 1, -1, "square"))
+
+
+def test_torch_compile_fullgraph():
+    act, grad = _inputs((4, 6, 5, 5), torch.float32, "cpu")
+    groups = torch.tensor([0, 1, 1, 0])
+
+    def f(a, g, k):
+        return ops.block_importance(a * 2.0, g, k, 2, 1, "abs") + 1.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(act, grad, groups), f(act, grad, groups))
