@@ -1,0 +1,117 @@
+"""The short masked fine-tune on the retain budget, with early stopping once accuracy has recovered.
+
+After every optimizer step the masks are re-applied (one fused op call) to the weights *and* the
+optimizer's momentum, so pruned units stay exactly zero and never regrow.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .datautil import make_loader
+from .pruning import MaskPlan
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    early_stop: bool = True
+    recovery_tolerance: float = 0.005   # stop once running accuracy >= target - tolerance
+    window: int = 1024                  # samples in the running-accuracy window
+    min_fraction: float = 0.5           # never stop before this share of the first epoch
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
+                    target_accuracy: float | None = None, device=None, seed: int = 0,
+                    progress: bool = True, sampler=None, wrap=None) -> dict:
+    """SGD on ``dataset`` with ``plan`` re-applied after each step; returns a small history.
+
+    ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
+    stop: once the running train accuracy over the last ``window`` samples reaches it (minus the
+    tolerance), fine-tuning ends. ``sampler`` / ``wrap`` let a distributed caller shard the data
+    and wrap the model (DDP) without changing this loop.
+    """
+    config = config or FinetuneConfig()
+    config.validate()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    start = time.perf_counter()
+    history = {"steps": 0, "samples": 0, "epochs_run": 0.0, "stopped_early": False, "loss": [], "seconds": 0.0}
+    if config.epochs == 0 or len(dataset) == 0:
+        return history
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    net = wrap(model) if wrap is not None else model
+    was_training = model.training
+    model.train()
+    recent: deque = deque()
+    recent_correct = 0
+    recent_total = 0
+    steps_per_epoch = None
+    try:
+        for epoch in range(config.epochs):
+            if sampler is not None and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            loader = make_loader(dataset, batch_size=config.batch_size, shuffle=sampler is None,
+                                 seed=seed + epoch, sampler=sampler)
+            steps_per_epoch = len(loader)
+            bar = tqdm(loader, desc=f"fine-tune {epoch + 1}/{config.epochs}", leave=False,
+                       disable=not progress or tqdm is None) if tqdm else loader
+            for step, (x, y) in enumerate(bar):
+                x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device).long()
+                if x.shape[0] < 2:
+                    continue  # BatchNorm cannot train on a single sample
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history['steps']}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                plan.apply(optimizer)
+                history["steps"] += 1
+                history["samples"] += int(x.shape[0])
+                correct = int((logits.detach().argmax(1) == y).sum())
+                recent.append((correct, int(x.shape[0])))
+                recent_correct += correct
+                recent_total += int(x.shape[0])
+                while recent and recent_total - recent[0][1] >= config.window:
+                    c, n = recent.popleft()
+                    recent_correct -= c
+                    recent_total -= n
+                if history["steps"] % 10 == 0:
+                    history["loss"].append(float(loss.item()))
+                warm = epoch > 0 or step + 1 >= config.min_fraction * steps_per_epoch
+                if (config.early_stop and target_accuracy is not None and warm and recent_total >= config.window
+                        and recent_correct / recent_total >= target_accuracy - config.recovery_tolerance):
+                    history["stopped_early"] = True
+                    break
+            history["epochs_run"] = epoch + (step + 1) / max(steps_per_epoch, 1)
+            if history["stopped_early"]:
+                break
+    finally:
+        model.train(was_training)
+        optimizer.zero_grad(set_to_none=True)
+    history["seconds"] = time.perf_counter() - start
+    return history

@@ -1,0 +1,82 @@
+"""Masked-weight pruning: every affected tensor of the whole model scaled by its unit mask in one
+fused multi-tensor op call (weights, biases, norm affines, and during fine-tuning the optimizer
+state that would otherwise regrow a pruned unit).
+
+The classifier is not channel-pruned; its *rows* for the forget classes are handled by
+``suppress_head``: weight rows zeroed (masked) and biases set to a very low logit, so the head never
+predicts a forgotten class — the retrained model's head behaves the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .blocks import Block
+
+# The logit a forgotten class is pinned to: exp(-1e4) is 0 in every float format (and fp16-safe).
+SUPPRESSED_LOGIT = -1.0e4
+
+
+@dataclass
+class MaskPlan:
+    """Which tensors get which mask: built once, applied after every optimizer step."""
+
+    params: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, tensor: torch.Tensor, mask: torch.Tensor) -> None:
+        self.params.append(tensor)
+        self.masks.append(mask)
+
+    def tensors_and_masks(self, optimizer: torch.optim.Optimizer | None = None):
+        """The parameters and, with ``optimizer``, every state tensor of the same shape (momentum, Adam moments)."""
+        tensors, masks = [], []
+        for p, m in zip(self.params, self.masks):
+            tensors.append(p.data)
+            masks.append(m)
+            if optimizer is not None:
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point():
+                        tensors.append(value)
+                        masks.append(m)
+        return tensors, masks
+
+    @torch.no_grad()
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        tensors, masks = self.tensors_and_masks(optimizer)
+        ops.apply_channel_masks_(tensors, masks)
+
+
+def build_mask_plan(blocks: list[Block], masks: dict[str, torch.Tensor], head: nn.Linear | None = None,
+                    head_mask: torch.Tensor | None = None) -> MaskPlan:
+    """A plan covering every block with a mask that is not all ones, plus the head's weight rows."""
+    plan = MaskPlan()
+    for b in blocks:
+        m = masks.get(b.name)
+        if m is None or bool(torch.all(m == 1)):
+            continue
+        if m.numel() != b.units:
+            raise ValueError(f"mask for {b.name} has {m.numel()} values but the block has {b.units} units")
+        for t in b.tensors():
+            plan.add(t, m.to(t.device))
+    if head is not None and head_mask is not None:
+        plan.add(head.weight, head_mask.to(head.weight.device))
+    return plan
+
+
+def head_mask_for(head: nn.Linear, forget_classes) -> torch.Tensor:
+    """1 for every class row, 0 for the forget classes."""
+    m = torch.ones(head.out_features, dtype=torch.float32, device=head.weight.device)
+    m[torch.as_tensor(sorted(set(forget_classes)), dtype=torch.long, device=m.device)] = 0.0
+    return m
+
+
+@torch.no_grad()
+def suppress_head(head: nn.Linear, forget_classes) -> None:
+    """Pin the forget classes' logits: their bias entries to SUPPRESSED_LOGIT (rows are masked)."""
+    if head.bias is not None:
+        idx = torch.as_tensor(sorted(set(forget_classes)), dtype=torch.long, device=head.bias.device)
+        head.bias[idx] = SUPPRESSED_LOGIT
