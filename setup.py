@@ -124,7 +124,8 @@ _write_build_config()
 
 sources = [os.path.relpath(p, ROOT) for p in
            [os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-extra_cxx = ["-O3", "-g0", "-fvisibility=hidden"]  # the C++ standard is the one torch asks for
+# Default symbol visibility (torch must match our exception types); the C++ standard is torch's own.
+extra_cxx = ["-O3", "-g0"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 if WITH_CUDA:
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")) +

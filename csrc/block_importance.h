@@ -53,10 +53,12 @@ inline void check_groups(const std::optional<at::Tensor>& groups, int64_t N, int
   TORCH_CHECK_VALUE(g.device() == act.device(), "block_importance: groups is on ", g.device(),
                     " but act is on ", act.device());
   if (N == 0) return;
-  // One small reduction (and, on CUDA, one sync): ids out of range would otherwise index out of bounds.
+  // One small reduction and one device-to-host copy (a single sync on CUDA): ids out of range
+  // would otherwise index out of bounds.
   auto mm = at::aminmax(g);
-  const int64_t lo = std::get<0>(mm).item<int64_t>();
-  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  const at::Tensor range = at::cat({std::get<0>(mm).reshape({1}), std::get<1>(mm).reshape({1})}).to(at::kLong).cpu();
+  const int64_t lo = range.const_data_ptr<int64_t>()[0];
+  const int64_t hi = range.const_data_ptr<int64_t>()[1];
   TORCH_CHECK_VALUE(lo >= 0 && hi < num_groups, "block_importance: group ids must lie in [0, num_groups=",
                     num_groups, "), got ids in [", lo, ", ", hi, "]");
 }

@@ -1,7 +1,10 @@
 // Op schemas for dfmu_ext: declared once here, implemented per dispatch key in cpu/ and cuda/.
+#ifndef DFMU_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
+#ifndef DFMU_NO_PYTHON
 extern "C" {
 // `import dfmu_ext._C` loads this shared object, which runs the static TORCH_LIBRARY
 // registrations below. The module itself is empty: every entry point is a torch op.
@@ -10,6 +13,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(dfmu_ext, m) {
   // out[k, c] = sum_{n : groups[n] == k} r( sum_{positions p != (n, c)} act[n, .., c, ..] * grad[...] )

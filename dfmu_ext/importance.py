@@ -85,7 +85,9 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
         blocks = tracer.blocks()
         if logits.dim() != 2 or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
             raise ValueError(f"labels must index the model's {logits.shape[-1]} class outputs")
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        # fp16/bf16 logits are summed in fp32; fp32/fp64 keep their own precision.
+        lowp = logits.dtype in (torch.float16, torch.bfloat16)
+        loss = F.cross_entropy(logits.float() if lowp else logits, y, reduction="sum")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
         group_ids = groups.to(logits.device)

@@ -45,8 +45,49 @@ def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor
         ``(num_groups, C)`` float32 (float64 for float64 inputs). Accumulation is in float32/float64
         and deterministic: equal inputs give bit-identical outputs.
     """
+    _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce)
     return torch.ops.dfmu_ext.block_importance.default(act, grad, groups, int(num_groups), int(channel_dim),
                                                         str(reduce))
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce) -> None:
+    """The C++ kernels check the same things; checking here first gives the same messages without
+    relying on C++ exceptions crossing the dispatcher (which crashed on one torch 2.11 build)."""
+    if torch.compiler.is_compiling():
+        return
+    if not isinstance(act, torch.Tensor) or not isinstance(grad, torch.Tensor):
+        raise TypeError("block_importance: act and grad must be tensors")
+    if act.dim() < 2:
+        raise ValueError(f"block_importance: act must have a batch and a channel dimension, got shape {tuple(act.shape)}")
+    if act.shape != grad.shape:
+        raise ValueError(f"block_importance: act and grad must have the same shape, got {tuple(act.shape)} and "
+                         f"{tuple(grad.shape)}")
+    if act.device != grad.device:
+        raise ValueError(f"block_importance: act is on {act.device} but grad is on {grad.device}")
+    if act.dtype != grad.dtype:
+        raise TypeError(f"block_importance: act and grad must have the same dtype, got {act.dtype} and {grad.dtype}")
+    if act.dtype not in _FLOATS:
+        raise TypeError(f"block_importance: act and grad must be float16, bfloat16, float32 or float64, got {act.dtype}")
+    if not -act.dim() <= channel_dim < act.dim():
+        raise ValueError(f"block_importance: channel_dim {channel_dim} is out of range for a {act.dim()}-D act")
+    if channel_dim % act.dim() == 0:
+        raise ValueError("block_importance: channel_dim must not be the batch dimension 0")
+    if reduce not in REDUCE_MODES:
+        raise ValueError(f"block_importance: reduce must be 'abs', 'square' or 'signed', got '{reduce}'")
+    if num_groups < 1:
+        raise ValueError(f"block_importance: num_groups must be >= 1, got {num_groups}")
+    if groups is not None:
+        if groups.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"block_importance: groups must be an int64 or int32 tensor, got {groups.dtype}")
+        if groups.dim() != 1 or groups.shape[0] != act.shape[0]:
+            raise ValueError(f"block_importance: groups must be 1-D with one id per sample ({act.shape[0]}), got "
+                             f"shape {tuple(groups.shape)}")
+        if groups.device != act.device:
+            raise ValueError(f"block_importance: groups is on {groups.device} but act is on {act.device}")
+        # the range check (it needs the ids' values) stays in C++, done once with a single sync
 
 
 def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
@@ -60,7 +101,33 @@ def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.
     tensors, masks = list(tensors), list(masks)
     if not tensors and not masks:
         return  # the dispatcher needs at least one tensor to pick a kernel
+    if not torch.compiler.is_compiling():
+        _check_mask_args(tensors, masks)
     torch.ops.dfmu_ext.apply_channel_masks_.default(tensors, masks)
+
+
+def _check_mask_args(tensors, masks) -> None:
+    """Mirror of the C++ checks (see _check_importance_args), all before anything is written."""
+    if len(tensors) != len(masks):
+        raise ValueError(f"apply_channel_masks_: got {len(tensors)} tensors but {len(masks)} masks")
+    for i, (t, m) in enumerate(zip(tensors, masks)):
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"apply_channel_masks_: tensors[{i}] must be float16, bfloat16, float32 or float64, "
+                            f"got {t.dtype}")
+        if not m.is_floating_point():
+            raise TypeError(f"apply_channel_masks_: masks[{i}] must be a floating-point tensor, got {m.dtype}")
+        if t.dim() < 1:
+            raise ValueError(f"apply_channel_masks_: tensors[{i}] must have a unit dimension 0, got a 0-D tensor")
+        if m.dim() != 1:
+            raise ValueError(f"apply_channel_masks_: masks[{i}] must be 1-D, got shape {tuple(m.shape)}")
+        if m.shape[0] != t.shape[0]:
+            raise ValueError(f"apply_channel_masks_: masks[{i}] has {m.shape[0]} values but tensors[{i}] has "
+                             f"{t.shape[0]} units in dim 0")
+        if t.device != m.device:
+            raise ValueError(f"apply_channel_masks_: tensors[{i}] is on {t.device} but masks[{i}] is on {m.device}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"apply_channel_masks_: tensors[{i}] is on {t.device} but tensors[0] is on "
+                             f"{tensors[0].device}")
 
 
 @torch.library.register_fake("dfmu_ext::block_importance")

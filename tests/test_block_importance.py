@@ -97,6 +97,9 @@ def test_group_variants(device):
     out = ops.block_importance(act, grad, groups, 6, 1, "square")
     _check(out, act, grad, groups, 6, 1, "square")
     assert torch.all(out[2] == 0) and torch.all(out[3] == 0) and torch.all(out[5] == 0)
+    # many groups (more than the CUDA kernel's direct path holds: the sorted-segment path)
+    many = torch.tensor([(7 * i) % 40 for i in range(10)], device=device)
+    _check(ops.block_importance(act, grad, many, 40, 1, "abs"), act, grad, many, 40, 1, "abs")
     # one group per sample gives the per-sample scores
     per_sample = ops.block_importance(act, grad, torch.arange(10, device=device), 10, 1, "signed")
     total = ops.block_importance(act, grad, None, 1, 1, "signed")
@@ -166,6 +169,33 @@ def test_bad_inputs(device):
         ops.block_importance(a, a, reduce="mean")
     with pytest.raises(ValueError, match="batch and a channel"):
         ops.block_importance(torch.randn(4, device=device), torch.randn(4, device=device))
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12),
+                    reason="a C++ exception crossing the dispatcher crashed the process on a torch 2.11 build")
+def test_cpp_checks_without_the_python_wrapper():
+    """The kernels' own checks, for callers of torch.ops.dfmu_ext directly."""
+    op = torch.ops.dfmu_ext.block_importance.default
+    a = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="same shape"):
+        op(a, torch.randn(4, 3, 2, 3), None, 1, 1, "abs")
+    with pytest.raises(ValueError, match="group ids must lie"):
+        op(a, a, torch.tensor([0, 1, 2, 0]), 2, 1, "abs")
+    with pytest.raises(ValueError, match="reduce must be"):
+        op(a, a, None, 1, 1, "mean")
+    t = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="has 3 values"):
+        torch.ops.dfmu_ext.apply_channel_masks_.default([t], [torch.ones(3)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_batches(device):
+    """Many samples (the CUDA group reduction splits the batch into runs)."""
+    act, grad = _inputs((3000, 70), torch.float32, device, seed=5)
+    groups = (torch.arange(3000, device=device) * 7) % 5
+    _check(ops.block_importance(act, grad, groups, 5, 1, "abs"), act, grad, groups, 5, 1, "abs")
+    first = ops.block_importance(act, grad, groups, 5, 1, "signed")
+    assert torch.equal(first, ops.block_importance(act, grad, groups, 5, 1, "signed"))
 
 
 @pytest.mark.cuda

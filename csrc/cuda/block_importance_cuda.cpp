@@ -32,7 +32,6 @@ at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
   check_groups(groups, p.N, num_groups, act);
   at::Tensor out = at::empty({num_groups, p.C}, act.options().dtype(p.out_dtype));
   if (p.N == 0 || p.C == 0 || p.R == 0) return out.zero_();
-  GroupSegments seg = group_segments(groups, p.N, num_groups, act.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, act.device().index()));
@@ -43,10 +42,23 @@ at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
   const int64_t splits = cuda::importance_splits(problem, sms);
   at::Tensor partial = at::empty({splits, p.N, p.C}, out.options());
   cuda::launch_importance_dots(problem, sms, splits, partial.mutable_data_ptr(), stream);
-  cuda::launch_group_reduce(p.out_dtype == at::kDouble, partial.const_data_ptr(), splits, p.N, p.C,
-                            seg.perm.defined() ? seg.perm.const_data_ptr<int64_t>() : nullptr,
-                            seg.offsets.const_data_ptr<int64_t>(), num_groups, int(p.reduce),
-                            out.mutable_data_ptr(), stream);
+  const bool is_double = p.out_dtype == at::kDouble;
+  if (num_groups <= cuda::kMaxDirectGroups) {
+    // Few groups (forget/retain, or one per class): read the ids directly, no sort, no extra sync.
+    at::Tensor ids = groups.has_value() ? groups->to(at::kLong).contiguous() : at::Tensor();
+    const int64_t chunks = cuda::group_reduce_direct_chunks(p.N, p.C, sms);
+    at::Tensor workspace = chunks > 1 ? at::empty({chunks, num_groups, p.C}, out.options()) : at::Tensor();
+    cuda::launch_group_reduce_direct(is_double, partial.const_data_ptr(), splits, p.N, p.C,
+                                     ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr, num_groups,
+                                     int(p.reduce), chunks, workspace.defined() ? workspace.mutable_data_ptr() : nullptr,
+                                     out.mutable_data_ptr(), stream);
+  } else {
+    GroupSegments seg = group_segments(groups, p.N, num_groups, act.device());
+    cuda::launch_group_reduce(is_double, partial.const_data_ptr(), splits, p.N, p.C,
+                              seg.perm.defined() ? seg.perm.const_data_ptr<int64_t>() : nullptr,
+                              seg.offsets.const_data_ptr<int64_t>(), num_groups, int(p.reduce),
+                              out.mutable_data_ptr(), stream);
+  }
   return out;
 }
 

@@ -184,6 +184,52 @@ __global__ void group_reduce_kernel(const acc_t* __restrict__ partial, int64_t s
 }
 
 
+// Stage 2 without sorting, for few groups: block (32 channels) x (8 sample lanes) over one fixed
+// run of samples (blockIdx.y); each lane adds r(s) of its samples (n = begin + lane, + 8, ...) into
+// its own shared row per group, then lane l folds groups l, l + 8, ... over the 8 lanes in order and
+// writes dst[chunk][k][c]. Fixed order everywhere, so deterministic.
+template <typename acc_t>
+__global__ void group_reduce_direct_kernel(const acc_t* __restrict__ partial, int64_t splits, int64_t N, int64_t C,
+                                           const int64_t* __restrict__ groups, int64_t K, int mode, int64_t run,
+                                           acc_t* __restrict__ dst) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* acc = reinterpret_cast<acc_t*>(smem_raw);  // [kGroupLanes][K][kGroupTileC]
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t k = 0; k < K; ++k) acc[(ty * K + k) * kGroupTileC + tx] = 0;
+  const int64_t c = int64_t(blockIdx.x) * kGroupTileC + tx;
+  const int64_t begin = int64_t(blockIdx.y) * run;
+  const int64_t end = min(N, begin + run);
+  if (c < C) {
+    for (int64_t n = begin + ty; n < end; n += kGroupLanes) {
+      const int64_t k = groups ? groups[n] : 0;
+      acc_t s = 0;
+      for (int64_t sp = 0; sp < splits; ++sp) s += partial[(sp * N + n) * C + c];
+      acc[(ty * K + k) * kGroupTileC + tx] += apply_reduce(s, mode);
+    }
+  }
+  __syncthreads();
+  if (c < C) {
+    acc_t* out = dst + int64_t(blockIdx.y) * K * C;
+    for (int64_t k = ty; k < K; k += kGroupLanes) {
+      acc_t total = 0;
+#pragma unroll
+      for (int l = 0; l < kGroupLanes; ++l) total += acc[(l * K + k) * kGroupTileC + tx];
+      out[k * C + c] = total;
+    }
+  }
+}
+
+// out[i] = sum over chunks, in order, of workspace[chunk][i].
+template <typename acc_t>
+__global__ void fold_chunks_kernel(const acc_t* __restrict__ workspace, int64_t chunks, int64_t size,
+                                   acc_t* __restrict__ out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t total = 0;
+    for (int64_t ch = 0; ch < chunks; ++ch) total += workspace[ch * size + i];
+    out[i] = total;
+  }
+}
+
 inline int floor_pow2(int64_t x) {
   int p = 1;
   while (int64_t(p) * 2 <= x && p < 32) p *= 2;
@@ -314,6 +360,42 @@ void launch_group_reduce(bool is_double, const void* partial, int64_t splits, in
                                                            offsets, K, mode, static_cast<float*>(out));
   }
   check_launch("block_importance stage 2");
+}
+
+int64_t group_reduce_direct_chunks(int64_t N, int64_t C, int sms) {
+  const int64_t tiles = ceil_div(C, kGroupTileC);
+  const int64_t want = ceil_div(int64_t(sms) * 4, tiles);       // about four blocks per SM
+  return std::max<int64_t>(1, std::min(want, ceil_div(N, 64)));  // and >= 64 samples per run
+}
+
+template <typename acc_t>
+void direct_typed(const acc_t* partial, int64_t splits, int64_t N, int64_t C, const int64_t* groups, int64_t K,
+                  int mode, int64_t chunks, acc_t* workspace, acc_t* out, cudaStream_t stream) {
+  const dim3 block(kGroupTileC, kGroupLanes);
+  const dim3 grid(unsigned(ceil_div(C, kGroupTileC)), unsigned(chunks));
+  const size_t smem = size_t(kGroupLanes) * size_t(K) * kGroupTileC * sizeof(acc_t);
+  const int64_t run = ceil_div(N, chunks);
+  group_reduce_direct_kernel<acc_t><<<grid, block, smem, stream>>>(partial, splits, N, C, groups, K, mode, run,
+                                                                   chunks > 1 ? workspace : out);
+  check_launch("block_importance stage 2");
+  if (chunks > 1) {
+    const int64_t size = K * C;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(size, kThreads), 1024));
+    fold_chunks_kernel<acc_t><<<blocks, kThreads, 0, stream>>>(workspace, chunks, size, out);
+    check_launch("block_importance stage 2 fold");
+  }
+}
+
+void launch_group_reduce_direct(bool is_double, const void* partial, int64_t splits, int64_t N, int64_t C,
+                                const int64_t* groups, int64_t K, int mode, int64_t chunks, void* workspace,
+                                void* out, cudaStream_t stream) {
+  if (is_double) {
+    direct_typed<double>(static_cast<const double*>(partial), splits, N, C, groups, K, mode, chunks,
+                         static_cast<double*>(workspace), static_cast<double*>(out), stream);
+  } else {
+    direct_typed<float>(static_cast<const float*>(partial), splits, N, C, groups, K, mode, chunks,
+                        static_cast<float*>(workspace), static_cast<float*>(out), stream);
+  }
 }
 
 }  // namespace cuda

@@ -36,6 +36,16 @@ void launch_group_reduce(bool is_double, const void* partial, int64_t splits, in
                          const int64_t* perm, const int64_t* offsets, int64_t K, int mode, void* out,
                          cudaStream_t stream);
 
+// Stage 2 for few groups (K <= kMaxDirectGroups), no sorting: group ids read directly,
+// groups == nullptr meaning every sample in group 0.
+// The batch is cut into `chunks` fixed runs of samples so that long batches still fill the GPU;
+// with chunks > 1 the caller passes a workspace of chunks * K * C accumulators.
+constexpr int64_t kMaxDirectGroups = 32;
+int64_t group_reduce_direct_chunks(int64_t N, int64_t C, int sms);
+void launch_group_reduce_direct(bool is_double, const void* partial, int64_t splits, int64_t N, int64_t C,
+                                const int64_t* groups, int64_t K, int mode, int64_t chunks, void* workspace,
+                                void* out, cudaStream_t stream);
+
 // One tensor of apply_channel_masks_: numel elements, units of `inner` contiguous elements, mask
 // in float (double for kDouble tensors).
 struct MaskedTensor {

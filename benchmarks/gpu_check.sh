@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU check, one script for a short device session (< 6 minutes on an H100; the build is ~1 min):
+#   1. build the extension in place for sm_90 (CUDA kernels required),
+#   2. print nvidia-smi, build_info and the kernels' register/shared-memory usage (cuobjdump),
+#   3. run the op tests (their CUDA cases run when a GPU is present),
+#   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md.
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
+# Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
+#      REPORT_ARGS (extra arguments for report.py, e.g. --quick).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp}"
+PY="${PYTHON:-python}"
+BUDGET="${GPU_CHECK_BUDGET_S:-340}"
+mkdir -p "$OUT"
+T0=$(date +%s)
+STATUS=0
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { local l=$(( BUDGET - $(elapsed) )); [ "$l" -lt 20 ] && l=20; echo "$l"; }
+section() { echo; echo "=== $* (t=$(elapsed)s)"; }
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true
+nvidia-smi || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" || true
+
+section "build (MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1)"
+if MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 timeout 300 "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  grep -E "dfmu_ext: CUDA kernels" "$OUT/build.log" || true
+  echo "build OK in $(elapsed)s (log: $OUT/build.log)"
+else
+  echo "BUILD FAILED (rc=$?); last lines of $OUT/build.log:"
+  tail -n 60 "$OUT/build.log"
+  exit 1
+fi
+"$PY" -c "import dfmu_ext, json; print(json.dumps(dfmu_ext.build_info()))" || { echo "import failed"; exit 1; }
+
+section "kernel resource usage (cuobjdump --dump-resource-usage)"
+CUOBJDUMP="$(command -v cuobjdump || true)"
+for c in "${CUDA_HOME:-/nonexistent}/bin/cuobjdump" /usr/local/cuda/bin/cuobjdump /usr/local/cuda-13.0/bin/cuobjdump \
+         "$("$PY" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null)"; do
+  [ -z "$CUOBJDUMP" ] && [ -n "$c" ] && [ -x "$c" ] && CUOBJDUMP="$c"
+done
+SO="$(ls dfmu_ext/_C*.so 2>/dev/null | head -n 1)"
+if [ -n "$CUOBJDUMP" ] && [ -n "$SO" ]; then
+  "$CUOBJDUMP" --dump-resource-usage "$SO" > "$OUT/resource_usage.txt" 2>&1 || true
+  FILT="$(command -v cu++filt || command -v c++filt || true)"
+  # One line per kernel and arch: "sm_XX REG:.. STACK:.. SHARED:.. LOCAL:..  <demangled name>".
+  awk '/^arch = / { arch=$3; next }
+       /^ *Function [^ ]+:$/ { name=$2; sub(/:$/, "", name); next }
+       /REG:/ && name != "" { print arch, $1, $2, $3, $4, name; name="" }' "$OUT/resource_usage.txt" \
+    | { if [ -n "$FILT" ]; then "$FILT"; else cat; fi; } \
+    | sed -E 's/>\(.*$/>/; s/dfmu::cuda::\(anonymous namespace\):://; s/ +\(anonymous namespace\)::/ /' | cut -c1-180 | head -n 80
+  echo "(via $CUOBJDUMP; full dump: $OUT/resource_usage.txt, $(wc -l < "$OUT/resource_usage.txt") lines)"
+else
+  echo "cuobjdump or the built library not found; skipped"
+fi
+
+section "op tests"
+if ! timeout "$(left)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_block_importance.py tests/test_channel_masks.py 2>&1 | tail -n 25; then
+  STATUS=1
+fi
+
+section "benchmarks/report.py --device cuda"
+RL=$(( $(left) - 5 ))
+[ "$RL" -lt 30 ] && RL=30
+# shellcheck disable=SC2086
+timeout "$RL" "$PY" benchmarks/report.py --device cuda --out "$OUT/gpu_results.md" ${REPORT_ARGS:-}
+RC=$?
+if [ "$RC" -ne 0 ]; then
+  STATUS=1
+  echo "report.py exited with $RC (124: stopped at the ${RL}s limit); the rows written so far:"
+  cat "$OUT/gpu_results.md" 2>/dev/null || echo "(no $OUT/gpu_results.md)"
+fi
+section "done: status $STATUS, results in $OUT/gpu_results.md"
+exit "$STATUS"

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""Times every benchmark case without pytest and prints Markdown tables (one per op) for a device.
+
+    python benchmarks/report.py --device cpu
+    python benchmarks/report.py --device cuda --out /tmp/gpu_results.md
+    python benchmarks/report.py --device cuda --quick
+
+Each case is timed as the median of plain repetitions after a warm-up (CUDA: CUDA events around
+each call). Each implementation is checked against the float64 reference first; a case that fails,
+or whose torch.compile baseline fails, is reported in the table and the run goes on. With ``--out``
+the file is rewritten (atomically: temp file, then os.replace) after every case, so an interrupted
+run still leaves the rows done so far.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+from dfmu_ext import ops  # noqa: E402
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _ratio(base, ours) -> str:
+    return "-" if not base or not ours else f"{base / ours:.2f}x"
+
+
+def _short_error(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    msg = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {msg}"[:160]
+
+
+def device_description(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+class Report:
+    def __init__(self, device: str, out: str | None):
+        self.device = device
+        self.out = out
+        self.header: list[str] = []
+        self.sections: list[tuple[str, list[str], list[str], list[str]]] = []  # title, columns, rows, notes
+
+    def section(self, title: str, columns: list[str]) -> int:
+        self.sections.append((title, columns, [], []))
+        return len(self.sections) - 1
+
+    def row(self, i: int, cells: list[str]) -> None:
+        self.sections[i][2].append("| " + " | ".join(cells) + " |")
+        print(self.sections[i][2][-1], flush=True)
+        self.write()
+
+    def note(self, i: int, text: str) -> None:
+        self.sections[i][3].append(text)
+        print(text, flush=True)
+        self.write()
+
+    def render(self) -> str:
+        parts = list(self.header)
+        for title, columns, rows, notes in self.sections:
+            parts += ["", f"### {title}", "", "| " + " | ".join(columns) + " |",
+                      "|" + "|".join("---" for _ in columns) + "|", *rows]
+            if notes:
+                parts += [""] + [f"- {n}" for n in notes]
+        return "\n".join(parts) + "\n"
+
+    def write(self) -> None:
+        if not self.out:
+            return
+        d = os.path.dirname(os.path.abspath(self.out))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.render())
+            os.replace(tmp, self.out)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def run_importance(rep: Report, args) -> None:
+    dev = args.device
+    copy = bc.copy_bandwidth_gbps(dev)
+    sec = rep.section(f"block_importance ({dev}; groups: {bc.NUM_GROUPS}, reduce='abs')",
+                      ["shape / dtype", "ours µs", "eager µs", "compile µs", "ours GB/s", "% of copy",
+                       "vs eager", "vs compile"])
+    compile_spent = 0.0
+    for case in bc.importance_cases(dev, quick=args.quick):
+        t_case = time.perf_counter()
+        times: dict[str, float | None] = {"ours": None, "eager": None, "compile": None}
+        notes: list[str] = []
+        try:
+            a, g, groups = bc.importance_inputs(case, dev)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report and go on
+            rep.row(sec, [case.label, "error", "-", "-", "-", "-", "-", "-"])
+            rep.note(sec, f"{case.label}: inputs: {_short_error(exc)}")
+            continue
+        fns = {
+            "ours": lambda: ops.block_importance(a, g, groups, bc.NUM_GROUPS, case.channel_dim, "abs"),
+            "eager": lambda: bc.eager_block_importance(a, g, groups, bc.NUM_GROUPS, case.channel_dim),
+        }
+        if args.no_compile:
+            notes.append("compile: skipped (--no-compile)")
+        elif compile_spent > args.compile_budget:
+            notes.append(f"compile: skipped (compile budget of {args.compile_budget:.0f} s spent)")
+        else:
+            compiled = None
+            t0 = time.perf_counter()
+            try:
+                compiled = bc.compiled_block_importance()
+                compiled(a, g, groups, bc.NUM_GROUPS, case.channel_dim)  # compiles here
+                bc.synchronize(dev)
+            except Exception as exc:  # noqa: BLE001 - torch.compile must not abort the run
+                compiled = None
+                notes.append(f"compile failed: {_short_error(exc)}")
+            compile_spent += time.perf_counter() - t0
+            if compiled is not None:
+                fns["compile"] = lambda: compiled(a, g, groups, bc.NUM_GROUPS, case.channel_dim)
+        for impl, fn in fns.items():
+            try:
+                out = fn()
+                bc.synchronize(dev)
+                bc.check_importance(out, a, g, groups, case, loose=impl != "ours")
+                del out
+                times[impl] = bc.time_fn(fn, dev, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"{impl} failed: {_short_error(exc)}")
+                if args.verbose:
+                    traceback.print_exc()
+        ours = times["ours"]
+        rate = bc.gbps(case.bytes_moved(), ours)
+        rep.row(sec, [case.label, _fmt(ours and ours * 1e6, ".1f", "error"), _fmt(times["eager"] and times["eager"] * 1e6, ".1f"),
+                      _fmt(times["compile"] and times["compile"] * 1e6, ".1f"), _fmt(rate, ".1f"),
+                      _fmt(rate and 100 * rate / copy, ".1f"), _ratio(times["eager"], ours),
+                      _ratio(times["compile"], ours)])
+        for n in notes:
+            rep.note(sec, f"{case.label}: {n}")
+        del a, g, groups, fns
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        if args.verbose:
+            print(f"  ({case.label}: {time.perf_counter() - t_case:.1f} s)", file=sys.stderr)
+
+
+def run_masks(rep: Report, args) -> None:
+    dev = args.device
+    copy = bc.copy_bandwidth_gbps(dev)
+    sec = rep.section(f"apply_channel_masks_ ({dev}; 0/1 masks, bytes = read + write of every tensor)",
+                      ["parameter list / dtype", "ours µs", "loop µs", "foreach µs", "ours GB/s", "% of copy",
+                       "vs loop", "vs foreach"])
+    impls = {"ours": ops.apply_channel_masks_, "loop": bc.loop_masks_, "foreach": bc.foreach_masks_}
+    for case in bc.mask_cases(dev, quick=args.quick):
+        times: dict[str, float | None] = {k: None for k in impls}
+        notes: list[str] = []
+        label = case.name
+        try:
+            tensors, masks = bc.mask_inputs(case, dev)
+            views = bc.broadcast_mask_views(tensors, masks)
+            label = f"{case.net} ({len(tensors)} tensors, {sum(t.numel() for t in tensors) / 1e6:.1f}M) {case.dtype}"
+            for impl, call in impls.items():
+                try:
+                    bc.verify_masks_impl(call, case, dev, prepare_views=impl == "foreach")
+                    arg = views if impl == "foreach" else masks
+                    times[impl] = bc.time_fn(lambda: call(tensors, arg), dev, warmup=args.warmup, reps=args.reps,
+                                             max_seconds=args.max_seconds)
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"{impl} failed: {_short_error(exc)}")
+                    if args.verbose:
+                        traceback.print_exc()
+            nbytes = bc.mask_bytes_moved(tensors)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"inputs: {_short_error(exc)}")
+            nbytes = 0
+        ours = times["ours"]
+        rate = bc.gbps(nbytes, ours) if nbytes else None
+        rep.row(sec, [label, _fmt(ours and ours * 1e6, ".1f", "error"), _fmt(times["loop"] and times["loop"] * 1e6, ".1f"),
+                      _fmt(times["foreach"] and times["foreach"] * 1e6, ".1f"), _fmt(rate, ".1f"),
+                      _fmt(rate and 100 * rate / copy, ".1f"), _ratio(times["loop"], ours),
+                      _ratio(times["foreach"], ours)])
+        for n in notes:
+            rep.note(sec, f"{label}: {n}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="also write the Markdown here (atomically, after every case)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    p.add_argument("--only", choices=("importance", "masks"), help="run one op's cases only")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds of torch.compile time after which the compile baseline is skipped "
+                        "(default 150; 60 with --quick)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=None, help="cap on timed seconds per implementation")
+    p.add_argument("--verbose", "-v", action="store_true")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("report.py: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    quick = args.quick
+    args.warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
+    args.reps = args.reps if args.reps is not None else (10 if quick else (30 if args.device == "cuda" else 15))
+    args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.5 if quick else 1.0)
+    args.compile_budget = args.compile_budget if args.compile_budget is not None else (60.0 if quick else 150.0)
+
+    rep = Report(args.device, args.out)
+    start = time.perf_counter()
+    try:
+        info = __import__("dfmu_ext").build_info()
+    except Exception as exc:  # noqa: BLE001
+        info = {"error": _short_error(exc)}
+    try:
+        copy = bc.copy_bandwidth_gbps(args.device)
+        copy_s = f"{copy:.1f} GB/s ({bc.copy_buffer_bytes(args.device) >> 20} MB `dst.copy_(src)`, 2 x bytes / time)"
+    except Exception as exc:  # noqa: BLE001
+        print(f"copy bandwidth failed: {_short_error(exc)}", file=sys.stderr)
+        return 1
+    rep.header = [
+        f"## {args.device.upper()}: {device_description(args.device)}",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; "
+        f"dfmu_ext build: {info}",
+        f"- copy bandwidth: {copy_s}",
+        f"- timing: median of up to {args.reps} calls after {args.warmup} warm-up calls"
+        + (" (CUDA events)" if args.device == "cuda" else "") + ("; --quick" if quick else ""),
+        "- GB/s: block_importance 2 x act bytes (act and grad read once); masking: read + write of every "
+        "tensor. Small problems stay in cache between calls, so % of copy can exceed 100.",
+        "- speed-ups are baseline time / ours (> 1: ours is faster).",
+    ]
+    if args.device == "cpu":
+        try:
+            rep.header.insert(3, f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        except OSError:
+            pass
+    print("\n".join(rep.header), flush=True)
+    rep.write()
+    failures = 0
+    for name, fn in (("importance", run_importance), ("masks", run_masks)):
+        if args.only and args.only != name:
+            continue
+        try:
+            fn(rep, args)
+        except Exception as exc:  # noqa: BLE001 - one op's failure must not lose the other's table
+            failures += 1
+            print(f"{name}: {_short_error(exc)}", file=sys.stderr)
+            traceback.print_exc()
+    rep.header.append(f"- total wall time: {time.perf_counter() - start:.0f} s")
+    rep.write()
+    print()
+    print(rep.render())
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The whole scoring pass of score_and_prune vs a plain forward+backward of the same model and batch.
+
+    python benchmarks/scoring_pass.py [--device cuda] [--batch 256] [--width 64] [--out FILE]
+
+Reports median times, the overhead of scoring over forward+backward, and peak memory of each
+(CUDA). The scoring pass differentiates with respect to the input only, so it skips the weight
+gradients that a plain backward computes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from dfmu_ext.importance import score_blocks  # noqa: E402
+from dfmu_ext.models import ResNet18, SmallCNN  # noqa: E402
+
+
+def _time(fn, device, reps):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch or (256 if cuda else 64)
+    reps = args.reps or (20 if cuda else 3)
+    cases = [("SmallCNN w16, 1x28x28", SmallCNN(1, 10, 16), (1, 28, 28)),
+             ("ResNet-18 w64, 3x32x32", ResNet18(3, 10, 64 if cuda else 16), (3, 32, 32))]
+    lines = [f"| model | batch | fwd+bwd ms | scoring pass ms | overhead | peak MiB fwd+bwd | peak MiB scoring |",
+             "|---|---|---|---|---|---|---|"]
+    for name, model, shape in cases:
+        model = model.to(device).eval()
+        x = torch.randn(batch, *shape, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+
+        def plain():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, reduction="sum").backward()
+
+        def scoring():
+            score_blocks(model, x, y, [3])
+
+        t_plain = _time(plain, device, reps)
+        t_score = _time(scoring, device, reps)
+        m_plain = _peak(plain, device)
+        model.zero_grad(set_to_none=True)
+        m_score = _peak(scoring, device)
+        lines.append(f"| {name} | {batch} | {1e3 * t_plain:.2f} | {1e3 * t_score:.2f} | "
+                     f"{100 * (t_score / t_plain - 1):+.1f}% | {m_plain:.0f} | {m_score:.0f} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
