@@ -87,7 +87,12 @@ def _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce) -
                              f"shape {tuple(groups.shape)}")
         if groups.device != act.device:
             raise ValueError(f"block_importance: groups is on {groups.device} but act is on {act.device}")
-        # the range check (it needs the ids' values) stays in C++, done once with a single sync
+        if groups.numel():
+            bounds = torch.aminmax(groups)  # one reduction and one device->host copy (a single sync)
+            lo, hi = torch.stack([bounds.min, bounds.max]).tolist()
+            if lo < 0 or hi >= num_groups:
+                raise ValueError(f"block_importance: group ids must lie in [0, num_groups={num_groups}), got ids "
+                                 f"in [{lo}, {hi}]")
 
 
 def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
