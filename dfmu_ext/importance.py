@@ -116,6 +116,7 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
     for b in blocks:  # a block whose output does not reach the loss has zero importance
         if b.name not in scores:
             scores[b.name] = torch.zeros(2, b.units, device=logits.device)
+    scores = {b.name: scores[b.name] for b in blocks}  # execution order (hooks fire in reverse)
     counts = torch.stack([(groups == RETAIN).sum(), (groups == FORGET).sum()]).to(logits.device, torch.float64)
     ordered = [scores[b.name] for b in blocks] + [counts]
     _all_reduce_sum(ordered)
