@@ -38,6 +38,7 @@ bench: build
 	$(PYTHON) -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 cpp-test:
+	@command -v cmake >/dev/null 2>&1 || $(PIP) install --quiet cmake
 	@if [ -f CMakeLists.txt ]; then \
 		cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch;print(torch.utils.cmake_prefix_path)')" >/dev/null && \
 		cmake --build build/cmake -j $(MAX_JOBS) && ctest --test-dir build/cmake --output-on-failure; \
