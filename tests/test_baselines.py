@@ -1,0 +1,221 @@
+"""The baseline unlearning methods and the comparison runner, on digits with a tiny CNN (CPU, fast)."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfmu_ext import baselines, data, models, training
+from dfmu_ext.blocks import classifier_of
+from dfmu_ext.datautil import accuracy, split_forget_retain, stratified_fraction
+from dfmu_ext.pruning import SUPPRESSED_LOGIT
+from dfmu_ext.result import UnlearnResult
+
+CLASSES = [3]
+FRACTION = 0.3
+FAST = {"FT": {"epochs": 2}, "GA": {"epochs": 2}, "RL": {"epochs": 2}, "l1-sparse": {"epochs": 2},
+        "SalUn": {"epochs": 1}, "SCRUB": {"epochs": 2, "msteps": 1}, "SSD": {}, "head-mask": {}, "DFMU": {},
+        "Retrain": {"config": training.TrainConfig(epochs=1, lr=0.05)}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def original(digits):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train, _, info = digits
+    torch.manual_seed(0)
+    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
+    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
+    torch.set_num_threads(before)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+    forget, retain = split_forget_retain(digits[0], CLASSES)
+    return forget, retain, len(stratified_fraction(retain, FRACTION, seed=0))
+
+
+def _run(name, original, train, seed=0, **kw):
+    model = copy.deepcopy(original)
+    res = baselines.METHODS[name](model, train, CLASSES, FRACTION, seed=seed, progress=False,
+                                  **{**FAST[name], **kw})
+    return model, res
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_registry_names():
+    assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
+                                       "head-mask", "DFMU"]
+    assert baselines.FRACTION_INDEPENDENT <= set(baselines.METHODS)
+    assert baselines.EPOCH_METHODS <= set(baselines.METHODS)
+
+
+@pytest.mark.parametrize("name", list(baselines.METHODS))
+def test_budget_result_and_reproducible(name, original, digits, split):
+    train = digits[0]
+    forget, _, budget = split
+    model_a, res = _run(name, original, train)
+    assert isinstance(res, UnlearnResult)
+    assert res.method == name and res.model is model_a
+    assert res.timings["total"] > 0
+    assert 0 <= res.retain_samples_used <= budget
+    assert 0 <= res.forget_samples_used <= len(forget)
+    if name in ("GA", "head-mask"):
+        assert res.retain_samples_used == 0
+    if name == "head-mask":
+        assert res.forget_samples_used == 0
+    changed = any(not torch.equal(p, q) for p, q in zip(original.parameters(), model_a.parameters()))
+    assert changed, f"{name} did not change the model"
+    model_b, _ = _run(name, original, train)
+    for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(p, q), f"{name}: {n} differs between two runs with the same seed"
+
+
+def test_ssd_only_dampens(original, digits):
+    model, res = _run("SSD", original, digits[0])
+    assert res.info["dampened"] > 0
+    for (n, p0), p1 in zip(original.named_parameters(), model.parameters()):
+        assert torch.all(p1.abs() <= p0.abs()), n
+        assert torch.all((p1 == 0) | (torch.sign(p1) == torch.sign(p0))), f"{n}: a sign flipped"
+
+
+def test_head_mask_only_touches_the_classifier(original, digits):
+    model, res = _run("head-mask", original, digits[0])
+    head_name, head = classifier_of(model)
+    for (n, p0), p1 in zip(original.named_parameters(), model.parameters()):
+        if not n.startswith(head_name + "."):
+            assert torch.equal(p0, p1), n
+    assert torch.all(head.weight[CLASSES] == 0)
+    assert torch.all(head.bias[CLASSES] == SUPPRESSED_LOGIT)
+    keep = [c for c in range(head.out_features) if c not in CLASSES]
+    _, orig_head = classifier_of(original)
+    assert torch.equal(head.weight[keep], orig_head.weight[keep])
+    forget, _ = split_forget_retain(digits[0], CLASSES)
+    assert accuracy(model, forget) == 0.0
+
+
+def _forget_loss(model, forget):
+    x, y = forget.dataset.tensors[0][forget.indices], forget.dataset.tensors[1][forget.indices]
+    model.eval()
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def test_ga_increases_forget_loss(original, digits, split):
+    forget = split[0]
+    model, res = _run("GA", original, digits[0])
+    assert _forget_loss(model, forget) > _forget_loss(copy.deepcopy(original), forget) + 0.05
+    assert res.info["forget_ce"][-1] > res.info["forget_ce"][0]
+
+
+@pytest.mark.parametrize("name", ["FT", "l1-sparse"])
+def test_finetune_keeps_retain_accuracy(name, original, digits, split):
+    retain = split[1]
+    model, _ = _run(name, original, digits[0])
+    assert accuracy(model, retain) >= accuracy(original, retain) - 0.05
+
+
+def test_l1_pulls_weights_towards_zero(original, digits):
+    ft, _ = _run("FT", original, digits[0])
+    l1, _ = _run("l1-sparse", original, digits[0], alpha=5e-3)
+    norm = lambda m: sum(p.abs().sum().item() for p in m.parameters())  # noqa: E731
+    assert norm(l1) < norm(ft)
+
+
+def test_rl_and_salun_forget(original, digits, split):
+    forget = split[0]
+    for name in ("RL", "SalUn"):
+        model, _ = _run(name, original, digits[0], epochs=2)
+        assert accuracy(model, forget) < accuracy(original, forget) - 0.3, name
+
+
+def test_salun_changes_only_the_salient_half(original, digits):
+    model, res = _run("SalUn", original, digits[0])
+    mask = res.info["saliency_mask"]
+    assert abs(res.info["masked_fraction"] - 0.5) < 1e-3
+    moved = 0
+    for (n, p0), p1 in zip(original.named_parameters(), model.parameters()):
+        frozen = mask[n] == 0
+        assert torch.equal(p1[frozen], p0[frozen]), f"{n}: a weight outside the saliency mask changed"
+        moved += int((p1 != p0).sum())
+    assert moved > 0
+
+
+def test_scrub_forgets_more_than_it_costs(original, digits, split):
+    forget, retain = split[0], split[1]
+    model, res = _run("SCRUB", original, digits[0], epochs=2, msteps=2, lr=0.01)
+    assert res.info["max_kl"][-1] > 0
+    assert _forget_loss(model, forget) > _forget_loss(copy.deepcopy(original), forget)
+
+
+def test_retrain_fresh_and_default_recipe(original, digits):
+    train = digits[0]
+    model = copy.deepcopy(original)
+    res = baselines.retrain(model, train, CLASSES, 0.2, seed=1, progress=False,
+                            config=training.TrainConfig(epochs=1, lr=0.05))
+    assert res.info["config"]["epochs"] == 1
+    # model_factory: a fresh model of the same architecture, copied back into the given model
+    calls = []
+
+    def factory():
+        calls.append(1)
+        return models.build_model("cnn", 1, 10, (8, 8), width=8)
+
+    model2 = copy.deepcopy(original)
+    res2 = baselines.retrain(model2, train, CLASSES, 0.2, seed=1, progress=False, model_factory=factory,
+                             config=training.TrainConfig(epochs=1, lr=0.05))
+    assert calls and res2.model is model2
+    with pytest.raises(ValueError, match="recipe"):
+        baselines.retrain(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), train, CLASSES,
+                          progress=False)
+
+
+def test_errors(original, digits):
+    train = digits[0]
+    with pytest.raises(ValueError):
+        baselines.finetune(copy.deepcopy(original), train, [3], 0.0, progress=False)
+    with pytest.raises(ValueError):
+        baselines.gradient_ascent(copy.deepcopy(original), train, [], progress=False)
+    with pytest.raises(ValueError):
+        baselines.head_mask(copy.deepcopy(original), train, [12], progress=False)
+
+
+def test_compare_smoke(tmp_path, monkeypatch, capsys):
+    from dfmu_ext.compare import resolve_methods, run_comparison
+
+    monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
+    assert resolve_methods("all") == list(baselines.METHODS)
+    assert resolve_methods("dfmu,HEAD-MASK") == ["DFMU", "head-mask"]
+    with pytest.raises(ValueError):
+        resolve_methods("nope")
+    out = tmp_path / "cmp"
+    report = run_comparison("digits", "mlp", [3], [0.13], 1, ["head-mask", "DFMU"], "cpu", str(out),
+                            train_epochs=1, quiet=True, eval_kwargs={"probe_samples": 300})
+    printed = capsys.readouterr().out
+    assert "| DFMU | 13% |" in printed and "(once)" in printed
+    blob = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in blob["rows"]] == ["Original", "head-mask", "DFMU"]
+    assert not blob["failed"]
+    assert blob["rows"][1]["forget_acc"]["mean"] == 0.0
+    for png in ("retain_vs_fraction.png", "time_vs_retain.png"):
+        assert (out / png).stat().st_size > 5_000
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
+    assert report["json"] == str(out / "comparison.json")
