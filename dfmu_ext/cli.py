@@ -3,6 +3,9 @@
     dfmu train  --dataset fashion-mnist --model cnn --out ckpt.pt
     dfmu forget --ckpt ckpt.pt --classes 3 [--retain-fraction 0.13] --out forgot.pt
     dfmu demo   [--dataset auto] [--model cnn] [--classes 3] [--retrain]
+
+    torchrun --nproc_per_node N -m dfmu_ext forget --ckpt ckpt.pt --classes 3 --out forgot.pt
+        (DDP: Gloo on the CPU, NCCL on GPUs; only rank 0 evaluates, prints and writes files)
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import time
 import torch
 
 from . import data as data_mod
+from . import distributed as dist_utils
 from . import models as models_mod
 from . import training
 from .datautil import dataset_labels, per_class_accuracy, split_forget_retain
@@ -110,12 +114,21 @@ def run_forget(args, model, meta, device, classes, out_dir: str, retrain: bool =
     _log(args, f"evaluating the original model on {info.name} ({info.source}) ...")
     original = copy.deepcopy(model)
     rows, per_class = {}, {}
-    rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=args.seed)
-    per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
+    distributed = dist_utils.is_distributed()
+    if not distributed:
+        rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=args.seed)
+        per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
 
     _log(args, f"unlearning classes {[names[c] for c in classes]} with {100 * args.retain_fraction:.0f}% of the retain data ...")
     res = unlearn(model, train_set, classes, args.retain_fraction, mode=args.mode, device=device, seed=args.seed,
                   progress=not args.quiet)
+    if distributed:
+        # Under torchrun every rank unlearns (collectives); then rank 0 alone evaluates, retrains and
+        # writes. No collective follows, so the other ranks may finish while rank 0 evaluates.
+        if not dist_utils.is_main_process():
+            return {}
+        rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=args.seed)
+        per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
     rows["DFMU"] = evaluate(model, train_set, test_set, classes, device=device, seed=args.seed)
     rows["DFMU"].update(time_s=res.timings["total"], retain_samples=res.retain_samples_used)
     per_class["DFMU"] = per_class_accuracy(model, test_set, info.num_classes, device=device)
@@ -138,14 +151,16 @@ def run_forget(args, model, meta, device, classes, out_dir: str, retrain: bool =
     table = format_table(rows)
     total_units = {k: int(v.shape[-1]) for k, v in res.info["scores"].items()}
     print()
-    print(f"{info.name} / {meta['model']}: forget {[names[c] for c in classes]}, device {device}")
+    ranks = f" x {dist_utils.get_world_size()} ranks" if distributed else ""
+    print(f"{info.name} / {meta['model']}: forget {[names[c] for c in classes]}, device {device}{ranks}")
     print(table)
     t = res.timings
     print(f"\nDFMU time: scoring {t['scoring']:.3f} s, pruning {t['pruning']:.3f} s, fine-tune {t['finetune']:.2f} s, "
           f"total {t['total']:.2f} s; {res.retain_samples_used} of {len(retain_set)} retain samples "
           f"({100 * res.retain_samples_used / len(retain_set):.1f}%)")
     report = {"dataset": info.name, "source": info.source, "model": meta["model"], "forget_classes": classes,
-              "device": str(device), "metrics": rows, "timings": res.timings,
+              "device": str(device), **({"world_size": dist_utils.get_world_size()} if distributed else {}),
+              "metrics": rows, "timings": res.timings,
               "retain_samples_used": res.retain_samples_used, "retain_samples_total": len(retain_set),
               "pruned_units": res.info["pruned_units"], "total_units": total_units, "per_class_test_acc": per_class,
               "finetune": {k: v for k, v in res.info["finetune"].items() if k != "loss"}}
@@ -165,8 +180,9 @@ def cmd_forget(args) -> int:
     classes = _parse_classes(args.classes, meta["num_classes"])
     out_dir = args.report_dir or os.path.splitext(args.out)[0] + "-report"
     run_forget(args, model, meta, device, classes, out_dir, retrain=args.retrain)
-    save_checkpoint(args.out, model, {**meta, "forgotten_classes": classes})
-    _log(args, f"wrote {args.out}")
+    if dist_utils.is_main_process():
+        save_checkpoint(args.out, model, {**meta, "forgotten_classes": classes})
+        _log(args, f"wrote {args.out}")
     return 0
 
 
@@ -229,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     forgetting(d)
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    from .compare import add_compare_parser  # all methods side by side (issue 4)
+
+    add_compare_parser(sub)
     return p
 
 
@@ -236,7 +256,31 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.__dict__.get("retain_fraction", 0.5) <= 1.0:
         raise SystemExit("error: --retain-fraction must be in (0, 1]")
+    if dist_utils.env_world_size() > 1:
+        return _main_distributed(args)
     return args.func(args)
+
+
+def _main_distributed(args) -> int:
+    """``forget`` under torchrun: join the process group (timeout $DFMU_DIST_TIMEOUT, default 60 s),
+    run on every rank with only rank 0 logging, and leave the group at exit, also on error."""
+    if args.command != "forget":
+        raise SystemExit(f"error: only `forget` runs under torchrun (WORLD_SIZE={dist_utils.env_world_size()}); "
+                         f"run `{args.command}` as a single process")
+    _device(args.device)  # same checks as one process (e.g. --device cuda without CUDA)
+    try:
+        device, created = dist_utils.init_from_env(args.device)
+    except (ValueError, dist_utils.DistributedError) as exc:
+        raise SystemExit(f"error: {exc}")
+    args.device = str(device)  # on CUDA, each rank's own cuda:$LOCAL_RANK
+    if not dist_utils.is_main_process():
+        args.quiet = True
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(args.func)(args)  # torchrun then reports the failing rank's traceback
+    finally:
+        if created:
+            dist_utils.destroy()
 
 
 if __name__ == "__main__":
