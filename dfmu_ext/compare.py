@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 import traceback
 
@@ -164,19 +163,9 @@ def _table_note(methods: list[str]) -> str:
 
 
 def _savefig_atomic(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
+    from .report import save_figure_atomic
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure_atomic(fig, path)
 
 
 def _headline_fraction(fractions: list[float]) -> float:

@@ -101,6 +101,13 @@ def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[fl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
+def save_figure_atomic(fig, path: str) -> None:
+    """Save a matplotlib figure as PNG via a temp file and os.replace, then close it."""
+    import matplotlib.pyplot as plt
+
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
