@@ -111,11 +111,11 @@ def run_forget(args, model, meta, device, classes, out_dir: str, retrain: bool =
     if dataset_labels(train_set).max() >= meta["num_classes"]:
         raise SystemExit("error: the checkpoint's class count does not match its dataset")
     names = list(info.class_names)
-    _log(args, f"evaluating the original model on {info.name} ({info.source}) ...")
     original = copy.deepcopy(model)
     rows, per_class = {}, {}
     distributed = dist_utils.is_distributed()
     if not distributed:
+        _log(args, f"evaluating the original model on {info.name} ({info.source}) ...")
         rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=args.seed)
         per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
 
@@ -127,6 +127,7 @@ def run_forget(args, model, meta, device, classes, out_dir: str, retrain: bool =
         # writes. No collective follows, so the other ranks may finish while rank 0 evaluates.
         if not dist_utils.is_main_process():
             return {}
+        _log(args, f"evaluating the original and the unlearned model on {info.name} ({info.source}) on rank 0 ...")
         rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=args.seed)
         per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
     rows["DFMU"] = evaluate(model, train_set, test_set, classes, device=device, seed=args.seed)

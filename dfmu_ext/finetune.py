@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover
 @dataclass
 class FinetuneConfig:
     epochs: int = 1
-    lr: float = 0.01
+    lr: float = 0.003                   # measured: 0.01 lost 11 points of retain accuracy on digits
+                                        # (30% budget), 0.003 lost 1.6; equal on Fashion-MNIST (0.910)
     batch_size: int = 128
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -46,13 +47,15 @@ class FinetuneConfig:
 
 def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
                     target_accuracy: float | None = None, device=None, seed: int = 0,
-                    progress: bool = True, sampler=None, wrap=None) -> dict:
+                    progress: bool = True, sampler=None, wrap=None, reduce_counts=None) -> dict:
     """SGD on ``dataset`` with ``plan`` re-applied after each step; returns a small history.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
     stop: once the running train accuracy over the last ``window`` samples reaches it (minus the
     tolerance), fine-tuning ends. ``sampler`` / ``wrap`` let a distributed caller shard the data
-    and wrap the model (DDP) without changing this loop.
+    and wrap the model (DDP) without changing this loop; ``reduce_counts(correct, seen) ->
+    (correct, seen)`` (e.g. summed over ranks) feeds the early-stop window and ``samples``, so every
+    rank takes the same stop decision.
     """
     config = config or FinetuneConfig()
     config.validate()
@@ -92,11 +95,13 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                 optimizer.step()
                 plan.apply(optimizer)
                 history["steps"] += 1
-                history["samples"] += int(x.shape[0])
-                correct = int((logits.detach().argmax(1) == y).sum())
-                recent.append((correct, int(x.shape[0])))
+                correct, seen = int((logits.detach().argmax(1) == y).sum()), int(x.shape[0])
+                if reduce_counts is not None:
+                    correct, seen = reduce_counts(correct, seen)
+                history["samples"] += seen
+                recent.append((correct, seen))
                 recent_correct += correct
-                recent_total += int(x.shape[0])
+                recent_total += seen
                 while recent and recent_total - recent[0][1] >= config.window:
                     c, n = recent.popleft()
                     recent_correct -= c

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from . import distributed as dist_utils
 from .datautil import dataset_labels, split_forget_retain, stratified_fraction, take_batch
 from .finetune import FinetuneConfig, masked_finetune
 from .importance import FORGET, RETAIN, score_blocks
@@ -59,6 +60,11 @@ def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: Selec
     ``mode`` ("prune" or "rescale") overrides ``selection.mode``. With ``head=True`` the
     classifier's forget-class rows are masked and their logits pinned low. Nothing in the model
     changes if an error is raised.
+
+    Under ``torch.distributed`` (world size > 1) every rank calls this with *its shard* of the
+    scoring batch (see ``distributed.shard_batch``): the scores and counts are summed over ranks,
+    rank 0's masks are broadcast so all ranks apply identical masks, and the pre-pruning retain
+    accuracy is that of the whole batch. Every rank must call it (it runs collectives).
     """
     x, y = batch
     classes = _normalise_classes(forget_classes)
@@ -78,6 +84,9 @@ def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: Selec
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
     masks = select_units(scored.blocks, scored.scores, scored.counts, selection)
+    distributed = dist_utils.is_distributed()
+    if distributed:  # guarantee bit-identical masks on every rank (tiny: one float per unit)
+        dist_utils.broadcast_(list(masks.values()), src=0)
     head_mask = head_mask_for(head_layer, classes) if head else None
     plan = build_mask_plan(scored.blocks, masks, head_layer, head_mask)
     plan.apply()
@@ -90,7 +99,10 @@ def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: Selec
 
     retain = ~torch.isin(y, torch.as_tensor(classes, device=y.device))
     pred = scored.logits.argmax(1)
-    pre_acc = float((pred[retain] == y[retain]).float().mean()) if bool(retain.any()) else float("nan")
+    if distributed:  # the whole batch's accuracy, identical on every rank (the early-stop target)
+        pre_acc = dist_utils.global_fraction(int((pred[retain] == y[retain]).sum()), int(retain.sum()), device)
+    else:
+        pre_acc = float((pred[retain] == y[retain]).float().mean()) if bool(retain.any()) else float("nan")
     return PruneResult(masks, scored.scores, scored.counts, plan, pre_acc, t1 - t0, t2 - t1)
 
 
@@ -126,6 +138,13 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     a masked fine-tune on the class-stratified ``retain_fraction`` of the retain data, stopping
     early once the retain accuracy measured before pruning is recovered. The model is modified in
     place and returned in the result; a seed makes the run reproducible.
+
+    Under ``torch.distributed`` (e.g. torchrun; world size W > 1) every rank calls ``unlearn`` with
+    the same arguments and model: rank r scores samples r, r+W, ... of the scoring batch (scores
+    summed over ranks, identical masks everywhere), then fine-tunes under DistributedDataParallel on
+    its DistributedSampler share of the budget with a per-rank batch of ceil(batch_size / W), the
+    early stop decided on counts summed over ranks; BatchNorm running statistics are averaged at the
+    end, so every rank returns the same model. See ``dfmu_ext.distributed``.
     """
     total_start = time.perf_counter()
     classes = _normalise_classes(forget_classes)
@@ -146,9 +165,22 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     xr, yr = take_batch(budget, r_idx)
     batch = (torch.cat([xf, xr]), torch.cat([yf, yr]))
 
-    pruned = score_and_prune(model, batch, classes, selection=selection, mode=mode)
-    ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
-                         device=device, seed=seed, progress=progress)
+    if dist_utils.is_distributed():
+        if len(f_idx) + len(r_idx) < dist_utils.get_world_size():
+            raise ValueError(f"the scoring batch ({len(f_idx) + len(r_idx)} samples) is smaller than the "
+                             f"{dist_utils.get_world_size()} ranks: raise score_samples")
+        with dist_utils.guard("scoring"):
+            pruned = score_and_prune(model, dist_utils.shard_batch(batch), classes, selection=selection, mode=mode)
+        ft_config, ft_hooks = dist_utils.finetune_hooks(budget, finetune or FinetuneConfig(), device, seed)
+        with dist_utils.guard("fine-tune"):
+            ft = masked_finetune(model, budget, pruned.plan, ft_config,
+                                 target_accuracy=pruned.pre_prune_retain_accuracy, device=device, seed=seed,
+                                 progress=progress and dist_utils.is_main_process(), **ft_hooks)
+            dist_utils.sync_buffers_(model)
+    else:
+        pruned = score_and_prune(model, batch, classes, selection=selection, mode=mode)
+        ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
+                             device=device, seed=seed, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     total = time.perf_counter() - total_start
