@@ -19,17 +19,9 @@ FAST = {"FT": {"epochs": 2}, "GA": {"epochs": 2}, "RL": {"epochs": 2}, "l1-spars
         "Retrain": {"config": training.TrainConfig(epochs=1, lr=0.05)}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

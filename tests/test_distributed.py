@@ -171,12 +171,7 @@ def _stuck_worker(rank: int, port: int, out: str) -> None:
 # the tests
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

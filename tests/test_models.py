@@ -13,14 +13,7 @@ ALLOWED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.Max
            nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Sequential)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine two OpenMP
-    threads wait on each other's descheduling (measured 5x slower for this module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(name, c, s, classes=7, **kw):

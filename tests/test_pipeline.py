@@ -14,17 +14,9 @@ from dfmu_ext.importance import score_blocks
 from dfmu_ext.pruning import SUPPRESSED_LOGIT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_dataset("digits")
 
 
 @pytest.fixture(scope="module")

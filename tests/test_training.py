@@ -11,19 +11,9 @@ from dfmu_ext.models import build_model
 from dfmu_ext.training import TrainConfig, default_train_config, train_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared 2-core machine two OpenMP
-    threads wait on each other's descheduling (measured 5x slower for this module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 def _model(name, info, seed=0, **kw):
