@@ -89,6 +89,23 @@ void group_sum(const acc_t* s, const int64_t* groups, int64_t N, int64_t C, int6
   });
 }
 
+// R == 1 (linear outputs): s[n, c] = a[n, c] * g[n, c] needs no buffer; fold it straight into the
+// group sums (a buffer as large as the input would cost more in page faults than the arithmetic).
+template <typename scalar_t, typename acc_t>
+void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* groups, int64_t N, int64_t C,
+                           Reduce reduce, acc_t* out) {
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* an = a + n * C;
+      const scalar_t* gn = g + n * C;
+      acc_t* ok = out + (groups ? groups[n] : 0) * C;
+      for (int64_t c = begin; c < end; ++c) {
+        ok[c] += apply_reduce(static_cast<acc_t>(an[c]) * static_cast<acc_t>(gn[c]), reduce);
+      }
+    }
+  });
+}
+
 at::Tensor block_importance_cpu(const at::Tensor& act, const at::Tensor& grad,
                                 const std::optional<at::Tensor>& groups, int64_t num_groups,
                                 int64_t channel_dim, c10::string_view reduce) {
@@ -99,20 +116,24 @@ at::Tensor block_importance_cpu(const at::Tensor& act, const at::Tensor& grad,
   if (p.N == 0 || p.C == 0) return out;
   at::Tensor group_ids;
   if (groups.has_value()) group_ids = groups->to(at::kLong).contiguous();
-  at::Tensor s = at::empty({p.N, p.C}, out.options());
+  const int64_t* ids = group_ids.defined() ? group_ids.const_data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.act.scalar_type(), "block_importance_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* a = p.act.const_data_ptr<scalar_t>();
     const scalar_t* g = p.grad.const_data_ptr<scalar_t>();
+    if (p.R == 1) {
+      group_sum_elementwise<scalar_t, acc_t>(a, g, ids, p.N, p.C, p.reduce, out.mutable_data_ptr<acc_t>());
+      return;
+    }
+    at::Tensor s = at::empty({p.N, p.C}, out.options());
     acc_t* sp = s.mutable_data_ptr<acc_t>();
     if (p.layout == Layout::kChannelsOuter) {
       dots_channels_outer<scalar_t, acc_t>(a, g, p.N * p.C, p.R, sp);
     } else {
       dots_channels_inner<scalar_t, acc_t>(a, g, p.N, p.R, p.C, sp);
     }
-    group_sum<acc_t>(sp, group_ids.defined() ? group_ids.const_data_ptr<int64_t>() : nullptr, p.N, p.C,
-                     num_groups, p.reduce, out.mutable_data_ptr<acc_t>());
+    group_sum<acc_t>(sp, ids, p.N, p.C, num_groups, p.reduce, out.mutable_data_ptr<acc_t>());
   });
   return out;
 }
