@@ -303,6 +303,28 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 
     return statistics.median(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int = 3, warmup: int = 3,
+                     reps: int = 20, max_seconds: float = 1.0) -> dict[str, float | BaseException]:
+    """Times several implementations of one case in ``rounds`` interleaved rounds (a, b, c, a, b, c, ...)
+    and keeps each one's best median: on a shared machine a burst of someone else's work then hits every
+    implementation alike instead of one of them. ``max_seconds`` is per implementation, all rounds
+    together. A failing implementation maps to its exception and is dropped from later rounds."""
+    result: dict[str, float | BaseException] = {}
+    per_call = max_seconds / max(1, rounds)
+    for r in range(max(1, rounds)):
+        for name, fn in fns.items():
+            if isinstance(result.get(name), BaseException):
+                continue
+            try:
+                t = time_fn(fn, device, warmup=warmup if r == 0 else 1, reps=reps, max_seconds=per_call)
+            except Exception as exc:  # noqa: BLE001 - reported by the caller
+                result[name] = exc
+                continue
+            prev = result.get(name)
+            result[name] = t if prev is None else min(prev, t)
+    return result
+
+
 _COPY_GBPS: dict[str, float] = {}
 
 

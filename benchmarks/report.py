@@ -59,12 +59,52 @@ def device_description(device: str) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
+class ForeignLoad:
+    """How much of the machine's CPU time went to other processes over an interval (Linux only):
+    (all busy jiffies - our own CPU time) / (elapsed x CPUs). On a shared machine this says which rows
+    were timed while someone else was computing."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            hz = os.sysconf("SC_CLK_TCK")
+            busy = (sum(fields[:3]) + sum(fields[5:8])) / hz  # user nice system irq softirq steal
+            t = os.times()
+            return time.perf_counter(), busy, t.user + t.system
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def share(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        if wall <= 0:
+            return None
+        other = (end[1] - self.start[1]) - (end[2] - self.start[2])
+        return max(0.0, other / (wall * (os.cpu_count() or 1)))
+
+
+def foreign_note(load: "ForeignLoad | None", threshold: float = 0.1) -> str | None:
+    share = load.share() if load is not None else None
+    if share is None or share < threshold:
+        return None
+    return f"other processes used {100 * share:.0f}% of the CPUs while this row was timed: treat it as unreliable"
+
+
 class Report:
     def __init__(self, device: str, out: str | None):
         self.device = device
         self.out = out
         self.header: list[str] = []
         self.sections: list[tuple[str, list[str], list[str], list[str]]] = []  # title, columns, rows, notes
+        self.noisy_rows = 0  # CPU rows timed while other processes used > 10% of the CPUs
+        self.ours_failures = 0  # cases where our op failed or gave a wrong result (compile failures do not count)
 
     def section(self, title: str, columns: list[str]) -> int:
         self.sections.append((title, columns, [], []))
@@ -98,6 +138,9 @@ class Report:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(self.render())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
             os.replace(tmp, self.out)
         except BaseException:
             try:
@@ -121,6 +164,7 @@ def run_importance(rep: Report, args) -> None:
         try:
             a, g, groups = bc.importance_inputs(case, dev)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory: report and go on
+            rep.ours_failures += 1
             rep.row(sec, [case.label, "error", "-", "-", "-", "-", "-", "-"])
             rep.note(sec, f"{case.label}: inputs: {_short_error(exc)}")
             continue
@@ -145,18 +189,31 @@ def run_importance(rep: Report, args) -> None:
             compile_spent += time.perf_counter() - t0
             if compiled is not None:
                 fns["compile"] = lambda: compiled(a, g, groups, bc.NUM_GROUPS, case.channel_dim)
+        checked = {}
         for impl, fn in fns.items():
             try:
                 out = fn()
                 bc.synchronize(dev)
                 bc.check_importance(out, a, g, groups, case, loose=impl != "ours")
                 del out
-                times[impl] = bc.time_fn(fn, dev, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
+                checked[impl] = fn
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"{impl} failed: {_short_error(exc)}")
                 if args.verbose:
                     traceback.print_exc()
+        load = ForeignLoad() if dev == "cpu" else None  # over the timing only (compile workers are not "others")
+        for impl, t in bc.time_interleaved(checked, dev, rounds=args.rounds, warmup=args.warmup, reps=args.reps,
+                                           max_seconds=args.max_seconds).items():
+            if isinstance(t, BaseException):
+                notes.append(f"{impl} failed while timed: {_short_error(t)}")
+            else:
+                times[impl] = t
+        note = foreign_note(load)
+        if note:
+            notes.append(note)
+            rep.noisy_rows += 1
         ours = times["ours"]
+        rep.ours_failures += ours is None
         rate = bc.gbps(case.bytes_moved(), ours)
         rep.row(sec, [case.label, _fmt(ours and ours * 1e6, ".1f", "error"), _fmt(times["eager"] and times["eager"] * 1e6, ".1f"),
                       _fmt(times["compile"] and times["compile"] * 1e6, ".1f"), _fmt(rate, ".1f"),
@@ -182,25 +239,38 @@ def run_masks(rep: Report, args) -> None:
         times: dict[str, float | None] = {k: None for k in impls}
         notes: list[str] = []
         label = case.name
+        load = None
         try:
             tensors, masks = bc.mask_inputs(case, dev)
             views = bc.broadcast_mask_views(tensors, masks)
             label = f"{case.net} ({len(tensors)} tensors, {sum(t.numel() for t in tensors) / 1e6:.1f}M) {case.dtype}"
+            checked = {}
             for impl, call in impls.items():
                 try:
                     bc.verify_masks_impl(call, case, dev, prepare_views=impl == "foreach")
                     arg = views if impl == "foreach" else masks
-                    times[impl] = bc.time_fn(lambda: call(tensors, arg), dev, warmup=args.warmup, reps=args.reps,
-                                             max_seconds=args.max_seconds)
+                    checked[impl] = (lambda call=call, arg=arg: call(tensors, arg))
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"{impl} failed: {_short_error(exc)}")
                     if args.verbose:
                         traceback.print_exc()
+            load = ForeignLoad() if dev == "cpu" else None
+            for impl, t in bc.time_interleaved(checked, dev, rounds=args.rounds, warmup=args.warmup, reps=args.reps,
+                                               max_seconds=args.max_seconds).items():
+                if isinstance(t, BaseException):
+                    notes.append(f"{impl} failed while timed: {_short_error(t)}")
+                else:
+                    times[impl] = t
             nbytes = bc.mask_bytes_moved(tensors)
         except Exception as exc:  # noqa: BLE001
             notes.append(f"inputs: {_short_error(exc)}")
             nbytes = 0
+        note = foreign_note(load)
+        if note:
+            notes.append(note)
+            rep.noisy_rows += 1
         ours = times["ours"]
+        rep.ours_failures += ours is None
         rate = bc.gbps(nbytes, ours) if nbytes else None
         rep.row(sec, [label, _fmt(ours and ours * 1e6, ".1f", "error"), _fmt(times["loop"] and times["loop"] * 1e6, ".1f"),
                       _fmt(times["foreach"] and times["foreach"] * 1e6, ".1f"), _fmt(rate, ".1f"),
@@ -223,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--max-seconds", type=float, default=None, help="cap on timed seconds per implementation")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds per case, best median kept (default 3 on cpu, 2 on cuda; 1 with --quick)")
     p.add_argument("--verbose", "-v", action="store_true")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -231,6 +303,7 @@ def main(argv=None) -> int:
     quick = args.quick
     args.warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
     args.reps = args.reps if args.reps is not None else (10 if quick else (30 if args.device == "cuda" else 15))
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else (3 if args.device == "cpu" else 2))
     args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.5 if quick else 1.0)
     args.compile_budget = args.compile_budget if args.compile_budget is not None else (60.0 if quick else 150.0)
 
@@ -252,7 +325,8 @@ def main(argv=None) -> int:
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; "
         f"dfmu_ext build: {info}",
         f"- copy bandwidth: {copy_s}",
-        f"- timing: median of up to {args.reps} calls after {args.warmup} warm-up calls"
+        f"- timing: best of {args.rounds} interleaved rounds (ours, eager, compile, ours, ...) of the median of up to "
+        f"{args.reps} calls, after {args.warmup} warm-up calls"
         + (" (CUDA events)" if args.device == "cuda" else "") + ("; --quick" if quick else ""),
         "- GB/s: block_importance 2 x act bytes (act and grad read once); masking: read + write of every "
         "tensor. Small problems stay in cache between calls, so % of copy can exceed 100.",
@@ -276,10 +350,20 @@ def main(argv=None) -> int:
             print(f"{name}: {_short_error(exc)}", file=sys.stderr)
             traceback.print_exc()
     rep.header.append(f"- total wall time: {time.perf_counter() - start:.0f} s")
+    if args.device == "cpu":
+        try:
+            rep.header.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        except OSError:
+            pass
+        rows = sum(len(sec[2]) for sec in rep.sections)
+        rep.header.append(f"- rows timed while other processes used > 10% of the CPUs (see the notes): "
+                          f"{rep.noisy_rows} of {rows}")
     rep.write()
     print()
     print(rep.render())
-    return 1 if failures else 0
+    if rep.ours_failures:
+        print(f"report.py: dfmu_ext's op failed or was wrong in {rep.ours_failures} case(s); see the notes", file=sys.stderr)
+    return 1 if failures or rep.ours_failures else 0
 
 
 if __name__ == "__main__":
