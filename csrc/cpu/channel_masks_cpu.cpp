@@ -24,6 +24,7 @@ template <typename scalar_t, typename mask_t>
 inline void scale_units(scalar_t* data, const mask_t* mask, int64_t inner, int64_t u0, int64_t u1) {
   for (int64_t u = u0; u < u1; ++u) {
     const mask_t m = mask[u];
+    if (m == mask_t(1)) continue;  // x * 1 == x: a kept unit costs no memory traffic at all
     scalar_t* row = data + u * inner;
     for (int64_t j = 0; j < inner; ++j) row[j] = static_cast<scalar_t>(static_cast<mask_t>(row[j]) * m);
   }
