@@ -125,7 +125,10 @@ _write_build_config()
 sources = [os.path.relpath(p, ROOT) for p in
            [os.path.join(ROOT, "csrc", "ops.cpp")] + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
 # Default symbol visibility (torch must match our exception types); the C++ standard is torch's own.
-extra_cxx = ["-O3", "-g0"]
+# -fopenmp: at::parallel_for is header code that only runs in parallel when the extension itself is
+# compiled with OpenMP (it then uses the OpenMP runtime torch already loaded). -fno-wrapv undoes
+# Python's -fwrapv, which stops GCC from vectorising the bfloat16 loops (measured 3x on one thread).
+extra_cxx = ["-O3", "-g0", "-fopenmp", "-fno-wrapv"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 if WITH_CUDA:
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")) +
@@ -137,9 +140,11 @@ if WITH_CUDA:
     ext = CUDAExtension(
         "dfmu_ext._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": extra_cxx, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_link_args=["-fopenmp"],
     )
 else:
-    ext = CppExtension("dfmu_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": extra_cxx})
+    ext = CppExtension("dfmu_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": extra_cxx},
+                       extra_link_args=["-fopenmp"])
 
 setup(
     name="dfmu_ext",

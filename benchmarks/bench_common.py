@@ -23,16 +23,24 @@ Small problems (a few MB) stay in the CPU's L3 / the GPU's L2 between repetition
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
-import dfmu_ext  # noqa: F401  (loads the kernels)
-from dfmu_ext import ops
-from dfmu_ext import reference as ref
+# Time the package of this source tree (its in-place build), not whichever dfmu_ext an editable install
+# elsewhere points at: `python benchmarks/report.py` puts benchmarks/, not the tree's root, on sys.path.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(REPO_ROOT, "dfmu_ext")) and REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import dfmu_ext  # noqa: E402,F401  (loads the kernels)
+from dfmu_ext import ops  # noqa: E402
+from dfmu_ext import reference as ref  # noqa: E402
 
 NUM_GROUPS = 10  # e.g. one group per class of a 10-class problem: the unlearning use
 

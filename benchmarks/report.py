@@ -324,6 +324,7 @@ def main(argv=None) -> int:
         "",
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; "
         f"dfmu_ext build: {info}",
+        f"- dfmu_ext imported from {os.path.dirname(os.path.abspath(ops.__file__))}",
         f"- copy bandwidth: {copy_s}",
         f"- timing: best of {args.rounds} interleaved rounds (ours, eager, compile, ours, ...) of the median of up to "
         f"{args.reps} calls, after {args.warmup} warm-up calls"
