@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .blocks import classifier_of
 from .datautil import dataset_labels, make_loader
 
 __all__ = [
@@ -104,14 +105,11 @@ class _ModeGuard:
 
 def last_linear(model: nn.Module) -> nn.Linear:
     """The last ``nn.Linear`` in ``model.modules()`` order (the classifier head of usual models)."""
-    found = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            found = m
-    if found is None:
+    try:
+        return classifier_of(model)[1]
+    except ValueError:
         raise ValueError("the model has no nn.Linear module, so it has no penultimate features "
-                         "for the linear probe (pass probe=False, or layer=...)")
-    return found
+                         "for the linear probe (pass probe=False, or layer=...)") from None
 
 
 @torch.no_grad()

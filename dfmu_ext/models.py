@@ -142,13 +142,9 @@ class MLP(nn.Module):
 
 def classifier_of(model: nn.Module) -> nn.Linear:
     """The model's classifier by the package convention: its last ``nn.Linear`` in module order."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier")
-    return last
+    from .blocks import classifier_of as named_classifier  # one definition of the convention
+
+    return named_classifier(model)[1]
 
 
 def build_model(name: str, in_channels: int, num_classes: int,
