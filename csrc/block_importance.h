@@ -10,6 +10,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
 
 #include <optional>
 
@@ -41,8 +42,10 @@ struct ImportanceProblem {
   at::ScalarType out_dtype;
 };
 
+// check_range=false skips the range check (and its device sync on CUDA): the kernels then ignore
+// ids outside [0, num_groups) instead of reading out of bounds.
 inline void check_groups(const std::optional<at::Tensor>& groups, int64_t N, int64_t num_groups,
-                         const at::Tensor& act) {
+                         const at::Tensor& act, bool check_range = true) {
   TORCH_CHECK_VALUE(num_groups >= 1, "block_importance: num_groups must be >= 1, got ", num_groups);
   if (!groups.has_value()) return;
   const at::Tensor& g = *groups;
@@ -52,15 +55,29 @@ inline void check_groups(const std::optional<at::Tensor>& groups, int64_t N, int
                     "sample (", N, "), got shape ", g.sizes());
   TORCH_CHECK_VALUE(g.device() == act.device(), "block_importance: groups is on ", g.device(),
                     " but act is on ", act.device());
-  if (N == 0) return;
-  // One small reduction and one device-to-host copy (a single sync on CUDA): ids out of range
-  // would otherwise index out of bounds.
+  if (N == 0 || !check_range) return;
+  // One small reduction and one device-to-host copy (a single sync on CUDA).
   auto mm = at::aminmax(g);
   const at::Tensor range = at::cat({std::get<0>(mm).reshape({1}), std::get<1>(mm).reshape({1})}).to(at::kLong).cpu();
   const int64_t lo = range.const_data_ptr<int64_t>()[0];
   const int64_t hi = range.const_data_ptr<int64_t>()[1];
   TORCH_CHECK_VALUE(lo >= 0 && hi < num_groups, "block_importance: group ids must lie in [0, num_groups=",
                     num_groups, "), got ids in [", lo, ", ", hi, "]");
+}
+
+// act_scale / act_shift: optional per-unit (C,) factors of the activation a = act * scale + shift,
+// returned contiguous in the accumulation dtype (undefined when absent: scale 1, shift 0).
+inline at::Tensor affine_param(const std::optional<at::Tensor>& t, const char* name, int64_t C,
+                               const at::Tensor& act, at::ScalarType acc_dtype) {
+  if (!t.has_value()) return at::Tensor();
+  const at::Tensor& v = *t;
+  TORCH_CHECK_TYPE(at::isFloatingType(v.scalar_type()), "block_importance: ", name,
+                   " must be a floating-point tensor, got ", v.scalar_type());
+  TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == C, "block_importance: ", name, " must be 1-D with one value per "
+                    "unit (", C, "), got shape ", v.sizes());
+  TORCH_CHECK_VALUE(v.device() == act.device(), "block_importance: ", name, " is on ", v.device(),
+                    " but act is on ", act.device());
+  return v.to(acc_dtype).contiguous();
 }
 
 // Moves the channel axis next to the batch axis (channels outer) or to the end (channels inner),

@@ -13,6 +13,7 @@ it is not channel-pruned (its rows are classes, handled by head masking).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -61,20 +62,21 @@ def classifier_of(model: nn.Module) -> tuple[str, nn.Linear]:
 class BlockTracer:
     """Hooks that watch one forward pass and work out the blocks from the tensors that flow.
 
-    A norm belongs to a layer when its input *is* the layer's output tensor. With
-    ``capture=True`` the output tensor of every layer and norm is kept (by reference) so that a
-    scoring pass can attach gradient hooks to the block outputs after the forward.
+    A norm belongs to a layer when its input *is* the layer's output tensor. ``on_output``, when
+    given, is called as ``on_output(module, norm_input, output)`` right after every layer
+    (``norm_input=None``) and norm forward, *before* any later op (an in-place ReLU, say) can
+    touch the output, so that a scoring pass can hook the gradients as the forward runs.
     """
 
-    def __init__(self, model: nn.Module, capture: bool = False):
+    def __init__(self, model: nn.Module, on_output: Callable[[nn.Module, torch.Tensor | None, torch.Tensor], None]
+                 | None = None):
         self.model = model
-        self.capture = capture
+        self.on_output = on_output
         self.head_name, _ = classifier_of(model)
         self.names = {m: n for n, m in model.named_modules()}
         self.calls: dict[nn.Module, int] = {}
         self.order: list[nn.Module] = []
         self.norm_of: dict[nn.Module, nn.Module] = {}
-        self.outputs: dict[nn.Module, torch.Tensor] = {}
         self._produced_by: dict[int, nn.Module] = {}
         self._keep_alive: list[torch.Tensor] = []  # ids are only unique while the tensors live
         self._handles: list = []
@@ -86,8 +88,8 @@ class BlockTracer:
         if isinstance(output, torch.Tensor):
             self._produced_by[id(output)] = module
             self._keep_alive.append(output)
-            if self.capture:
-                self.outputs[module] = output
+            if self.on_output is not None:
+                self.on_output(module, None, output)
 
     def _before_norm(self, module, inputs):
         if inputs and isinstance(inputs[0], torch.Tensor):
@@ -95,9 +97,18 @@ class BlockTracer:
             if producer is not None and producer not in self.norm_of:
                 self.norm_of[producer] = module
 
-    def _after_norm(self, module, _inputs, output):
-        if self.capture and isinstance(output, torch.Tensor):
-            self.outputs[module] = output
+    def _after_norm(self, module, inputs, output):
+        if self.on_output is not None and isinstance(output, torch.Tensor) and inputs \
+                and isinstance(inputs[0], torch.Tensor):
+            self.on_output(module, inputs[0], output)
+
+    def producer_of(self, tensor: torch.Tensor) -> nn.Module | None:
+        """The layer whose output ``tensor`` is (during the traced forward), else None."""
+        return self._produced_by.get(id(tensor))
+
+    def norm_belongs_to(self, norm: nn.Module, layer: nn.Module) -> bool:
+        """Whether ``norm`` will be ``layer``'s block norm (the rule of :meth:`blocks`)."""
+        return self.norm_of.get(layer) is norm and getattr(norm, "num_features", None) == layer.weight.shape[0]
 
     def __enter__(self) -> "BlockTracer":
         for m in self.model.modules():

@@ -17,16 +17,20 @@ REDUCE_MODES = ("abs", "square", "signed")
 
 
 def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor | None = None,
-                     num_groups: int = 1, channel_dim: int = 1, reduce: str = "abs") -> torch.Tensor:
+                     num_groups: int = 1, channel_dim: int = 1, reduce: str = "abs", *,
+                     act_scale: torch.Tensor | None = None, act_shift: torch.Tensor | None = None,
+                     check_groups: bool = True) -> torch.Tensor:
     r"""Per-group, per-unit gradient x activation importance in one read of ``act`` and ``grad``.
 
     For a sample :math:`n` and unit (channel) :math:`c`,
 
     .. math::
+        a_{n,p,c} = \mathrm{act}_{n,p,c}\, \sigma_c + \tau_c, \qquad
         s_{n,c} = \sum_{p} a_{n,p,c}\, g_{n,p,c}, \qquad
         I_{k,c} = \sum_{n:\ \mathrm{groups}_n = k} r(s_{n,c}),
 
-    where :math:`p` runs over every non-batch, non-channel position and :math:`r` is
+    where :math:`\sigma` = ``act_scale`` and :math:`\tau` = ``act_shift`` (1 and 0 when omitted),
+    :math:`p` runs over every non-batch, non-channel position and :math:`r` is
     :math:`|\cdot|` (``"abs"``, first-order Taylor importance, Molchanov et al. 2017),
     :math:`(\cdot)^2` (``"square"``, a Fisher-like score) or the identity (``"signed"``).
     :math:`s_{n,c}` is the first-order change of sample :math:`n`'s loss if unit :math:`c` were
@@ -40,20 +44,33 @@ def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor
         num_groups: number of output rows ``K >= 1``.
         channel_dim: the unit axis (negative allowed, never 0).
         reduce: ``"abs"``, ``"square"`` or ``"signed"``.
+        act_scale, act_shift: optional ``(C,)`` per-unit affine applied to ``act`` as it is read. An
+            eval-mode BatchNorm is such an affine (:math:`\sigma = \gamma/\sqrt{v+\epsilon}`,
+            :math:`\tau = \beta - \mu\sigma`), so a norm's output can be scored from its *input*,
+            which autograd keeps for the backward anyway: no copy of the output is held.
+        check_groups: verify that every id lies in ``[0, num_groups)`` (one device sync on CUDA).
+            Pass False only for ids already known to be in range (e.g. validated once for many
+            calls); out-of-range ids are then ignored, never read or written out of bounds.
 
     Returns:
         ``(num_groups, C)`` float32 (float64 for float64 inputs). Accumulation is in float32/float64
         and deterministic: equal inputs give bit-identical outputs.
     """
-    _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce)
+    _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce, act_scale, act_shift,
+                           bool(check_groups))
+    # The ids were range-checked above (when asked): the kernel need not repeat the device sync.
     return torch.ops.dfmu_ext.block_importance.default(act, grad, groups, int(num_groups), int(channel_dim),
-                                                        str(reduce))
+                                                        str(reduce), act_scale, act_shift, False)
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Above this many groups the CUDA kernel segments the batch by sorting, which needs valid ids (and
+#: syncs anyway), so the range is always checked there (csrc/cuda/launch.h: kMaxDirectGroups).
+_MAX_DIRECT_GROUPS = 32
 
 
-def _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce) -> None:
+def _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce, act_scale=None, act_shift=None,
+                           check_range=True) -> None:
     """The C++ kernels check the same things; checking here first gives the same messages without
     relying on C++ exceptions crossing the dispatcher (which crashed on one torch 2.11 build)."""
     if torch.compiler.is_compiling():
@@ -87,12 +104,24 @@ def _check_importance_args(act, grad, groups, num_groups, channel_dim, reduce) -
                              f"shape {tuple(groups.shape)}")
         if groups.device != act.device:
             raise ValueError(f"block_importance: groups is on {groups.device} but act is on {act.device}")
-        if groups.numel():
+        if groups.numel() and (check_range or num_groups > _MAX_DIRECT_GROUPS):
             bounds = torch.aminmax(groups)  # one reduction and one device->host copy (a single sync)
             lo, hi = torch.stack([bounds.min, bounds.max]).tolist()
             if lo < 0 or hi >= num_groups:
                 raise ValueError(f"block_importance: group ids must lie in [0, num_groups={num_groups}), got ids "
                                  f"in [{lo}, {hi}]")
+    units = act.shape[channel_dim]
+    for name, v in (("act_scale", act_scale), ("act_shift", act_shift)):
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise TypeError(f"block_importance: {name} must be a floating-point tensor, got "
+                            f"{getattr(v, 'dtype', type(v).__name__)}")
+        if v.dim() != 1 or v.shape[0] != units:
+            raise ValueError(f"block_importance: {name} must be 1-D with one value per unit ({units}), got shape "
+                             f"{tuple(v.shape)}")
+        if v.device != act.device:
+            raise ValueError(f"block_importance: {name} is on {v.device} but act is on {act.device}")
 
 
 def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
@@ -136,7 +165,8 @@ def _check_mask_args(tensors, masks) -> None:
 
 
 @torch.library.register_fake("dfmu_ext::block_importance")
-def _block_importance_fake(act, grad, groups, num_groups, channel_dim, reduce):
+def _block_importance_fake(act, grad, groups, num_groups, channel_dim, reduce, act_scale=None, act_shift=None,
+                           check_groups=True):
     torch._check(act.dim() >= 2, lambda: "block_importance: act must have a batch and a channel dimension")
     torch._check(act.shape == grad.shape, lambda: "block_importance: act and grad must have the same shape")
     torch._check(num_groups >= 1, lambda: "block_importance: num_groups must be >= 1")

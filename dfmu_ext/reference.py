@@ -11,14 +11,22 @@ import torch
 
 def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor | None = None,
                      num_groups: int = 1, channel_dim: int = 1, reduce: str = "abs",
-                     compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``out[k, c] = sum_{n: groups[n]=k} r(sum_{p} act[n,..c..] * grad[n,..c..])`` in ``compute_dtype``.
+                     compute_dtype: torch.dtype = torch.float64, act_scale: torch.Tensor | None = None,
+                     act_shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[k, c] = sum_{n: groups[n]=k} r(sum_{p} a[n,..c..] * grad[n,..c..])`` in ``compute_dtype``,
+    with ``a = act * act_scale[c] + act_shift[c]`` (``act`` itself when both are None).
 
+    Group ids outside ``[0, num_groups)`` are dropped (what the op does with ``check_groups=False``).
     ``compute_dtype=act.dtype`` gives "the same computation in the input's own precision", whose
     error against the float64 result calibrates the tolerance for low-precision inputs.
     """
     cd = channel_dim % act.dim()
     a = act.to(compute_dtype).movedim(cd, 1)
+    unit_shape = (1, -1) + (1,) * (a.dim() - 2)
+    if act_scale is not None:
+        a = a * act_scale.to(compute_dtype).reshape(unit_shape)
+    if act_shift is not None:
+        a = a + act_shift.to(compute_dtype).reshape(unit_shape)
     g = grad.to(compute_dtype).movedim(cd, 1)
     s = (a * g).reshape(a.shape[0], a.shape[1], -1).sum(-1)  # (N, C)
     if reduce == "abs":
@@ -30,8 +38,9 @@ def block_importance(act: torch.Tensor, grad: torch.Tensor, groups: torch.Tensor
     else:
         raise ValueError(f"unknown reduce {reduce!r}")
     ids = torch.zeros(a.shape[0], dtype=torch.long, device=act.device) if groups is None else groups.long()
+    keep = (ids >= 0) & (ids < num_groups)
     out = torch.zeros(num_groups, a.shape[1], dtype=compute_dtype, device=act.device)
-    out.index_add_(0, ids, r)
+    out.index_add_(0, ids[keep], r[keep])
     return out
 
 

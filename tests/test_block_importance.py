@@ -26,20 +26,22 @@ def _inputs(shape, dtype, device, seed=0, layout="contiguous"):
     return a, g
 
 
-def _check(out, act, grad, groups, K, cd, reduce):
+def _check(out, act, grad, groups, K, cd, reduce, act_scale=None, act_shift=None):
     """Within a small multiple of the error of the same computation done in the input's precision."""
-    exact = ref.block_importance(act, grad, groups, K, cd, reduce)
+    affine = dict(act_scale=act_scale, act_shift=act_shift)
+    exact = ref.block_importance(act, grad, groups, K, cd, reduce, **affine)
     assert out.shape == exact.shape
     assert out.dtype == (torch.float64 if act.dtype == torch.float64 else torch.float32)
     # Magnitude of what was summed, per (k, c): the scale every rounding error is relative to.
-    scale = ref.block_importance(act.abs(), grad.abs(), groups, K, cd, "abs")
+    abs_affine = {k: (v.abs() if v is not None else None) for k, v in affine.items()}
+    scale = ref.block_importance(act.abs(), grad.abs(), groups, K, cd, "abs", **abs_affine)
     if reduce == "square":
         scale = scale * scale
     eps = torch.finfo(torch.float32 if act.dtype != torch.float64 else torch.float64).eps
     n_terms = act.numel() / max(1, exact.shape[1])
     tol = 4 * eps * (n_terms ** 0.5 + 8) * scale + 1e-30
     if act.dtype in (torch.float16, torch.bfloat16):
-        same_prec = ref.block_importance(act, grad, groups, K, cd, reduce, compute_dtype=act.dtype)
+        same_prec = ref.block_importance(act, grad, groups, K, cd, reduce, compute_dtype=act.dtype, **affine)
         tol = tol + 3 * (same_prec.double() - exact).abs()
     err = (out.double() - exact).abs()
     worst = (err - tol).max().item() if err.numel() else 0.0
@@ -85,6 +87,79 @@ def test_odd_sizes(device, dtype, shape, cd):
     groups = torch.tensor([i % 2 for i in range(shape[0])], device=device)
     out = ops.block_importance(act, grad, groups, 2, cd, "abs")
     _check(out, act, grad, groups, 2, cd, "abs")
+
+
+def _affine(C, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = (torch.rand(C, generator=gen, dtype=torch.float64) * 3 - 1).to(device=device, dtype=torch.float32)
+    shift = torch.randn(C, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
+    return scale, shift
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cd,layout", [
+    ((8, 16, 5, 5), 1, "contiguous"),
+    ((8, 16, 5, 5), 1, "channels_last"),
+    ((5, 13, 24), -1, "contiguous"),     # (N, T, C): channels inner
+    ((33, 5), 1, "contiguous"),          # (N, C): linear, elementwise path
+    ((12, 40), 1, "contiguous"),         # (N, C) with C a multiple of the pack width
+    ((4, 6, 7, 8), 1, "strided"),
+    ((3, 257, 3, 3), 1, "contiguous"),   # odd C
+    ((2, 3, 65537), 1, "contiguous"),    # long rows split across teams
+])
+@pytest.mark.parametrize("which", ["both", "scale", "shift"])
+def test_affine_matches_reference(device, dtype, shape, cd, layout, which):
+    """act_scale/act_shift: the op scores act * scale + shift (an eval BatchNorm folded into the read)."""
+    act, grad = _inputs(shape, dtype, device, seed=7, layout=layout)
+    scale, shift = _affine(shape[cd], device, seed=8)
+    if which == "scale":
+        shift = None
+    elif which == "shift":
+        scale = None
+    if dtype == torch.float64:
+        scale = scale.double() if scale is not None else None
+    groups = torch.arange(shape[0], device=device) % 3
+    for reduce in REDUCES:
+        out = ops.block_importance(act, grad, groups, 3, cd, reduce, act_scale=scale, act_shift=shift)
+        _check(out, act, grad, groups, 3, cd, reduce, scale, shift)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affine_equals_scoring_the_normalised_output(device):
+    """Scoring BN's input with the folded affine == scoring BN's output (eval mode), in float64."""
+    bn = torch.nn.BatchNorm2d(6).double().to(device).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    z, g = _inputs((5, 6, 4, 4), torch.float64, device, seed=9)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    groups = torch.tensor([0, 1, 1, 0, 1], device=device)
+    with torch.no_grad():
+        direct = ops.block_importance(bn(z), g, groups, 2)
+        folded = ops.block_importance(z, g, groups, 2, act_scale=scale.detach(), act_shift=shift.detach())
+    torch.testing.assert_close(folded, direct, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,cd", [((10, 6, 3, 3), 1), ((10, 7), 1), ((10, 3, 8), -1)])
+def test_unchecked_groups_ignore_out_of_range_ids(device, shape, cd):
+    """check_groups=False skips the range check (a device sync on CUDA); bad ids are then dropped,
+    never read or written out of bounds."""
+    act, grad = _inputs(shape, torch.float32, device, seed=10)
+    groups = torch.tensor([0, 1, 5, 1, -1, 0, 2, 99, 1, 0], device=device)
+    out = ops.block_importance(act, grad, groups, 2, cd, "abs", check_groups=False)
+    _check(out, act, grad, groups, 2, cd, "abs")  # the reference drops ids outside [0, K)
+    keep = (groups >= 0) & (groups < 2)
+    torch.testing.assert_close(out, ops.block_importance(act[keep], grad[keep], groups[keep], 2, cd, "abs"))
+    with pytest.raises(ValueError, match="group ids must lie"):  # the default still checks
+        ops.block_importance(act, grad, groups, 2, cd, "abs")
+    # Many groups (the CUDA sorted-segment path needs valid ids): always checked.
+    with pytest.raises(ValueError, match="group ids must lie"):
+        ops.block_importance(act, grad, groups, 40, cd, "abs", check_groups=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,6 +244,12 @@ def test_bad_inputs(device):
         ops.block_importance(a, a, reduce="mean")
     with pytest.raises(ValueError, match="batch and a channel"):
         ops.block_importance(torch.randn(4, device=device), torch.randn(4, device=device))
+    with pytest.raises(ValueError, match="act_scale must be 1-D with one value per unit"):
+        ops.block_importance(a, a, act_scale=torch.ones(4, device=device))
+    with pytest.raises(ValueError, match="act_shift must be 1-D"):
+        ops.block_importance(a, a, act_shift=torch.ones(3, 1, device=device))
+    with pytest.raises(TypeError, match="act_scale must be a floating-point tensor"):
+        ops.block_importance(a, a, act_scale=torch.ones(3, dtype=torch.long, device=device))
 
 
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12),
@@ -183,6 +264,10 @@ def test_cpp_checks_without_the_python_wrapper():
         op(a, a, torch.tensor([0, 1, 2, 0]), 2, 1, "abs")
     with pytest.raises(ValueError, match="reduce must be"):
         op(a, a, None, 1, 1, "mean")
+    with pytest.raises(ValueError, match="act_scale must be 1-D"):
+        op(a, a, None, 1, 1, "abs", torch.ones(2), None, True)
+    with pytest.raises(TypeError, match="act_shift must be a floating-point"):
+        op(a, a, None, 1, 1, "abs", None, torch.ones(3, dtype=torch.long), True)
     t = torch.randn(4, 3)
     with pytest.raises(ValueError, match="has 3 values"):
         torch.ops.dfmu_ext.apply_channel_masks_.default([t], [torch.ones(3)])
@@ -205,6 +290,8 @@ def test_device_mismatch():
         ops.block_importance(a, a.cuda())
     with pytest.raises(ValueError, match="groups is on"):
         ops.block_importance(a.cuda(), a.cuda(), torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="act_scale is on"):
+        ops.block_importance(a.cuda(), a.cuda(), act_scale=torch.ones(3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,6 +300,9 @@ def test_opcheck(device):
     groups = torch.tensor([0, 1, 1, 0], device=device)
     torch.library.opcheck(torch.ops.dfmu_ext.block_importance.default, (act, grad, groups, 2, 1, "abs"))
     torch.library.opcheck(torch.ops.dfmu_ext.block_importance.default, (act, grad, None, 1, -1, "square"))
+    scale, shift = _affine(6, device, seed=11)
+    torch.library.opcheck(torch.ops.dfmu_ext.block_importance.default,
+                          (act, grad, groups, 2, 1, "abs", scale, shift, False))
 
 
 def test_torch_compile_fullgraph():

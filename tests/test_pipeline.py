@@ -98,6 +98,95 @@ def test_scores_match_plain_autograd(trained_cnn, digits):
     assert res.counts.tolist() == [8.0, 8.0]
 
 
+class InplaceResNet(nn.Module):
+    """torchvision style: in-place ReLUs right after the norms, a residual add, a 1x1 shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.short, self.bn_s = nn.Conv2d(1, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.relu(self.bn2(self.conv2(h)) + self.bn_s(self.short(x)))
+        return self.fc(h.mean((2, 3)))
+
+
+def _plain_scores(model, x, y, block, forget):
+    """Per-sample |sum_p a g| at the block output with plain autograd, summed per group, float64."""
+    outs = {}
+    h = block.output_module.register_forward_hook(lambda m, i, o: outs.__setitem__("a", o))
+    expected = torch.zeros(2, block.units, dtype=torch.float64)
+    try:
+        for n in range(x.shape[0]):
+            logits = model(x[n:n + 1])
+            loss = nn.functional.cross_entropy(logits, y[n:n + 1], reduction="sum")
+            (g,) = torch.autograd.grad(loss, outs["a"])
+            s = (outs["a"] * g).reshape(1, block.units, -1).sum(-1)[0]
+            expected[int(int(y[n]) in forget)] += s.abs().detach()
+    finally:
+        h.remove()
+    return expected
+
+
+def test_scores_with_inplace_relu_and_residuals():
+    """Hooks attach as the forward runs, so in-place ReLUs after the norms do not change the scores."""
+    torch.manual_seed(0)
+    model = InplaceResNet().double()
+    for m in model.modules():  # non-trivial running statistics and affines
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(12, 1, 8, 8, dtype=torch.float64)
+    y = torch.arange(12) % 10
+    res = score_blocks(model, x, y, [3, 4])
+    assert [b.name for b in res.blocks] == ["conv1", "conv2", "short"]
+    model.eval()
+    # A copy without in-place ReLUs gives the reference (its block outputs are not overwritten).
+    plain = copy.deepcopy(model)
+    plain.relu = nn.ReLU()
+    for block in res.blocks:
+        ref_block = [b for b in score_blocks(plain, x[:1], y[:1], [3]).blocks if b.name == block.name][0]
+        expected = _plain_scores(plain, x, y, ref_block, {3, 4})
+        torch.testing.assert_close(res.scores[block.name].double(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_scoring_holds_only_what_autograd_saves(trained_cnn, digits, monkeypatch):
+    """Memory: the activation each conv+BN block hands to the op is a tensor autograd saved for the
+    backward anyway (the norm's input), not an extra copy of the norm's output."""
+    import dfmu_ext.importance as importance
+
+    model = copy.deepcopy(trained_cnn)
+    x, y = _batch(digits[0], [3], n=32)
+    saved = set()
+
+    def pack(t):
+        saved.add(t.untyped_storage().data_ptr())
+        return t
+
+    read = []
+    real_op = importance.ops.block_importance
+
+    def spy(act, grad, *args, **kwargs):
+        read.append((act.untyped_storage().data_ptr(), kwargs.get("act_scale") is not None))
+        return real_op(act, grad, *args, **kwargs)
+
+    monkeypatch.setattr(importance.ops, "block_importance", spy)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = score_blocks(model, x, y, [3])
+    normed = [b for b in res.blocks if b.norm is not None]
+    assert len(normed) >= 4
+    folded = [ptr for ptr, has_affine in read if has_affine]
+    assert len(folded) == len(normed), "every conv+BN block is scored from the norm's input"
+    assert all(ptr in saved for ptr in folded), "a scored activation was not one autograd keeps anyway"
+
+
 def test_scoring_changes_nothing(trained_cnn, digits):
     model = copy.deepcopy(trained_cnn)
     model.train()

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../block_importance.h"
@@ -17,19 +18,40 @@
 namespace dfmu {
 namespace {
 
+// The activation as the op sees it: act * scale + shift, or act itself when no affine was given
+// (a compile-time choice, so the plain path costs nothing extra).
+template <bool kAffine, typename acc_t, typename scalar_t>
+inline acc_t activation(scalar_t x, acc_t scale, acc_t shift) {
+  if constexpr (kAffine) {
+    return static_cast<acc_t>(x) * scale + shift;
+  } else {
+    return static_cast<acc_t>(x);
+  }
+}
+
+// Per-unit affine factors of one op call; null pointers mean scale 1 / shift 0.
+template <typename acc_t>
+struct Affine {
+  const acc_t* scale = nullptr;
+  const acc_t* shift = nullptr;
+  bool any() const { return scale != nullptr || shift != nullptr; }
+  acc_t scale_of(int64_t c) const { return scale ? scale[c] : acc_t(1); }
+  acc_t shift_of(int64_t c) const { return shift ? shift[c] : acc_t(0); }
+};
+
 // Dot product of two contiguous runs. Eight independent accumulators break the add dependency
 // chain and let the compiler keep them in vector registers without reassociating a single sum.
-template <typename scalar_t, typename acc_t>
-inline acc_t dot_run(const scalar_t* a, const scalar_t* g, int64_t len) {
+template <bool kAffine, typename scalar_t, typename acc_t>
+inline acc_t dot_run(const scalar_t* a, const scalar_t* g, int64_t len, acc_t scale, acc_t shift) {
   constexpr int kLanes = 8;
   acc_t acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      acc[l] += static_cast<acc_t>(a[i + l]) * static_cast<acc_t>(g[i + l]);
+      acc[l] += activation<kAffine>(a[i + l], scale, shift) * static_cast<acc_t>(g[i + l]);
     }
   }
-  for (; i < len; ++i) acc[0] += static_cast<acc_t>(a[i]) * static_cast<acc_t>(g[i]);
+  for (; i < len; ++i) acc[0] += activation<kAffine>(a[i], scale, shift) * static_cast<acc_t>(g[i]);
   acc_t total = 0;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -45,17 +67,22 @@ inline acc_t apply_reduce(acc_t s, Reduce r) {
 }
 
 // s[n, c] for the [N][C][R] layout: one contiguous run of R per (n, c).
-template <typename scalar_t, typename acc_t>
-void dots_channels_outer(const scalar_t* a, const scalar_t* g, int64_t rows, int64_t R, acc_t* s) {
+template <bool kAffine, typename scalar_t, typename acc_t>
+void dots_channels_outer(const scalar_t* a, const scalar_t* g, int64_t rows, int64_t C, int64_t R,
+                         Affine<acc_t> affine, acc_t* s) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) s[row] = dot_run<scalar_t, acc_t>(a + row * R, g + row * R, R);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % C;
+      s[row] = dot_run<kAffine>(a + row * R, g + row * R, R, affine.scale_of(c), affine.shift_of(c));
+    }
   });
 }
 
 // s[n, c] for the [N][R][C] layout: accumulate whole channel rows, vectorised across channels.
-template <typename scalar_t, typename acc_t>
-void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_t R, int64_t C, acc_t* s) {
+template <bool kAffine, typename scalar_t, typename acc_t>
+void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_t R, int64_t C,
+                         Affine<acc_t> affine, acc_t* s) {
   constexpr int64_t kTile = 256;
   const int64_t tiles = (C + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R * std::min(C, kTile), 1));
@@ -66,10 +93,17 @@ void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_
       const int64_t width = std::min(kTile, C - c0);
       acc_t* out = s + n * C + c0;
       std::fill(out, out + width, acc_t(0));
+      acc_t scale[kTile], shift[kTile];
+      for (int64_t c = 0; c < width; ++c) {
+        scale[c] = affine.scale_of(c0 + c);
+        shift[c] = affine.shift_of(c0 + c);
+      }
       for (int64_t r = 0; r < R; ++r) {
         const scalar_t* ar = a + (n * R + r) * C + c0;
         const scalar_t* gr = g + (n * R + r) * C + c0;
-        for (int64_t c = 0; c < width; ++c) out[c] += static_cast<acc_t>(ar[c]) * static_cast<acc_t>(gr[c]);
+        for (int64_t c = 0; c < width; ++c) {
+          out[c] += activation<kAffine>(ar[c], scale[c], shift[c]) * static_cast<acc_t>(gr[c]);
+        }
       }
     }
   });
@@ -86,14 +120,24 @@ inline void with_reduce(Reduce reduce, Body&& body) {
   }
 }
 
+// Group of sample n, or -1 for an id outside [0, K) (only possible when the range check was
+// skipped): such samples are ignored rather than written out of bounds.
+inline int64_t group_of(const int64_t* groups, int64_t n, int64_t K) {
+  if (!groups) return 0;
+  const int64_t k = groups[n];
+  return (k >= 0 && k < K) ? k : -1;
+}
+
 // out[k, c] = sum over the samples of group k, in index order, of r(s[n, c]).
 template <typename acc_t>
-void group_sum(const acc_t* s, const int64_t* groups, int64_t N, int64_t C, Reduce reduce, acc_t* out) {
+void group_sum(const acc_t* s, const int64_t* groups, int64_t N, int64_t C, int64_t K, Reduce reduce, acc_t* out) {
   with_reduce<acc_t>(reduce, [&](auto r) {
     at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t n = 0; n < N; ++n) {
+        const int64_t k = group_of(groups, n, K);
+        if (k < 0) continue;
         const acc_t* __restrict__ sn = s + n * C;
-        acc_t* __restrict__ ok = out + (groups ? groups[n] : 0) * C;
+        acc_t* __restrict__ ok = out + k * C;
         for (int64_t c = begin; c < end; ++c) ok[c] += r(sn[c]);
       }
     });
@@ -102,16 +146,27 @@ void group_sum(const acc_t* s, const int64_t* groups, int64_t N, int64_t C, Redu
 
 // R == 1 (linear outputs): s[n, c] = a[n, c] * g[n, c] needs no buffer; fold it straight into the
 // group sums (a buffer as large as the input would cost more in page faults than the arithmetic).
-template <typename scalar_t, typename acc_t>
+template <bool kAffine, typename scalar_t, typename acc_t>
 void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* groups, int64_t N, int64_t C,
-                           Reduce reduce, acc_t* out) {
+                           int64_t K, Affine<acc_t> affine, Reduce reduce, acc_t* out) {
   with_reduce<acc_t>(reduce, [&](auto r) {
     at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scale(end - begin), shift(end - begin);
+      for (int64_t c = begin; c < end; ++c) {
+        scale[c - begin] = affine.scale_of(c);
+        shift[c - begin] = affine.shift_of(c);
+      }
+      const acc_t* __restrict__ sc = scale.data() - begin;
+      const acc_t* __restrict__ sh = shift.data() - begin;
       for (int64_t n = 0; n < N; ++n) {
+        const int64_t k = group_of(groups, n, K);
+        if (k < 0) continue;
         const scalar_t* __restrict__ an = a + n * C;
         const scalar_t* __restrict__ gn = g + n * C;
-        acc_t* __restrict__ ok = out + (groups ? groups[n] : 0) * C;
-        for (int64_t c = begin; c < end; ++c) ok[c] += r(static_cast<acc_t>(an[c]) * static_cast<acc_t>(gn[c]));
+        acc_t* __restrict__ ok = out + k * C;
+        for (int64_t c = begin; c < end; ++c) {
+          ok[c] += r(activation<kAffine>(an[c], sc[c], sh[c]) * static_cast<acc_t>(gn[c]));
+        }
       }
     });
   });
@@ -119,10 +174,14 @@ void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* 
 
 at::Tensor block_importance_cpu(const at::Tensor& act, const at::Tensor& grad,
                                 const std::optional<at::Tensor>& groups, int64_t num_groups,
-                                int64_t channel_dim, c10::string_view reduce) {
+                                int64_t channel_dim, c10::string_view reduce,
+                                const std::optional<at::Tensor>& act_scale,
+                                const std::optional<at::Tensor>& act_shift, bool check_range) {
   TORCH_CHECK_VALUE(act.device().is_cpu(), "block_importance: expected CPU tensors, got act on ", act.device());
   ImportanceProblem p = canonicalize(act, grad, channel_dim, std::string(reduce));
-  check_groups(groups, p.N, num_groups, act);
+  check_groups(groups, p.N, num_groups, act, check_range);
+  const at::Tensor scale = affine_param(act_scale, "act_scale", p.C, act, p.out_dtype);
+  const at::Tensor shift = affine_param(act_shift, "act_shift", p.C, act, p.out_dtype);
   at::Tensor out = at::zeros({num_groups, p.C}, act.options().dtype(p.out_dtype));
   if (p.N == 0 || p.C == 0) return out;
   at::Tensor group_ids;
@@ -133,18 +192,30 @@ at::Tensor block_importance_cpu(const at::Tensor& act, const at::Tensor& grad,
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* a = p.act.const_data_ptr<scalar_t>();
     const scalar_t* g = p.grad.const_data_ptr<scalar_t>();
-    if (p.R == 1) {
-      group_sum_elementwise<scalar_t, acc_t>(a, g, ids, p.N, p.C, p.reduce, out.mutable_data_ptr<acc_t>());
-      return;
-    }
-    at::Tensor s = at::empty({p.N, p.C}, out.options());
-    acc_t* sp = s.mutable_data_ptr<acc_t>();
-    if (p.layout == Layout::kChannelsOuter) {
-      dots_channels_outer<scalar_t, acc_t>(a, g, p.N * p.C, p.R, sp);
+    Affine<acc_t> affine;
+    if (scale.defined()) affine.scale = scale.const_data_ptr<acc_t>();
+    if (shift.defined()) affine.shift = shift.const_data_ptr<acc_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    auto run = [&](auto affine_tag) {
+      constexpr bool kAffine = decltype(affine_tag)::value;
+      if (p.R == 1) {
+        group_sum_elementwise<kAffine>(a, g, ids, p.N, p.C, num_groups, affine, p.reduce, o);
+        return;
+      }
+      at::Tensor s = at::empty({p.N, p.C}, out.options());
+      acc_t* sp = s.mutable_data_ptr<acc_t>();
+      if (p.layout == Layout::kChannelsOuter) {
+        dots_channels_outer<kAffine>(a, g, p.N * p.C, p.C, p.R, affine, sp);
+      } else {
+        dots_channels_inner<kAffine>(a, g, p.N, p.R, p.C, affine, sp);
+      }
+      group_sum<acc_t>(sp, ids, p.N, p.C, num_groups, p.reduce, o);
+    };
+    if (affine.any()) {
+      run(std::true_type{});
     } else {
-      dots_channels_inner<scalar_t, acc_t>(a, g, p.N, p.R, p.C, sp);
+      run(std::false_type{});
     }
-    group_sum<acc_t>(sp, ids, p.N, p.C, p.reduce, out.mutable_data_ptr<acc_t>());
   });
   return out;
 }

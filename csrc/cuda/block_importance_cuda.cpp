@@ -25,11 +25,16 @@ cuda::DType to_kernel_dtype(at::ScalarType st) {
 
 at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
                                  const std::optional<at::Tensor>& groups, int64_t num_groups,
-                                 int64_t channel_dim, c10::string_view reduce) {
+                                 int64_t channel_dim, c10::string_view reduce,
+                                 const std::optional<at::Tensor>& act_scale,
+                                 const std::optional<at::Tensor>& act_shift, bool check_range) {
   TORCH_CHECK_VALUE(act.is_cuda(), "block_importance: expected CUDA tensors, got act on ", act.device());
   const c10::cuda::CUDAGuard guard(act.device());
   ImportanceProblem p = canonicalize(act, grad, channel_dim, std::string(reduce));
-  check_groups(groups, p.N, num_groups, act);
+  // The sorting path (many groups) syncs in bincount anyway, and needs ids in range to segment.
+  check_groups(groups, p.N, num_groups, act, check_range || num_groups > cuda::kMaxDirectGroups);
+  const at::Tensor scale = affine_param(act_scale, "act_scale", p.C, act, p.out_dtype);
+  const at::Tensor shift = affine_param(act_shift, "act_shift", p.C, act, p.out_dtype);
   at::Tensor out = at::empty({num_groups, p.C}, act.options().dtype(p.out_dtype));
   if (p.N == 0 || p.C == 0 || p.R == 0) return out.zero_();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -38,7 +43,9 @@ at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
 
   const cuda::DotsProblem problem{to_kernel_dtype(p.act.scalar_type()), p.act.const_data_ptr(),
                                   p.grad.const_data_ptr(), p.N, p.C, p.R,
-                                  p.layout == Layout::kChannelsOuter};
+                                  p.layout == Layout::kChannelsOuter,
+                                  scale.defined() ? scale.const_data_ptr() : nullptr,
+                                  shift.defined() ? shift.const_data_ptr() : nullptr};
   const int64_t splits = cuda::importance_splits(problem, sms);
   at::Tensor partial = at::empty({splits, p.N, p.C}, out.options());
   cuda::launch_importance_dots(problem, sms, splits, partial.mutable_data_ptr(), stream);

@@ -25,18 +25,27 @@ constexpr int kThreads = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// acc += sum_j (a_j * scale + shift) * g_j. With scale 1 and shift 0 (no affine given) this is
+// exactly the plain dot: x * 1 + 0 == x; one extra FMA per element is free in a memory-bound loop.
 template <typename acc_t, typename scalar_t, int V>
-__device__ __forceinline__ void fma_pack(acc_t& acc, const Pack<scalar_t, V>& a, const Pack<scalar_t, V>& g) {
+__device__ __forceinline__ void fma_pack(acc_t& acc, const Pack<scalar_t, V>& a, const Pack<scalar_t, V>& g,
+                                         acc_t scale, acc_t shift) {
 #pragma unroll
-  for (int j = 0; j < V; ++j) acc += to_acc(a.v[j]) * to_acc(g.v[j]);
+  for (int j = 0; j < V; ++j) acc += (to_acc(a.v[j]) * scale + shift) * to_acc(g.v[j]);
 }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t scale_at(const acc_t* scale, int64_t c) { return scale ? scale[c] : acc_t(1); }
+template <typename acc_t>
+__device__ __forceinline__ acc_t shift_at(const acc_t* shift, int64_t c) { return shift ? shift[c] : acc_t(0); }
 
 // [N][C][R] layout: `lanes` threads (a power of two <= 32) own one (row, split) item and stream
 // its chunk with four packs of act and grad in flight, then combine with an xor butterfly.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) channels_outer_dots_kernel(
-    const scalar_t* __restrict__ act, const scalar_t* __restrict__ grad, int64_t rows, int64_t R,
-    int64_t chunk, int64_t items, int lanes, int64_t iterations, acc_type_t<scalar_t>* __restrict__ partial) {
+    const scalar_t* __restrict__ act, const scalar_t* __restrict__ grad, int64_t rows, int64_t C, int64_t R,
+    int64_t chunk, int64_t items, int lanes, int64_t iterations, const acc_type_t<scalar_t>* __restrict__ scale,
+    const acc_type_t<scalar_t>* __restrict__ shift, acc_type_t<scalar_t>* __restrict__ partial) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t team = tid / lanes;
@@ -52,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) channels_outer_dots_kernel(
       const int64_t end = min(R, begin + chunk);
       const scalar_t* a = act + row * R;
       const scalar_t* g = grad + row * R;
+      const acc_t s = scale_at(scale, row % C), t = shift_at(shift, row % C);
       acc_t acc1 = 0, acc2 = 0, acc3 = 0;
       int64_t i = begin + int64_t(lane) * V;
       const int64_t stride = int64_t(lanes) * V;
@@ -60,12 +70,12 @@ __global__ void __launch_bounds__(kThreads) channels_outer_dots_kernel(
         const auto a1 = load_pack<scalar_t, V>(a + i + stride), g1 = load_pack<scalar_t, V>(g + i + stride);
         const auto a2 = load_pack<scalar_t, V>(a + i + 2 * stride), g2 = load_pack<scalar_t, V>(g + i + 2 * stride);
         const auto a3 = load_pack<scalar_t, V>(a + i + 3 * stride), g3 = load_pack<scalar_t, V>(g + i + 3 * stride);
-        fma_pack(acc, a0, g0);
-        fma_pack(acc1, a1, g1);
-        fma_pack(acc2, a2, g2);
-        fma_pack(acc3, a3, g3);
+        fma_pack(acc, a0, g0, s, t);
+        fma_pack(acc1, a1, g1, s, t);
+        fma_pack(acc2, a2, g2, s, t);
+        fma_pack(acc3, a3, g3, s, t);
       }
-      for (; i < end; i += stride) fma_pack(acc, load_pack<scalar_t, V>(a + i), load_pack<scalar_t, V>(g + i));
+      for (; i < end; i += stride) fma_pack(acc, load_pack<scalar_t, V>(a + i), load_pack<scalar_t, V>(g + i), s, t);
       acc += (acc1 + acc2) + acc3;
     }
     for (int offset = lanes / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset, lanes);
@@ -79,7 +89,8 @@ __global__ void __launch_bounds__(kThreads) channels_outer_dots_kernel(
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) channels_inner_dots_kernel(
     const scalar_t* __restrict__ act, const scalar_t* __restrict__ grad, int64_t N, int64_t R, int64_t C,
-    int64_t r_chunk, int64_t splits, int packs_per_tile, int64_t tiles, acc_type_t<scalar_t>* __restrict__ partial) {
+    int64_t r_chunk, int64_t splits, int packs_per_tile, int64_t tiles, const acc_type_t<scalar_t>* __restrict__ scale,
+    const acc_type_t<scalar_t>* __restrict__ shift, acc_type_t<scalar_t>* __restrict__ partial) {
   using acc_t = acc_type_t<scalar_t>;
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -92,9 +103,13 @@ __global__ void __launch_bounds__(kThreads) channels_inner_dots_kernel(
   const int r_lane = threadIdx.x / packs_per_tile;
   const int64_t c0 = (tile * packs_per_tile + pack) * V;
   const bool active = r_lane < r_lanes && c0 < C;
-  acc_t acc[V];
+  acc_t acc[V], s[V], t[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) acc[j] = 0;
+  for (int j = 0; j < V; ++j) {
+    acc[j] = 0;
+    s[j] = active ? scale_at(scale, c0 + j) : acc_t(1);  // C % V == 0 whenever V > 1
+    t[j] = active ? shift_at(shift, c0 + j) : acc_t(0);
+  }
   if (active) {
     const int64_t r_begin = split * r_chunk;
     const int64_t r_end = min(R, r_begin + r_chunk);
@@ -106,14 +121,14 @@ __global__ void __launch_bounds__(kThreads) channels_inner_dots_kernel(
       const auto a1 = load_pack<scalar_t, V>(a + (r + r_lanes) * C), g1 = load_pack<scalar_t, V>(g + (r + r_lanes) * C);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        acc[j] += to_acc(a0.v[j]) * to_acc(g0.v[j]);
-        acc[j] += to_acc(a1.v[j]) * to_acc(g1.v[j]);
+        acc[j] += (to_acc(a0.v[j]) * s[j] + t[j]) * to_acc(g0.v[j]);
+        acc[j] += (to_acc(a1.v[j]) * s[j] + t[j]) * to_acc(g1.v[j]);
       }
     }
     for (; r < r_end; r += r_lanes) {
       const auto a0 = load_pack<scalar_t, V>(a + r * C), g0 = load_pack<scalar_t, V>(g + r * C);
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] += to_acc(a0.v[j]) * to_acc(g0.v[j]);
+      for (int j = 0; j < V; ++j) acc[j] += (to_acc(a0.v[j]) * s[j] + t[j]) * to_acc(g0.v[j]);
     }
   }
   if (r_lane < r_lanes) {
@@ -135,13 +150,22 @@ __global__ void __launch_bounds__(kThreads) channels_inner_dots_kernel(
 // R == 1 (linear layers): partial[n][c] = act[n][c] * grad[n][c], elementwise.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) elementwise_dots_kernel(
-    const scalar_t* __restrict__ act, const scalar_t* __restrict__ grad, int64_t packs,
+    const scalar_t* __restrict__ act, const scalar_t* __restrict__ grad, int64_t packs, int64_t C,
+    const acc_type_t<scalar_t>* __restrict__ scale, const acc_type_t<scalar_t>* __restrict__ shift,
     acc_type_t<scalar_t>* __restrict__ partial) {
   using acc_t = acc_type_t<scalar_t>;
+  const bool affine = scale != nullptr || shift != nullptr;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += int64_t(gridDim.x) * blockDim.x) {
     const auto a = load_pack<scalar_t, V>(act + p * V), g = load_pack<scalar_t, V>(grad + p * V);
 #pragma unroll
-    for (int j = 0; j < V; ++j) partial[p * V + j] = to_acc(a.v[j]) * to_acc(g.v[j]);
+    for (int j = 0; j < V; ++j) {
+      acc_t x = to_acc(a.v[j]);
+      if (affine) {
+        const int64_t c = (p * V + j) % C;
+        x = x * scale_at(scale, c) + shift_at(shift, c);
+      }
+      partial[p * V + j] = x * to_acc(g.v[j]);
+    }
   }
 }
 
@@ -202,6 +226,7 @@ __global__ void group_reduce_direct_kernel(const acc_t* __restrict__ partial, in
   if (c < C) {
     for (int64_t n = begin + ty; n < end; n += kGroupLanes) {
       const int64_t k = groups ? groups[n] : 0;
+      if (k < 0 || k >= K) continue;  // possible only when the caller skipped the range check
       acc_t s = 0;
       for (int64_t sp = 0; sp < splits; ++sp) s += partial[(sp * N + n) * C + c];
       acc[(ty * K + k) * kGroupTileC + tx] += apply_reduce(s, mode);
@@ -283,23 +308,25 @@ void launch_dots(const DotsProblem& p, const DotsGeometry& geo, int sms, void* p
   const scalar_t* a = static_cast<const scalar_t*>(p.act);
   const scalar_t* g = static_cast<const scalar_t*>(p.grad);
   acc_t* partial = static_cast<acc_t*>(partial_raw);
+  const acc_t* scale = static_cast<const acc_t*>(p.scale);
+  const acc_t* shift = static_cast<const acc_t*>(p.shift);
   if (p.R == 1) {
     const int64_t packs = p.N * p.C / V;
     const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(packs, kThreads), int64_t(sms) * 16));
-    elementwise_dots_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(a, g, packs, partial);
+    elementwise_dots_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(a, g, packs, p.C, scale, shift, partial);
   } else if (p.channels_outer) {
     const int64_t rows = p.N * p.C;
     const int64_t items = rows * geo.splits;
     const int64_t blocks = std::max<int64_t>(1, std::min(ceil_div(items * geo.lanes, kThreads), int64_t(sms) * 32));
     const int64_t teams = blocks * kThreads / geo.lanes;
     channels_outer_dots_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(
-        a, g, rows, p.R, geo.chunk, items, geo.lanes, ceil_div(items, teams), partial);
+        a, g, rows, p.C, p.R, geo.chunk, items, geo.lanes, ceil_div(items, teams), scale, shift, partial);
   } else {
     const int64_t blocks = geo.tiles * p.N * geo.splits;
     if (blocks >= (int64_t(1) << 31)) throw std::runtime_error("block_importance: problem too large for one launch");
     const size_t smem = size_t(kThreads) * V * sizeof(acc_t);
     channels_inner_dots_kernel<scalar_t, V><<<blocks, kThreads, smem, stream>>>(
-        a, g, p.N, p.R, p.C, geo.chunk, geo.splits, geo.packs_per_tile, geo.tiles, partial);
+        a, g, p.N, p.R, p.C, geo.chunk, geo.splits, geo.packs_per_tile, geo.tiles, scale, shift, partial);
   }
   check_launch("block_importance stage 1");
 }

@@ -15,12 +15,16 @@ enum class DType { kFloat, kDouble, kHalf, kBFloat16 };
 
 // What block_importance's first stage needs: act and grad viewed as [N][C][R] (channels_outer)
 // or [N][R][C], contiguous.
+// The activation is act * scale[c] + shift[c]; scale/shift are (C,) arrays in the accumulation
+// type, nullptr meaning 1 / 0.
 struct DotsProblem {
   DType dtype;
   const void* act;
   const void* grad;
   int64_t N, C, R;
   bool channels_outer;
+  const void* scale = nullptr;
+  const void* shift = nullptr;
 };
 
 // How many R-splits stage 1 will write for `p` on a GPU with `sms` multiprocessors; the caller
@@ -37,7 +41,7 @@ void launch_group_reduce(bool is_double, const void* partial, int64_t splits, in
                          cudaStream_t stream);
 
 // Stage 2 for few groups (K <= kMaxDirectGroups), no sorting: group ids read directly,
-// groups == nullptr meaning every sample in group 0.
+// groups == nullptr meaning every sample in group 0; ids outside [0, K) are skipped.
 // The batch is cut into `chunks` fixed runs of samples so that long batches still fill the GPU;
 // with chunks > 1 the caller passes a workspace of chunks * K * C accumulators.
 constexpr int64_t kMaxDirectGroups = 32;

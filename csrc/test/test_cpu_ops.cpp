@@ -42,7 +42,8 @@ void check_close(const at::Tensor& got, const at::Tensor& want, double rtol, dou
 }
 
 using BlockImportanceFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                     int64_t, int64_t, c10::string_view);
+                                     int64_t, int64_t, c10::string_view, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&, bool);
 using ApplyMasksFn = void(at::TensorList, at::TensorList);
 
 c10::TypedOperatorHandle<BlockImportanceFn> block_importance_op() {
@@ -94,24 +95,31 @@ void test_block_importance() {
       const std::string tag = std::string("block_importance ") + c10::toString(dtype) +
                               (channels_last ? " channels_last" : " contiguous");
       for (const char* reduce : {"abs", "square", "signed"}) {
-        at::Tensor got = op.call(a, g, groups, K, 1, reduce);
+        at::Tensor got = op.call(a, g, groups, K, 1, reduce, std::nullopt, std::nullopt, true);
         check(got.scalar_type() == out_dtype, tag + " " + reduce + ": output dtype");
         check_close(got, reference_importance(act, grad, groups, K, 1, reduce), rtol, atol,
                     tag + " reduce=" + reduce + " groups");
       }
-      at::Tensor got = op.call(a, g, std::nullopt, 1, 1, "abs");
+      at::Tensor got = op.call(a, g, std::nullopt, 1, 1, "abs", std::nullopt, std::nullopt, true);
       check_close(got, reference_importance(act, grad, std::nullopt, 1, 1, "abs"), rtol, atol,
                   tag + " reduce=abs no groups");
     }
     // (N, T, C) sequence activations, channel last: the channels-inner layout without a copy.
     at::Tensor seq_a = at::randn({N, 6, C}, opts), seq_g = at::randn({N, 6, C}, opts);
-    check_close(op.call(seq_a, seq_g, groups.to(at::kInt), K, -1, "abs"),
+    check_close(op.call(seq_a, seq_g, groups.to(at::kInt), K, -1, "abs", std::nullopt, std::nullopt, true),
                 reference_importance(seq_a, seq_g, groups, K, -1, "abs"), rtol, atol,
                 std::string("block_importance ") + c10::toString(dtype) + " (N,T,C) channel_dim=-1 int32 groups");
     // (N, C) linear outputs.
     at::Tensor lin_a = at::randn({N, C}, opts), lin_g = at::randn({N, C}, opts);
-    check_close(op.call(lin_a, lin_g, groups, K, 1, "abs"), reference_importance(lin_a, lin_g, groups, K, 1, "abs"),
+    check_close(op.call(lin_a, lin_g, groups, K, 1, "abs", std::nullopt, std::nullopt, true),
+                reference_importance(lin_a, lin_g, groups, K, 1, "abs"),
                 rtol, atol, std::string("block_importance ") + c10::toString(dtype) + " (N,C)");
+    // A folded affine (an eval-mode BatchNorm): the op scores act * scale + shift.
+    at::Tensor scale = at::randn({C}, opts), shift = at::randn({C}, opts);
+    at::Tensor folded = act * scale.view({1, C, 1, 1}) + shift.view({1, C, 1, 1});
+    check_close(op.call(act, grad, groups, K, 1, "abs", scale, shift, true),
+                reference_importance(folded, grad, groups, K, 1, "abs"), rtol, atol,
+                std::string("block_importance ") + c10::toString(dtype) + " act_scale/act_shift");
   }
 }
 
@@ -157,9 +165,9 @@ void check_throws(F&& f, const std::string& message_part, const std::string& wha
 void test_bad_inputs() {
   auto bi = block_importance_op();
   at::Tensor a = at::randn({4, 3, 2}), g = at::randn({4, 3, 5});
-  check_throws([&] { bi.call(a, g, std::nullopt, 1, 1, "abs"); }, "same shape",
+  check_throws([&] { bi.call(a, g, std::nullopt, 1, 1, "abs", std::nullopt, std::nullopt, true); }, "same shape",
                "block_importance with mismatched act/grad shapes");
-  check_throws([&] { bi.call(a, a, std::nullopt, 1, 1, "mean"); }, "reduce must be",
+  check_throws([&] { bi.call(a, a, std::nullopt, 1, 1, "mean", std::nullopt, std::nullopt, true); }, "reduce must be",
                "block_importance with an unknown reduce");
 
   auto am = apply_channel_masks_op();
