@@ -103,16 +103,19 @@ def importance_cases(device: str, quick: bool = False) -> list[ImportanceCase]:
 class MaskCase:
     net: str    # "resnet18" or "resnet50"
     dtype: str  # key of DTYPES
+    masks: str = "prune"  # "prune": 0/1 masks; "dense": 0/-1 masks, so every unit is read and written
 
     @property
     def name(self) -> str:
-        return f"{self.net},{self.dtype}"
+        return f"{self.net},{self.dtype}" + (",dense" if self.masks == "dense" else "")
 
 
 def mask_cases(device: str, quick: bool = False) -> list[MaskCase]:
     nets = ("resnet18", "resnet50")
     dts = ("fp32",) if quick else tuple(DTYPES)
-    return [MaskCase(n, d) for n in nets for d in dts]
+    # The kernels skip units whose mask is exactly 1 (x * 1 == x): with 0/1 masks they touch only the
+    # pruned units. The "dense" case (no mask is 1) measures the streaming rate over every byte.
+    return [MaskCase(n, d) for n in nets for d in dts] + [MaskCase("resnet50", "fp32", "dense")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,9 +160,9 @@ def resnet18_param_shapes() -> list[tuple[int, ...]]:
 
 
 def mask_inputs(case: MaskCase, device: str, seed: int = 0):
-    """The network's parameters (plain tensors, no autograd) and one 0/1 mask per tensor.
+    """The network's parameters (plain tensors, no autograd) and one mask per tensor, 70% of units kept.
 
-    Masks are 0/1 (pruning) so that repeating the in-place op while timing neither changes the
+    Masks are 0/1 (pruning; "dense": 0/-1) so that repeating the in-place op while timing neither changes the
     work nor drives values into float denormals, as repeated dampening factors would.
     """
     shapes = resnet18_param_shapes() if case.net == "resnet18" else resnet50_param_shapes()
@@ -167,6 +170,8 @@ def mask_inputs(case: MaskCase, device: str, seed: int = 0):
     dtype = DTYPES[case.dtype]
     tensors = [torch.randn(s, generator=gen, device=device, dtype=torch.float32).to(dtype) for s in shapes]
     masks = [(torch.rand(s[0], generator=gen, device=device) >= 0.3).float() for s in shapes]
+    if case.masks == "dense":  # -1 instead of 1: every unit rewritten, magnitudes unchanged by repetition
+        masks = [-m for m in masks]
     return tensors, masks
 
 

@@ -3,7 +3,8 @@
 #   1. build the extension in place for sm_90 (CUDA kernels required),
 #   2. print nvidia-smi, build_info and the kernels' register/shared-memory usage (cuobjdump),
 #   3. run the op tests (their CUDA cases run when a GPU is present),
-#   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md.
+#   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md,
+#   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50).
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
 #      REPORT_ARGS (extra arguments for report.py, e.g. --quick).
@@ -71,7 +72,7 @@ if [ "$TRC" -ne 0 ]; then
 fi
 
 section "benchmarks/report.py --device cuda"
-RL=$(( $(left) - 5 ))
+RL=$(( $(left) - 60 ))  # leave the scoring pass a minute
 [ "$RL" -lt 30 ] && RL=30
 # shellcheck disable=SC2086
 timeout "$RL" "$PY" benchmarks/report.py --device cuda --out "$OUT/gpu_results.md" --compile-budget 100 ${REPORT_ARGS:-}
@@ -84,5 +85,10 @@ if [ "$RC" -ne 0 ]; then
     cat "$OUT/gpu_results.md" 2>/dev/null || echo "(no $OUT/gpu_results.md)"
   fi
 fi
-section "done: status $STATUS, results in $OUT/gpu_results.md"
+section "scoring pass vs forward+backward (benchmarks/scoring_pass.py)"
+SL=$(( $(left) ))
+[ "$SL" -gt 120 ] && SL=120
+timeout "$SL" "$PY" benchmarks/scoring_pass.py --device cuda --out "$OUT/scoring_pass.md" || { STATUS=1; echo "scoring_pass.py failed"; }
+
+section "done: status $STATUS, results in $OUT/gpu_results.md and $OUT/scoring_pass.md"
 exit "$STATUS"

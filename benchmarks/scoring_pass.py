@@ -1,4 +1,5 @@
-"""The whole scoring pass of score_and_prune vs a plain forward+backward of the same model and batch.
+"""The whole scoring pass of score_and_prune vs a plain forward+backward of the same model and batch
+(SmallCNN, ResNet-18 and, on CUDA, a ResNet-50).
 
     python benchmarks/scoring_pass.py [--device cuda] [--batch 256] [--width 64] [--out FILE]
 
@@ -16,10 +17,51 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from dfmu_ext.importance import score_blocks  # noqa: E402
 from dfmu_ext.models import ResNet18, SmallCNN  # noqa: E402
+
+
+class _Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> 1x1 conv-BN with a 4x expansion; in-place ReLUs, as in torchvision."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (bottleneck blocks [3, 4, 6, 3], 23.5M parameters) with the CIFAR stem (3x3 conv,
+    no max-pool), the network unlearning papers use on 32x32 images."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        layers = [nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+        cin = 64
+        for i, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+            for b in range(blocks):
+                layers.append(_Bottleneck(cin, width, 2 if (b == 0 and i > 0) else 1))
+                cin = 4 * width
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
 def _time(fn, device, reps):
@@ -61,6 +103,8 @@ def main(argv=None) -> int:
     reps = args.reps or (20 if cuda else 3)
     cases = [("SmallCNN w16, 1x28x28", SmallCNN(1, 10, 16), (1, 28, 28)),
              ("ResNet-18 w64, 3x32x32", ResNet18(3, 10, 64 if cuda else 16), (3, 32, 32))]
+    if cuda:
+        cases.append(("ResNet-50, 3x32x32", ResNet50(10), (3, 32, 32)))
     lines = [f"| model | batch | fwd+bwd ms | scoring pass ms | overhead | peak MiB fwd+bwd | peak MiB scoring |",
              "|---|---|---|---|---|---|---|"]
     for name, model, shape in cases:
