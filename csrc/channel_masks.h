@@ -4,7 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/core/ScalarType.h>
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
+#include <string>
 
 #include <vector>
 
@@ -28,26 +32,55 @@ inline bool units_are_outer_blocks(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == inner);
 }
 
-inline void check_channel_masks(at::TensorList tensors, at::TensorList masks) {
-  TORCH_CHECK_VALUE(tensors.size() == masks.size(), "apply_channel_masks_: got ", tensors.size(),
-                    " tensors but ", masks.size(), " masks");
+// The first problem with the arguments, as {kind, message} (kind: "TypeError" or "ValueError"),
+// or an empty kind when they are fine. Non-throwing, so that the Python wrapper can validate in
+// C++ speed (a ResNet-50 has 161 parameters: a Python loop over them cost ~150 us per call) and
+// raise the Python exception itself.
+struct ArgProblem {
+  std::string kind;
+  std::string message;
+  explicit operator bool() const { return !kind.empty(); }
+};
+
+inline ArgProblem channel_masks_problem(at::TensorList tensors, at::TensorList masks) {
+  auto value_error = [](auto&&... parts) { return ArgProblem{"ValueError", c10::str(parts...)}; };
+  auto type_error = [](auto&&... parts) { return ArgProblem{"TypeError", c10::str(parts...)}; };
+  if (tensors.size() != masks.size()) {
+    return value_error("apply_channel_masks_: got ", tensors.size(), " tensors but ", masks.size(), " masks");
+  }
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     const at::Tensor& m = masks[i];
-    TORCH_CHECK_TYPE(is_floating(t.scalar_type()), "apply_channel_masks_: tensors[", i,
-                     "] must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-    TORCH_CHECK_TYPE(is_floating(m.scalar_type()), "apply_channel_masks_: masks[", i,
-                     "] must be a floating-point tensor, got ", m.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() >= 1, "apply_channel_masks_: tensors[", i,
-                      "] must have a unit dimension 0, got a 0-D tensor");
-    TORCH_CHECK_VALUE(m.dim() == 1, "apply_channel_masks_: masks[", i, "] must be 1-D, got shape ", m.sizes());
-    TORCH_CHECK_VALUE(m.size(0) == t.size(0), "apply_channel_masks_: masks[", i, "] has ", m.size(0),
-                      " values but tensors[", i, "] has ", t.size(0), " units in dim 0");
-    TORCH_CHECK_VALUE(t.device() == m.device(), "apply_channel_masks_: tensors[", i, "] is on ", t.device(),
-                      " but masks[", i, "] is on ", m.device());
-    TORCH_CHECK_VALUE(t.device() == tensors[0].device(), "apply_channel_masks_: tensors[", i, "] is on ",
-                      t.device(), " but tensors[0] is on ", tensors[0].device());
+    if (!is_floating(t.scalar_type())) {
+      return type_error("apply_channel_masks_: tensors[", i, "] must be float16, bfloat16, float32 or float64, got ",
+                        t.scalar_type());
+    }
+    if (!at::isFloatingType(m.scalar_type())) {
+      return type_error("apply_channel_masks_: masks[", i, "] must be a floating-point tensor, got ", m.scalar_type());
+    }
+    if (t.dim() < 1) {
+      return value_error("apply_channel_masks_: tensors[", i, "] must have a unit dimension 0, got a 0-D tensor");
+    }
+    if (m.dim() != 1) return value_error("apply_channel_masks_: masks[", i, "] must be 1-D, got shape ", m.sizes());
+    if (m.size(0) != t.size(0)) {
+      return value_error("apply_channel_masks_: masks[", i, "] has ", m.size(0), " values but tensors[", i, "] has ",
+                         t.size(0), " units in dim 0");
+    }
+    if (t.device() != m.device()) {
+      return value_error("apply_channel_masks_: tensors[", i, "] is on ", t.device(), " but masks[", i, "] is on ",
+                         m.device());
+    }
+    if (t.device() != tensors[0].device()) {
+      return value_error("apply_channel_masks_: tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
+                         tensors[0].device());
+    }
   }
+  return {};
+}
+
+inline void throw_if(const ArgProblem& problem) {
+  TORCH_CHECK_TYPE(problem.kind != "TypeError", problem.message);
+  TORCH_CHECK_VALUE(problem.kind != "ValueError", problem.message);
 }
 
 }  // namespace dfmu

@@ -4,6 +4,7 @@
 #endif
 #include <torch/library.h>
 
+
 #ifndef DFMU_NO_PYTHON
 extern "C" {
 // `import dfmu_ext._C` loads this shared object, which runs the static TORCH_LIBRARY
@@ -27,4 +28,8 @@ TORCH_LIBRARY(dfmu_ext, m) {
         "str reduce, Tensor? act_scale=None, Tensor? act_shift=None, bool check_groups=True) -> Tensor");
   // tensors[i] *= masks[i] broadcast along dim 0, in place, every i.
   m.def("apply_channel_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
+  // apply_channel_masks_ that reports bad arguments instead of throwing: returns "" after masking,
+  // or "TypeError: ..." / "ValueError: ..." with nothing written. The Python wrapper uses it, so
+  // validation runs at C++ speed in the same call and no C++ exception crosses the dispatcher.
+  m.def("try_apply_channel_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> str");
 }

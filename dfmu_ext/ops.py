@@ -135,33 +135,18 @@ def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.
     tensors, masks = list(tensors), list(masks)
     if not tensors and not masks:
         return  # the dispatcher needs at least one tensor to pick a kernel
-    if not torch.compiler.is_compiling():
-        _check_mask_args(tensors, masks)
-    torch.ops.dfmu_ext.apply_channel_masks_.default(tensors, masks)
-
-
-def _check_mask_args(tensors, masks) -> None:
-    """Mirror of the C++ checks (see _check_importance_args), all before anything is written."""
+    if torch.compiler.is_compiling():
+        torch.ops.dfmu_ext.apply_channel_masks_.default(tensors, masks)
+        return
     if len(tensors) != len(masks):
         raise ValueError(f"apply_channel_masks_: got {len(tensors)} tensors but {len(masks)} masks")
-    for i, (t, m) in enumerate(zip(tensors, masks)):
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"apply_channel_masks_: tensors[{i}] must be float16, bfloat16, float32 or float64, "
-                            f"got {t.dtype}")
-        if not m.is_floating_point():
-            raise TypeError(f"apply_channel_masks_: masks[{i}] must be a floating-point tensor, got {m.dtype}")
-        if t.dim() < 1:
-            raise ValueError(f"apply_channel_masks_: tensors[{i}] must have a unit dimension 0, got a 0-D tensor")
-        if m.dim() != 1:
-            raise ValueError(f"apply_channel_masks_: masks[{i}] must be 1-D, got shape {tuple(m.shape)}")
-        if m.shape[0] != t.shape[0]:
-            raise ValueError(f"apply_channel_masks_: masks[{i}] has {m.shape[0]} values but tensors[{i}] has "
-                             f"{t.shape[0]} units in dim 0")
-        if t.device != m.device:
-            raise ValueError(f"apply_channel_masks_: tensors[{i}] is on {t.device} but masks[{i}] is on {m.device}")
-        if t.device != tensors[0].device:
-            raise ValueError(f"apply_channel_masks_: tensors[{i}] is on {t.device} but tensors[0] is on "
-                             f"{tensors[0].device}")
+    # The same kernel, validating first and reporting a problem instead of throwing: one call, C++-speed
+    # checks (a Python loop over a ResNet-50's 161 tensors cost ~150 us), no C++ exception crossing the
+    # dispatcher (which crashed on one torch 2.11 build).
+    problem = torch.ops.dfmu_ext.try_apply_channel_masks_.default(tensors, masks)
+    if problem:
+        kind, _, message = problem.partition(": ")
+        raise (TypeError if kind == "TypeError" else ValueError)(message)
 
 
 @torch.library.register_fake("dfmu_ext::block_importance")
@@ -178,3 +163,9 @@ def _block_importance_fake(act, grad, groups, num_groups, channel_dim, reduce, a
 def _apply_channel_masks_fake(tensors, masks):
     torch._check(len(tensors) == len(masks), lambda: "apply_channel_masks_: one mask per tensor")
     return None
+
+
+@torch.library.register_fake("dfmu_ext::try_apply_channel_masks_")
+def _try_apply_channel_masks_fake(tensors, masks):
+    torch._check(len(tensors) == len(masks), lambda: "apply_channel_masks_: one mask per tensor")
+    return ""

@@ -30,17 +30,17 @@ inline void scale_units(scalar_t* data, const mask_t* mask, int64_t inner, int64
   }
 }
 
-void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  check_channel_masks(tensors, masks);
-  for (const auto& t : tensors) {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), "apply_channel_masks_: expected CPU tensors, got ", t.device());
-  }
+// The masking itself, on arguments already validated.
+void masks_cpu(at::TensorList tensors, at::TensorList masks) {
   // Masks in op-math precision; kept alive here for the duration of the call.
   std::vector<at::Tensor> dense, dense_masks;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
-    at::Tensor m = masks[i].to(mask_math_dtype(t.scalar_type())).contiguous();
+    const at::ScalarType math = mask_math_dtype(t.scalar_type());
+    // Skip the dispatcher round trips when the mask is already usable (the common case).
+    at::Tensor m = masks[i].scalar_type() == math ? masks[i] : masks[i].to(math);
+    if (!m.is_contiguous()) m = m.contiguous();
     if (units_are_outer_blocks(t)) {
       dense.push_back(t);
       dense_masks.push_back(m);
@@ -73,7 +73,30 @@ void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
   });
 }
 
+ArgProblem cpu_problem(at::TensorList tensors, at::TensorList masks) {
+  ArgProblem problem = channel_masks_problem(tensors, masks);
+  if (!problem && !tensors.empty() && !tensors[0].device().is_cpu()) {
+    problem = {"ValueError", c10::str("apply_channel_masks_: expected CPU tensors, got ", tensors[0].device())};
+  }
+  return problem;
+}
+
+void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
+  throw_if(cpu_problem(tensors, masks));
+  masks_cpu(tensors, masks);
+}
+
+std::string try_apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
+  const ArgProblem problem = cpu_problem(tensors, masks);
+  if (problem) return problem.kind + ": " + problem.message;
+  masks_cpu(tensors, masks);
+  return {};
+}
+
 }  // namespace
 }  // namespace dfmu
 
-TORCH_LIBRARY_IMPL(dfmu_ext, CPU, m) { m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cpu); }
+TORCH_LIBRARY_IMPL(dfmu_ext, CPU, m) {
+  m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cpu);
+  m.impl("try_apply_channel_masks_", &dfmu::try_apply_channel_masks_cpu);
+}

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <map>
+#include <string>
 #include <vector>
 
 #include "../channel_masks.h"
@@ -24,10 +25,17 @@ cuda::DType to_kernel_dtype(at::ScalarType st) {
   }
 }
 
-void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  check_channel_masks(tensors, masks);
+ArgProblem cuda_problem(at::TensorList tensors, at::TensorList masks) {
+  ArgProblem problem = channel_masks_problem(tensors, masks);
+  if (!problem && !tensors.empty() && !tensors[0].is_cuda()) {
+    problem = {"ValueError", c10::str("apply_channel_masks_: expected CUDA tensors, got ", tensors[0].device())};
+  }
+  return problem;
+}
+
+// The masking itself, on arguments already validated.
+void masks_cuda(at::TensorList tensors, at::TensorList masks) {
   if (tensors.empty()) return;
-  TORCH_CHECK_VALUE(tensors[0].is_cuda(), "apply_channel_masks_: expected CUDA tensors, got ", tensors[0].device());
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // Converted masks stay referenced until the launches are queued; the caching allocator orders
@@ -37,7 +45,10 @@ void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
-    at::Tensor m = masks[i].to(mask_math_dtype(t.scalar_type())).contiguous();
+    const at::ScalarType math = mask_math_dtype(t.scalar_type());
+    // Skip the dispatcher round trips when the mask is already usable (the common case).
+    at::Tensor m = masks[i].scalar_type() == math ? masks[i] : masks[i].to(math);
+    if (!m.is_contiguous()) m = m.contiguous();
     if (units_are_outer_blocks(t)) {
       keep_alive.push_back(m);
       by_dtype[t.scalar_type()].push_back({t.data_ptr(), m.const_data_ptr(), t.numel(), t.numel() / t.size(0)});
@@ -50,7 +61,22 @@ void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
   for (const auto& [dtype, list] : by_dtype) cuda::launch_masked_scale(to_kernel_dtype(dtype), list, stream);
 }
 
+void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
+  throw_if(cuda_problem(tensors, masks));
+  masks_cuda(tensors, masks);
+}
+
+std::string try_apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
+  const ArgProblem problem = cuda_problem(tensors, masks);
+  if (problem) return problem.kind + ": " + problem.message;
+  masks_cuda(tensors, masks);
+  return {};
+}
+
 }  // namespace
 }  // namespace dfmu
 
-TORCH_LIBRARY_IMPL(dfmu_ext, CUDA, m) { m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cuda); }
+TORCH_LIBRARY_IMPL(dfmu_ext, CUDA, m) {
+  m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cuda);
+  m.impl("try_apply_channel_masks_", &dfmu::try_apply_channel_masks_cuda);
+}
