@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The unlearning comparison on a GPU, for a short device session (run after gpu_check.sh built the
 # extension in place; builds it if not):
-#   1. SmallCNN on Fashion-MNIST, forget class 3, 3 seeds, 13% retain data, all ten methods;
-#   2. ResNet-18 (width 64) on Fashion-MNIST, forget class 3, RESNET_SEEDS seeds (default 1), 13%.
+#   1. ResNet-18 (width 64) on Fashion-MNIST, forget class 3, RESNET_SEEDS seeds (default 1), 13%
+#      retain data, all ten methods;
+#   2. SmallCNN on Fashion-MNIST, forget class 3, 3 seeds, 13% retain data, all ten methods.
 # Writes $OUT/compare_cnn/ and $OUT/compare_resnet18/ (comparison.json + the two plots) and logs.
 # Needs the four Fashion-MNIST IDX files in $DFMU_DATA (default ./.data; carry it to the machine).
 set -uo pipefail
@@ -26,7 +27,7 @@ run() {  # name, time limit (s), then dfmu compare arguments
   [ "$rc" -ne 0 ] && { STATUS=1; echo "$name: exit $rc"; }
   grep -v -E "it/s|batch/s|s/it" "$OUT/$name.log" | tail -n 20
 }
-run compare_cnn "${CNN_LIMIT_S:-200}" --model cnn --classes 3 --fractions 0.13 --seeds 3 --methods all
 run compare_resnet18 "${RESNET_LIMIT_S:-300}" --model resnet18 --classes 3 --fractions 0.13 \
   --seeds "${RESNET_SEEDS:-1}" --methods all
+run compare_cnn "${CNN_LIMIT_S:-200}" --model cnn --classes 3 --fractions 0.13 --seeds 3 --methods all
 exit "$STATUS"
