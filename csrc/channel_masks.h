@@ -32,55 +32,77 @@ inline bool units_are_outer_blocks(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == inner);
 }
 
-// The first problem with the arguments, as {kind, message} (kind: "TypeError" or "ValueError"),
-// or an empty kind when they are fine. Non-throwing, so that the Python wrapper can validate in
-// C++ speed (a ResNet-50 has 161 parameters: a Python loop over them cost ~150 us per call) and
-// raise the Python exception itself.
+// The first problem with the arguments: a code (which check failed, see ProblemCode), the index
+// of the offending tensor, and the message the throwing op uses. Non-throwing, so that the Python
+// wrapper can validate in C++ speed (a Python loop over a ResNet-50's 161 parameters cost ~150 us
+// per call) and raise the Python exception itself.
+enum class ProblemCode : int64_t {
+  kNone = 0,
+  kTensorDtype = 1,    // TypeError
+  kMaskDtype = 2,      // TypeError
+  kTensor0D = 3,
+  kMaskNot1D = 4,
+  kMaskLength = 5,
+  kMaskDevice = 6,
+  kTensorDevice = 7,   // differs from tensors[0]'s
+  kWrongBackend = 8,   // e.g. CPU tensors reaching the CUDA kernel
+  kListLengths = 9,
+};
+
 struct ArgProblem {
-  std::string kind;
+  ProblemCode code = ProblemCode::kNone;
+  int64_t index = 0;
   std::string message;
-  explicit operator bool() const { return !kind.empty(); }
+  explicit operator bool() const { return code != ProblemCode::kNone; }
+  bool is_type_error() const { return code == ProblemCode::kTensorDtype || code == ProblemCode::kMaskDtype; }
+  // code * 2^32 + index: what try_apply_channel_masks_ returns (an int crosses any C++ ABI boundary).
+  int64_t encoded() const { return (int64_t(code) << 32) + index; }
 };
 
 inline ArgProblem channel_masks_problem(at::TensorList tensors, at::TensorList masks) {
-  auto value_error = [](auto&&... parts) { return ArgProblem{"ValueError", c10::str(parts...)}; };
-  auto type_error = [](auto&&... parts) { return ArgProblem{"TypeError", c10::str(parts...)}; };
+  auto problem = [](ProblemCode code, int64_t i, auto&&... parts) {
+    return ArgProblem{code, i, c10::str("apply_channel_masks_: ", parts...)};
+  };
   if (tensors.size() != masks.size()) {
-    return value_error("apply_channel_masks_: got ", tensors.size(), " tensors but ", masks.size(), " masks");
+    return problem(ProblemCode::kListLengths, 0, "got ", tensors.size(), " tensors but ", masks.size(), " masks");
   }
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const at::Tensor& m = masks[i];
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const auto i = int64_t(k);
+    const at::Tensor& t = tensors[k];
+    const at::Tensor& m = masks[k];
     if (!is_floating(t.scalar_type())) {
-      return type_error("apply_channel_masks_: tensors[", i, "] must be float16, bfloat16, float32 or float64, got ",
-                        t.scalar_type());
+      return problem(ProblemCode::kTensorDtype, i, "tensors[", i, "] must be float16, bfloat16, float32 or "
+                     "float64, got ", t.scalar_type());
     }
     if (!at::isFloatingType(m.scalar_type())) {
-      return type_error("apply_channel_masks_: masks[", i, "] must be a floating-point tensor, got ", m.scalar_type());
+      return problem(ProblemCode::kMaskDtype, i, "masks[", i, "] must be a floating-point tensor, got ",
+                     m.scalar_type());
     }
     if (t.dim() < 1) {
-      return value_error("apply_channel_masks_: tensors[", i, "] must have a unit dimension 0, got a 0-D tensor");
+      return problem(ProblemCode::kTensor0D, i, "tensors[", i, "] must have a unit dimension 0, got a 0-D tensor");
     }
-    if (m.dim() != 1) return value_error("apply_channel_masks_: masks[", i, "] must be 1-D, got shape ", m.sizes());
+    if (m.dim() != 1) {
+      return problem(ProblemCode::kMaskNot1D, i, "masks[", i, "] must be 1-D, got shape ", m.sizes());
+    }
     if (m.size(0) != t.size(0)) {
-      return value_error("apply_channel_masks_: masks[", i, "] has ", m.size(0), " values but tensors[", i, "] has ",
-                         t.size(0), " units in dim 0");
+      return problem(ProblemCode::kMaskLength, i, "masks[", i, "] has ", m.size(0), " values but tensors[", i,
+                     "] has ", t.size(0), " units in dim 0");
     }
     if (t.device() != m.device()) {
-      return value_error("apply_channel_masks_: tensors[", i, "] is on ", t.device(), " but masks[", i, "] is on ",
-                         m.device());
+      return problem(ProblemCode::kMaskDevice, i, "tensors[", i, "] is on ", t.device(), " but masks[", i,
+                     "] is on ", m.device());
     }
     if (t.device() != tensors[0].device()) {
-      return value_error("apply_channel_masks_: tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
-                         tensors[0].device());
+      return problem(ProblemCode::kTensorDevice, i, "tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
+                     tensors[0].device());
     }
   }
   return {};
 }
 
 inline void throw_if(const ArgProblem& problem) {
-  TORCH_CHECK_TYPE(problem.kind != "TypeError", problem.message);
-  TORCH_CHECK_VALUE(problem.kind != "ValueError", problem.message);
+  TORCH_CHECK_TYPE(!(problem && problem.is_type_error()), problem.message);
+  TORCH_CHECK_VALUE(!problem, problem.message);
 }
 
 }  // namespace dfmu

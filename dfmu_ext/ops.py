@@ -145,8 +145,31 @@ def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.
     # dispatcher (which crashed on one torch 2.11 build).
     problem = torch.ops.dfmu_ext.try_apply_channel_masks_.default(tensors, masks)
     if problem:
-        kind, _, message = problem.partition(": ")
-        raise (TypeError if kind == "TypeError" else ValueError)(message)
+        _raise_mask_problem(problem >> 32, problem & 0xFFFFFFFF, tensors, masks)
+
+
+def _raise_mask_problem(code: int, i: int, tensors, masks) -> None:
+    """The exception for try_apply_channel_masks_'s code (csrc/channel_masks.h: ProblemCode), with the
+    message the C++ op itself uses."""
+    t, m = tensors[i], masks[i]
+    p = "apply_channel_masks_: "
+    if code == 1:
+        raise TypeError(f"{p}tensors[{i}] must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if code == 2:
+        raise TypeError(f"{p}masks[{i}] must be a floating-point tensor, got {m.dtype}")
+    if code == 3:
+        raise ValueError(f"{p}tensors[{i}] must have a unit dimension 0, got a 0-D tensor")
+    if code == 4:
+        raise ValueError(f"{p}masks[{i}] must be 1-D, got shape {tuple(m.shape)}")
+    if code == 5:
+        raise ValueError(f"{p}masks[{i}] has {m.shape[0]} values but tensors[{i}] has {t.shape[0]} units in dim 0")
+    if code == 6:
+        raise ValueError(f"{p}tensors[{i}] is on {t.device} but masks[{i}] is on {m.device}")
+    if code == 7:
+        raise ValueError(f"{p}tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
+    if code == 8:
+        raise ValueError(f"{p}tensors[0] is on {tensors[0].device}, which this build has no kernel for")
+    raise ValueError(f"{p}got {len(tensors)} tensors but {len(masks)} masks")
 
 
 @torch.library.register_fake("dfmu_ext::block_importance")
@@ -168,4 +191,4 @@ def _apply_channel_masks_fake(tensors, masks):
 @torch.library.register_fake("dfmu_ext::try_apply_channel_masks_")
 def _try_apply_channel_masks_fake(tensors, masks):
     torch._check(len(tensors) == len(masks), lambda: "apply_channel_masks_: one mask per tensor")
-    return ""
+    return 0

@@ -76,7 +76,8 @@ void masks_cpu(at::TensorList tensors, at::TensorList masks) {
 ArgProblem cpu_problem(at::TensorList tensors, at::TensorList masks) {
   ArgProblem problem = channel_masks_problem(tensors, masks);
   if (!problem && !tensors.empty() && !tensors[0].device().is_cpu()) {
-    problem = {"ValueError", c10::str("apply_channel_masks_: expected CPU tensors, got ", tensors[0].device())};
+    problem = {ProblemCode::kWrongBackend, 0,
+               c10::str("apply_channel_masks_: expected CPU tensors, got ", tensors[0].device())};
   }
   return problem;
 }
@@ -86,11 +87,11 @@ void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
   masks_cpu(tensors, masks);
 }
 
-std::string try_apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
+int64_t try_apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
   const ArgProblem problem = cpu_problem(tensors, masks);
-  if (problem) return problem.kind + ": " + problem.message;
+  if (problem) return problem.encoded();
   masks_cpu(tensors, masks);
-  return {};
+  return 0;
 }
 
 }  // namespace

@@ -28,7 +28,8 @@ cuda::DType to_kernel_dtype(at::ScalarType st) {
 ArgProblem cuda_problem(at::TensorList tensors, at::TensorList masks) {
   ArgProblem problem = channel_masks_problem(tensors, masks);
   if (!problem && !tensors.empty() && !tensors[0].is_cuda()) {
-    problem = {"ValueError", c10::str("apply_channel_masks_: expected CUDA tensors, got ", tensors[0].device())};
+    problem = {ProblemCode::kWrongBackend, 0,
+               c10::str("apply_channel_masks_: expected CUDA tensors, got ", tensors[0].device())};
   }
   return problem;
 }
@@ -66,11 +67,11 @@ void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
   masks_cuda(tensors, masks);
 }
 
-std::string try_apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
+int64_t try_apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
   const ArgProblem problem = cuda_problem(tensors, masks);
-  if (problem) return problem.kind + ": " + problem.message;
+  if (problem) return problem.encoded();
   masks_cuda(tensors, masks);
-  return {};
+  return 0;
 }
 
 }  // namespace
