@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from typing import Callable
 
@@ -168,14 +169,38 @@ class _LossLog:
         self._sum += loss.detach().double() * n
         self._n += n
 
-    def end_epoch(self, what: str) -> None:
+    def end_epoch(self, what: str, allow_divergence: bool = False) -> bool:
+        """Closes the epoch; returns whether its loss was finite. A non-finite loss raises
+        FloatingPointError unless ``allow_divergence`` (ascent steps, which may run away)."""
         value = self._sum.item() / max(self._n, 1)
-        if self._n and not torch.isfinite(torch.tensor(value)):
+        finite = not self._n or math.isfinite(value)
+        if not finite and not allow_divergence:
             raise FloatingPointError(f"{what}: the loss became {value} in epoch {len(self.epochs) + 1}; "
                                      "lower the learning rate")
         self.epochs.append(value)
         self._sum.zero_()
         self._n = 0
+        return finite
+
+
+class _LastFinite:
+    """The model's state at the end of the last epoch whose ascent loss stayed finite.
+
+    Gradient *ascent* (GA, SCRUB's max-steps) has no minimum: with the recipe's learning rate it can
+    run to inf/NaN, more so on small networks. Practitioners stop it there; so do we: on a
+    non-finite epoch the weights of the last finite epoch come back and ascent stops
+    (``info["ascent_diverged_in_epoch"]`` records where).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.keep()
+
+    def keep(self) -> None:
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
 
 
 def _result(setup: _Setup, model: nn.Module, method: str, retain_used: int, forget_used: int,
@@ -334,6 +359,8 @@ def gradient_ascent(model: nn.Module, train_set: Dataset, forget_classes, retain
     opt = _sgd(model, lr, momentum, weight_decay)
     log = _LossLog(dev)
     was_training = model.training
+    last_finite = _LastFinite(model)
+    diverged = None
     with _seeded(setup.seed, dev):
         model.train()
         try:
@@ -345,10 +372,15 @@ def gradient_ascent(model: nn.Module, train_set: Dataset, forget_classes, retain
                     (-ce).backward()
                     opt.step()
                     log.add(ce, x.shape[0])
-                log.end_epoch("GA")
+                if not log.end_epoch("GA", allow_divergence=True):
+                    last_finite.restore()
+                    diverged = epoch + 1
+                    break
+                last_finite.keep()
         finally:
             model.train(was_training)
-    info = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "forget_ce": log.epochs}
+    info = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "forget_ce": log.epochs,
+            "ascent_diverged_in_epoch": diverged}
     return _result(setup, model, "GA", 0, len(forget), info)
 
 
@@ -580,11 +612,13 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction:
     max_log, min_log = _LossLog(dev), _LossLog(dev)
     max_epochs = min(msteps, epochs)
     was_training = model.training
+    last_finite = _LastFinite(model)
+    diverged = None
     with _seeded(setup.seed, dev):
         model.train()
         try:
             for epoch in range(epochs):
-                if epoch < msteps:
+                if epoch < msteps and diverged is None:
                     for x, y in _batches(setup.forget_set, batch_size, setup.seed + 7 * epoch + 1, dev,
                                          f"SCRUB max {epoch + 1}/{max_epochs}", progress):
                         with torch.no_grad():
@@ -594,7 +628,10 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction:
                         (-kl).backward()
                         opt.step()
                         max_log.add(kl, x.shape[0])
-                    max_log.end_epoch("SCRUB max-step")
+                    if not max_log.end_epoch("SCRUB max-step", allow_divergence=True):
+                        last_finite.restore()
+                        opt = _sgd(model, lr, momentum, weight_decay)  # its momentum holds NaN
+                        diverged = epoch + 1
                 for x, y in _batches(budget, batch_size, setup.seed + 7 * epoch, dev,
                                      f"SCRUB min {epoch + 1}/{epochs}", progress):
                     with torch.no_grad():
@@ -606,10 +643,12 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction:
                     opt.step()
                     min_log.add(loss, x.shape[0])
                 min_log.end_epoch("SCRUB min-step")
+                last_finite.keep()
         finally:
             model.train(was_training)
     info = {"epochs": epochs, "msteps": msteps, "lr": lr, "T": T, "gamma": gamma, "kd_alpha": kd_alpha,
-            "batch_size": batch_size, "max_kl": max_log.epochs, "min_loss": min_log.epochs}
+            "batch_size": batch_size, "max_kl": max_log.epochs, "min_loss": min_log.epochs,
+            "ascent_diverged_in_epoch": diverged}
     return _result(setup, model, "SCRUB", len(budget), len(setup.forget_set) if max_epochs > 0 else 0, info)
 
 

@@ -118,6 +118,35 @@ def test_ga_increases_forget_loss(original, digits, split):
     assert res.info["forget_ce"][-1] > res.info["forget_ce"][0]
 
 
+def _all_finite(model):
+    return all(torch.isfinite(t).all() for t in list(model.parameters()) + list(model.buffers())
+               if t.is_floating_point())
+
+
+def test_ga_divergence_keeps_the_last_finite_model(original, digits):
+    """Runaway gradient ascent stops at the last finite epoch instead of returning NaN weights."""
+    model, res = _run("GA", original, digits[0], epochs=4, lr=2.0)
+    assert res.info["ascent_diverged_in_epoch"] == 3
+    assert _all_finite(model)
+
+
+def test_scrub_max_step_divergence_is_undone(original, digits, monkeypatch):
+    """A max-step epoch whose KL turns non-finite is rolled back (weights and momentum); the
+    min-steps then run on the last finite model."""
+    real_kl, calls = baselines._kl, []
+
+    def kl_nan_in_first_max_epoch(student, teacher, T):
+        calls.append(1)
+        out = real_kl(student, teacher, T)
+        return out * float("nan") if len(calls) <= 2 else out  # the class-3 forget set is 2 batches
+
+    monkeypatch.setattr(baselines, "_kl", kl_nan_in_first_max_epoch)
+    model, res = _run("SCRUB", original, digits[0], epochs=2, msteps=2)
+    assert res.info["ascent_diverged_in_epoch"] == 1
+    assert len(res.info["max_kl"]) == 1 and len(res.info["min_loss"]) == 2  # no further max-steps
+    assert _all_finite(model)
+
+
 @pytest.mark.parametrize("name", ["FT", "l1-sparse"])
 def test_finetune_keeps_retain_accuracy(name, original, digits, split):
     retain = split[1]
