@@ -240,3 +240,40 @@ def test_compare_smoke(tmp_path, monkeypatch, capsys):
         assert (out / png).stat().st_size > 5_000
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.rglob("*"))
     assert report["json"] == str(out / "comparison.json")
+
+
+def test_merge_comparisons_pools_classes_and_prefers_reruns(tmp_path, monkeypatch, capsys):
+    """benchmarks/merge_comparisons.py: one row per method over every (class, seed) pair; a failed
+    run is replaced by a later successful re-run of the same (classes, method, fraction, seed)."""
+    import importlib.util
+    import os
+
+    from dfmu_ext.compare import run_comparison
+
+    monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
+    kw = dict(train_epochs=1, quiet=True, eval_kwargs={"probe_samples": 300}, plots=False)
+    run_comparison("digits", "mlp", [3], [0.13], 1, ["head-mask", "DFMU"], "cpu", str(tmp_path / "c3"), **kw)
+    run_comparison("digits", "mlp", [5], [0.13], 1, ["head-mask", "DFMU"], "cpu", str(tmp_path / "c5"), **kw)
+    # Pretend DFMU failed for class 5 in the first run, then re-run it alone.
+    blob = json.loads((tmp_path / "c5" / "comparison.json").read_text())
+    for r in blob["runs"]:
+        if r["method"] == "DFMU":
+            r["error"] = "FloatingPointError: pretend"
+    (tmp_path / "c5" / "comparison.json").write_text(json.dumps(blob))
+    run_comparison("digits", "mlp", [5], [0.13], 1, ["DFMU"], "cpu", str(tmp_path / "c5_rerun"), **kw)
+    capsys.readouterr()
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_comparisons.py")
+    spec = importlib.util.spec_from_file_location("merge_comparisons", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "merged"
+    assert mod.main([str(tmp_path / d) for d in ("c3", "c5", "c5_rerun")] + ["--out-dir", str(out)]) == 0
+    merged = json.loads((out / "comparison.json").read_text())
+    rows = {r["method"]: r for r in merged["rows"]}
+    assert set(rows) == {"Original", "head-mask", "DFMU"}
+    assert rows["DFMU"]["retain_acc"]["n"] == 2 and rows["head-mask"]["retain_acc"]["n"] == 2
+    assert rows["Original"]["retain_acc"]["n"] == 2
+    assert not merged["failed"]
+    assert (out / "time_vs_retain.png").stat().st_size > 5_000
+    assert "| DFMU | 13% |" in capsys.readouterr().out
