@@ -98,12 +98,25 @@ void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_
         scale[c] = affine.scale_of(c0 + c);
         shift[c] = affine.shift_of(c0 + c);
       }
-      for (int64_t r = 0; r < R; ++r) {
+      auto term = [&](const scalar_t* ar, const scalar_t* gr, int64_t c) {
+        return activation<kAffine>(ar[c], scale[c], shift[c]) * static_cast<acc_t>(gr[c]);
+      };
+      // Four positions per pass over the tile: one read-modify-write of `out` per four products
+      // instead of one per product (the stores, not the loads, bounded this loop).
+      int64_t r = 0;
+      for (; r + 4 <= R; r += 4) {
+        const scalar_t* a0 = a + (n * R + r) * C + c0;
+        const scalar_t* g0 = g + (n * R + r) * C + c0;
+        const scalar_t *a1 = a0 + C, *a2 = a1 + C, *a3 = a2 + C;
+        const scalar_t *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+        for (int64_t c = 0; c < width; ++c) {
+          out[c] += (term(a0, g0, c) + term(a1, g1, c)) + (term(a2, g2, c) + term(a3, g3, c));
+        }
+      }
+      for (; r < R; ++r) {
         const scalar_t* ar = a + (n * R + r) * C + c0;
         const scalar_t* gr = g + (n * R + r) * C + c0;
-        for (int64_t c = 0; c < width; ++c) {
-          out[c] += activation<kAffine>(ar[c], scale[c], shift[c]) * static_cast<acc_t>(gr[c]);
-        }
+        for (int64_t c = 0; c < width; ++c) out[c] += term(ar, gr, c);
       }
     }
   });
@@ -146,9 +159,34 @@ void group_sum(const acc_t* s, const int64_t* groups, int64_t N, int64_t C, int6
 
 // R == 1 (linear outputs): s[n, c] = a[n, c] * g[n, c] needs no buffer; fold it straight into the
 // group sums (a buffer as large as the input would cost more in page faults than the arithmetic).
+// The samples in group order, stable (a counting sort): order[start[k] : start[k+1]] are group k's
+// samples in index order; ids outside [0, K) are left out.
+struct SampleSegments {
+  std::vector<int64_t> order;
+  std::vector<int64_t> start;
+};
+
+inline SampleSegments segment_samples(const int64_t* groups, int64_t N, int64_t K) {
+  SampleSegments s;
+  s.start.assign(K + 1, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = group_of(groups, n, K);
+    if (k >= 0) ++s.start[k + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) s.start[k + 1] += s.start[k];
+  s.order.resize(s.start[K]);
+  std::vector<int64_t> next(s.start.begin(), s.start.end() - 1);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = group_of(groups, n, K);
+    if (k >= 0) s.order[next[k]++] = n;
+  }
+  return s;
+}
+
 template <bool kAffine, typename scalar_t, typename acc_t>
 void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* groups, int64_t N, int64_t C,
                            int64_t K, Affine<acc_t> affine, Reduce reduce, acc_t* out) {
+  const SampleSegments segments = segment_samples(groups, N, K);
   with_reduce<acc_t>(reduce, [&](auto r) {
     at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scale(end - begin), shift(end - begin);
@@ -158,14 +196,23 @@ void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* 
       }
       const acc_t* __restrict__ sc = scale.data() - begin;
       const acc_t* __restrict__ sh = shift.data() - begin;
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t k = group_of(groups, n, K);
-        if (k < 0) continue;
-        const scalar_t* __restrict__ an = a + n * C;
-        const scalar_t* __restrict__ gn = g + n * C;
+      auto term = [&](int64_t n, int64_t c) {
+        return r(activation<kAffine>(a[n * C + c], sc[c], sh[c]) * static_cast<acc_t>(g[n * C + c]));
+      };
+      for (int64_t k = 0; k < K; ++k) {
         acc_t* __restrict__ ok = out + k * C;
-        for (int64_t c = begin; c < end; ++c) {
-          ok[c] += r(activation<kAffine>(an[c], sc[c], sh[c]) * static_cast<acc_t>(gn[c]));
+        const int64_t* ns = segments.order.data() + segments.start[k];
+        const int64_t count = segments.start[k + 1] - segments.start[k];
+        int64_t j = 0;
+        // Four samples of the group per pass: one read-modify-write of the group row per four terms.
+        for (; j + 4 <= count; j += 4) {
+          const int64_t n0 = ns[j], n1 = ns[j + 1], n2 = ns[j + 2], n3 = ns[j + 3];
+          for (int64_t c = begin; c < end; ++c) {
+            ok[c] += (term(n0, c) + term(n1, c)) + (term(n2, c) + term(n3, c));
+          }
+        }
+        for (; j < count; ++j) {
+          for (int64_t c = begin; c < end; ++c) ok[c] += term(ns[j], c);
         }
       }
     });
