@@ -7,13 +7,16 @@
 #   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50).
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
-#      REPORT_ARGS (extra arguments for report.py, e.g. --quick).
+#      REPORT_ARGS (extra arguments for report.py, e.g. --quick),
+#      GPU_CHECK_PARTS (default "tests report scoring": which of steps 3-5 to run; the build always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without pip install
 OUT="${OUT:-/tmp}"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-340}"
+PARTS=" ${GPU_CHECK_PARTS:-tests report scoring} "
+wants() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
 STATUS=0
@@ -58,6 +61,7 @@ else
   echo "cuobjdump or the built library not found; skipped"
 fi
 
+if wants tests; then
 section "op tests"
 TL=$(( $(left) - 150 ))  # leave the report at least 150 s
 [ "$TL" -gt 150 ] && TL=150
@@ -70,7 +74,9 @@ if [ "$TRC" -ne 0 ]; then
   STATUS=1
   echo "op tests: exit $TRC (124: stopped at the ${TL}s limit; log: $OUT/tests.log)"
 fi
+fi
 
+if wants report; then
 section "benchmarks/report.py --device cuda"
 RL=$(( $(left) - 60 ))  # leave the scoring pass a minute
 [ "$RL" -lt 30 ] && RL=30
@@ -85,10 +91,13 @@ if [ "$RC" -ne 0 ]; then
     cat "$OUT/gpu_results.md" 2>/dev/null || echo "(no $OUT/gpu_results.md)"
   fi
 fi
+fi
+if wants scoring; then
 section "scoring pass vs forward+backward (benchmarks/scoring_pass.py)"
 SL=$(( $(left) ))
 [ "$SL" -gt 120 ] && SL=120
 timeout "$SL" "$PY" benchmarks/scoring_pass.py --device cuda --out "$OUT/scoring_pass.md" || { STATUS=1; echo "scoring_pass.py failed"; }
+fi
 
 section "done: status $STATUS, results in $OUT/gpu_results.md and $OUT/scoring_pass.md"
 exit "$STATUS"
