@@ -32,10 +32,12 @@ inline bool units_are_outer_blocks(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == inner);
 }
 
-// The first problem with the arguments: a code (which check failed, see ProblemCode), the index
-// of the offending tensor, and the message the throwing op uses. Non-throwing, so that the Python
-// wrapper can validate in C++ speed (a Python loop over a ResNet-50's 161 parameters cost ~150 us
-// per call) and raise the Python exception itself.
+// The first problem with the arguments: a code (which check failed, see ProblemCode) and the index
+// of the offending tensor. Plain integers, no message: try_apply_channel_masks_ returns them to the
+// Python wrapper, which validates at C++ speed (a Python loop over a ResNet-50's 161 parameters cost
+// ~150 us per call) and raises the Python exception itself. Only the throwing op formats a message
+// (problem_message): on one torch 2.11 build, formatting or throwing from the extension crashed the
+// process, so the path Python takes does neither.
 enum class ProblemCode : int64_t {
   kNone = 0,
   kTensorDtype = 1,    // TypeError
@@ -52,57 +54,65 @@ enum class ProblemCode : int64_t {
 struct ArgProblem {
   ProblemCode code = ProblemCode::kNone;
   int64_t index = 0;
-  std::string message;
   explicit operator bool() const { return code != ProblemCode::kNone; }
   bool is_type_error() const { return code == ProblemCode::kTensorDtype || code == ProblemCode::kMaskDtype; }
   // code * 2^32 + index: what try_apply_channel_masks_ returns (an int crosses any C++ ABI boundary).
   int64_t encoded() const { return (int64_t(code) << 32) + index; }
 };
 
-inline ArgProblem channel_masks_problem(at::TensorList tensors, at::TensorList masks) {
-  auto problem = [](ProblemCode code, int64_t i, auto&&... parts) {
-    return ArgProblem{code, i, c10::str("apply_channel_masks_: ", parts...)};
-  };
-  if (tensors.size() != masks.size()) {
-    return problem(ProblemCode::kListLengths, 0, "got ", tensors.size(), " tensors but ", masks.size(), " masks");
-  }
+// `backend`: the device type of the kernel asking (for kWrongBackend).
+inline ArgProblem channel_masks_problem(at::TensorList tensors, at::TensorList masks, c10::DeviceType backend) {
+  if (tensors.size() != masks.size()) return {ProblemCode::kListLengths, 0};
   for (size_t k = 0; k < tensors.size(); ++k) {
     const auto i = int64_t(k);
     const at::Tensor& t = tensors[k];
     const at::Tensor& m = masks[k];
-    if (!is_floating(t.scalar_type())) {
-      return problem(ProblemCode::kTensorDtype, i, "tensors[", i, "] must be float16, bfloat16, float32 or "
-                     "float64, got ", t.scalar_type());
-    }
-    if (!at::isFloatingType(m.scalar_type())) {
-      return problem(ProblemCode::kMaskDtype, i, "masks[", i, "] must be a floating-point tensor, got ",
-                     m.scalar_type());
-    }
-    if (t.dim() < 1) {
-      return problem(ProblemCode::kTensor0D, i, "tensors[", i, "] must have a unit dimension 0, got a 0-D tensor");
-    }
-    if (m.dim() != 1) {
-      return problem(ProblemCode::kMaskNot1D, i, "masks[", i, "] must be 1-D, got shape ", m.sizes());
-    }
-    if (m.size(0) != t.size(0)) {
-      return problem(ProblemCode::kMaskLength, i, "masks[", i, "] has ", m.size(0), " values but tensors[", i,
-                     "] has ", t.size(0), " units in dim 0");
-    }
-    if (t.device() != m.device()) {
-      return problem(ProblemCode::kMaskDevice, i, "tensors[", i, "] is on ", t.device(), " but masks[", i,
-                     "] is on ", m.device());
-    }
-    if (t.device() != tensors[0].device()) {
-      return problem(ProblemCode::kTensorDevice, i, "tensors[", i, "] is on ", t.device(), " but tensors[0] is on ",
-                     tensors[0].device());
-    }
+    if (!is_floating(t.scalar_type())) return {ProblemCode::kTensorDtype, i};
+    if (!at::isFloatingType(m.scalar_type())) return {ProblemCode::kMaskDtype, i};
+    if (t.dim() < 1) return {ProblemCode::kTensor0D, i};
+    if (m.dim() != 1) return {ProblemCode::kMaskNot1D, i};
+    if (m.size(0) != t.size(0)) return {ProblemCode::kMaskLength, i};
+    if (t.device() != m.device()) return {ProblemCode::kMaskDevice, i};
+    if (t.device() != tensors[0].device()) return {ProblemCode::kTensorDevice, i};
   }
+  if (!tensors.empty() && tensors[0].device().type() != backend) return {ProblemCode::kWrongBackend, 0};
   return {};
 }
 
-inline void throw_if(const ArgProblem& problem) {
-  TORCH_CHECK_TYPE(!(problem && problem.is_type_error()), problem.message);
-  TORCH_CHECK_VALUE(!problem, problem.message);
+// The message for `problem` (the same words as dfmu_ext/ops.py's _raise_mask_problem).
+inline std::string problem_message(const ArgProblem& problem, at::TensorList tensors, at::TensorList masks) {
+  const int64_t i = problem.index;
+  const char* p = "apply_channel_masks_: ";
+  switch (problem.code) {
+    case ProblemCode::kNone: return "";
+    case ProblemCode::kListLengths: return c10::str(p, "got ", tensors.size(), " tensors but ", masks.size(), " masks");
+    case ProblemCode::kTensorDtype:
+      return c10::str(p, "tensors[", i, "] must be float16, bfloat16, float32 or float64, got ",
+                      tensors[i].scalar_type());
+    case ProblemCode::kMaskDtype:
+      return c10::str(p, "masks[", i, "] must be a floating-point tensor, got ", masks[i].scalar_type());
+    case ProblemCode::kTensor0D: return c10::str(p, "tensors[", i, "] must have a unit dimension 0, got a 0-D tensor");
+    case ProblemCode::kMaskNot1D: return c10::str(p, "masks[", i, "] must be 1-D, got shape ", masks[i].sizes());
+    case ProblemCode::kMaskLength:
+      return c10::str(p, "masks[", i, "] has ", masks[i].size(0), " values but tensors[", i, "] has ",
+                      tensors[i].size(0), " units in dim 0");
+    case ProblemCode::kMaskDevice:
+      return c10::str(p, "tensors[", i, "] is on ", tensors[i].device(), " but masks[", i, "] is on ",
+                      masks[i].device());
+    case ProblemCode::kTensorDevice:
+      return c10::str(p, "tensors[", i, "] is on ", tensors[i].device(), " but tensors[0] is on ",
+                      tensors[0].device());
+    case ProblemCode::kWrongBackend:
+      return c10::str(p, "tensors[0] is on ", tensors[0].device(), ", which this build has no kernel for");
+  }
+  return "";
+}
+
+inline void throw_if(const ArgProblem& problem, at::TensorList tensors, at::TensorList masks) {
+  if (!problem) return;
+  const std::string message = problem_message(problem, tensors, masks);
+  TORCH_CHECK_TYPE(!problem.is_type_error(), message);
+  TORCH_CHECK_VALUE(false, message);
 }
 
 }  // namespace dfmu

@@ -73,22 +73,13 @@ void masks_cpu(at::TensorList tensors, at::TensorList masks) {
   });
 }
 
-ArgProblem cpu_problem(at::TensorList tensors, at::TensorList masks) {
-  ArgProblem problem = channel_masks_problem(tensors, masks);
-  if (!problem && !tensors.empty() && !tensors[0].device().is_cpu()) {
-    problem = {ProblemCode::kWrongBackend, 0,
-               c10::str("apply_channel_masks_: expected CPU tensors, got ", tensors[0].device())};
-  }
-  return problem;
-}
-
 void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  throw_if(cpu_problem(tensors, masks));
+  throw_if(channel_masks_problem(tensors, masks, c10::DeviceType::CPU), tensors, masks);
   masks_cpu(tensors, masks);
 }
 
 int64_t try_apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  const ArgProblem problem = cpu_problem(tensors, masks);
+  const ArgProblem problem = channel_masks_problem(tensors, masks, c10::DeviceType::CPU);
   if (problem) return problem.encoded();
   masks_cpu(tensors, masks);
   return 0;

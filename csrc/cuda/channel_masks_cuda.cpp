@@ -25,15 +25,6 @@ cuda::DType to_kernel_dtype(at::ScalarType st) {
   }
 }
 
-ArgProblem cuda_problem(at::TensorList tensors, at::TensorList masks) {
-  ArgProblem problem = channel_masks_problem(tensors, masks);
-  if (!problem && !tensors.empty() && !tensors[0].is_cuda()) {
-    problem = {ProblemCode::kWrongBackend, 0,
-               c10::str("apply_channel_masks_: expected CUDA tensors, got ", tensors[0].device())};
-  }
-  return problem;
-}
-
 // The masking itself, on arguments already validated.
 void masks_cuda(at::TensorList tensors, at::TensorList masks) {
   if (tensors.empty()) return;
@@ -63,12 +54,12 @@ void masks_cuda(at::TensorList tensors, at::TensorList masks) {
 }
 
 void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  throw_if(cuda_problem(tensors, masks));
+  throw_if(channel_masks_problem(tensors, masks, c10::DeviceType::CUDA), tensors, masks);
   masks_cuda(tensors, masks);
 }
 
 int64_t try_apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  const ArgProblem problem = cuda_problem(tensors, masks);
+  const ArgProblem problem = channel_masks_problem(tensors, masks, c10::DeviceType::CUDA);
   if (problem) return problem.encoded();
   masks_cuda(tensors, masks);
   return 0;
