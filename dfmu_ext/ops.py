@@ -148,28 +148,26 @@ def apply_channel_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.
         _raise_mask_problem(problem >> 32, problem & 0xFFFFFFFF, tensors, masks)
 
 
+# try_apply_channel_masks_'s problem codes (csrc/channel_masks.h: ProblemCode) -> (exception, message
+# from index i, tensors t, masks m); the words are the C++ op's own (problem_message).
+_MASK_PROBLEMS = {
+    1: (TypeError, lambda i, t, m: f"tensors[{i}] must be float16, bfloat16, float32 or float64, got {t[i].dtype}"),
+    2: (TypeError, lambda i, t, m: f"masks[{i}] must be a floating-point tensor, got {m[i].dtype}"),
+    3: (ValueError, lambda i, t, m: f"tensors[{i}] must have a unit dimension 0, got a 0-D tensor"),
+    4: (ValueError, lambda i, t, m: f"masks[{i}] must be 1-D, got shape {tuple(m[i].shape)}"),
+    5: (ValueError, lambda i, t, m: f"masks[{i}] has {m[i].shape[0]} values but tensors[{i}] has {t[i].shape[0]} "
+                                    "units in dim 0"),
+    6: (ValueError, lambda i, t, m: f"tensors[{i}] is on {t[i].device} but masks[{i}] is on {m[i].device}"),
+    7: (ValueError, lambda i, t, m: f"tensors[{i}] is on {t[i].device} but tensors[0] is on {t[0].device}"),
+    8: (ValueError, lambda i, t, m: f"tensors[0] is on {t[0].device}, which this build has no kernel for"),
+    9: (ValueError, lambda i, t, m: f"got {len(t)} tensors but {len(m)} masks"),
+}
+
+
 def _raise_mask_problem(code: int, i: int, tensors, masks) -> None:
-    """The exception for try_apply_channel_masks_'s code (csrc/channel_masks.h: ProblemCode), with the
-    message the C++ op itself uses."""
-    t, m = tensors[i], masks[i]
-    p = "apply_channel_masks_: "
-    if code == 1:
-        raise TypeError(f"{p}tensors[{i}] must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if code == 2:
-        raise TypeError(f"{p}masks[{i}] must be a floating-point tensor, got {m.dtype}")
-    if code == 3:
-        raise ValueError(f"{p}tensors[{i}] must have a unit dimension 0, got a 0-D tensor")
-    if code == 4:
-        raise ValueError(f"{p}masks[{i}] must be 1-D, got shape {tuple(m.shape)}")
-    if code == 5:
-        raise ValueError(f"{p}masks[{i}] has {m.shape[0]} values but tensors[{i}] has {t.shape[0]} units in dim 0")
-    if code == 6:
-        raise ValueError(f"{p}tensors[{i}] is on {t.device} but masks[{i}] is on {m.device}")
-    if code == 7:
-        raise ValueError(f"{p}tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}")
-    if code == 8:
-        raise ValueError(f"{p}tensors[0] is on {tensors[0].device}, which this build has no kernel for")
-    raise ValueError(f"{p}got {len(tensors)} tensors but {len(masks)} masks")
+    """Raise the exception for try_apply_channel_masks_'s (code, index)."""
+    exc, message = _MASK_PROBLEMS.get(code, _MASK_PROBLEMS[9])
+    raise exc("apply_channel_masks_: " + message(i, tensors, masks))
 
 
 @torch.library.register_fake("dfmu_ext::block_importance")
