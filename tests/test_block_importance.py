@@ -315,3 +315,33 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(act, grad, groups), f(act, grad, groups))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_every_float16_value_is_read_exactly(device, flush_denormal):
+    """All 65536 float16 bit patterns (zeros, subnormals, normals, infinities, NaNs), one per unit, times a
+    gradient of 1: each score must be the value's exact float32, in every layout. The CPU kernel converts
+    float16 with its own branch-free routine; flush-to-zero must not touch half subnormals."""
+    halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    expected = halves.float()
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for shape, channel_dim in (((1, 65536), -1), ((1, 65536, 1, 1), 1), ((1, 1, 65536), -1), ((1, 65536, 5), 1)):
+            act = halves.reshape(-1, 1).expand(-1, shape[2]).reshape(shape) if shape == (1, 65536, 5) \
+                else halves.reshape(shape)
+            act = act.contiguous().to(device)
+            grad = torch.zeros_like(act)
+            if shape == (1, 65536, 5):
+                grad[..., 2] = 1  # the other positions read the same values times 0, except inf/NaN * 0
+                finite = torch.isfinite(expected)
+            else:
+                grad.fill_(1)
+                finite = torch.ones_like(expected, dtype=torch.bool)
+            out = ops.block_importance(act, grad, None, 1, channel_dim=channel_dim, reduce="signed")[0].cpu()
+            same = (out == expected) | (out.isnan() & expected.isnan())
+            assert bool(same[finite].all()), f"{shape}: {int((~same[finite]).sum())} values differ"
+    finally:
+        if flush_denormal:
+            torch.set_flush_denormal(False)

@@ -8,7 +8,10 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <c10/util/bit_cast.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -18,14 +21,45 @@
 namespace dfmu {
 namespace {
 
+// float16 -> float32 without branches, exactly (every half is a float). c10::Half's own conversion
+// has data-dependent branches the compiler cannot vectorise, which made the fp16 kernels 4-5x slower
+// than eager PyTorch (whose kernels are built per CPU capability). Here every case is arithmetic on
+// all-ones / all-zeros masks (ternaries were turned back into branches by the compiler):
+//   normal:    move exponent and mantissa into place and re-bias the exponent by 127 - 15;
+//   inf / NaN: re-bias once more so the exponent is all ones (the mantissa, i.e. the NaN payload, stays);
+//   subnormal: m * 2^-24 = (1 + m/1024) * 2^-14 - 2^-14, an exact float subtraction that never forms
+//              an fp32 denormal (so it is right even with flush-to-zero / denormals-are-zero set).
+// The subtraction is unconditional (x - 0 = x otherwise): under the default -ftrapping-math a
+// conditional float operation is not if-converted either.
+inline float half_to_float(c10::Half h) {
+  const uint32_t bits = h.x;
+  const uint32_t exp = bits & 0x7c00u;
+  const uint32_t inf_nan = 0u - uint32_t(exp == 0x7c00u);
+  const uint32_t subnormal = 0u - uint32_t(exp == 0);
+  const uint32_t u = ((bits & 0x7fffu) << 13) + ((127u - 15u) << 23) + (inf_nan & ((128u - 16u) << 23)) +
+                     (subnormal & (1u << 23));
+  const float f = c10::bit_cast<float>(u) - c10::bit_cast<float>(subnormal & 0x38800000u);  // 2^-14
+  return c10::bit_cast<float>(c10::bit_cast<uint32_t>(f) | ((bits & 0x8000u) << 16));
+}
+
+// An input element in accumulation precision.
+template <typename acc_t, typename scalar_t>
+inline acc_t to_acc(scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return static_cast<acc_t>(half_to_float(x));
+  } else {
+    return static_cast<acc_t>(x);
+  }
+}
+
 // The activation as the op sees it: act * scale + shift, or act itself when no affine was given
 // (a compile-time choice, so the plain path costs nothing extra).
 template <bool kAffine, typename acc_t, typename scalar_t>
 inline acc_t activation(scalar_t x, acc_t scale, acc_t shift) {
   if constexpr (kAffine) {
-    return static_cast<acc_t>(x) * scale + shift;
+    return to_acc<acc_t>(x) * scale + shift;
   } else {
-    return static_cast<acc_t>(x);
+    return to_acc<acc_t>(x);
   }
 }
 
@@ -48,10 +82,10 @@ inline acc_t dot_run(const scalar_t* a, const scalar_t* g, int64_t len, acc_t sc
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      acc[l] += activation<kAffine>(a[i + l], scale, shift) * static_cast<acc_t>(g[i + l]);
+      acc[l] += activation<kAffine>(a[i + l], scale, shift) * to_acc<acc_t>(g[i + l]);
     }
   }
-  for (; i < len; ++i) acc[0] += activation<kAffine>(a[i], scale, shift) * static_cast<acc_t>(g[i]);
+  for (; i < len; ++i) acc[0] += activation<kAffine>(a[i], scale, shift) * to_acc<acc_t>(g[i]);
   acc_t total = 0;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -99,7 +133,7 @@ void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_
         shift[c] = affine.shift_of(c0 + c);
       }
       auto term = [&](const scalar_t* ar, const scalar_t* gr, int64_t c) {
-        return activation<kAffine>(ar[c], scale[c], shift[c]) * static_cast<acc_t>(gr[c]);
+        return activation<kAffine>(ar[c], scale[c], shift[c]) * to_acc<acc_t>(gr[c]);
       };
       // Four positions per pass over the tile: one read-modify-write of `out` per four products
       // instead of one per product (the stores, not the loads, bounded this loop).
@@ -197,7 +231,7 @@ void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* 
       const acc_t* __restrict__ sc = scale.data() - begin;
       const acc_t* __restrict__ sh = shift.data() - begin;
       auto term = [&](int64_t n, int64_t c) {
-        return r(activation<kAffine>(a[n * C + c], sc[c], sh[c]) * static_cast<acc_t>(g[n * C + c]));
+        return r(activation<kAffine>(a[n * C + c], sc[c], sh[c]) * to_acc<acc_t>(g[n * C + c]));
       };
       for (int64_t k = 0; k < K; ++k) {
         acc_t* __restrict__ ok = out + k * C;
