@@ -115,4 +115,21 @@ inline void throw_if(const ArgProblem& problem, at::TensorList tensors, at::Tens
   TORCH_CHECK_VALUE(false, message);
 }
 
+// The two entry points each backend registers around its kernel (which gets validated arguments):
+// apply_channel_masks_ throws on bad arguments; try_apply_channel_masks_ returns the problem's code
+// and touches nothing (the path the Python wrapper takes).
+template <c10::DeviceType kBackend, void (*kKernel)(at::TensorList, at::TensorList)>
+struct ChannelMaskEntryPoints {
+  static void apply(at::TensorList tensors, at::TensorList masks) {
+    throw_if(channel_masks_problem(tensors, masks, kBackend), tensors, masks);
+    kKernel(tensors, masks);
+  }
+  static int64_t try_apply(at::TensorList tensors, at::TensorList masks) {
+    const ArgProblem problem = channel_masks_problem(tensors, masks, kBackend);
+    if (problem) return problem.encoded();
+    kKernel(tensors, masks);
+    return 0;
+  }
+};
+
 }  // namespace dfmu

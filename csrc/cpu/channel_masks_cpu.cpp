@@ -73,22 +73,12 @@ void masks_cpu(at::TensorList tensors, at::TensorList masks) {
   });
 }
 
-void apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  throw_if(channel_masks_problem(tensors, masks, c10::DeviceType::CPU), tensors, masks);
-  masks_cpu(tensors, masks);
-}
-
-int64_t try_apply_channel_masks_cpu(at::TensorList tensors, at::TensorList masks) {
-  const ArgProblem problem = channel_masks_problem(tensors, masks, c10::DeviceType::CPU);
-  if (problem) return problem.encoded();
-  masks_cpu(tensors, masks);
-  return 0;
-}
+using EntryPoints = ChannelMaskEntryPoints<c10::DeviceType::CPU, &masks_cpu>;
 
 }  // namespace
 }  // namespace dfmu
 
 TORCH_LIBRARY_IMPL(dfmu_ext, CPU, m) {
-  m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cpu);
-  m.impl("try_apply_channel_masks_", &dfmu::try_apply_channel_masks_cpu);
+  m.impl("apply_channel_masks_", &dfmu::EntryPoints::apply);
+  m.impl("try_apply_channel_masks_", &dfmu::EntryPoints::try_apply);
 }

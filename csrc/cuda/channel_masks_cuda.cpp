@@ -53,22 +53,12 @@ void masks_cuda(at::TensorList tensors, at::TensorList masks) {
   for (const auto& [dtype, list] : by_dtype) cuda::launch_masked_scale(to_kernel_dtype(dtype), list, stream);
 }
 
-void apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  throw_if(channel_masks_problem(tensors, masks, c10::DeviceType::CUDA), tensors, masks);
-  masks_cuda(tensors, masks);
-}
-
-int64_t try_apply_channel_masks_cuda(at::TensorList tensors, at::TensorList masks) {
-  const ArgProblem problem = channel_masks_problem(tensors, masks, c10::DeviceType::CUDA);
-  if (problem) return problem.encoded();
-  masks_cuda(tensors, masks);
-  return 0;
-}
+using EntryPoints = ChannelMaskEntryPoints<c10::DeviceType::CUDA, &masks_cuda>;
 
 }  // namespace
 }  // namespace dfmu
 
 TORCH_LIBRARY_IMPL(dfmu_ext, CUDA, m) {
-  m.impl("apply_channel_masks_", &dfmu::apply_channel_masks_cuda);
-  m.impl("try_apply_channel_masks_", &dfmu::try_apply_channel_masks_cuda);
+  m.impl("apply_channel_masks_", &dfmu::EntryPoints::apply);
+  m.impl("try_apply_channel_masks_", &dfmu::EntryPoints::try_apply);
 }
