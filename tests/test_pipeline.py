@@ -291,3 +291,31 @@ def test_unlearn_tensor_dataset_and_errors(trained_cnn, digits):
     assert unchanged()
     res = dfmu_ext.unlearn(model, tds, [3], 0.5, progress=False)
     assert res.retain_samples_used > 0
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.9, 5e-4), (0.0, 0.0), (0.5, 0.0)])
+def test_momentum_sgd_matches_torch_optim_sgd(momentum, weight_decay):
+    """The fine-tune's optimizer takes exactly torch.optim.SGD's steps (also with a parameter that
+    gets no gradient on some steps), and keeps its momentum where MaskPlan looks for it."""
+    from dfmu_ext.finetune import MomentumSGD
+
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    theirs = copy.deepcopy(ours)
+    opt_ours = MomentumSGD(ours.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    for step in range(6):
+        x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if step == 2:
+                model[2].bias.grad = None  # a parameter without a gradient is left alone, as in torch.optim
+            opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+    if momentum:
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_theirs.state[q]["momentum_buffer"])
+    else:
+        assert not opt_ours.state
