@@ -31,8 +31,11 @@ class MaskPlan:
         self.params.append(tensor)
         self.masks.append(mask)
 
-    def tensors_and_masks(self, optimizer: torch.optim.Optimizer | None = None):
-        """The parameters and, with ``optimizer``, every state tensor of the same shape (momentum, Adam moments)."""
+    def tensors_and_masks(self, optimizer=None):
+        """The parameters and, with ``optimizer``, every state tensor of the same shape (momentum, Adam moments).
+
+        ``optimizer``: anything with a ``torch.optim``-style ``state`` dict (``{param: {name: tensor}}``),
+        e.g. a ``torch.optim.Optimizer`` or the fine-tune's ``MomentumSGD``."""
         tensors, masks = [], []
         for p, m in zip(self.params, self.masks):
             tensors.append(p.data)
@@ -45,7 +48,7 @@ class MaskPlan:
         return tensors, masks
 
     @torch.no_grad()
-    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def apply(self, optimizer=None) -> None:
         tensors, masks = self.tensors_and_masks(optimizer)
         ops.apply_channel_masks_(tensors, masks)
 
