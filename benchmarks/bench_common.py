@@ -155,7 +155,7 @@ def resnet50_param_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
 
 
 def resnet18_param_shapes() -> list[tuple[int, ...]]:
-    from dfmu_ext.models import ResNet18
+    from dfmu_ext.zoo.models import ResNet18
     return [tuple(p.shape) for p in ResNet18(in_channels=3, width=64).parameters()]
 
 

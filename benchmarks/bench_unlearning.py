@@ -17,7 +17,8 @@ import copy
 import pytest
 import torch
 
-from dfmu_ext import baselines, data, evaluate, models, training
+from dfmu_ext import baselines, evaluate
+from dfmu_ext.zoo import data, models, training
 
 FRACTION = 0.13
 CLASSES = [3]
@@ -62,7 +63,7 @@ def test_unlearning_method(benchmark, setup, name):
     info = benchmark.extra_info
     info.update({k: round(v, 4) for k, v in metrics.items()})
     info["UA"] = round(1.0 - metrics["forget_acc"], 4)
-    info["retain_fraction"] = frac if name not in baselines.FRACTION_INDEPENDENT or name == "Retrain" else None
+    info["retain_fraction"] = frac if baselines.SPECS[name].budgeted else baselines.SPECS[name].fixed_fraction
     info["retain_samples_used"] = res.retain_samples_used
     info["forget_samples_used"] = res.forget_samples_used
     info["timings"] = {k: round(v, 4) for k, v in res.timings.items()}

@@ -17,10 +17,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dfmu_ext import compare  # noqa: E402
-from dfmu_ext.report import write_json  # noqa: E402
+from dfmu_ext._io import write_json
+from dfmu_ext.experiments import compare
+from dfmu_ext.experiments.plots import plot_comparison
 
 
 def merge(dirs: list[str]) -> dict:
@@ -52,13 +51,13 @@ def main(argv=None) -> int:
     merged = merge(args.dirs)
     runs = merged["runs"]
     methods = list(dict.fromkeys(m for cfg in merged["configs"] for m in cfg["methods"]))
-    rows = compare._aggregate(runs)
+    rows = compare.aggregate(runs)
     order = {n: i for i, n in enumerate(methods)}
     rows.sort(key=lambda r: (order.get(r["method"], 99), r["fraction"] if r["fraction"] is not None else -1))
     orig = list(merged["originals"].values())
     orig_row = {"method": "Original", "fraction": None, "once": True, "seeds": sorted(merged["originals"])}
     for key in orig[0]:
-        m, s, n = compare._stats([o[key] for o in orig])
+        m, s, n = compare.mean_std([o[key] for o in orig])
         orig_row[key] = {"mean": m, "std": s, "n": n}
     table_rows = [orig_row] + rows
     table = compare.format_comparison_table(table_rows)
@@ -69,9 +68,9 @@ def main(argv=None) -> int:
     failed = [f"{r['method']} {r['forget_classes']} seed {r['seed']}: {r['error']}" for r in runs if r.get("error")]
     os.makedirs(args.out_dir, exist_ok=True)
     report = {"title": title, "inputs": args.dirs, "configs": merged["configs"], "original": merged["originals"],
-              "runs": runs, "rows": table_rows, "table": table, "note": compare._table_note(methods),
+              "runs": runs, "rows": table_rows, "table": table, "note": compare.table_note(methods),
               "failed": failed}
-    report["plots"] = compare._plot(table_rows, fractions, args.out_dir, title)
+    report["plots"] = plot_comparison(table_rows, fractions, args.out_dir, title)
     write_json(os.path.join(args.out_dir, "comparison.json"), report)
     print(title)
     print(table)

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from dfmu_ext.importance import score_blocks  # noqa: E402
-from dfmu_ext.models import ResNet18, SmallCNN  # noqa: E402
+from dfmu_ext.importance import score_blocks
+from dfmu_ext.zoo.models import ResNet18, SmallCNN
 
 
 class _Bottleneck(nn.Module):

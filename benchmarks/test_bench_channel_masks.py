@@ -1,5 +1,5 @@
 """apply_channel_masks_ vs a per-tensor Python loop vs torch._foreach_mul_, over every parameter of
-ResNet-18 (dfmu_ext.models.ResNet18, width 64: 62 tensors, 11.2M values) and of a ResNet-50-shaped
+ResNet-18 (dfmu_ext.zoo.models.ResNet18, width 64: 62 tensors, 11.2M values) and of a ResNet-50-shaped
 list (161 tensors, 25.6M values).
 
 Every implementation is checked against the float64 reference before it is timed. extra_info: GB/s

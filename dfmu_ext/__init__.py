@@ -11,11 +11,11 @@ fine-tune on a small stratified slice of the retain data; then measure it with t
 from . import ops
 from ._loader import build_info
 from .finetune import FinetuneConfig
-from .metrics import evaluate
-from .result import UnlearnResult
+from .eval import evaluate
+from .result import FinetuneHistory, PruneResult, UnlearnResult
 from .selection import SelectionConfig
-from .unlearn import PruneResult, score_and_prune, unlearn
+from .unlearn import score_and_prune, unlearn
 
 __all__ = ["ops", "build_info", "score_and_prune", "unlearn", "evaluate", "SelectionConfig", "FinetuneConfig",
-           "UnlearnResult", "PruneResult"]
+           "UnlearnResult", "PruneResult", "FinetuneHistory"]
 __version__ = "0.1.0"

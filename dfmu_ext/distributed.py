@@ -1,10 +1,15 @@
-"""DFMU under ``torch.distributed`` (DDP, e.g. ``torchrun``): helpers used by ``unlearn`` and the CLI.
+"""DFMU under ``torch.distributed`` (DDP, e.g. ``torchrun``): the one module that imports it.
+
+The pipeline talks to its peers through one object, a :class:`Comm`, passed down from ``unlearn``:
+:class:`Comm` itself is the single-process implementation (every collective a no-op, nothing
+wrapped or sharded), :class:`ProcessGroupComm` the one for a process group; :func:`current_comm`
+picks the right one. No stage branches on "am I distributed?".
 
 What crosses the network, and when:
 
 * **Scoring.** Every rank scores its own shard of the scoring batch (rank ``r`` takes samples
   ``r, r + W, r + 2W, ...``); the per-block ``(groups, units)`` scores and the group counts are
-  summed over ranks (``importance._all_reduce_sum``), so selection sees the scores of the whole
+  summed over ranks (:meth:`Comm.all_reduce_sum_`), so selection sees the scores of the whole
   batch. Rank 0's masks are then broadcast, so every rank applies bit-identical masks even if a
   float summation order ever differed. Only these tiny tensors are sent, never activations.
 * **Fine-tune.** Each rank trains on its share of the retain budget (``DistributedSampler`` with the
@@ -28,16 +33,14 @@ import datetime
 import hashlib
 import math
 import os
-from dataclasses import replace
 
 import torch
 from torch import nn
 
 __all__ = [
-    "DistributedError", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "is_distributed", "get_rank", "get_world_size",
-    "is_main_process", "timeout_from_env", "env_world_size", "init_from_env", "destroy", "shard_batch",
-    "broadcast_", "all_reduce_sum_", "finetune_hooks", "sync_buffers_", "state_digest", "replicas_identical",
-    "guard",
+    "Comm", "ProcessGroupComm", "current_comm", "DistributedError", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S",
+    "is_distributed", "get_rank", "get_world_size", "is_main_process", "timeout_from_env", "env_world_size",
+    "init_from_env", "destroy", "state_digest", "replicas_identical",
 ]
 
 TIMEOUT_ENV = "DFMU_DIST_TIMEOUT"
@@ -164,12 +167,9 @@ def _collective_failure(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def guard(stage: str):
+def _collective_guard(stage: str):
     """Re-raise a failed collective inside ``stage`` as a :class:`DistributedError` naming the rank,
-    the stage and the timeout. A no-op in a single process."""
-    if not is_distributed():
-        yield
-        return
+    the stage and the timeout."""
     try:
         yield
     except DistributedError:
@@ -184,103 +184,167 @@ def guard(stage: str):
 
 
 # --------------------------------------------------------------------------------------------
-# small collectives
+# the communicator
 # --------------------------------------------------------------------------------------------
 
-def _comm_device(like: torch.device) -> torch.device:
-    """NCCL only moves CUDA tensors; Gloo is fine with CPU ones."""
-    dist = _dist()
-    if dist.get_backend() == "nccl":
-        return like if like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+class Comm:
+    """One process: the pipeline's view of its peers when it has none. Every collective is a no-op,
+    the scoring batch is not sharded, the fine-tune shuffles its own data and the model is not
+    wrapped. :class:`ProcessGroupComm` overrides each method for a process group."""
+
+    world_size = 1
+    rank = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that prints and writes files."""
+        return self.rank == 0
+
+    def guard(self, stage: str):
+        """A context that turns a failed collective inside ``stage`` into a :class:`DistributedError`."""
+        return contextlib.nullcontext()
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum ``tensors`` over ranks in place (one collective, float64)."""
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s values (one collective; floats only)."""
+
+    def shard(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's shard of ``(x, y)``: samples ``rank, rank + W, ...``."""
+        return batch
+
+    def global_fraction(self, correct: int, total: int, device: torch.device | None = None) -> float:
+        """``sum(correct) / sum(total)`` over ranks, rounded as ``Tensor.float().mean()`` would be."""
+        c = torch.tensor([float(correct), float(total)], dtype=torch.float64)
+        c = self._summed(c, device)
+        n_correct, n_total = int(c[0]), int(c[1])
+        if n_total == 0:
+            return float("nan")
+        return float(torch.tensor(n_correct, dtype=torch.float32) / n_total)
+
+    def _summed(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        return t
+
+    # ---- the fine-tune ----
+
+    def local_batch_size(self, batch_size: int) -> int:
+        """This rank's batch, so that the global batch stays ``batch_size``."""
+        return batch_size
+
+    def sampler(self, dataset, seed: int):
+        """The sampler that gives this rank its share of ``dataset`` (None: shuffle it all)."""
+        return None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the fine-tune calls (DistributedDataParallel under a process group)."""
+        return model
+
+    def reduce_counts(self, correct: int, seen: int) -> tuple[int, int]:
+        """A step's (correct, seen) summed over ranks, so every rank takes the same early-stop decision."""
+        return correct, seen
+
+    def sync_buffers_(self, model: nn.Module) -> None:
+        """Average floating buffers (BatchNorm running statistics) over ranks; others from rank 0."""
 
 
-def _packed(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    dev = _comm_device(tensors[0].device)
-    return torch.cat([t.detach().reshape(-1).to(dev, dtype) for t in tensors])
+class ProcessGroupComm(Comm):
+    """The default process group of ``torch.distributed`` with more than one rank."""
 
+    def __init__(self):
+        self.dist = _dist()
+        self.world_size = self.dist.get_world_size()
+        self.rank = self.dist.get_rank()
 
-def _unpack_(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
-    offset = 0
-    with torch.no_grad():
-        for t in tensors:
-            n = t.numel()
-            t.copy_(flat[offset:offset + n].view(t.shape))
-            offset += n
+    def guard(self, stage: str):
+        return _collective_guard(stage)
 
+    def _device_for(self, like: torch.device) -> torch.device:
+        """NCCL only moves CUDA tensors; Gloo is fine with CPU ones."""
+        if self.dist.get_backend() == "nccl":
+            return like if like.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
-def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Overwrite ``tensors`` in place with rank ``src``'s values (one collective; floats only)."""
-    if not is_distributed() or not tensors:
-        return
-    flat = _packed(tensors, torch.float64)
-    _dist().broadcast(flat, src=src)
-    _unpack_(flat, tensors)
+    def _packed(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        dev = self._device_for(tensors[0].device)
+        return torch.cat([t.detach().reshape(-1).to(dev, dtype) for t in tensors])
 
+    @staticmethod
+    def _unpack_(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view(t.shape))
+                offset += n
 
-def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
-    """Sum ``tensors`` over ranks in place (one collective, float64)."""
-    if not is_distributed() or not tensors:
-        return
-    flat = _packed(tensors, torch.float64)
-    _dist().all_reduce(flat)
-    _unpack_(flat, tensors)
+    def all_reduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        flat = self._packed(tensors, torch.float64)
+        self.dist.all_reduce(flat)
+        self._unpack_(flat, tensors)
 
+    def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
+        if not tensors:
+            return
+        flat = self._packed(tensors, torch.float64)
+        self.dist.broadcast(flat, src=src)
+        self._unpack_(flat, tensors)
 
-def shard_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's shard of ``(x, y)``: samples ``rank, rank + W, ...`` (the whole batch in one process)."""
-    x, y = batch
-    if not is_distributed():
-        return x, y
-    r, w = get_rank(), get_world_size()
-    if x.shape[0] < w:
-        raise ValueError(f"the scoring batch has {x.shape[0]} samples, fewer than the {w} ranks")
-    return x[r::w], y[r::w]
+    def shard(self, batch):
+        x, y = batch
+        if x.shape[0] < self.world_size:
+            raise ValueError(f"the scoring batch has {x.shape[0]} samples, fewer than the {self.world_size} "
+                             "ranks: raise score_samples")
+        return x[self.rank::self.world_size], y[self.rank::self.world_size]
 
+    def _summed(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        t = t.to(self._device_for(device or torch.device("cpu")))
+        self.dist.all_reduce(t)
+        return t.cpu()
 
-def global_fraction(correct: int, total: int, device: torch.device | None = None) -> float:
-    """``sum(correct) / sum(total)`` over ranks, rounded as ``Tensor.float().mean()`` would be."""
-    c = torch.tensor([float(correct), float(total)], dtype=torch.float64)
-    if is_distributed():
-        c = c.to(_comm_device(device or torch.device("cpu")))
-        _dist().all_reduce(c)
-        c = c.cpu()
-    n_correct, n_total = int(c[0]), int(c[1])
-    if n_total == 0:
-        return float("nan")
-    return float(torch.tensor(n_correct, dtype=torch.float32) / n_total)
+    def local_batch_size(self, batch_size: int) -> int:
+        return max(1, math.ceil(batch_size / self.world_size))
 
+    def sampler(self, dataset, seed: int):
+        from torch.utils.data.distributed import DistributedSampler
 
-# --------------------------------------------------------------------------------------------
-# fine-tune
-# --------------------------------------------------------------------------------------------
+        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed,
+                                  drop_last=False)
 
-def finetune_hooks(dataset, config, device: torch.device, seed: int):
-    """``(config, kwargs)`` that turn ``masked_finetune`` into its DDP form on this rank.
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
 
-    ``config.batch_size`` stays the *global* batch: each rank takes ``ceil(batch_size / W)``.
-    ``kwargs`` holds the ``DistributedSampler`` (seeded with ``seed``), the DDP ``wrap`` and the
-    ``reduce_counts`` hook that sums each step's (correct, seen) over ranks for the early stop.
-    """
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data.distributed import DistributedSampler
-
-    w, r = get_world_size(), get_rank()
-    local = replace(config, batch_size=max(1, math.ceil(config.batch_size / w)))
-    sampler = DistributedSampler(dataset, num_replicas=w, rank=r, shuffle=True, seed=seed, drop_last=False)
-    comm = _comm_device(device)
-    dist = _dist()
-
-    def wrap(model: nn.Module) -> nn.Module:
-        ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        device = next(model.parameters()).device
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **_no_forward_buffer_sync())
 
-    def reduce_counts(correct: int, seen: int) -> tuple[int, int]:
-        t = torch.tensor([correct, seen], dtype=torch.int64, device=comm)
-        dist.all_reduce(t)
+    def reduce_counts(self, correct: int, seen: int) -> tuple[int, int]:
+        t = torch.tensor([correct, seen], dtype=torch.int64, device=self._device_for(torch.device("cpu")))
+        self.dist.all_reduce(t)
         return int(t[0]), int(t[1])
 
-    return local, {"sampler": sampler, "wrap": wrap, "reduce_counts": reduce_counts}
+    @torch.no_grad()
+    def sync_buffers_(self, model: nn.Module) -> None:
+        floats = [b for b in model.buffers() if b.is_floating_point()]
+        others = [b for b in model.buffers() if not b.is_floating_point()]
+        if floats:
+            flat = self._packed(floats, torch.float64)
+            self.dist.all_reduce(flat)
+            flat /= self.world_size
+            self._unpack_(flat, floats)
+        if others:
+            flat = torch.cat([b.reshape(-1).to(self._device_for(b.device), torch.int64) for b in others])
+            self.dist.broadcast(flat, src=0)
+            self._unpack_(flat, others)
+
+
+def current_comm() -> Comm:
+    """A :class:`ProcessGroupComm` when a process group of more than one rank is initialised, else a
+    single-process :class:`Comm`."""
+    return ProcessGroupComm() if is_distributed() else Comm()
 
 
 def _no_forward_buffer_sync() -> dict:
@@ -292,26 +356,6 @@ def _no_forward_buffer_sync() -> dict:
     from torch.nn.parallel import DistributedDataParallel
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-@torch.no_grad()
-def sync_buffers_(model: nn.Module) -> None:
-    """Average floating buffers (BatchNorm running statistics) over ranks; others from rank 0."""
-    if not is_distributed():
-        return
-    dist = _dist()
-    w = get_world_size()
-    floats = [b for b in model.buffers() if b.is_floating_point()]
-    others = [b for b in model.buffers() if not b.is_floating_point()]
-    if floats:
-        flat = _packed(floats, torch.float64)
-        dist.all_reduce(flat)
-        flat /= w
-        _unpack_(flat, floats)
-    if others:
-        flat = torch.cat([b.reshape(-1).to(_comm_device(b.device), torch.int64) for b in others])
-        dist.broadcast(flat, src=0)
-        _unpack_(flat, others)
 
 
 # --------------------------------------------------------------------------------------------

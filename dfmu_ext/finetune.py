@@ -14,13 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datautil import make_loader
+from ._common import TrainBatches, model_device, train_mode
+from .distributed import Comm
 from .pruning import MaskPlan
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from .result import FinetuneHistory
 
 
 @dataclass
@@ -93,77 +90,71 @@ class MomentumSGD:
 
 def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
                     target_accuracy: float | None = None, device=None, seed: int = 0,
-                    progress: bool = True, sampler=None, wrap=None, reduce_counts=None) -> dict:
-    """SGD on ``dataset`` with ``plan`` re-applied after each step; returns a small history.
+                    progress: bool = True, comm: Comm | None = None) -> FinetuneHistory:
+    """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
     stop: once the running train accuracy over the last ``window`` samples reaches it (minus the
-    tolerance), fine-tuning ends. ``sampler`` / ``wrap`` let a distributed caller shard the data
-    and wrap the model (DDP) without changing this loop; ``reduce_counts(correct, seen) ->
-    (correct, seen)`` (e.g. summed over ranks) feeds the early-stop window and ``samples``, so every
-    rank takes the same stop decision.
+    tolerance), fine-tuning ends. Under a process-group ``comm`` each rank trains on its sampler's
+    share with a per-rank batch of ``comm.local_batch_size(batch_size)``, through ``comm.wrap(model)``
+    (DDP), and the early-stop window sees each step's (correct, seen) summed over ranks, so every
+    rank stops at the same step.
     """
     config = config or FinetuneConfig()
     config.validate()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    comm = comm or Comm()
+    device = torch.device(device) if device is not None else model_device(model)
     start = time.perf_counter()
-    history = {"steps": 0, "samples": 0, "epochs_run": 0.0, "stopped_early": False, "loss": [], "seconds": 0.0}
+    history = FinetuneHistory()
     if config.epochs == 0 or len(dataset) == 0:
         return history
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = MomentumSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    net = wrap(model) if wrap is not None else model
-    was_training = model.training
-    model.train()
+    sampler = comm.sampler(dataset, seed)
+    net = comm.wrap(model)
     recent: deque = deque()
     recent_correct = 0
     recent_total = 0
-    steps_per_epoch = None
     try:
-        for epoch in range(config.epochs):
-            if sampler is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            loader = make_loader(dataset, batch_size=config.batch_size, shuffle=sampler is None,
-                                 seed=seed + epoch, sampler=sampler)
-            steps_per_epoch = len(loader)
-            bar = tqdm(loader, desc=f"fine-tune {epoch + 1}/{config.epochs}", leave=False,
-                       disable=not progress or tqdm is None) if tqdm else loader
-            for step, (x, y) in enumerate(bar):
-                x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device).long()
-                if x.shape[0] < 2:
-                    continue  # BatchNorm cannot train on a single sample
-                logits = net(x)
-                loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history['steps']}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                plan.apply(optimizer)
-                history["steps"] += 1
-                correct, seen = int((logits.detach().argmax(1) == y).sum()), int(x.shape[0])
-                if reduce_counts is not None:
-                    correct, seen = reduce_counts(correct, seen)
-                history["samples"] += seen
-                recent.append((correct, seen))
-                recent_correct += correct
-                recent_total += seen
-                while recent and recent_total - recent[0][1] >= config.window:
-                    c, n = recent.popleft()
-                    recent_correct -= c
-                    recent_total -= n
-                if history["steps"] % 10 == 0:
-                    history["loss"].append(float(loss.item()))
-                warm = epoch > 0 or step + 1 >= config.min_fraction * steps_per_epoch
-                if (config.early_stop and target_accuracy is not None and warm and recent_total >= config.window
-                        and recent_correct / recent_total >= target_accuracy - config.recovery_tolerance):
-                    history["stopped_early"] = True
+        with train_mode(model):
+            for epoch in range(config.epochs):
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                batches = TrainBatches(dataset, comm.local_batch_size(config.batch_size), seed + epoch, device,
+                                       sampler=sampler, desc=f"fine-tune {epoch + 1}/{config.epochs}",
+                                       progress=progress)
+                steps_per_epoch = len(batches)
+                for step, (x, y) in enumerate(batches):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    plan.apply(optimizer)
+                    history.steps += 1
+                    correct, seen = comm.reduce_counts(int((logits.detach().argmax(1) == y).sum()), int(x.shape[0]))
+                    history.samples += seen
+                    recent.append((correct, seen))
+                    recent_correct += correct
+                    recent_total += seen
+                    while recent and recent_total - recent[0][1] >= config.window:
+                        c, n = recent.popleft()
+                        recent_correct -= c
+                        recent_total -= n
+                    if history.steps % 10 == 0:
+                        history.loss.append(float(loss.item()))
+                    warm = epoch > 0 or step + 1 >= config.min_fraction * steps_per_epoch
+                    if (config.early_stop and target_accuracy is not None and warm and recent_total >= config.window
+                            and recent_correct / recent_total >= target_accuracy - config.recovery_tolerance):
+                        history.stopped_early = True
+                        break
+                if history.stopped_early:
+                    history.epochs_run = epoch + (step + 1) / max(steps_per_epoch, 1)
                     break
-            history["epochs_run"] = epoch + (step + 1) / max(steps_per_epoch, 1)
-            if history["stopped_early"]:
-                break
+                history.epochs_run = float(epoch + 1)
     finally:
-        model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
-    history["seconds"] = time.perf_counter() - start
+    history.seconds = time.perf_counter() - start
     return history

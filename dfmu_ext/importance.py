@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from ._common import eval_mode
 from .blocks import NORMS, Block, BlockTracer
+from .distributed import Comm
 
 RETAIN, FORGET = 0, 1
 
@@ -48,21 +50,6 @@ class ScoringResult:
 def _channel_dim(block: Block) -> int:
     # Linear outputs carry units last ((N, C) or (N, T, C)); conv and norm outputs carry them in dim 1.
     return -1 if isinstance(block.layer, nn.Linear) else 1
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum tiny score tensors over ranks in one collective (never activations)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    flat = torch.cat([t.reshape(-1).to(tensors[0].device, torch.float64) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
-        offset += n
 
 
 def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -82,11 +69,12 @@ def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
 
 
 def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_classes, *,
-                 reduce: str = "abs") -> ScoringResult:
+                 reduce: str = "abs", comm: Comm | None = None) -> ScoringResult:
     """Run the scoring pass (one forward, one backward) and return blocks, scores and counts.
 
-    The model's parameters, buffers, gradients and train/eval mode are left as they were.
-    Raises FloatingPointError on a non-finite loss, ValueError on unusable inputs.
+    The model's parameters, buffers, gradients and train/eval mode are left as they were. With a
+    process-group ``comm``, ``(x, y)`` is this rank's shard and the (tiny) scores and counts are
+    summed over ranks. Raises FloatingPointError on a non-finite loss, ValueError on unusable inputs.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"inputs and labels disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
@@ -95,8 +83,6 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
     forget = torch.as_tensor(sorted(set(int(c) for c in forget_classes)), dtype=torch.long, device=y.device)
     groups = torch.isin(y, forget).long()
 
-    was_training = model.training
-    model.eval()
     scores: dict[str, torch.Tensor] = {}
     held: dict[nn.Module, tuple] = {}        # module -> (tensor to read, act_scale, act_shift)
     handles: dict[nn.Module, object] = {}    # module -> its gradient hook
@@ -138,32 +124,33 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
             held[module] = (norm_input, *fold) if fold is not None else (output, None, None)
         handles[module] = output.register_hook(functools.partial(on_grad, module))
 
-    try:
-        x_in = x.detach().clone().requires_grad_(True)
-        with BlockTracer(model, on_output=on_output) as tracer:
-            try:
-                logits = model(x_in)
-            except RuntimeError as exc:
-                raise ValueError(f"the model rejected the scoring batch of shape {tuple(x.shape)}: {exc}") from exc
-        blocks = tracer.blocks()
-        block_of.update({b.output_module: b for b in blocks})
-        for module in list(held):  # outputs that are no block's: nothing to hold
-            if module not in block_of:
+    with eval_mode(model):
+        try:
+            x_in = x.detach().clone().requires_grad_(True)
+            with BlockTracer(model, on_output=on_output) as tracer:
+                try:
+                    logits = model(x_in)
+                except RuntimeError as exc:
+                    raise ValueError(f"the model rejected the scoring batch of shape {tuple(x.shape)}: "
+                                     f"{exc}") from exc
+            blocks = tracer.blocks()
+            block_of.update({b.output_module: b for b in blocks})
+            for module in list(held):  # outputs that are no block's: nothing to hold
+                if module not in block_of:
+                    drop(module)
+            if logits.dim() != 2 or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+                raise ValueError(f"labels must index the model's {logits.shape[-1]} class outputs")
+            # fp16/bf16 logits are summed in fp32; fp32/fp64 keep their own precision.
+            lowp = logits.dtype in (torch.float16, torch.bfloat16)
+            loss = F.cross_entropy(logits.float() if lowp else logits, y, reduction="sum")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
+            group_ids = groups.to(logits.device)
+            torch.autograd.backward(loss, inputs=[x_in])
+        finally:
+            for module in list(handles):
                 drop(module)
-        if logits.dim() != 2 or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
-            raise ValueError(f"labels must index the model's {logits.shape[-1]} class outputs")
-        # fp16/bf16 logits are summed in fp32; fp32/fp64 keep their own precision.
-        lowp = logits.dtype in (torch.float16, torch.bfloat16)
-        loss = F.cross_entropy(logits.float() if lowp else logits, y, reduction="sum")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
-        group_ids = groups.to(logits.device)
-        torch.autograd.backward(loss, inputs=[x_in])
-    finally:
-        for module in list(handles):
-            drop(module)
-        held.clear()
-        model.train(was_training)
+            held.clear()
 
     for b in blocks:  # a block whose output does not reach the loss has zero importance
         if b.name not in scores:
@@ -171,5 +158,5 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
     scores = {b.name: scores[b.name] for b in blocks}  # execution order (hooks fire in reverse)
     counts = torch.stack([(groups == RETAIN).sum(), (groups == FORGET).sum()]).to(logits.device, torch.float64)
     ordered = [scores[b.name] for b in blocks] + [counts]
-    _all_reduce_sum(ordered)
+    (comm or Comm()).all_reduce_sum_(ordered)
     return ScoringResult(blocks, scores, counts.cpu(), float(loss.item()), logits.detach())

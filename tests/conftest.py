@@ -18,7 +18,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's digits as (train, test, info): small real data that is always there."""
-    from dfmu_ext.data import load_dataset
+    from dfmu_ext.zoo.data import load_dataset
 
     return load_dataset("digits")
 

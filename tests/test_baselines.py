@@ -1,14 +1,17 @@
 """The baseline unlearning methods and the comparison runner, on digits with a tiny CNN (CPU, fast)."""
 import copy
+import inspect
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dfmu_ext import baselines, data, models, training
+from dfmu_ext import baselines
+from dfmu_ext.zoo import data, models, training
 from dfmu_ext.blocks import classifier_of
-from dfmu_ext.datautil import accuracy, split_forget_retain, stratified_fraction
+from dfmu_ext.eval import accuracy
+from dfmu_ext.splits import split_forget_retain, stratified_fraction
 from dfmu_ext.pruning import SUPPRESSED_LOGIT
 from dfmu_ext.result import UnlearnResult
 
@@ -56,8 +59,11 @@ def _params(model):
 def test_registry_names():
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
                                        "head-mask", "DFMU"]
-    assert baselines.FRACTION_INDEPENDENT <= set(baselines.METHODS)
-    assert baselines.EPOCH_METHODS <= set(baselines.METHODS)
+    assert list(baselines.SPECS) == list(baselines.METHODS)
+    assert {n for n, s in baselines.SPECS.items() if not s.budgeted} == {"Retrain", "GA", "head-mask"}
+    for name, spec in baselines.SPECS.items():  # the registry's epochs are the functions' own defaults
+        epochs = inspect.signature(spec.fn).parameters.get("epochs")
+        assert spec.default_epochs == (epochs.default if epochs is not None else None), name
 
 
 @pytest.mark.parametrize("name", list(baselines.METHODS))
@@ -133,14 +139,15 @@ def test_ga_divergence_keeps_the_last_finite_model(original, digits):
 def test_scrub_max_step_divergence_is_undone(original, digits, monkeypatch):
     """A max-step epoch whose KL turns non-finite is rolled back (weights and momentum); the
     min-steps then run on the last finite model."""
-    real_kl, calls = baselines._kl, []
+    from dfmu_ext.baselines import distill as scrub_module
+    real_kl, calls = scrub_module.kl_distill, []
 
     def kl_nan_in_first_max_epoch(student, teacher, T):
         calls.append(1)
         out = real_kl(student, teacher, T)
         return out * float("nan") if len(calls) <= 2 else out  # the class-3 forget set is 2 batches
 
-    monkeypatch.setattr(baselines, "_kl", kl_nan_in_first_max_epoch)
+    monkeypatch.setattr(scrub_module, "kl_distill", kl_nan_in_first_max_epoch)
     model, res = _run("SCRUB", original, digits[0], epochs=2, msteps=2)
     assert res.info["ascent_diverged_in_epoch"] == 1
     assert len(res.info["max_kl"]) == 1 and len(res.info["min_loss"]) == 2  # no further max-steps
@@ -220,7 +227,8 @@ def test_errors(original, digits):
 
 
 def test_compare_smoke(tmp_path, monkeypatch, capsys):
-    from dfmu_ext.compare import resolve_methods, run_comparison
+    from dfmu_ext.baselines import resolve_methods
+    from dfmu_ext.experiments import run_comparison
 
     monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
     assert resolve_methods("all") == list(baselines.METHODS)
@@ -248,7 +256,7 @@ def test_merge_comparisons_pools_classes_and_prefers_reruns(tmp_path, monkeypatc
     import importlib.util
     import os
 
-    from dfmu_ext.compare import run_comparison
+    from dfmu_ext.experiments import run_comparison
 
     monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
     kw = dict(train_epochs=1, quiet=True, eval_kwargs={"probe_samples": 300}, plots=False)

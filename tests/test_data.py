@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfmu_ext import data
-from dfmu_ext.data import DatasetInfo, available_datasets, default_dataset, load_dataset, read_idx
+from dfmu_ext.zoo import data
+from dfmu_ext.zoo.data import DatasetInfo, available_datasets, default_dataset, load_dataset, read_idx
 
 FMNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

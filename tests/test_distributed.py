@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import dfmu_ext
-from dfmu_ext import cli, data, models, training
+from dfmu_ext import cli
+from dfmu_ext.zoo import data, models, training
 from dfmu_ext import distributed as dd
-from dfmu_ext.datautil import split_forget_retain, take_batch
+from dfmu_ext.splits import split_forget_retain, take_batch
 from dfmu_ext.finetune import FinetuneConfig
 
 WORLD = 2
@@ -54,7 +55,7 @@ def _record_error(out: str, rank: int, exc: BaseException) -> None:
 
 
 _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.nn.parallel", "sklearn.datasets",
-            "dfmu_ext", "dfmu_ext.cli", "dfmu_ext.metrics", "dfmu_ext.report"]
+            "dfmu_ext", "dfmu_ext.cli", "dfmu_ext.eval", "dfmu_ext.experiments"]
 
 
 def _context():
@@ -112,7 +113,7 @@ def _pipeline_worker(rank: int, port: int, cli_port: int, out: str) -> None:
 
         model = _model(info)
         model.load_state_dict(state)
-        pr = dfmu_ext.score_and_prune(model, dd.shard_batch(batch), CLASSES)
+        pr = dfmu_ext.score_and_prune(model, dd.current_comm().shard(batch), CLASSES)
         torch.save({"scores": pr.scores, "counts": pr.counts, "masks": pr.masks,
                     "pre_acc": pr.pre_prune_retain_accuracy}, os.path.join(out, f"prune{rank}.pt"))
 
@@ -121,7 +122,7 @@ def _pipeline_worker(rank: int, port: int, cli_port: int, out: str) -> None:
         res = dfmu_ext.unlearn(model, train, CLASSES, RETAIN_FRACTION, finetune=FinetuneConfig(**FT), seed=0,
                                progress=False)
         same = dd.replicas_identical(model)
-        torch.save({"state": model.state_dict(), "masks": res.masks, "finetune": res.info["finetune"],
+        torch.save({"state": model.state_dict(), "masks": res.masks, "finetune": res.finetune.to_dict(),
                     "identical": same, "digest": dd.state_digest(model)}, os.path.join(out, f"unlearn{rank}.pt"))
         dd.destroy()
 
@@ -252,7 +253,7 @@ def test_unlearn_ddp_matches_single_process_accuracy(ddp_run):
     assert abs(ddp["test_acc"] - one["test_acc"]) <= 0.05, (ddp, one)
     assert ddp["retain_acc"] >= 0.85
     # the data are split, not duplicated: together the ranks saw as many samples per step as one process
-    single_ft = ddp_run["single"].info["finetune"]
+    single_ft = ddp_run["single"].finetune
     ddp_ft = ddp_run["unlearn"][0]["finetune"]
     assert abs(ddp_ft["samples"] / ddp_ft["steps"] - single_ft["samples"] / single_ft["steps"]) <= 8
 
@@ -337,15 +338,19 @@ def test_helpers_are_no_ops_in_one_process(monkeypatch):
     assert not dd.is_distributed() and dd.get_rank() == 0 and dd.get_world_size() == 1 and dd.is_main_process()
     assert dd.init_from_env("cpu") == (torch.device("cpu"), False)
     x, y = torch.arange(10.0), torch.arange(10)
-    assert dd.shard_batch((x, y))[0] is x
+    comm = dd.current_comm()
+    assert type(comm) is dd.Comm and comm.world_size == 1 and comm.is_main
+    assert comm.shard((x, y))[0] is x
     t = torch.ones(3)
-    dd.broadcast_([t])
-    dd.all_reduce_sum_([t])
+    comm.broadcast_([t])
+    comm.all_reduce_sum_([t])
     assert torch.equal(t, torch.ones(3))
-    assert dd.global_fraction(3, 4) == 0.75
+    assert comm.global_fraction(3, 4) == 0.75
+    m0 = torch.nn.Linear(2, 2)
+    assert comm.wrap(m0) is m0 and comm.sampler(range(4), 0) is None and comm.local_batch_size(7) == 7
     m = torch.nn.Linear(2, 2)
     assert dd.replicas_identical(m) and dd.state_digest(m) == dd.state_digest(copy.deepcopy(m))
-    with pytest.raises(RuntimeError, match="gloo"), dd.guard("x"):  # passes errors through untouched
+    with pytest.raises(RuntimeError, match="gloo"), comm.guard("x"):  # passes errors through untouched
         raise RuntimeError("gloo")
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from dfmu_ext.datautil import accuracy, split_forget_retain
-from dfmu_ext.metrics import (
+from dfmu_ext.eval import accuracy
+from dfmu_ext.splits import split_forget_retain
+from dfmu_ext.eval.metrics import (
     METRIC_KEYS,
     evaluate,
     last_linear,

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfmu_ext.models import MLP, MODEL_NAMES, ResNet18, SmallCNN, build_model, classifier_of
+from dfmu_ext.blocks import classifier_of
+from dfmu_ext.zoo.models import MLP, MODEL_NAMES, ResNet18, SmallCNN, build_model
 
 SHAPES = [(1, 28), (3, 32), (1, 8), (3, 8)]
 SMALL = {"cnn": {"width": 8}, "resnet18": {"width": 8}, "mlp": {}}
@@ -34,7 +35,7 @@ def test_output_shape(name, c, s):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_last_linear_is_the_head(name):
     model = _build(name, 1, 28).eval()
-    head = classifier_of(model)
+    head = classifier_of(model)[1]
     assert head.out_features == 7
     feats = {}
     h = head.register_forward_hook(lambda m, i, o: feats.update(x=i[0]))

@@ -7,9 +7,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dfmu_ext
-from dfmu_ext import data, models, training
+from dfmu_ext.zoo import data, models, training
 from dfmu_ext.blocks import discover_blocks
-from dfmu_ext.datautil import accuracy, split_forget_retain, take_batch
+from dfmu_ext.eval import accuracy
+from dfmu_ext.splits import split_forget_retain, take_batch
 from dfmu_ext.importance import score_blocks
 from dfmu_ext.pruning import SUPPRESSED_LOGIT
 

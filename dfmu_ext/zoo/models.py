@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "classifier_of"]
+__all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "canonical_model_name",
+           "model_name_of", "init_weights"]
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp")
 
@@ -25,7 +26,7 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-def _init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module) -> None:
     """He init for convs (ReLU nets), unit/zero BN affines: the standard CIFAR ResNet recipe."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -62,7 +63,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(8 * w, hidden)
         self.relu = nn.ReLU()
         self.classifier = nn.Linear(hidden, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(self.pool(self.features(x)))
@@ -114,7 +115,7 @@ class ResNet18(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -134,17 +135,24 @@ class MLP(nn.Module):
             cin = h
         self.body = nn.Sequential(*layers)
         self.classifier = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body(x))
 
 
-def classifier_of(model: nn.Module) -> nn.Linear:
-    """The model's classifier by the package convention: its last ``nn.Linear`` in module order."""
-    from .blocks import classifier_of as named_classifier  # one definition of the convention
+def canonical_model_name(name: str) -> str:
+    """``"SmallCNN"``, ``"res-net"``, ``"resnet_18"`` ... -> one of ``MODEL_NAMES`` (raises otherwise)."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = {"smallcnn": "cnn", "resnet": "resnet18"}.get(key, key)
+    if key not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return key
 
-    return named_classifier(model)[1]
+
+def model_name_of(model: nn.Module) -> str | None:
+    """The ``MODEL_NAMES`` entry of a package model, None for any other module."""
+    return {SmallCNN: "cnn", ResNet18: "resnet18", MLP: "mlp"}.get(type(model))
 
 
 def build_model(name: str, in_channels: int, num_classes: int,
@@ -154,8 +162,7 @@ def build_model(name: str, in_channels: int, num_classes: int,
     Extra keywords go to the model (``width`` for cnn/resnet18, ``hidden`` for mlp). The image
     size only matters to the MLP (its input width); the convolutional models pool globally.
     """
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    key = {"smallcnn": "cnn", "resnet": "resnet18"}.get(key, key)
+    key = canonical_model_name(name)
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if key == "cnn":
         return SmallCNN(in_channels, num_classes, **kw)
@@ -163,4 +170,4 @@ def build_model(name: str, in_channels: int, num_classes: int,
         return ResNet18(in_channels, num_classes, **kw)
     if key == "mlp":
         return MLP(in_channels * h * w, num_classes, **kw)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    raise AssertionError(key)

@@ -14,12 +14,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .datautil import accuracy, make_loader
-
-try:  # tqdm is a soft dependency: without it training simply shows no progress bar
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
+from .._common import TrainBatches, seeded, synchronize, train_mode
+from ..eval.predict import accuracy
+from .models import canonical_model_name
 
 __all__ = ["TrainConfig", "default_train_config", "train_model", "make_optimizer", "make_scheduler"]
 
@@ -83,8 +80,7 @@ def default_train_config(model_name: str, device_type: str = "cpu") -> TrainConf
     * resnet18 on cpu: a reduced recipe, since the full network takes hours per epoch on two
       cores: width 16 (0.7M parameters instead of 11.2M), 2 epochs, lr 0.1, batch 128.
     """
-    key = model_name.strip().lower().replace("-", "").replace("_", "")
-    key = {"smallcnn": "cnn", "resnet": "resnet18"}.get(key, key)
+    key = canonical_model_name(model_name)
     dev = str(device_type).split(":")[0]
     if key == "cnn":
         return TrainConfig(epochs=3, lr=0.05, batch_size=128)
@@ -142,67 +138,46 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
         raise ValueError("cannot train on an empty dataset")
     device = torch.device(device)
     model.to(device)
-    loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True, seed=seed)
-    steps_per_epoch = len(loader)
-    skip_singleton = n > 1 and n % config.batch_size == 1
-    if skip_singleton:
-        steps_per_epoch -= 1
+    # One loader for all epochs: its seeded generator continues, so every epoch has its own order.
+    batches = TrainBatches(train_set, config.batch_size, seed, device, desc=desc, progress=progress)
+    steps_per_epoch = len(batches) - (1 if n > 1 and n % config.batch_size == 1 else 0)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: dict = {"loss": [], "accuracy": [], "seconds": [], "lr": []}
     if eval_set is not None:
         history["eval_accuracy"] = []
-    was_training = model.training
-    fork_devices = ([device.index if device.index is not None else torch.cuda.current_device()]
-                    if device.type == "cuda" else [])
     start = time.perf_counter()
     steps = 0
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        try:
-            for epoch in range(config.epochs):
-                model.train()
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-                correct = torch.zeros((), device=device, dtype=torch.long)
-                seen = 0
-                show = progress and tqdm is not None
-                bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False,
-                           unit="batch") if show else loader
-                for i, (x, y) in enumerate(bar):
-                    if skip_singleton and i == len(loader) - 1:
-                        break
-                    x = x.to(device, non_blocking=True)
-                    y = torch.as_tensor(y).to(device, non_blocking=True).long()
-                    out = model(x)
-                    loss = criterion(out, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    steps += 1
-                    b = y.shape[0]
-                    seen += b
-                    loss_sum += loss.detach().double() * b
-                    correct += (out.detach().argmax(1) == y).sum()
-                    if (i + 1) % log_every == 0:
-                        _check_finite(loss_sum, epoch, i)
-                        if show:
-                            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}")
-                if show:
-                    bar.close()
-                _check_finite(loss_sum, epoch, steps_per_epoch - 1)
-                history["loss"].append(loss_sum.item() / max(seen, 1))
-                history["accuracy"].append(correct.item() / max(seen, 1))
-                history["lr"].append(optimizer.param_groups[0]["lr"])
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                history["seconds"].append(time.perf_counter() - t0)
-                if eval_set is not None:
-                    history["eval_accuracy"].append(accuracy(model, eval_set, device=device))
-        finally:
-            model.train(was_training)
+    with seeded(seed, device), train_mode(model):
+        for epoch in range(config.epochs):
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            batches.desc = f"{desc} {epoch + 1}/{config.epochs}"
+            for i, (x, y) in enumerate(batches):
+                out = model(x)
+                loss = criterion(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                steps += 1
+                b = y.shape[0]
+                seen += b
+                loss_sum += loss.detach().double() * b
+                correct += (out.detach().argmax(1) == y).sum()
+                if (i + 1) % log_every == 0:
+                    _check_finite(loss_sum, epoch, i)
+            _check_finite(loss_sum, epoch, steps_per_epoch - 1)
+            history["loss"].append(loss_sum.item() / max(seen, 1))
+            history["accuracy"].append(correct.item() / max(seen, 1))
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            synchronize(device)
+            history["seconds"].append(time.perf_counter() - t0)
+            if eval_set is not None:
+                history["eval_accuracy"].append(accuracy(model, eval_set, device=device))
     history["total_seconds"] = time.perf_counter() - start
     history["steps"] = steps
     history["samples"] = n

@@ -1,4 +1,4 @@
-"""Dataset plumbing shared by every stage: labels, class splits, stratified fractions, batched prediction.
+"""Dataset plumbing shared by every stage: labels, forget/retain splits, stratified fractions, batches.
 
 Every function takes any map-style dataset whose items are ``(input, label)``; a
 ``TensorDataset`` (and a ``Subset`` of one) takes a fast path that never touches items one by one.
@@ -61,49 +61,6 @@ def make_loader(dataset: Dataset, batch_size: int = 256, shuffle: bool = False, 
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       generator=gen, sampler=sampler, num_workers=0)
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of ``model`` in eval mode over ``dataset``, both on the CPU.
-
-    The model's train/eval mode is restored afterwards.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outs, labels = [], []
-    try:
-        for x, y in make_loader(dataset, batch_size=batch_size):
-            outs.append(model(x.to(device)).float().cpu())
-            labels.append(torch.as_tensor(y).long().reshape(-1))
-    finally:
-        model.train(was_training)
-    if not outs:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
-    return torch.cat(outs), torch.cat(labels)
-
-
-def accuracy(model: torch.nn.Module, dataset: Dataset, batch_size: int = 512,
-             device: torch.device | str | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (nan for an empty dataset)."""
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        return float("nan")
-    logits, labels = predict_logits(model, dataset, batch_size, device)
-    return (logits.argmax(1) == labels).float().mean().item()
-
-
-def per_class_accuracy(model: torch.nn.Module, dataset: Dataset, num_classes: int,
-                       batch_size: int = 512, device=None) -> list[float]:
-    """Accuracy per class (nan where a class has no sample)."""
-    logits, labels = predict_logits(model, dataset, batch_size, device)
-    pred = logits.argmax(1) if logits.numel() else labels
-    out = []
-    for c in range(num_classes):
-        sel = labels == c
-        out.append((pred[sel] == c).float().mean().item() if sel.any() else float("nan"))
-    return out
 
 
 def take_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Evaluation of an unlearned classifier: UA/RA/TA accuracies, SVC membership inference, linear probe.
 
-The protocol is the field's standard one (SalUn / l1-sparse), described in DESIGN.md
+The protocol is the field's standard one (SalUn / l1-sparse), described in docs/method.md
 "Evaluation protocol". Notation used in the docstrings below:
 
 * ``f(x)`` — the model's logits, ``p(x) = softmax(f(x))``; ``ŷ(x) = argmax_k f(x)_k``
@@ -28,8 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .blocks import classifier_of
-from .datautil import dataset_labels, make_loader
+from .._common import normalise_classes, resolve_device
+from ..blocks import classifier_of
+from ..splits import dataset_labels
+from .predict import check_batch_size, forward_collect
 
 __all__ = [
     "evaluate",
@@ -58,109 +60,13 @@ METRIC_KEYS = ("forget_acc", "forget_test_acc", "retain_acc", "test_acc", "mia_e
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _resolve_device(model: nn.Module, device) -> torch.device:
-    return torch.device(device) if device is not None else _model_device(model)
-
-
-def _normalise_classes(forget_classes: Iterable[int]) -> list[int]:
-    if isinstance(forget_classes, (int, np.integer)) or (
-            isinstance(forget_classes, torch.Tensor) and forget_classes.dim() == 0):
-        forget_classes = [int(forget_classes)]
-    classes = sorted({int(c) for c in forget_classes})
-    if not classes:
-        raise ValueError("forget_classes is empty: name at least one class to forget")
-    return classes
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if int(batch_size) <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-
-
-class _ModeGuard:
-    """Puts ``model`` in eval mode; restores every module's own train/eval flag on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-        return False
-
-
 def last_linear(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` in ``model.modules()`` order (the classifier head of usual models)."""
+    """The classifier (:func:`dfmu_ext.blocks.classifier_of`), whose input is the penultimate feature."""
     try:
         return classifier_of(model)[1]
     except ValueError:
         raise ValueError("the model has no nn.Linear module, so it has no penultimate features "
                          "for the linear probe (pass probe=False, or layer=...)") from None
-
-
-@torch.no_grad()
-def _forward_collect(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-                     want_logits: bool = True, layer: nn.Module | None = None,
-                     feature_rows: torch.Tensor | None = None):
-    """One eval-mode pass over ``dataset`` (in index order).
-
-    Returns ``(logits or None, features or None, labels)`` on the CPU. Features are the input of
-    ``layer`` (captured by a forward pre-hook, flattened to ``(batch, -1)``), kept only for the rows
-    where the boolean ``feature_rows`` is true (all rows when it is None).
-    """
-    captured: list[torch.Tensor] = []
-    handle = None
-    if layer is not None:
-        def hook(_module, inputs):
-            captured.append(inputs[0].detach())
-        handle = layer.register_forward_pre_hook(hook)
-    logits_out, feats_out, labels_out = [], [], []
-    offset = 0
-    try:
-        with _ModeGuard(model):
-            for x, y in make_loader(dataset, batch_size=batch_size):
-                y = torch.as_tensor(y).long().reshape(-1)
-                n = y.numel()
-                captured.clear()
-                out = model(x.to(device))
-                if want_logits:
-                    logits_out.append(out.detach().float().cpu())
-                if layer is not None:
-                    if len(captured) != 1:
-                        raise RuntimeError(
-                            f"the probed layer ran {len(captured)} times in one forward; expected "
-                            "exactly once (pass the penultimate layer explicitly with layer=...)")
-                    f = captured[0]
-                    if f.shape[0] != n:
-                        raise RuntimeError(f"the probed layer's input has batch dimension "
-                                           f"{f.shape[0]}, expected {n}")
-                    f = f.reshape(n, -1).float().cpu()
-                    if feature_rows is not None:
-                        f = f[feature_rows[offset:offset + n]]
-                    feats_out.append(f)
-                labels_out.append(y)
-                offset += n
-    finally:
-        if handle is not None:
-            handle.remove()
-    labels = torch.cat(labels_out) if labels_out else torch.empty(0, dtype=torch.long)
-    logits = (torch.cat(logits_out) if logits_out else torch.empty(0, 0)) if want_logits else None
-    feats = (torch.cat(feats_out) if feats_out else torch.empty(0, 0)) if layer is not None else None
-    return logits, feats, labels
 
 
 def true_label_probs(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
@@ -206,10 +112,10 @@ def penultimate_features(model: nn.Module, dataset: Dataset, *, layer: nn.Module
     forward pre-hook (removed afterwards, also on error), flattened to ``(N, D)`` float32 on the
     CPU. The model runs in eval mode under ``no_grad``; its train/eval flags are restored.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     layer = last_linear(model) if layer is None else layer
-    device = _resolve_device(model, device)
-    _, feats, labels = _forward_collect(model, dataset, batch_size=batch_size, device=device,
+    device = resolve_device(model, device)
+    _, feats, labels = forward_collect(model, dataset, batch_size=batch_size, device=device,
                                         want_logits=False, layer=layer)
     return feats, labels
 
@@ -272,15 +178,15 @@ def mia_efficacy(model: nn.Module, retain_train: Dataset, forget_train: Dataset,
     samples, shadow "out" = the remaining-class test samples, target = the forget training
     samples. See :func:`svc_mia_from_probs` for the attacker and the returned fraction.
     """
-    _check_batch_size(batch_size)
-    device = _resolve_device(model, device)
+    check_batch_size(batch_size)
+    device = resolve_device(model, device)
     for name, ds in (("retain_train", retain_train), ("forget_train", forget_train),
                      ("test_remaining", test_remaining)):
         if len(ds) == 0:  # type: ignore[arg-type]
             raise ValueError(f"mia_efficacy: {name} is empty")
     probs = []
     for ds in (retain_train, forget_train, test_remaining):
-        logits, _, labels = _forward_collect(model, ds, batch_size=batch_size, device=device)
+        logits, _, labels = forward_collect(model, ds, batch_size=batch_size, device=device)
         probs.append(true_label_probs(logits, labels))
     return svc_mia_from_probs(probs[0], probs[2], probs[1], max_per_side=max_per_side, seed=seed)
 
@@ -308,7 +214,7 @@ def linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
     the original model's value; a model that really forgot it drops towards the retrained model's.
     With a single class in ``train_labels`` the probe predicts that class for every input.
     """
-    classes = _normalise_classes(forget_classes)
+    classes = normalise_classes(forget_classes)
     xtr = np.asarray(train_feats, dtype=np.float64)
     ytr = np.asarray(train_labels).reshape(-1).astype(np.int64)
     xte = np.asarray(test_feats, dtype=np.float64)
@@ -374,8 +280,8 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
             remaining classes; ``batch_size`` or ``probe_samples`` is not positive; ``probe=True``
             and the model has no ``nn.Linear``.
     """
-    classes = _normalise_classes(forget_classes)
-    _check_batch_size(batch_size)
+    classes = normalise_classes(forget_classes)
+    check_batch_size(batch_size)
     if probe and int(probe_samples) <= 0:
         raise ValueError(f"probe_samples must be positive, got {probe_samples}")
     if len(train_set) == 0:  # type: ignore[arg-type]
@@ -401,7 +307,7 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
     if test_forget.all():
         raise ValueError("test_set has no sample of the remaining classes")
 
-    device = _resolve_device(model, device)
+    device = resolve_device(model, device)
     layer = last_linear(model) if probe else None
     probe_rows = None
     if probe:
@@ -411,11 +317,11 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
         probe_rows[torch.randperm(train_labels.numel(), generator=gen)[:k]] = True
 
     # Pass over train: logits of all samples + features of the probe sample.
-    tr_logits, tr_feats, tr_y = _forward_collect(model, train_set, batch_size=batch_size,
+    tr_logits, tr_feats, tr_y = forward_collect(model, train_set, batch_size=batch_size,
                                                  device=device, layer=layer,
                                                  feature_rows=probe_rows)
     # Pass over test: logits of all samples + features of the forget-class test samples.
-    te_logits, te_feats, te_y = _forward_collect(model, test_set, batch_size=batch_size,
+    te_logits, te_feats, te_y = forward_collect(model, test_set, batch_size=batch_size,
                                                  device=device, layer=layer,
                                                  feature_rows=test_forget if probe else None)
     # The loader's labels are the ground truth for what the model saw; they must match.

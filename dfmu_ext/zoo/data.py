@@ -29,6 +29,7 @@ __all__ = [
     "find_fashion_mnist",
     "find_cifar10",
     "read_idx",
+    "canonical_name",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits")
@@ -74,7 +75,11 @@ class DatasetInfo:
     std: tuple[float, ...] = ()
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A data set name or alias ("FMNIST", "cifar-10", ...) -> one of ``DATASET_NAMES``; "auto" ->
+    :func:`default_dataset`."""
+    if name.strip().lower() == "auto":
+        return default_dataset()
     key = name.strip().lower().replace("_", "-")
     if key not in _ALIASES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
@@ -353,7 +358,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
 
     Parsed tensors are cached per process and shared between calls: treat them as read-only.
     """
-    key = _canonical(name)
+    key = canonical_name(name)
     if key == "fashion-mnist":
         return _load_fashion_mnist(root, download_hint)
     if key == "cifar10":

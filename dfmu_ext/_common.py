@@ -1,0 +1,154 @@
+"""Small helpers every stage shares, each written once: where a model lives, which classes are being
+forgotten, train/eval mode that is always restored, seeded randomness, and the training-batch loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from .splits import dataset_labels, make_loader
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+# --------------------------------------------------------------------------------------------
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter, else of its first buffer, else the CPU."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def resolve_device(model: nn.Module, device=None) -> torch.device:
+    """``device`` when given, else the model's own device."""
+    return torch.device(device) if device is not None else model_device(model)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work, so that a wall-clock reading covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------
+# the forget set
+# --------------------------------------------------------------------------------------------
+
+def normalise_classes(forget_classes) -> list[int]:
+    """An int, a 0-d tensor or any iterable of ints -> the sorted distinct classes. Raises on none."""
+    if isinstance(forget_classes, (int, np.integer)) or (
+            isinstance(forget_classes, torch.Tensor) and forget_classes.dim() == 0):
+        forget_classes = [int(forget_classes)]
+    classes = sorted({int(c) for c in forget_classes})
+    if not classes:
+        raise ValueError("forget_classes is empty: name at least one class to forget")
+    return classes
+
+
+def check_classes_in_head(classes: list[int], num_outputs: int) -> None:
+    """The forget classes must be outputs of the classifier, and some output must remain."""
+    if min(classes) < 0 or max(classes) >= num_outputs:
+        raise ValueError(f"forget classes {classes} are not among the model's {num_outputs} classes")
+    if len(classes) >= num_outputs:
+        raise ValueError("every class would be forgotten: nothing would remain to classify")
+
+
+def check_train_set(train_set: Dataset, classes: list[int]) -> torch.Tensor:
+    """Labels of ``train_set``; raises when it is empty, lacks a forget class, or holds nothing else."""
+    if train_set is None or len(train_set) == 0:  # type: ignore[arg-type]
+        raise ValueError("train_set is empty")
+    labels = dataset_labels(train_set)
+    present = set(torch.unique(labels).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise ValueError(f"forget classes {missing} do not occur in the training labels {sorted(present)}")
+    if present <= set(classes):
+        raise ValueError("every class in the data would be forgotten: no retain data is left")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# modes and randomness
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``model.train(training)`` for the block; every module's own flag is restored on exit, also on error."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def eval_mode(model: nn.Module):
+    """Eval mode for the block (BatchNorm uses its running statistics), flags restored after."""
+    return module_mode(model, False)
+
+
+def train_mode(model: nn.Module):
+    """Train mode for the block, flags restored after."""
+    return module_mode(model, True)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed the global RNGs (CPU and ``device``'s CUDA generator) inside a forked RNG state, so
+    stochastic layers are reproducible and the caller's random stream is left untouched."""
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# the training-batch loop
+# --------------------------------------------------------------------------------------------
+
+class TrainBatches:
+    """Seeded ``(x, y)`` batches of ``dataset`` on ``device``, with an optional progress bar.
+
+    * shuffled by a generator seeded with ``seed`` (or ordered by ``sampler``, e.g. a
+      ``DistributedSampler``), so a seed reproduces the order;
+    * a batch of a single sample is skipped when ``skip_singletons`` (BatchNorm cannot train on one);
+    * ``len()`` is the loader's batch count (the skipped singleton included), which schedules and
+      "fraction of an epoch" computations use.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, *,
+                 shuffle: bool = True, sampler=None, skip_singletons: bool = True, desc: str = "",
+                 progress: bool = False):
+        self.loader = make_loader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, seed=seed,
+                                  sampler=sampler)
+        self.device = device
+        self.skip_singletons = skip_singletons
+        self.desc = desc
+        self.progress = progress
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bar = tqdm(self.loader, desc=self.desc, leave=False, unit="batch", disable=not self.progress)
+        try:
+            for x, y in bar:
+                if self.skip_singletons and x.shape[0] < 2:
+                    continue
+                yield (x.to(self.device, non_blocking=True),
+                       torch.as_tensor(y).to(self.device, non_blocking=True).long())
+        finally:
+            bar.close()
+

@@ -1,0 +1,51 @@
+"""Baseline class-unlearning methods, one module per method family, written from the recipes in
+docs/method.md ("Baselines").
+
+Every method has the signature of :func:`dfmu_ext.unlearn`::
+
+    method(model, train_set, forget_classes, retain_fraction, *, device=None, seed=0,
+           progress=True, **method_specific_keywords) -> UnlearnResult
+
+and modifies ``model`` in place (Retrain re-initialises it and trains it again). The data rules:
+
+* a method that reads retain data reads ONLY the class-stratified ``retain_fraction`` of the retain
+  set (``splits.stratified_fraction(retain_set, retain_fraction, seed)``, the same slice DFMU
+  uses for the same seed); its epochs are passes over that budget;
+* forget data is read in full by the methods that use it (GA, RL, SalUn, SSD, SCRUB);
+* ``retain_samples_used`` / ``forget_samples_used`` count the distinct samples read.
+
+A seed makes every method reproducible: shuffles come from generators seeded with ``seed`` and
+the global RNG is re-seeded inside a forked RNG state (the caller's random stream is untouched).
+
+Methods (``METHODS`` maps the table names to the functions; ``SPECS`` says what each reads):
+
+=========== ==========================================================================================
+Retrain     the original training recipe on the retain budget (default: all of it), fresh weights
+FT          fine-tune on retain, CE, 10 epochs, SGD lr 0.01
+GA          gradient ascent on the forget CE, 5 epochs, lr 5e-4 (reads no retain data)
+RL          forget samples relabelled at random (a remaining class, redrawn per batch) + retain, CE
+l1-sparse   FT with CE + alpha_t * ||theta||_1, alpha_t decaying linearly from alpha to 0
+SalUn       weight saliency mask (top 50% |grad forget CE|, one global ranking), then RL with
+            masked gradients (SGD momentum 0.9, wd 5e-4, 10 epochs)
+SSD         selective synaptic dampening: theta *= min(lambda I_D / I_f, 1) where I_f > alpha I_D
+SCRUB       teacher-student: max-steps (-KL) on forget for msteps epochs, min-steps on retain
+            (0.99 CE + 0.001 KL, T=4), 3 epochs, SGD lr 5e-4
+head-mask   zero the forget classes' classifier rows, pin their bias very low (reads no data)
+DFMU        dfmu_ext.unlearn
+=========== ==========================================================================================
+
+Optimisers are SGD with momentum 0.9 and weight decay 5e-4 at a constant learning rate unless a
+recipe says otherwise. Batches of a single sample are skipped when training (BatchNorm).
+"""
+from .ascent import gradient_ascent
+from .dampening import squared_grad_importance, ssd
+from .distill import scrub
+from .finetuning import finetune, l1_sparse
+from .headmask import head_mask
+from .registry import METHODS, SPECS, MethodSpec, dfmu, resolve_methods
+from .relabel import random_label, saliency_mask, salun
+from .scratch import reinitialize, retrain
+
+__all__ = ["METHODS", "SPECS", "MethodSpec", "resolve_methods", "retrain", "finetune", "gradient_ascent",
+           "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu", "reinitialize",
+           "saliency_mask", "squared_grad_importance"]

@@ -1,0 +1,135 @@
+"""What every baseline shares: validated inputs and the retain budget (:class:`Setup`), the
+recipes' optimiser, per-epoch loss bookkeeping, the rollback for runaway ascent, the result."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .._common import check_classes_in_head, check_train_set, model_device, normalise_classes, synchronize
+from ..blocks import classifier_of
+from ..result import UnlearnResult
+from ..splits import split_forget_retain, stratified_fraction
+
+
+class Setup:
+    """Validated inputs shared by every method."""
+
+    def __init__(self, model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float, device,
+                 seed: int):
+        self.start = time.perf_counter()
+        self.classes = normalise_classes(forget_classes)
+        if not 0.0 < float(retain_fraction) <= 1.0:
+            raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
+        self.retain_fraction = float(retain_fraction)
+        check_train_set(train_set, self.classes)
+        if device is not None:
+            model.to(device)
+        self.device = model_device(model)
+        self.head_name, self.head = classifier_of(model)
+        check_classes_in_head(self.classes, self.head.out_features)
+        self.num_classes = self.head.out_features
+        self.seed = int(seed)
+        self.forget_set, self.retain_set = split_forget_retain(train_set, self.classes)
+        self._budget = None
+
+    @property
+    def budget(self):
+        """The stratified retain slice (the same as DFMU's for the same seed)."""
+        if self._budget is None:
+            self._budget = stratified_fraction(self.retain_set, self.retain_fraction, seed=self.seed)
+        return self._budget
+
+    def elapsed(self) -> float:
+        """Wall seconds since the call started, queued GPU work included."""
+        synchronize(self.device)
+        return time.perf_counter() - self.start
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD over the model's trainable parameters (the recipes' optimiser)."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
+
+
+def check_epochs(epochs: int, batch_size: int) -> None:
+    if int(epochs) < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``n`` samples (a trailing single-sample batch is skipped)."""
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
+
+
+class LossLog:
+    """Per-epoch mean loss, summed on the device and read back once per epoch (no per-step sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.epochs: list[float] = []
+        self._sum = torch.zeros((), device=device, dtype=torch.float64)
+        self._n = 0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self._sum += loss.detach().double() * n
+        self._n += n
+
+    def end_epoch(self, what: str, allow_divergence: bool = False) -> bool:
+        """Closes the epoch; returns whether its loss was finite. A non-finite loss raises
+        FloatingPointError unless ``allow_divergence`` (ascent steps, which may run away)."""
+        value = self._sum.item() / max(self._n, 1)
+        finite = not self._n or math.isfinite(value)
+        if not finite and not allow_divergence:
+            raise FloatingPointError(f"{what}: the loss became {value} in epoch {len(self.epochs) + 1}; "
+                                     "lower the learning rate")
+        self.epochs.append(value)
+        self._sum.zero_()
+        self._n = 0
+        return finite
+
+
+class LastFinite:
+    """The model's state at the end of the last epoch whose ascent loss stayed finite.
+
+    Gradient *ascent* (GA, SCRUB's max-steps) has no minimum: with the recipe's learning rate it can
+    run to inf/NaN, more so on small networks. Practitioners stop it there; so do we: on a
+    non-finite epoch the weights of the last finite epoch come back and ascent stops
+    (``info["ascent_diverged_in_epoch"]`` records where).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.keep()
+
+    def keep(self) -> None:
+        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
+
+
+def make_result(setup: Setup, model: nn.Module, method: str, retain_used: int, forget_used: int,
+                info: dict, timings: dict | None = None, masks: dict | None = None) -> UnlearnResult:
+    """The method's :class:`UnlearnResult`, its total time taken now."""
+    timings = dict(timings or {})
+    timings["total"] = setup.elapsed()
+    info = {"retain_fraction": setup.retain_fraction, "forget_classes": setup.classes, "seed": setup.seed, **info}
+    return UnlearnResult(model=model, masks=masks or {}, timings=timings, retain_samples_used=int(retain_used),
+                         forget_samples_used=int(forget_used), method=method, info=info)
+
+
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(teacher_T || student_T) * T^2 (the usual distillation scaling), averaged over the batch."""
+    return F.kl_div(F.log_softmax(student_logits / T, dim=1), F.softmax(teacher_logits / T, dim=1),
+                    reduction="batchmean") * (T * T)
+
+

@@ -1,0 +1,87 @@
+"""The registry of unlearning methods: one :class:`MethodSpec` per method, read by the comparison
+runner instead of parallel name sets or signature inspection."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..result import UnlearnResult
+from ..unlearn import unlearn
+from .ascent import gradient_ascent
+from .finetuning import finetune, l1_sparse
+from .headmask import head_mask
+from .relabel import random_label, salun
+from .scratch import retrain
+from .distill import scrub
+from .dampening import ssd
+
+
+def dfmu(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
+         device=None, seed: int = 0, progress: bool = True, **kwargs) -> UnlearnResult:
+    """DFMU (:func:`dfmu_ext.unlearn`), under the baselines' calling convention."""
+    return unlearn(model, train_set, forget_classes, retain_fraction, device=device, seed=seed, progress=progress,
+                   **kwargs)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to run one method and what it reads.
+
+    Attributes:
+        name: the name in tables and on the command line.
+        fn: ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``.
+        budgeted: its result depends on ``retain_fraction`` (it reads the budgeted retain slice), so
+            a comparison runs it at every fraction; otherwise once per seed.
+        fixed_fraction: the fraction a non-budgeted method runs at when that is meaningful
+            (Retrain: 1.0, all retain data); None when it reads no retain data.
+        default_epochs: the default of its ``epochs`` keyword (None: it has no epochs).
+    """
+
+    name: str
+    fn: Callable[..., UnlearnResult]
+    budgeted: bool
+    fixed_fraction: float | None = None
+    default_epochs: int | None = None
+
+
+SPECS: dict[str, MethodSpec] = {s.name: s for s in (
+    MethodSpec("Retrain", retrain, budgeted=False, fixed_fraction=1.0),
+    MethodSpec("FT", finetune, budgeted=True, default_epochs=10),
+    MethodSpec("GA", gradient_ascent, budgeted=False, default_epochs=5),
+    MethodSpec("RL", random_label, budgeted=True, default_epochs=10),
+    MethodSpec("l1-sparse", l1_sparse, budgeted=True, default_epochs=10),
+    MethodSpec("SalUn", salun, budgeted=True, default_epochs=10),
+    MethodSpec("SSD", ssd, budgeted=True),
+    MethodSpec("SCRUB", scrub, budgeted=True, default_epochs=3),
+    MethodSpec("head-mask", head_mask, budgeted=False),
+    MethodSpec("DFMU", dfmu, budgeted=True),
+)}
+
+#: Table name -> method function (the public registry).
+METHODS: dict[str, Callable[..., UnlearnResult]] = {name: spec.fn for name, spec in SPECS.items()}
+
+_ALIASES = {"l1": "l1-sparse", "l1sparse": "l1-sparse", "headmask": "head-mask"}
+
+
+def resolve_methods(spec) -> list[str]:
+    """``"all"``, a comma-separated string or a list of names (case-insensitive) -> registry names."""
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(spec)
+    if any(n.lower() == "all" for n in names):
+        return list(SPECS)
+    lookup = {k.lower(): k for k in SPECS}
+    lookup.update(_ALIASES)
+    out = []
+    for n in names:
+        key = n.lower()
+        if key not in lookup:
+            raise ValueError(f"unknown method {n!r}; choose from {', '.join(SPECS)} or 'all'")
+        if lookup[key] not in out:
+            out.append(lookup[key])
+    if not out:
+        raise ValueError("no method named")
+    return out

@@ -1,0 +1,262 @@
+"""Compare unlearning methods (DFMU and the baselines) on one data set and model.
+
+    dfmu compare --dataset fashion-mnist --model cnn --classes 3 \\
+        --fractions 0.01,0.05,0.13,0.25,1.0 --seeds 3 --methods all --out-dir runs/compare
+
+Per seed, the original model is trained once (or loaded from the demo's cache,
+``$DFMU_CACHE/{dataset}-{model}-{device}-seed{seed}.pt``); every method then starts from a deep
+copy of that same original. Methods whose result does not depend on the retain fraction
+(``MethodSpec.budgeted`` is False: Retrain on all retain data, GA on forget data only, head-mask
+on no data) run once per seed. Results are aggregated as mean ± std over seeds per (method,
+fraction), printed as a Markdown table, written as JSON and as two PNG plots (all files atomic).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from .._common import normalise_classes
+from .._io import markdown_table, write_json
+from ..baselines import SPECS, resolve_methods
+from ..eval import evaluate
+from ..splits import split_forget_retain, stratified_fraction
+from ..zoo import data as data_mod
+from ..zoo import training
+from ..zoo.checkpoints import cached_original
+from .plots import plot_comparison
+
+__all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "TABLE_METRICS"]
+
+#: (column, metric key, shown as 1 - value)
+TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA", "test_acc", False),
+                 ("MIA-efficacy", "mia_efficacy", False), ("probe", "probe_forget_acc", False)]
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r.get("error"):
+            continue
+        groups.setdefault((r["method"], r["fraction"]), []).append(r)
+    out = []
+    for (method, fraction), rs in groups.items():
+        row = {"method": method, "fraction": fraction, "once": rs[0]["once"], "seeds": [r["seed"] for r in rs]}
+        for key in list(rs[0]["metrics"]):
+            m, s, n = mean_std([r["metrics"][key] for r in rs])
+            row[key] = {"mean": m, "std": s, "n": n}
+        for key in ("time_s", "retain_samples", "forget_samples"):
+            m, s, n = mean_std([r[key] for r in rs])
+            row[key] = {"mean": m, "std": s, "n": n}
+        out.append(row)
+    return out
+
+
+def _pm(stat: dict, pct: bool = True, invert: bool = False) -> str:
+    m, s, n = stat["mean"], stat["std"], stat["n"]
+    if n == 0 or not math.isfinite(m):
+        return "-"
+    if invert:
+        m = 1.0 - m
+    if pct:
+        return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if n > 1 else "")
+    return f"{m:.3g}" + (f" ± {s:.2g}" if n > 1 else "")
+
+
+def _fraction_label(row: dict) -> str:
+    if row["method"] == "Original":
+        return "-"
+    if row["once"]:
+        return f"{100 * row['fraction']:g}% (once)" if row["fraction"] is not None else "n/a (once)"
+    return f"{100 * row['fraction']:g}%"
+
+
+def format_comparison_table(rows: list[dict]) -> str:
+    """Markdown: one row per (method, fraction); metrics in %, mean ± std over seeds."""
+    header = (["method", "retain data"] + [c for c, _, _ in TABLE_METRICS]
+              + ["time (s)", "retain samples", "forget samples"])
+    lines = []
+    for r in rows:
+        cells = [r["method"], _fraction_label(r)]
+        cells += [_pm(r[k], invert=inv) for _, k, inv in TABLE_METRICS]
+        if r["method"] == "Original":
+            cells += ["-", "-", "-"]
+        else:
+            cells += [_pm(r["time_s"], pct=False), f"{r['retain_samples']['mean']:.0f}",
+                      f"{r['forget_samples']['mean']:.0f}"]
+        lines.append(cells)
+    return markdown_table(header, lines)
+
+
+def table_note(methods: list[str]) -> str:
+    once = [m for m in methods if not SPECS[m].budgeted]
+    if not once:
+        return ""
+    parts = {"Retrain": "Retrain uses all retain data (the gold standard)",
+             "GA": "GA reads only forget data", "head-mask": "head-mask reads no data"}
+    return ("(once) = run once per seed, independent of the retain fraction: "
+            + "; ".join(parts[m] for m in once) + ". UA = 1 - forget-set accuracy; all metrics in %.")
+
+
+def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), seeds=1, methods="all",
+                   device="cpu", out_dir: str = "runs/compare", *, method_kwargs: dict | None = None,
+                   max_epochs: int | None = None, train_epochs: int | None = None, use_cache: bool = True,
+                   progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
+                   eval_fraction: float = 1.0, plots: bool = True) -> dict:
+    """Run ``methods`` x ``fractions`` x ``seeds`` and write ``comparison.json`` plus two PNGs.
+
+    Args:
+        dataset: "fashion-mnist", "cifar10", "digits" or "auto".
+        model_name: "cnn", "resnet18" or "mlp".
+        classes: the forget classes (int or list of ints).
+        fractions: retain-data fractions in (0, 1].
+        seeds: an int n (seeds 0..n-1) or a list of seeds.
+        methods: "all", a comma-separated string or a list of ``baselines.METHODS`` names.
+        device: a torch device or "auto".
+        out_dir: where ``comparison.json``, ``retain_vs_fraction.png`` and ``time_vs_retain.png`` go.
+        method_kwargs: ``{method: {keyword: value}}`` passed to that method (e.g. ``{"FT": {"lr": 0.02}}``).
+        max_epochs: caps the ``epochs`` of the epoch-based baselines (specs with ``default_epochs``)
+            for quick runs; Retrain keeps the original recipe.
+        train_epochs: overrides the original's (and therefore Retrain's) training epochs; such
+            originals are cached under a separate name.
+        use_cache: read/write originals in the demo's cache.
+        eval_kwargs: extra keywords for :func:`dfmu_ext.evaluate` (e.g. ``probe_samples``).
+        eval_fraction: evaluate UA/RA/MIA/probe on a class-stratified fraction of the training
+            set (seeded, the same for every method) instead of all of it — for quick runs; the
+            test set is always used whole. The methods always get the whole training set.
+
+    Returns the report dict (also written as JSON): ``config``, ``original`` (per seed), ``runs``
+    (one per method call, failures recorded with ``error``), ``rows`` (aggregates) and ``table``.
+    """
+    def log(*msg):
+        if not quiet:
+            print(*msg, flush=True)
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dataset = data_mod.canonical_name(dataset)
+    classes = normalise_classes(classes)
+    fractions = sorted({float(f) for f in fractions})
+    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
+    seeds = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no seed to run")
+    names = resolve_methods(methods)
+    method_kwargs = {k: dict(v) for k, v in (method_kwargs or {}).items()}
+    method_kwargs_json = {m: _plain(kw) for m, kw in method_kwargs.items()}
+    unknown = set(method_kwargs) - set(SPECS)
+    if unknown:
+        raise ValueError(f"method_kwargs names unknown methods {sorted(unknown)}")
+    eval_kwargs = dict(eval_kwargs or {})
+
+    train_set, test_set, info = data_mod.load_dataset(dataset)
+    if min(classes) < 0 or max(classes) >= info.num_classes:
+        raise ValueError(f"classes must lie in [0, {info.num_classes}), got {classes}")
+    _, retain_set = split_forget_retain(train_set, classes)
+    if not 0.0 < float(eval_fraction) <= 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1], got {eval_fraction}")
+    eval_train = train_set if eval_fraction == 1.0 else stratified_fraction(train_set, eval_fraction, seed=12345)
+    start = time.perf_counter()
+    runs: list[dict] = []
+    originals: dict[int, dict] = {}
+    for seed in seeds:
+        original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
+                                         use_cache=use_cache, progress=progress, log=log)
+        original.eval()
+        originals[seed] = evaluate(original, eval_train, test_set, classes, device=device, seed=seed, **eval_kwargs)
+        log(f"seed {seed}: original RA {100 * originals[seed]['retain_acc']:.1f}%, "
+            f"forget acc {100 * originals[seed]['forget_acc']:.1f}%")
+        for name in names:
+            spec = SPECS[name]
+            once = not spec.budgeted
+            run_fracs = [spec.fixed_fraction] if once else fractions
+            for frac in run_fracs:
+                kwargs = dict(method_kwargs.get(name, {}))
+                if name == "Retrain" and "config" not in kwargs:
+                    kwargs["config"] = training.TrainConfig(**meta["train_config"])
+                if max_epochs and spec.default_epochs is not None:
+                    kwargs["epochs"] = min(int(kwargs.get("epochs", 10 ** 9)), int(max_epochs), spec.default_epochs)
+                model = copy.deepcopy(original)
+                rec = {"method": name, "fraction": frac, "seed": seed, "once": once,
+                       "kwargs": _plain(kwargs)}
+                label = f"{name} @ {'once' if frac is None else f'{100 * frac:g}%'} seed {seed}"
+                try:
+                    res = spec.fn(model, train_set, classes, frac if frac is not None else 1.0,
+                                                  device=device, seed=seed, progress=progress, **kwargs)
+                    rec["metrics"] = evaluate(res.model, eval_train, test_set, classes, device=device, seed=seed,
+                                              **eval_kwargs)
+                    rec.update(time_s=res.timings["total"], retain_samples=res.retain_samples_used,
+                               forget_samples=res.forget_samples_used,
+                               timings={k: float(v) for k, v in res.timings.items()})
+                    log(f"{label}: RA {100 * rec['metrics']['retain_acc']:.1f}%, "
+                        f"UA {100 * (1 - rec['metrics']['forget_acc']):.1f}%, {res.timings['total']:.2f} s")
+                except Exception as exc:  # one failing method must not lose the others' results
+                    rec["error"] = f"{type(exc).__name__}: {exc}"
+                    rec["traceback"] = traceback.format_exc()
+                    log(f"{label}: FAILED ({rec['error']})")
+                runs.append(rec)
+                del model
+
+    rows = aggregate(runs)
+    order = {n: i for i, n in enumerate(names)}
+    rows.sort(key=lambda r: (order[r["method"]], r["fraction"] if r["fraction"] is not None else -1))
+    orig_row = {"method": "Original", "fraction": None, "once": True, "seeds": seeds}
+    for key in originals[seeds[0]]:
+        m, s, n = mean_std([originals[sd][key] for sd in seeds])
+        orig_row[key] = {"mean": m, "std": s, "n": n}
+    table_rows = [orig_row] + rows
+    table = format_comparison_table(table_rows)
+    note = table_note(names)
+    failed = [f"{r['method']} (seed {r['seed']}): {r['error']}" for r in runs if r.get("error")]
+    title = f"{info.name} / {model_name}, forget {classes}, {len(seeds)} seed(s), {device.type}"
+    print(f"\n{title}")  # the table is the result: printed also when quiet
+    print(table)
+    if note:
+        print(note)
+    for f in failed:
+        print(f"failed: {f}")
+    os.makedirs(out_dir, exist_ok=True)
+    report = {
+        "config": {"dataset": info.name, "source": info.source, "model": model_name, "forget_classes": classes,
+                   "fractions": fractions, "seeds": seeds, "methods": names, "device": str(device),
+                   "max_epochs": max_epochs, "train_epochs": train_epochs, "method_kwargs": method_kwargs_json,
+                   "retain_samples_total": len(retain_set), "eval_kwargs": eval_kwargs,
+                   "eval_fraction": eval_fraction, "eval_train_samples": len(eval_train)},
+        "original": {str(s): m for s, m in originals.items()},
+        "runs": runs, "rows": table_rows, "table": table, "note": note, "failed": failed,
+        "total_seconds": time.perf_counter() - start,
+    }
+    json_path = os.path.join(out_dir, "comparison.json")
+    if plots and rows:
+        report["plots"] = plot_comparison(table_rows, fractions, out_dir, title)
+    write_json(json_path, report)
+    report["json"] = json_path
+    log(f"wrote {json_path}" + (" and " + ", ".join(os.path.basename(p) for p in report.get("plots", {}).values())
+                                if report.get("plots") else ""))
+    return report
+
+
+def _plain(kwargs: dict) -> dict:
+    """Keyword values as JSON-friendly data (configs via ``to_dict``, other objects via ``repr``)."""
+    out = {}
+    for k, v in kwargs.items():
+        if hasattr(v, "to_dict"):
+            v = v.to_dict()
+        elif not isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))):
+            v = repr(v)
+        out[k] = v
+    return out

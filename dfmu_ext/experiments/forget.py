@@ -1,0 +1,119 @@
+"""The forget report: evaluate the original, unlearn with DFMU, evaluate again (optionally beside
+Retrain), print the table and write ``report.json`` and ``report.png``. What ``dfmu forget`` and
+``dfmu demo`` show."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+import torch
+from torch import nn
+
+from .._io import markdown_table, write_json
+from ..baselines import retrain as retrain_method
+from ..distributed import Comm, current_comm
+from ..eval import evaluate, per_class_accuracy
+from ..splits import dataset_labels, split_forget_retain
+from ..unlearn import unlearn
+from ..zoo import data as data_mod
+from ..zoo.models import build_model
+from ..zoo.training import TrainConfig
+from .plots import plot_summary
+
+__all__ = ["run_forget", "format_table", "ROW_KEYS"]
+
+#: (column, metric key) of the report's table; UA is shown as 1 - forget accuracy.
+ROW_KEYS = [("UA", "forget_acc"), ("forget-test", "forget_test_acc"), ("RA", "retain_acc"), ("TA", "test_acc"),
+            ("MIA", "mia_efficacy"), ("probe", "probe_forget_acc")]
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{100 * v:.1f}%"
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A Markdown table, one row per model: the metrics in %, then time and retain samples used."""
+    header = ["model"] + [h for h, _ in ROW_KEYS] + ["time", "retain samples"]
+    cells = []
+    for name, m in rows.items():
+        row = [name]
+        for h, k in ROW_KEYS:
+            v = m.get(k)
+            row.append(_fmt(1.0 - v if h == "UA" and v is not None else v))
+        row.append("-" if m.get("time_s") is None else f"{m['time_s']:.2f} s")
+        row.append("-" if m.get("retain_samples") is None else str(m["retain_samples"]))
+        cells.append(row)
+    return markdown_table(header, cells)
+
+
+def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *, device: torch.device,
+               seed: int = 0, retain_fraction: float = 0.13, mode: str = "prune", retrain: bool = False,
+               progress: bool = False, log=print, comm: Comm | None = None) -> dict:
+    """Unlearn ``classes`` from ``model`` (in place) and report against the original.
+
+    ``meta`` is the checkpoint's (it names the data set and the training recipe Retrain reuses).
+    Under a process group every rank unlearns (collectives); then rank 0 alone evaluates, retrains
+    and writes, and the other ranks return ``{}``. The table is printed; the report is returned.
+    """
+    comm = comm or current_comm()
+    train_set, test_set, info = data_mod.load_dataset(meta["dataset"])
+    if int(dataset_labels(train_set).max()) >= meta["num_classes"]:
+        raise ValueError("the checkpoint's class count does not match its dataset")
+    names = list(info.class_names)
+    original = copy.deepcopy(model)
+    rows, per_class = {}, {}
+
+    def evaluate_original():
+        log(f"evaluating the original model on {info.name} ({info.source}) ...")
+        rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=seed)
+        per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
+
+    if comm.world_size == 1:
+        evaluate_original()
+    log(f"unlearning classes {[names[c] for c in classes]} with {100 * retain_fraction:.0f}% of the retain data ...")
+    res = unlearn(model, train_set, classes, retain_fraction, mode=mode, device=device, seed=seed,
+                  progress=progress, comm=comm)
+    if not comm.is_main:
+        return {}  # no collective follows: the other ranks may finish while rank 0 evaluates
+    if comm.world_size > 1:
+        evaluate_original()
+    rows["DFMU"] = evaluate(model, train_set, test_set, classes, device=device, seed=seed)
+    rows["DFMU"].update(time_s=res.timings["total"], retain_samples=res.retain_samples_used)
+    per_class["DFMU"] = per_class_accuracy(model, test_set, info.num_classes, device=device)
+    _, retain_set = split_forget_retain(train_set, classes)
+
+    if retrain:
+        log("retraining from scratch on the retain set (the gold standard) ...")
+
+        def fresh():
+            return build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
+                               **meta.get("model_kwargs", {}))
+        ret = retrain_method(copy.deepcopy(original), train_set, classes, 1.0, model_factory=fresh, device=device,
+                             config=TrainConfig(**meta["train_config"]), seed=seed, progress=progress)
+        rows["Retrain"] = evaluate(ret.model, train_set, test_set, classes, device=device, seed=seed)
+        rows["Retrain"].update(time_s=ret.timings["total"], retain_samples=ret.retain_samples_used)
+        per_class["Retrain"] = per_class_accuracy(ret.model, test_set, info.num_classes, device=device)
+
+    t = res.timings
+    ranks = f" x {comm.world_size} ranks" if comm.world_size > 1 else ""
+    print(f"\n{info.name} / {meta['model']}: forget {[names[c] for c in classes]}, device {device}{ranks}")
+    print(format_table(rows))
+    print(f"\nDFMU time: scoring {t['scoring']:.3f} s, pruning {t['pruning']:.3f} s, fine-tune {t['finetune']:.2f} s, "
+          f"total {t['total']:.2f} s; {res.retain_samples_used} of {len(retain_set)} retain samples "
+          f"({100 * res.retain_samples_used / len(retain_set):.1f}%)")
+    finetune = {k: v for k, v in res.finetune.to_dict().items() if k != "loss"}
+    report = {"dataset": info.name, "source": info.source, "model": meta["model"], "forget_classes": classes,
+              "device": str(device), **({"world_size": comm.world_size} if comm.world_size > 1 else {}),
+              "metrics": rows, "timings": res.timings,
+              "retain_samples_used": res.retain_samples_used, "retain_samples_total": len(retain_set),
+              "pruned_units": res.pruned_units, "total_units": res.total_units, "per_class_test_acc": per_class,
+              "finetune": finetune}
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(os.path.join(out_dir, "report.json"), report)
+    plot_summary(os.path.join(out_dir, "report.png"), names, per_class, classes, res.pruned_units,
+                 res.total_units, title=f"DFMU on {info.name} / {meta['model']}")
+    log(f"wrote {os.path.join(out_dir, 'report.json')} and report.png")
+    return report

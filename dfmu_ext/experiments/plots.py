@@ -1,0 +1,116 @@
+"""The plots a person looks at: the forget report (per-class accuracy, pruned units per block) and
+the comparison (retain accuracy vs data, time vs retain accuracy). Every PNG is written atomically."""
+from __future__ import annotations
+
+import math
+import os
+
+from .._io import save_figure_atomic
+
+__all__ = ["plot_summary", "plot_comparison"]
+
+
+def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[float]], forget_classes: list[int],
+                 pruned_units: dict[str, int], total_units: dict[str, int], title: str = "") -> None:
+    """Two panels: per-class test accuracy of each model; pruned units per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1.2, 1]})
+    n = len(class_names)
+    width = 0.8 / max(1, len(per_class))
+    for i, (label, accs) in enumerate(per_class.items()):
+        xs = [c + (i - (len(per_class) - 1) / 2) * width for c in range(n)]
+        ax1.bar(xs, [100 * (a if a == a else 0) for a in accs], width, label=label)
+    for c in forget_classes:
+        ax1.axvspan(c - 0.45, c + 0.45, color="red", alpha=0.08)
+    ax1.set_xticks(range(n))
+    ax1.set_xticklabels(class_names, rotation=35, ha="right", fontsize=8)
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_ylim(0, 118)
+    ax1.set_title("per-class accuracy (forgotten classes shaded)")
+    ax1.legend(fontsize=8, loc="upper center", ncol=max(1, len(per_class)), frameon=False)
+    names = list(total_units)
+    ax2.bar(range(len(names)), [100 * pruned_units.get(k, 0) / max(1, total_units[k]) for k in names], color="tab:purple")
+    ax2.set_xticks(range(len(names)))
+    ax2.set_xticklabels(names, rotation=70, ha="right", fontsize=6)
+    ax2.set_ylabel("units pruned (%)")
+    ax2.set_title("pruned units per block (in execution order)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
+def _headline_fraction(fractions: list[float]) -> float:
+    return min(fractions, key=lambda f: (abs(math.log(f / 0.13)), f))
+
+
+def plot_comparison(rows: list[dict], fractions: list[float], out_dir: str, title: str) -> dict[str, str]:
+    """``retain_vs_fraction.png`` (RA vs the retain-data fraction, one line per budgeted method,
+    a band per once-per-seed method) and ``time_vs_retain.png`` (wall time vs RA at the headline
+    fraction); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [r["method"] for r in rows if r["method"] != "Original"]
+    methods = list(dict.fromkeys(methods))
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    paths = {"retain_vs_fraction": os.path.join(out_dir, "retain_vs_fraction.png"),
+             "time_vs_retain": os.path.join(out_dir, "time_vs_retain.png")}
+
+    # 1. retain accuracy vs retain-data fraction
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    xs_all = sorted(fractions)
+    for m in methods:
+        mr = sorted((r for r in rows if r["method"] == m), key=lambda r: r["fraction"] or 0)
+        if mr[0]["once"]:
+            v, s = 100 * mr[0]["retain_acc"]["mean"], 100 * mr[0]["retain_acc"]["std"]
+            if math.isfinite(v):
+                ax.axhline(v, color=colors[m], ls="--", lw=1.2, label=f"{m} (once)")
+                if s > 0:
+                    ax.axhspan(v - s, v + s, color=colors[m], alpha=0.08)
+            continue
+        xs = [r["fraction"] for r in mr]
+        ys = [100 * r["retain_acc"]["mean"] for r in mr]
+        es = [100 * r["retain_acc"]["std"] for r in mr]
+        ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=3, color=colors[m], label=m)
+    orig = [r for r in rows if r["method"] == "Original"]
+    if orig:
+        ax.axhline(100 * orig[0]["retain_acc"]["mean"], color="black", ls=":", lw=1, label="original")
+    if len(xs_all) > 1 and xs_all[0] > 0 and xs_all[-1] / xs_all[0] > 4:
+        ax.set_xscale("log")
+    ax.set_xticks(xs_all)
+    ax.set_xticklabels([f"{100 * f:g}%" for f in xs_all])
+    ax.set_xlabel("retain data used (stratified fraction)")
+    ax.set_ylabel("retain accuracy RA (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    fig.tight_layout()
+    save_figure_atomic(fig, paths["retain_vs_fraction"])
+
+    # 2. wall time (log) vs retain accuracy, one point per method (at the headline fraction)
+    head = _headline_fraction(fractions)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in methods:
+        mr = [r for r in rows if r["method"] == m]
+        r = mr[0] if mr[0]["once"] else next((x for x in mr if x["fraction"] == head), None)
+        if r is None:
+            continue
+        t, y = r["time_s"]["mean"], 100 * r["retain_acc"]["mean"]
+        if not (math.isfinite(t) and math.isfinite(y)) or t <= 0:
+            continue
+        ax.errorbar([t], [y], xerr=[[min(r["time_s"]["std"], 0.99 * t)], [r["time_s"]["std"]]],
+                    yerr=[100 * r["retain_acc"]["std"]], marker="o", ms=6, capsize=3, color=colors[m])
+        ax.annotate(m, (t, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of the unlearning call (s, log scale)")
+    ax.set_ylabel("retain accuracy RA (%)")
+    ax.set_title(f"{title}\nper-fraction methods at {100 * head:g}% of the retain data", fontsize=10)
+    fig.tight_layout()
+    save_figure_atomic(fig, paths["time_vs_retain"])
+    return paths
