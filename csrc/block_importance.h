@@ -42,10 +42,16 @@ struct ImportanceProblem {
   at::ScalarType out_dtype;
 };
 
-// check_range=false skips the range check (and its device sync on CUDA): the kernels then ignore
-// ids outside [0, num_groups) instead of reading out of bounds.
+// Above this many groups the CUDA kernel segments the batch by sorting, which needs valid ids, so
+// ids are then always range-checked; every backend follows the same rule, for one behaviour.
+constexpr int64_t kMaxUncheckedGroups = 32;
+
+// check_range=false skips the range check (and its device sync on CUDA) for at most
+// kMaxUncheckedGroups groups: the kernels then ignore ids outside [0, num_groups) instead of
+// reading out of bounds.
 inline void check_groups(const std::optional<at::Tensor>& groups, int64_t N, int64_t num_groups,
                          const at::Tensor& act, bool check_range = true) {
+  check_range = check_range || num_groups > kMaxUncheckedGroups;
   TORCH_CHECK_VALUE(num_groups >= 1, "block_importance: num_groups must be >= 1, got ", num_groups);
   if (!groups.has_value()) return;
   const at::Tensor& g = *groups;

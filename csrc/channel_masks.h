@@ -32,12 +32,9 @@ inline bool units_are_outer_blocks(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() && (t.size(0) <= 1 || t.stride(0) == inner);
 }
 
-// The first problem with the arguments: a code (which check failed, see ProblemCode) and the index
-// of the offending tensor. Plain integers, no message: try_apply_channel_masks_ returns them to the
-// Python wrapper, which validates at C++ speed (a Python loop over a ResNet-50's 161 parameters cost
-// ~150 us per call) and raises the Python exception itself. Only the throwing op formats a message
-// (problem_message): on one torch 2.11 build, formatting or throwing from the extension crashed the
-// process, so the path Python takes does neither.
+// The first problem with the arguments: which check failed and the index of the offending tensor.
+// Validation runs in C++ for the whole list in one pass (a Python loop over a ResNet-50's 161
+// parameters cost ~150 us per call); problem_message below is the one table of the messages.
 enum class ProblemCode : int64_t {
   kNone = 0,
   kTensorDtype = 1,    // TypeError
@@ -56,8 +53,6 @@ struct ArgProblem {
   int64_t index = 0;
   explicit operator bool() const { return code != ProblemCode::kNone; }
   bool is_type_error() const { return code == ProblemCode::kTensorDtype || code == ProblemCode::kMaskDtype; }
-  // code * 2^32 + index: what try_apply_channel_masks_ returns (an int crosses any C++ ABI boundary).
-  int64_t encoded() const { return (int64_t(code) << 32) + index; }
 };
 
 // `backend`: the device type of the kernel asking (for kWrongBackend).
@@ -79,7 +74,7 @@ inline ArgProblem channel_masks_problem(at::TensorList tensors, at::TensorList m
   return {};
 }
 
-// The message for `problem` (the same words as dfmu_ext/ops.py's _raise_mask_problem).
+// The message for `problem`: the one table of apply_channel_masks_'s argument errors.
 inline std::string problem_message(const ArgProblem& problem, at::TensorList tensors, at::TensorList masks) {
   const int64_t i = problem.index;
   const char* p = "apply_channel_masks_: ";
@@ -115,21 +110,12 @@ inline void throw_if(const ArgProblem& problem, at::TensorList tensors, at::Tens
   TORCH_CHECK_VALUE(false, message);
 }
 
-// The two entry points each backend registers around its kernel (which gets validated arguments):
-// apply_channel_masks_ throws on bad arguments; try_apply_channel_masks_ returns the problem's code
-// and touches nothing (the path the Python wrapper takes).
+// The entry point each backend registers around its kernel (which gets validated arguments): every
+// argument is checked before any tensor is written, so a rejected call modifies nothing.
 template <c10::DeviceType kBackend, void (*kKernel)(at::TensorList, at::TensorList)>
-struct ChannelMaskEntryPoints {
-  static void apply(at::TensorList tensors, at::TensorList masks) {
-    throw_if(channel_masks_problem(tensors, masks, kBackend), tensors, masks);
-    kKernel(tensors, masks);
-  }
-  static int64_t try_apply(at::TensorList tensors, at::TensorList masks) {
-    const ArgProblem problem = channel_masks_problem(tensors, masks, kBackend);
-    if (problem) return problem.encoded();
-    kKernel(tensors, masks);
-    return 0;
-  }
-};
+void checked_apply_channel_masks(at::TensorList tensors, at::TensorList masks) {
+  throw_if(channel_masks_problem(tensors, masks, kBackend), tensors, masks);
+  kKernel(tensors, masks);
+}
 
 }  // namespace dfmu

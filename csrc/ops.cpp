@@ -28,9 +28,4 @@ TORCH_LIBRARY(dfmu_ext, m) {
         "str reduce, Tensor? act_scale=None, Tensor? act_shift=None, bool check_groups=True) -> Tensor");
   // tensors[i] *= masks[i] broadcast along dim 0, in place, every i.
   m.def("apply_channel_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> ()");
-  // apply_channel_masks_ that reports bad arguments instead of throwing: returns 0 after masking,
-  // or (check << 32) + index with nothing written (check: dfmu::ProblemCode in channel_masks.h).
-  // The Python wrapper uses it, so validation runs at C++ speed in the same call, and neither a C++
-  // exception nor a std::string crosses the dispatcher (both crashed a torch 2.11 build).
-  m.def("try_apply_channel_masks_(Tensor(a!)[] tensors, Tensor[] masks) -> int");
 }

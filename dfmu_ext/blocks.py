@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._common import eval_mode
+
 SCORABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -150,11 +152,6 @@ def discover_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
     A layer called more than once per forward (weight sharing) is skipped: its units have no single
     output to score. Raises ValueError when no prunable block exists.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with BlockTracer(model) as tracer, torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), BlockTracer(model) as tracer, torch.no_grad():
+        model(example)
     return tracer.blocks()

@@ -243,8 +243,7 @@ def _main_distributed(args) -> int:
     if not distributed.is_main_process():
         args.quiet = True
     try:
-        from torch.distributed.elastic.multiprocessing.errors import record
-        return record(args.func)(args)  # torchrun then reports the failing rank's traceback
+        return distributed.record(args.func)(args)  # torchrun then reports the failing rank's traceback
     finally:
         if created:
             distributed.destroy()

@@ -40,7 +40,7 @@ from torch import nn
 __all__ = [
     "Comm", "ProcessGroupComm", "current_comm", "DistributedError", "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S",
     "is_distributed", "get_rank", "get_world_size", "is_main_process", "timeout_from_env", "env_world_size",
-    "init_from_env", "destroy", "state_digest", "replicas_identical",
+    "init_from_env", "record", "destroy", "state_digest", "replicas_identical",
 ]
 
 TIMEOUT_ENV = "DFMU_DIST_TIMEOUT"
@@ -140,6 +140,13 @@ def init_from_env(device: str | torch.device = "auto", backend: str | None = Non
         raise DistributedError(f"rank {os.environ.get('RANK')} of {world} could not join the {backend} process group "
                                f"within {timeout.total_seconds():g} s ({TIMEOUT_ENV}): {exc}") from exc
     return dev, True
+
+
+def record(fn):
+    """``fn`` wrapped so that, under torchrun, a failing rank's traceback is reported by torchrun."""
+    from torch.distributed.elastic.multiprocessing.errors import record as elastic_record
+
+    return elastic_record(fn)
 
 
 def destroy() -> None:

@@ -73,12 +73,9 @@ void masks_cpu(at::TensorList tensors, at::TensorList masks) {
   });
 }
 
-using EntryPoints = ChannelMaskEntryPoints<c10::DeviceType::CPU, &masks_cpu>;
-
 }  // namespace
 }  // namespace dfmu
 
 TORCH_LIBRARY_IMPL(dfmu_ext, CPU, m) {
-  m.impl("apply_channel_masks_", &dfmu::EntryPoints::apply);
-  m.impl("try_apply_channel_masks_", &dfmu::EntryPoints::try_apply);
+  m.impl("apply_channel_masks_", &dfmu::checked_apply_channel_masks<c10::DeviceType::CPU, &dfmu::masks_cpu>);
 }

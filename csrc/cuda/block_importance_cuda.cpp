@@ -32,7 +32,8 @@ at::Tensor block_importance_cuda(const at::Tensor& act, const at::Tensor& grad,
   const c10::cuda::CUDAGuard guard(act.device());
   ImportanceProblem p = canonicalize(act, grad, channel_dim, std::string(reduce));
   // The sorting path (many groups) syncs in bincount anyway, and needs ids in range to segment.
-  check_groups(groups, p.N, num_groups, act, check_range || num_groups > cuda::kMaxDirectGroups);
+  static_assert(cuda::kMaxDirectGroups == kMaxUncheckedGroups, "one rule for when group ids are checked");
+  check_groups(groups, p.N, num_groups, act, check_range);
   const at::Tensor scale = affine_param(act_scale, "act_scale", p.C, act, p.out_dtype);
   const at::Tensor shift = affine_param(act_shift, "act_shift", p.C, act, p.out_dtype);
   at::Tensor out = at::empty({num_groups, p.C}, act.options().dtype(p.out_dtype));

@@ -53,12 +53,9 @@ void masks_cuda(at::TensorList tensors, at::TensorList masks) {
   for (const auto& [dtype, list] : by_dtype) cuda::launch_masked_scale(to_kernel_dtype(dtype), list, stream);
 }
 
-using EntryPoints = ChannelMaskEntryPoints<c10::DeviceType::CUDA, &masks_cuda>;
-
 }  // namespace
 }  // namespace dfmu
 
 TORCH_LIBRARY_IMPL(dfmu_ext, CUDA, m) {
-  m.impl("apply_channel_masks_", &dfmu::EntryPoints::apply);
-  m.impl("try_apply_channel_masks_", &dfmu::EntryPoints::try_apply);
+  m.impl("apply_channel_masks_", &dfmu::checked_apply_channel_masks<c10::DeviceType::CUDA, &dfmu::masks_cuda>);
 }
