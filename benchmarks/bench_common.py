@@ -1,5 +1,6 @@
 """What the pytest benchmarks and ``report.py`` share: the cases, the baselines, correctness checks,
-timing, the copy-bandwidth yardstick and byte counts.
+timing (``torch.utils.benchmark``: ``Timer.blocked_autorange`` and ``Compare``), the copy-bandwidth
+yardstick and byte counts.
 
 Baselines
 ---------
@@ -23,24 +24,15 @@ Small problems (a few MB) stay in the CPU's L3 / the GPU's L2 between repetition
 from __future__ import annotations
 
 import math
-import os
-import statistics
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch.utils import benchmark as tbench
 
-# Time the package of this source tree (its in-place build), not whichever dfmu_ext an editable install
-# elsewhere points at: `python benchmarks/report.py` puts benchmarks/, not the tree's root, on sys.path.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(REPO_ROOT, "dfmu_ext")) and REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import dfmu_ext  # noqa: E402,F401  (loads the kernels)
-from dfmu_ext import ops  # noqa: E402
-from dfmu_ext import reference as ref  # noqa: E402
+import dfmu_ext  # noqa: F401  (loads the kernels)
+from dfmu_ext import ops
+from dfmu_ext import reference as ref
 
 NUM_GROUPS = 10  # e.g. one group per class of a 10-class problem: the unlearning use
 
@@ -284,58 +276,52 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, reps: int = 20,
-            max_seconds: float = 1.0, min_reps: int = 3) -> float:
-    """Median seconds per call of ``fn`` after ``warmup`` calls. CUDA: CUDA events around each call
-    (so the time is the device's, host launch gaps included); CPU: perf_counter. Stops early once
-    ``max_seconds`` are spent (after at least ``min_reps`` timed calls)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    if device == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        used = 0
-        for e0, e1 in events:
-            e0.record()
-            fn()
-            e1.record()
-            used += 1
-            if used >= min_reps and time.perf_counter() - start > max_seconds:
-                break
-        torch.cuda.synchronize()
-        times = [e0.elapsed_time(e1) / 1e3 for e0, e1 in events[:used]]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-            if len(times) >= min_reps and time.perf_counter() - start > max_seconds:
-                break
-    return statistics.median(times)
+def measure(fn: Callable[[], object], min_run_time: float = 0.2, label: str = "", sub_label: str = "",
+            description: str = "") -> tbench.Measurement:
+    """``torch.utils.benchmark.Timer(...).blocked_autorange`` of ``fn()`` at the current thread count.
+
+    The Timer synchronizes the accelerator around each block of calls, so a CUDA time is the device's
+    (host launch gaps included); its block-size estimation doubles as the warm-up. ``label`` /
+    ``sub_label`` / ``description`` are the op, the case and the implementation, as ``Compare`` groups
+    them (one table per label, one row per case, one column per implementation)."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, label=label, sub_label=sub_label,
+                         description=description, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int = 3, warmup: int = 3,
-                     reps: int = 20, max_seconds: float = 1.0) -> dict[str, float | BaseException]:
-    """Times several implementations of one case in ``rounds`` interleaved rounds (a, b, c, a, b, c, ...)
-    and keeps each one's best median: on a shared machine a burst of someone else's work then hits every
-    implementation alike instead of one of them. ``max_seconds`` is per implementation, all rounds
-    together. A failing implementation maps to its exception and is dropped from later rounds."""
-    result: dict[str, float | BaseException] = {}
-    per_call = max_seconds / max(1, rounds)
-    for r in range(max(1, rounds)):
+def time_fn(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
+    """Median seconds per call of ``fn`` (see ``measure``)."""
+    return measure(fn, min_run_time).median
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 3, min_run_time: float = 0.2,
+                     label: str = "", sub_label: str = "") -> dict[str, tbench.Measurement | BaseException]:
+    """Measures several implementations of one case in ``rounds`` interleaved rounds (a, b, c, a, b, c, ...)
+    and keeps each one's measurement with the lowest median: on a shared machine a burst of someone
+    else's work then hits every implementation alike instead of one of them. ``min_run_time`` is per
+    implementation and round. A failing implementation maps to its exception and is dropped from later
+    rounds. The measurements carry ``label``, ``sub_label`` and the implementation's name, for ``Compare``."""
+    result: dict[str, tbench.Measurement | BaseException] = {}
+    for _ in range(max(1, rounds)):
         for name, fn in fns.items():
             if isinstance(result.get(name), BaseException):
                 continue
             try:
-                t = time_fn(fn, device, warmup=warmup if r == 0 else 1, reps=reps, max_seconds=per_call)
+                m = measure(fn, min_run_time, label, sub_label, name)
             except Exception as exc:  # noqa: BLE001 - reported by the caller
                 result[name] = exc
                 continue
             prev = result.get(name)
-            result[name] = t if prev is None else min(prev, t)
+            if prev is None or m.median < prev.median:
+                result[name] = m
     return result
+
+
+def compare_table(measurements: Sequence[tbench.Measurement]) -> str:
+    """``torch.utils.benchmark.Compare`` of the measurements (times in the unit it picks), as text."""
+    cmp = tbench.Compare(list(measurements))
+    cmp.trim_significant_figures()
+    return str(cmp)
 
 
 _COPY_GBPS: dict[str, float] = {}
@@ -352,21 +338,10 @@ def copy_bandwidth_gbps(device: str, refresh: bool = False) -> float:
     nbytes = copy_buffer_bytes(device)
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, warmup=3, reps=30, max_seconds=2.0)
+    t = time_fn(lambda: dst.copy_(src), min_run_time=1.0)
     _COPY_GBPS[device] = 2 * nbytes / t / 1e9
     del src, dst
     return _COPY_GBPS[device]
-
-
-@dataclass
-class Measurement:
-    seconds: float | None = None
-    error: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def us(self) -> float | None:
-        return None if self.seconds is None else self.seconds * 1e6
 
 
 def gbps(nbytes: int, seconds: float | None) -> float | None:

@@ -30,7 +30,8 @@ def timed(fn: Callable[[], object], device: str) -> Callable[[], None]:
 
 def run_benchmark(benchmark, fn: Callable[[], object], device: str) -> float:
     """Warm up, pick a round count from one probe call, time with ``benchmark.pedantic``; returns
-    the median seconds."""
+    the median seconds. Under ``--benchmark-disable`` (the suites run as plain tests) ``pedantic``
+    calls ``fn`` once and keeps no statistics: the probe call's time is returned instead."""
     run = timed(fn, device)
     for _ in range(2):
         run()
@@ -40,6 +41,8 @@ def run_benchmark(benchmark, fn: Callable[[], object], device: str) -> float:
     probe = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(MAX_ROUNDS[device], max(5, TARGET_SECONDS[device] / probe)))
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return probe
     return float(benchmark.stats.stats.median)
 
 

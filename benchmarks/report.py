@@ -5,11 +5,17 @@
     python benchmarks/report.py --device cuda --out /tmp/gpu_results.md
     python benchmarks/report.py --device cuda --quick
 
-Each case is timed as the median of plain repetitions after a warm-up (CUDA: CUDA events around
-each call). Each implementation is checked against the float64 reference first; a case that fails,
+Each implementation of a case is timed with ``torch.utils.benchmark`` (``Timer.blocked_autorange``, in
+interleaved rounds, best median kept); the run ends with ``Compare``'s side-by-side tables (ours vs eager
+vs torch.compile; ours vs loop vs foreach). The Markdown adds what those tables lack: GB/s against the
+copy bandwidth measured in the same run, speed ratios, and a note on rows timed while other processes
+were computing. Each implementation is checked against the float64 reference first; a case that fails,
 or whose torch.compile baseline fails, is reported in the table and the run goes on. With ``--out``
-the file is rewritten (atomically: temp file, then os.replace) after every case, so an interrupted
-run still leaves the rows done so far.
+the file is rewritten (atomically) after every case, so an interrupted run still leaves the rows done
+so far.
+
+``dfmu_ext`` is imported as installed (``pip install -e .`` of the tree being measured); the header
+says where it came from.
 """
 from __future__ import annotations
 
@@ -18,16 +24,21 @@ import datetime
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
+import bench_common as bc  # this script's folder is on sys.path when it runs as a script
+from dfmu_ext import ops
+from dfmu_ext._io import atomic_write_bytes, markdown_table
 
-import bench_common as bc  # noqa: E402
-from dfmu_ext import ops  # noqa: E402
+
+_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _package_dir() -> str:
+    return os.path.dirname(os.path.abspath(ops.__file__))
 
 
 def _fmt(x, spec: str, none: str = "-") -> str:
@@ -102,7 +113,8 @@ class Report:
         self.device = device
         self.out = out
         self.header: list[str] = []
-        self.sections: list[tuple[str, list[str], list[str], list[str]]] = []  # title, columns, rows, notes
+        self.sections: list[tuple[str, list[str], list[list[str]], list[str]]] = []  # title, columns, rows, notes
+        self.measurements: list = []  # torch.utils.benchmark Measurements, for Compare
         self.noisy_rows = 0  # CPU rows timed while other processes used > 10% of the CPUs
         self.ours_failures = 0  # cases where our op failed or gave a wrong result (compile failures do not count)
 
@@ -111,8 +123,8 @@ class Report:
         return len(self.sections) - 1
 
     def row(self, i: int, cells: list[str]) -> None:
-        self.sections[i][2].append("| " + " | ".join(cells) + " |")
-        print(self.sections[i][2][-1], flush=True)
+        self.sections[i][2].append(cells)
+        print("| " + " | ".join(cells) + " |", flush=True)
         self.write()
 
     def note(self, i: int, text: str) -> None:
@@ -123,31 +135,14 @@ class Report:
     def render(self) -> str:
         parts = list(self.header)
         for title, columns, rows, notes in self.sections:
-            parts += ["", f"### {title}", "", "| " + " | ".join(columns) + " |",
-                      "|" + "|".join("---" for _ in columns) + "|", *rows]
+            parts += ["", f"### {title}", "", markdown_table(columns, rows)]
             if notes:
                 parts += [""] + [f"- {n}" for n in notes]
         return "\n".join(parts) + "\n"
 
     def write(self) -> None:
-        if not self.out:
-            return
-        d = os.path.dirname(os.path.abspath(self.out))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=d)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.render())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-            os.replace(tmp, self.out)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        if self.out:
+            atomic_write_bytes(self.out, self.render().encode())
 
 
 def run_importance(rep: Report, args) -> None:
@@ -205,12 +200,13 @@ def run_importance(rep: Report, args) -> None:
                 if args.verbose:
                     traceback.print_exc()
         load = ForeignLoad() if dev == "cpu" else None  # over the timing only (compile workers are not "others")
-        for impl, t in bc.time_interleaved(checked, dev, rounds=args.rounds, warmup=args.warmup, reps=args.reps,
-                                           max_seconds=args.max_seconds).items():
-            if isinstance(t, BaseException):
-                notes.append(f"{impl} failed while timed: {_short_error(t)}")
+        for impl, m in bc.time_interleaved(checked, rounds=args.rounds, min_run_time=args.min_run_time,
+                                           label=f"block_importance ({dev})", sub_label=case.label).items():
+            if isinstance(m, BaseException):
+                notes.append(f"{impl} failed while timed: {_short_error(m)}")
             else:
-                times[impl] = t
+                times[impl] = m.median
+                rep.measurements.append(m)
         note = foreign_note(load)
         if note:
             notes.append(note)
@@ -264,12 +260,13 @@ def run_masks(rep: Report, args) -> None:
                     if args.verbose:
                         traceback.print_exc()
             load = ForeignLoad() if dev == "cpu" else None
-            for impl, t in bc.time_interleaved(checked, dev, rounds=args.rounds, warmup=args.warmup, reps=args.reps,
-                                               max_seconds=args.max_seconds).items():
-                if isinstance(t, BaseException):
-                    notes.append(f"{impl} failed while timed: {_short_error(t)}")
+            for impl, m in bc.time_interleaved(checked, rounds=args.rounds, min_run_time=args.min_run_time,
+                                               label=f"apply_channel_masks_ ({dev})", sub_label=label).items():
+                if isinstance(m, BaseException):
+                    notes.append(f"{impl} failed while timed: {_short_error(m)}")
                 else:
-                    times[impl] = t
+                    times[impl] = m.median
+                    rep.measurements.append(m)
             nbytes = bc.mask_bytes_moved(tensors)
         except Exception as exc:  # noqa: BLE001
             notes.append(f"inputs: {_short_error(exc)}")
@@ -299,9 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-budget", type=float, default=None,
                    help="seconds of torch.compile time after which the compile baseline is skipped "
                         "(default 150; 60 with --quick)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--max-seconds", type=float, default=None, help="cap on timed seconds per implementation")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="blocked_autorange's min_run_time: seconds per implementation and round "
+                        "(default 0.3; 0.15 with --quick)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved timing rounds per case, best median kept (default 3 on cpu, 2 on cuda; 1 with --quick)")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -310,10 +307,8 @@ def main(argv=None) -> int:
         print("report.py: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     quick = args.quick
-    args.warmup = args.warmup if args.warmup is not None else (2 if quick else 5)
-    args.reps = args.reps if args.reps is not None else (10 if quick else (30 if args.device == "cuda" else 15))
     args.rounds = args.rounds if args.rounds is not None else (1 if quick else (3 if args.device == "cpu" else 2))
-    args.max_seconds = args.max_seconds if args.max_seconds is not None else (0.5 if quick else 1.0)
+    args.min_run_time = args.min_run_time if args.min_run_time is not None else (0.15 if quick else 0.3)
     args.compile_budget = args.compile_budget if args.compile_budget is not None else (60.0 if quick else 150.0)
 
     rep = Report(args.device, args.out)
@@ -333,11 +328,13 @@ def main(argv=None) -> int:
         "",
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; torch {torch.__version__}; "
         f"dfmu_ext build: {info}",
-        f"- dfmu_ext imported from {os.path.dirname(os.path.abspath(ops.__file__))}",
+        f"- dfmu_ext imported from {_package_dir()}",
         f"- copy bandwidth: {copy_s}",
-        f"- timing: best of {args.rounds} interleaved rounds (ours, eager, compile, ours, ...) of the median of up to "
-        f"{args.reps} calls, after {args.warmup} warm-up calls"
-        + (" (CUDA events)" if args.device == "cuda" else "") + ("; --quick" if quick else ""),
+        f"- timing: torch.utils.benchmark `Timer.blocked_autorange(min_run_time={args.min_run_time:g})` at "
+        f"{torch.get_num_threads()} threads, best median of {args.rounds} interleaved rounds (ours, eager, compile, "
+        f"ours, ...); each implementation's checked call and the Timer's block-size estimation are its warm-up"
+        + (" (the Timer synchronizes the device around each block of calls)" if args.device == "cuda" else "")
+        + ("; --quick" if quick else ""),
         "- GB/s: block_importance 2 x act bytes (act and grad read once); masking: read + write of every "
         "tensor. Small problems stay in cache between calls, so % of copy can exceed 100.",
         "- speed-ups are baseline time / ours (> 1: ours is faster).",
@@ -348,6 +345,9 @@ def main(argv=None) -> int:
         except OSError:
             pass
     print("\n".join(rep.header), flush=True)
+    if not _package_dir().startswith(_TREE + os.sep):
+        print(f"report.py: note: timing dfmu_ext from {_package_dir()}, not this tree ({_TREE}); install this "
+              "tree (pip install -e .) to time it", file=sys.stderr)
     rep.write()
     failures = 0
     for name, fn in (("importance", run_importance), ("masks", run_masks)):
@@ -369,6 +369,9 @@ def main(argv=None) -> int:
         rep.header.append(f"- rows timed while other processes used > 10% of the CPUs (see the notes): "
                           f"{rep.noisy_rows} of {rows}")
     rep.write()
+    if rep.measurements:
+        print()
+        print(bc.compare_table(rep.measurements), flush=True)
     print()
     print(rep.render())
     if rep.ours_failures:

@@ -1,24 +1,24 @@
 """The whole scoring pass of score_and_prune vs a plain forward+backward of the same model and batch
 (SmallCNN, ResNet-18 and, on CUDA, a ResNet-50).
 
-    python benchmarks/scoring_pass.py [--device cuda] [--batch 256] [--width 64] [--out FILE]
+    python benchmarks/scoring_pass.py [--device cuda] [--batch 256] [--min-run-time 0.5] [--out FILE]
 
-Reports median times, the overhead of scoring over forward+backward, and peak memory of each
-(CUDA). The scoring pass differentiates with respect to the input only, so it skips the weight
-gradients that a plain backward computes.
+Times both with ``torch.utils.benchmark`` (``Timer.blocked_autorange``; median) and prints
+``Compare``'s side-by-side table, then a Markdown table with the overhead of scoring over
+forward+backward and the peak memory of each (CUDA). The scoring pass differentiates with respect
+to the input only, so it skips the weight gradients that a plain backward computes.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench_common as bc  # this script's folder is on sys.path when it runs as a script
+from dfmu_ext._io import atomic_write_bytes, markdown_table
 from dfmu_ext.importance import score_blocks
 from dfmu_ext.zoo.models import ResNet18, SmallCNN
 
@@ -63,21 +63,6 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _time(fn, device, reps):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _peak(fn, device):
     if device.type != "cuda":
         return float("nan")
@@ -93,19 +78,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="blocked_autorange's min_run_time per measurement (default 1.0 on cuda, 0.5 on cpu)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch or (256 if cuda else 64)
-    reps = args.reps or (20 if cuda else 3)
+    min_run_time = args.min_run_time or (1.0 if cuda else 0.5)
+    rn_width = 64 if cuda else 16
     cases = [("SmallCNN w16, 1x28x28", SmallCNN(1, 10, 16), (1, 28, 28)),
-             ("ResNet-18 w64, 3x32x32", ResNet18(3, 10, 64 if cuda else 16), (3, 32, 32))]
+             (f"ResNet-18 w{rn_width}, 3x32x32", ResNet18(3, 10, rn_width), (3, 32, 32))]
     if cuda:
         cases.append(("ResNet-50, 3x32x32", ResNet50(10), (3, 32, 32)))
-    lines = [f"| model | batch | fwd+bwd ms | scoring pass ms | overhead | peak MiB fwd+bwd | peak MiB scoring |",
-             "|---|---|---|---|---|---|---|"]
+    header = ["model", "batch", "fwd+bwd ms", "scoring pass ms", "overhead", "peak MiB fwd+bwd", "peak MiB scoring"]
+    rows: list[list[str]] = []
+    measurements = []
     for name, model, shape in cases:
         model = model.to(device).eval()
         x = torch.randn(batch, *shape, device=device)
@@ -118,21 +106,23 @@ def main(argv=None) -> int:
         def scoring():
             score_blocks(model, x, y, [3])
 
-        t_plain = _time(plain, device, reps)
-        t_score = _time(scoring, device, reps)
+        label = f"scoring pass vs forward+backward ({device.type})"
+        m_fb = bc.measure(plain, min_run_time, label, f"{name}, batch {batch}", "fwd+bwd")
+        m_sc = bc.measure(scoring, min_run_time, label, f"{name}, batch {batch}", "scoring pass")
+        measurements += [m_fb, m_sc]
+        t_plain, t_score = m_fb.median, m_sc.median
         m_plain = _peak(plain, device)
         model.zero_grad(set_to_none=True)
         m_score = _peak(scoring, device)
-        lines.append(f"| {name} | {batch} | {1e3 * t_plain:.2f} | {1e3 * t_score:.2f} | "
-                     f"{100 * (t_score / t_plain - 1):+.1f}% | {m_plain:.0f} | {m_score:.0f} |")
-        print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
+        rows.append([name, str(batch), f"{1e3 * t_plain:.2f}", f"{1e3 * t_score:.2f}",
+                     f"{100 * (t_score / t_plain - 1):+.1f}%", f"{m_plain:.0f}", f"{m_score:.0f}"])
+        print("| " + " | ".join(rows[-1]) + " |", flush=True)
+    print()
+    print(bc.compare_table(measurements))
+    text = markdown_table(header, rows) + "\n"
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        atomic_write_bytes(args.out, text.encode())
     return 0
 
 

@@ -37,7 +37,7 @@ def test_copy_bandwidth(benchmark, device):
     benchmark.group = f"{device} copy"
     seconds = run_benchmark(benchmark, lambda: dst.copy_(src), device)
     benchmark.extra_info["GB/s"] = round(2 * nbytes / seconds / 1e9, 2)
-    benchmark.extra_info["GB/s (time_fn)"] = round(copy_bandwidth_gbps(device), 2)
+    benchmark.extra_info["GB/s (Timer)"] = round(copy_bandwidth_gbps(device), 2)
 
 
 def _impl_fn(impl: str, case: ImportanceCase, a, g, groups):
@@ -54,7 +54,7 @@ def _baseline_seconds(impl: str, device: str, case: ImportanceCase, a, g, groups
     key = (device, case, impl)
     if key not in _TIMES:  # e.g. run alone with -k: time the baseline here, plainly
         fn = _impl_fn(impl, case, a, g, groups)
-        _TIMES[key] = time_fn(fn, device, warmup=2, reps=10, max_seconds=1.0)
+        _TIMES[key] = time_fn(fn, min_run_time=0.5)
     return _TIMES[key]
 
 

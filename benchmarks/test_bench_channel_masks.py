@@ -43,7 +43,7 @@ _IMPL_CALLS = {"ours": ops.apply_channel_masks_, "loop": loop_masks_, "foreach":
 def _baseline_seconds(impl: str, device: str, case: MaskCase, tensors, masks) -> float:
     key = (device, case, impl)
     if key not in _TIMES:
-        _TIMES[key] = time_fn(_impl_fn(impl, tensors, masks), device, warmup=2, reps=10, max_seconds=1.0)
+        _TIMES[key] = time_fn(_impl_fn(impl, tensors, masks), min_run_time=0.5)
     return _TIMES[key]
 
 
