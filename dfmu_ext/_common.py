@@ -4,12 +4,14 @@ forgotten, train/eval mode that is always restored, seeded randomness, and the t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from .splits import dataset_labels, make_loader
@@ -62,18 +64,82 @@ def check_classes_in_head(classes: list[int], num_outputs: int) -> None:
         raise ValueError("every class would be forgotten: nothing would remain to classify")
 
 
-def check_train_set(train_set: Dataset, classes: list[int]) -> torch.Tensor:
-    """Labels of ``train_set``; raises when it is empty, lacks a forget class, or holds nothing else."""
+@dataclass(frozen=True)
+class ForgetSet:
+    """What is to be forgotten, resolved against one training set: whole classes or given samples.
+
+    Attributes:
+        classes: the forget classes, or None when samples were named.
+        indices: sorted int64 indices (into the training set) of every forget sample.
+        is_forget: bool, one entry per training sample.
+    """
+
+    classes: list[int] | None
+    indices: torch.Tensor
+    is_forget: torch.Tensor
+
+    @property
+    def by_classes(self) -> bool:
+        return self.classes is not None
+
+    def split(self, train_set: Dataset) -> tuple[Subset, Subset]:
+        """(forget subset, retain subset) of ``train_set``, each in index order."""
+        retain = torch.nonzero(~self.is_forget).flatten().tolist()
+        return Subset(train_set, self.indices.tolist()), Subset(train_set, retain)
+
+    def describe(self) -> dict:
+        """What was forgotten, for reports: the classes, or the count and a sha256 of the indices."""
+        if self.by_classes:
+            return {"forget_classes": list(self.classes)}
+        digest = hashlib.sha256(self.indices.numpy().astype("<i8").tobytes()).hexdigest()
+        return {"forget_samples": int(self.indices.numel()), "forget_indices_sha256": digest}
+
+
+def resolve_forget_set(train_set: Dataset, forget_classes=None, forget_indices=None) -> ForgetSet:
+    """Check and resolve exactly one of ``forget_classes`` / ``forget_indices`` against ``train_set``.
+
+    Raises ValueError (nothing is modified) when both or neither are given, the training set is
+    empty, a class is absent or every class would go, or the indices are empty, out of range,
+    duplicated, cover every sample, or cover every sample of a class (forget that class instead).
+    """
+    if (forget_classes is None) == (forget_indices is None):
+        raise ValueError("give exactly one of forget_classes and forget_indices")
     if train_set is None or len(train_set) == 0:  # type: ignore[arg-type]
         raise ValueError("train_set is empty")
     labels = dataset_labels(train_set)
     present = set(torch.unique(labels).tolist())
-    missing = [c for c in classes if c not in present]
-    if missing:
-        raise ValueError(f"forget classes {missing} do not occur in the training labels {sorted(present)}")
-    if present <= set(classes):
-        raise ValueError("every class in the data would be forgotten: no retain data is left")
-    return labels
+    if forget_classes is not None:
+        classes = normalise_classes(forget_classes)
+        missing = [c for c in classes if c not in present]
+        if missing:
+            raise ValueError(f"forget classes {missing} have no sample in train_set: they do not occur in the "
+                             f"training labels {sorted(present)}")
+        if present <= set(classes):
+            raise ValueError("every class in train_set would be forgotten: no class would remain")
+        is_forget = torch.isin(labels, torch.as_tensor(classes, dtype=torch.long))
+        return ForgetSet(classes, torch.nonzero(is_forget).flatten(), is_forget)
+    idx = torch.as_tensor(np.asarray(forget_indices)).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("forget_indices is empty: name at least one sample to forget")
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise TypeError(f"forget_indices must be integers, got {idx.dtype}")
+    idx = idx.long()
+    n = labels.numel()
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"forget_indices must lie in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}]")
+    idx = torch.sort(idx).values
+    dup = idx[1:][idx[1:] == idx[:-1]]
+    if dup.numel():
+        raise ValueError(f"forget_indices holds {dup.numel()} duplicate(s), e.g. {int(dup[0])}")
+    if idx.numel() == n:
+        raise ValueError("forget_indices name every training sample: no retain data is left")
+    is_forget = torch.zeros(n, dtype=torch.bool)
+    is_forget[idx] = True
+    whole = [c for c in sorted(present) if bool(is_forget[labels == c].all())]
+    if whole:
+        raise ValueError(f"forget_indices cover every training sample of class(es) {whole}: forget whole classes "
+                         f"with forget_classes={whole}")
+    return ForgetSet(None, idx, is_forget)
 
 
 # --------------------------------------------------------------------------------------------

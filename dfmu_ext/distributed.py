@@ -217,8 +217,8 @@ class Comm:
     def broadcast_(self, tensors: list[torch.Tensor], src: int = 0) -> None:
         """Overwrite ``tensors`` in place with rank ``src``'s values (one collective; floats only)."""
 
-    def shard(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's shard of ``(x, y)``: samples ``rank, rank + W, ...``."""
+    def shard(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """This rank's shard of a batch ``(x, y, ...)`` (tensors sharing dim 0): samples ``rank, rank + W, ...``."""
         return batch
 
     def global_fraction(self, correct: int, total: int, device: torch.device | None = None) -> float:
@@ -300,11 +300,11 @@ class ProcessGroupComm(Comm):
         self._unpack_(flat, tensors)
 
     def shard(self, batch):
-        x, y = batch
-        if x.shape[0] < self.world_size:
-            raise ValueError(f"the scoring batch has {x.shape[0]} samples, fewer than the {self.world_size} "
-                             "ranks: raise score_samples")
-        return x[self.rank::self.world_size], y[self.rank::self.world_size]
+        n = batch[0].shape[0]
+        if n < self.world_size:
+            raise ValueError(f"the scoring batch has {n} samples, fewer than the {self.world_size} ranks: raise "
+                             "score_samples")
+        return tuple(t[self.rank::self.world_size] for t in batch)
 
     def _summed(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
         t = t.to(self._device_for(device or torch.device("cpu")))

@@ -90,7 +90,7 @@ class MomentumSGD:
 
 def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
                     target_accuracy: float | None = None, device=None, seed: int = 0,
-                    progress: bool = True, comm: Comm | None = None) -> FinetuneHistory:
+                    progress: bool = False, comm: Comm | None = None) -> FinetuneHistory:
     """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early

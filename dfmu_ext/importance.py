@@ -68,11 +68,13 @@ def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
     return scale, shift
 
 
-def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_classes, *,
-                 reduce: str = "abs", comm: Comm | None = None) -> ScoringResult:
+def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_classes=None, *,
+                 forget_mask: torch.Tensor | None = None, reduce: str = "abs",
+                 comm: Comm | None = None) -> ScoringResult:
     """Run the scoring pass (one forward, one backward) and return blocks, scores and counts.
 
-    The model's parameters, buffers, gradients and train/eval mode are left as they were. With a
+    The forget group is ``forget_classes``' samples, or where ``forget_mask`` is true (exactly one
+    of the two). The model's parameters, buffers, gradients and train/eval mode are left as they were. With a
     process-group ``comm``, ``(x, y)`` is this rank's shard and the (tiny) scores and counts are
     summed over ranks. Raises FloatingPointError on a non-finite loss, ValueError on unusable inputs.
     """
@@ -80,8 +82,14 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
         raise ValueError(f"inputs and labels disagree on the batch size: {x.shape[0]} vs {y.shape[0]}")
     if x.shape[0] == 0:
         raise ValueError("the scoring batch is empty")
-    forget = torch.as_tensor(sorted(set(int(c) for c in forget_classes)), dtype=torch.long, device=y.device)
-    groups = torch.isin(y, forget).long()
+    if (forget_classes is None) == (forget_mask is None):
+        raise ValueError("give exactly one of forget_classes and forget_mask")
+    if forget_mask is None:
+        forget = torch.as_tensor(sorted(set(int(c) for c in forget_classes)), dtype=torch.long, device=y.device)
+        forget_mask = torch.isin(y, forget)
+    groups = torch.as_tensor(forget_mask, dtype=torch.bool).to(y.device).reshape(-1).long()
+    if groups.numel() != y.shape[0]:
+        raise ValueError(f"forget_mask has {groups.numel()} entries for a batch of {y.shape[0]} samples")
 
     scores: dict[str, torch.Tensor] = {}
     held: dict[nn.Module, tuple] = {}        # module -> (tensor to read, act_scale, act_shift)

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ._common import (check_classes_in_head, check_train_set, model_device, normalise_classes,
-                      synchronize)
+from ._common import check_classes_in_head, model_device, normalise_classes, resolve_forget_set, synchronize
 from .blocks import classifier_of
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
@@ -18,18 +17,20 @@ from .importance import score_blocks
 from .pruning import build_mask_plan, head_mask_for, suppress_head
 from .result import PruneResult, UnlearnResult
 from .selection import SelectionConfig, select_units
-from .splits import split_forget_retain, stratified_fraction, take_batch
+from .splits import stratified_fraction, take_batch
 
 
-def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: SelectionConfig | None = None,
-                    mode: str | None = None, head: bool = True, reduce: str = "abs",
-                    comm: Comm | None = None) -> PruneResult:
+def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask: torch.Tensor | None = None,
+                    selection: SelectionConfig | None = None, mode: str | None = None, head: bool | None = None,
+                    reduce: str = "abs", comm: Comm | None = None) -> PruneResult:
     """Score every block with ONE forward and ONE backward of ``batch = (x, y)``, select units and
     apply the masks in place with the fused op.
 
-    ``mode`` ("prune" or "rescale") overrides ``selection.mode``. With ``head=True`` the
-    classifier's forget-class rows are masked and their logits pinned low. Nothing in the model
-    changes if an error is raised.
+    The batch's forget samples are those of ``forget_classes``, or those where the boolean
+    ``forget_mask`` (one entry per sample) is true — exactly one of the two. ``mode`` ("prune" or
+    "rescale") overrides ``selection.mode``. With ``head`` (default: when whole classes are
+    forgotten) the classifier's forget-class rows are masked and their logits pinned low; the head
+    is never touched when samples are forgotten. Nothing in the model changes if an error is raised.
 
     Under ``torch.distributed`` (``comm`` defaults to :func:`distributed.current_comm`) every rank
     calls this with *its shard* of the scoring batch (``comm.shard(batch)``): the scores and counts
@@ -38,16 +39,28 @@ def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: Selec
     """
     x, y = batch
     comm = comm or current_comm()
-    classes = normalise_classes(forget_classes)
+    if (forget_classes is None) == (forget_mask is None):
+        raise ValueError("give exactly one of forget_classes and forget_mask")
+    classes = normalise_classes(forget_classes) if forget_classes is not None else None
+    if head is None:
+        head = classes is not None
+    if head and classes is None:
+        raise ValueError("the classifier's rows can only be masked when whole classes are forgotten (head=False)")
     selection = SelectionConfig(**{**(selection or SelectionConfig()).to_dict(), **({"mode": mode} if mode else {})})
     selection.validate()
     device = model_device(model)
     x, y = x.to(device), torch.as_tensor(y).to(device).long()
     head_name, head_layer = classifier_of(model)
-    check_classes_in_head(classes, head_layer.out_features)
+    if classes is not None:
+        check_classes_in_head(classes, head_layer.out_features)
+        forget_mask = torch.isin(y, torch.as_tensor(classes, device=y.device))
+    else:
+        forget_mask = torch.as_tensor(forget_mask, dtype=torch.bool).to(y.device).reshape(-1)
+        if forget_mask.numel() != y.numel():
+            raise ValueError(f"forget_mask has {forget_mask.numel()} entries for a batch of {y.numel()} samples")
 
     t0 = time.perf_counter()
-    scored = score_blocks(model, x, y, classes, reduce=reduce, comm=comm)
+    scored = score_blocks(model, x, y, forget_mask=forget_mask, reduce=reduce, comm=comm)
     synchronize(device)
     t1 = time.perf_counter()
     masks = select_units(scored.blocks, scored.scores, scored.counts, selection)
@@ -61,7 +74,7 @@ def score_and_prune(model: nn.Module, batch, forget_classes, *, selection: Selec
     synchronize(device)
     t2 = time.perf_counter()
 
-    retain = ~torch.isin(y, torch.as_tensor(classes, device=y.device))
+    retain = ~forget_mask
     pred = scored.logits.argmax(1)
     # The whole batch's accuracy (over all ranks): the fine-tune's early-stop target.
     pre_acc = comm.global_fraction(int((pred[retain] == y[retain]).sum()), int(retain.sum()), device)
@@ -77,17 +90,20 @@ def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple
     return f, r
 
 
-def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-            mode: str = "prune", selection: SelectionConfig | None = None, finetune: FinetuneConfig | None = None,
-            score_samples: int = 512, device=None, seed: int = 0, progress: bool = True,
+def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+            forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None, finetune: FinetuneConfig | None = None,
+            score_samples: int = 512, device=None, seed: int = 0, progress: bool = False,
             comm: Comm | None = None) -> UnlearnResult:
-    """Make ``model`` forget ``forget_classes`` using a ``retain_fraction`` of the retain data.
+    """Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
+    ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data — every
+    other sample; the budget is stratified by label either way.
 
     Steps (timed separately): one scoring pass on a batch of ``score_samples`` (half forget, half
     retain from the budgeted slice); knowledge-preserving pruning (``mode`` "prune" or "rescale");
     a masked fine-tune on the class-stratified ``retain_fraction`` of the retain data, stopping
-    early once the retain accuracy measured before pruning is recovered. The model is modified in
-    place and returned in the result; a seed makes the run reproducible.
+    early once the retain accuracy measured before pruning is recovered. The classifier's rows are
+    masked only when whole classes are forgotten. The model is modified in place and returned in
+    the result; a seed makes the run reproducible.
 
     Under ``torch.distributed`` (e.g. torchrun; world size W > 1) every rank calls ``unlearn`` with
     the same arguments and model: rank r scores samples r, r+W, ... of the scoring batch (scores
@@ -98,27 +114,30 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     carries all of that; see ``dfmu_ext.distributed``.
     """
     total_start = time.perf_counter()
-    classes = normalise_classes(forget_classes)
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
     if score_samples < 2:
         raise ValueError("score_samples must be >= 2")
-    check_train_set(train_set, classes)
+    forget = resolve_forget_set(train_set, forget_classes, forget_indices)
     comm = comm or current_comm()
     if device is not None:
         model.to(device)
     device = model_device(model)
     torch.manual_seed(seed)
 
-    forget_set, retain_set = split_forget_retain(train_set, classes)
+    forget_set, retain_set = forget.split(train_set)
     budget = stratified_fraction(retain_set, retain_fraction, seed=seed)
     f_idx, r_idx = _scoring_indices(forget_set, budget, score_samples, seed)
     xf, yf = take_batch(forget_set, f_idx)
     xr, yr = take_batch(budget, r_idx)
-    batch = (torch.cat([xf, xr]), torch.cat([yf, yr]))
+    is_forget = torch.cat([torch.ones(len(f_idx), dtype=torch.bool), torch.zeros(len(r_idx), dtype=torch.bool)])
+    x, y, is_forget = comm.shard((torch.cat([xf, xr]), torch.cat([yf, yr]), is_forget))
 
     with comm.guard("scoring"):
-        pruned = score_and_prune(model, comm.shard(batch), classes, selection=selection, mode=mode, comm=comm)
+        if forget.by_classes:
+            pruned = score_and_prune(model, (x, y), forget.classes, selection=selection, mode=mode, comm=comm)
+        else:
+            pruned = score_and_prune(model, (x, y), forget_mask=is_forget, selection=selection, mode=mode, comm=comm)
     with comm.guard("fine-tune"):
         ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
                              device=device, seed=seed, progress=progress and comm.is_main, comm=comm)
@@ -129,7 +148,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
                "finetune": ft.seconds, "total": total}
     info = {"scores": pruned.scores, "counts": pruned.counts.tolist(),
             "pre_prune_retain_accuracy": pruned.pre_prune_retain_accuracy, "retain_fraction": retain_fraction,
-            "mode": mode}
+            "mode": mode, **forget.describe()}
     return UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
                          forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
                          total_units=pruned.total_units, finetune=ft, info=info)

@@ -10,31 +10,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._common import check_classes_in_head, check_train_set, model_device, normalise_classes, synchronize
+from .._common import check_classes_in_head, model_device, resolve_forget_set, synchronize
 from ..blocks import classifier_of
 from ..result import UnlearnResult
-from ..splits import split_forget_retain, stratified_fraction
+from ..splits import stratified_fraction
 
 
 class Setup:
     """Validated inputs shared by every method."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float, device,
-                 seed: int):
+                 seed: int, forget_indices=None):
         self.start = time.perf_counter()
-        self.classes = normalise_classes(forget_classes)
         if not 0.0 < float(retain_fraction) <= 1.0:
             raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
         self.retain_fraction = float(retain_fraction)
-        check_train_set(train_set, self.classes)
+        self.forget = resolve_forget_set(train_set, forget_classes, forget_indices)
+        self.classes = self.forget.classes  # None when samples are forgotten
+        self.head_name, self.head = classifier_of(model)
+        if self.classes is not None:
+            check_classes_in_head(self.classes, self.head.out_features)
         if device is not None:
             model.to(device)
         self.device = model_device(model)
-        self.head_name, self.head = classifier_of(model)
-        check_classes_in_head(self.classes, self.head.out_features)
         self.num_classes = self.head.out_features
         self.seed = int(seed)
-        self.forget_set, self.retain_set = split_forget_retain(train_set, self.classes)
+        self.forget_set, self.retain_set = self.forget.split(train_set)
         self._budget = None
 
     @property
@@ -122,7 +123,7 @@ def make_result(setup: Setup, model: nn.Module, method: str, retain_used: int, f
     """The method's :class:`UnlearnResult`, its total time taken now."""
     timings = dict(timings or {})
     timings["total"] = setup.elapsed()
-    info = {"retain_fraction": setup.retain_fraction, "forget_classes": setup.classes, "seed": setup.seed, **info}
+    info = {"retain_fraction": setup.retain_fraction, **setup.forget.describe(), "seed": setup.seed, **info}
     return UnlearnResult(model=model, masks=masks or {}, timings=timings, retain_samples_used=int(retain_used),
                          forget_samples_used=int(forget_used), method=method, info=info)
 

@@ -10,13 +10,13 @@ from ..result import UnlearnResult
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, make_result, sgd
 
 
-def gradient_ascent(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-                    epochs: int = 5, lr: float = 5e-4, batch_size: int = 128, momentum: float = 0.9,
-                    weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = True) -> UnlearnResult:
+def gradient_ascent(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+                    forget_indices=None, epochs: int = 5, lr: float = 5e-4, batch_size: int = 128, momentum: float = 0.9,
+                    weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """GA: maximise the cross-entropy on the forget set. Reads no retain data (``retain_fraction``
     is ignored). The recipe's lr is 1e-4; 5e-4 is the default since 1e-4 barely moves the model."""
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     forget, dev = setup.forget_set, setup.device
     opt = sgd(model, lr, momentum, weight_decay)
     log = LossLog(dev)

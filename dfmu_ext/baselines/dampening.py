@@ -41,9 +41,9 @@ def squared_grad_importance(model: nn.Module, dataset: Dataset, *, batch_size: i
     return [a / max(batches, 1) for a in acc]
 
 
-def ssd(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-        alpha: float = 10.0, lam: float = 1.0, batch_size: int = 8, device=None, seed: int = 0,
-        progress: bool = True) -> UnlearnResult:
+def ssd(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+        forget_indices=None, alpha: float = 10.0, lam: float = 1.0, batch_size: int = 8, device=None, seed: int = 0,
+        progress: bool = False) -> UnlearnResult:
     """SSD (selective synaptic dampening): importances ``I_f`` on the forget set and ``I_D`` on the
     training data with :func:`squared_grad_importance`; every parameter entry with
     ``I_f > alpha * I_D`` is multiplied by ``min(lam * I_D / I_f, 1)``. No training: weights are
@@ -65,7 +65,7 @@ def ssd(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: f
         raise ValueError(f"need alpha > 0 and lam >= 0, got alpha={alpha}, lam={lam}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     dev = setup.device
     forget_share = stratified_fraction(setup.forget_set, setup.retain_fraction, seed=setup.seed)
     data = ConcatDataset([forget_share, setup.budget])

@@ -13,10 +13,10 @@ from ..result import UnlearnResult
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, kl_distill, make_result, sgd
 
 
-def scrub(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-          epochs: int = 3, msteps: int = 2, lr: float = 5e-4, T: float = 4.0, gamma: float = 0.99,
+def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+          forget_indices=None, epochs: int = 3, msteps: int = 2, lr: float = 5e-4, T: float = 4.0, gamma: float = 0.99,
           kd_alpha: float = 0.001, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
-          device=None, seed: int = 0, progress: bool = True) -> UnlearnResult:
+          device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """SCRUB: the student (``model``) starts as a copy of the frozen teacher (the original). Each
     epoch < ``msteps`` first runs max-steps on the forget set (minimise ``-KL(teacher || student)``
     at temperature ``T``), then every epoch runs min-steps on the retain budget
@@ -24,7 +24,7 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction:
     check_epochs(epochs, batch_size)
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     dev, budget = setup.device, setup.budget
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():

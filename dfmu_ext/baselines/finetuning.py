@@ -11,10 +11,10 @@ from ..result import UnlearnResult
 from ._plumbing import LossLog, Setup, check_epochs, make_result, sgd, steps_per_epoch
 
 
-def _retain_finetune(method: str, model, train_set, forget_classes, retain_fraction, *, epochs, lr, batch_size,
+def _retain_finetune(method: str, model, train_set, forget_classes, retain_fraction, *, forget_indices, epochs, lr, batch_size,
                      momentum, weight_decay, l1_alpha, device, seed, progress) -> UnlearnResult:
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     budget, dev = setup.budget, setup.device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = sgd(model, lr, momentum, weight_decay)
@@ -43,23 +43,25 @@ def _retain_finetune(method: str, model, train_set, forget_classes, retain_fract
     return make_result(setup, model, method, len(budget), 0, info)
 
 
-def finetune(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-             epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
-             weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = True) -> UnlearnResult:
+def finetune(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+             forget_indices=None, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
+             weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """FT: fine-tune with cross-entropy on the retain budget (catastrophic forgetting of the rest)."""
-    return _retain_finetune("FT", model, train_set, forget_classes, retain_fraction, epochs=epochs, lr=lr,
+    return _retain_finetune("FT", model, train_set, forget_classes, retain_fraction,
+                            forget_indices=forget_indices, epochs=epochs, lr=lr,
                             batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, l1_alpha=0.0,
                             device=device, seed=seed, progress=progress)
 
 
-def l1_sparse(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-              alpha: float = 5e-4, epochs: int = 10, lr: float = 0.01, batch_size: int = 128,
+def l1_sparse(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+              forget_indices=None, alpha: float = 5e-4, epochs: int = 10, lr: float = 0.01, batch_size: int = 128,
               momentum: float = 0.9, weight_decay: float = 5e-4, device=None, seed: int = 0,
-              progress: bool = True) -> UnlearnResult:
+              progress: bool = False) -> UnlearnResult:
     """l1-sparse: FT with loss ``CE + alpha_t * sum_p |theta_p|``, ``alpha_t`` decaying linearly per
     step from ``alpha`` to 0 over the run (the recipe's sweep range is 1e-5 ... 1e-3)."""
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    return _retain_finetune("l1-sparse", model, train_set, forget_classes, retain_fraction, epochs=epochs, lr=lr,
+    return _retain_finetune("l1-sparse", model, train_set, forget_classes, retain_fraction,
+                            forget_indices=forget_indices, epochs=epochs, lr=lr,
                             batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, l1_alpha=alpha,
                             device=device, seed=seed, progress=progress)

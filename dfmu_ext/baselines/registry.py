@@ -19,11 +19,11 @@ from .distill import scrub
 from .dampening import ssd
 
 
-def dfmu(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-         device=None, seed: int = 0, progress: bool = True, **kwargs) -> UnlearnResult:
+def dfmu(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+         forget_indices=None, device=None, seed: int = 0, progress: bool = False, **kwargs) -> UnlearnResult:
     """DFMU (:func:`dfmu_ext.unlearn`), under the baselines' calling convention."""
-    return unlearn(model, train_set, forget_classes, retain_fraction, device=device, seed=seed, progress=progress,
-                   **kwargs)
+    return unlearn(model, train_set, forget_classes, retain_fraction, forget_indices=forget_indices, device=device,
+                   seed=seed, progress=progress, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -14,18 +14,34 @@ from ..result import UnlearnResult
 from ._plumbing import LossLog, Setup, check_epochs, make_result, sgd
 
 
+class _TaggedForget(Dataset):
+    """The forget samples with label ``y + K`` (K classes), so the training loop can tell them from
+    the retain samples in a mixed batch whatever their labels (needed when samples, not classes, go)."""
+
+    def __init__(self, forget_set: Dataset, num_classes: int):
+        self.forget_set, self.offset = forget_set, num_classes
+
+    def __len__(self) -> int:
+        return len(self.forget_set)  # type: ignore[arg-type]
+
+    def __getitem__(self, i):
+        x, y = self.forget_set[i]
+        return x, y + self.offset
+
+
 def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, batch_size, momentum, weight_decay,
                   progress, grad_mask: list[torch.Tensor] | None = None) -> dict:
-    """Train on forget (labels redrawn uniformly from the remaining classes each batch) + retain budget.
+    """Train on forget (labels redrawn uniformly each batch from the remaining classes, or from all
+    classes when samples are forgotten) + the retain budget.
 
     With ``grad_mask`` (one 0/1 tensor per trainable parameter), weight decay is added to the
     gradient *before* it is multiplied by the mask and the optimizer runs without decay, so weights
     outside the mask stay exactly as they were (momentum never builds up for them either).
     """
     dev = setup.device
-    data = ConcatDataset([setup.forget_set, setup.budget])
-    cls = torch.as_tensor(setup.classes, dtype=torch.long, device=dev)
-    remaining = torch.tensor([c for c in range(setup.num_classes) if c not in setup.classes], dtype=torch.long)
+    k = setup.num_classes
+    data = ConcatDataset([_TaggedForget(setup.forget_set, k), setup.budget])
+    remaining = torch.tensor([c for c in range(k) if c not in (setup.classes or [])], dtype=torch.long)
     gen = torch.Generator().manual_seed(setup.seed + 104729)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = sgd(model, lr, momentum, 0.0 if grad_mask is not None else weight_decay)
@@ -35,7 +51,7 @@ def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, ba
         for epoch in range(epochs):
             for x, y in TrainBatches(data, batch_size, setup.seed + epoch, dev,
                                      desc=f"{method} {epoch + 1}/{epochs}", progress=progress):
-                is_f = torch.isin(y, cls)
+                is_f = y >= k
                 rand = remaining[torch.randint(len(remaining), (y.shape[0],), generator=gen)].to(dev)
                 y = torch.where(is_f, rand, y)
                 loss = F.cross_entropy(model(x), y)
@@ -57,13 +73,13 @@ def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, ba
             "weight_decay": weight_decay, "steps": steps, "loss": log.epochs}
 
 
-def random_label(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-                 epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = True) -> UnlearnResult:
+def random_label(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+                 forget_indices=None, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """RL: cross-entropy on the forget samples with random labels (drawn from the remaining
     classes, afresh each batch) together with the retain budget under their true labels."""
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     with seeded(setup.seed, setup.device):
         info = _relabel_loop("RL", setup, model, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                              weight_decay=weight_decay, progress=progress)
@@ -102,14 +118,14 @@ def saliency_mask(model: nn.Module, forget_set: Dataset, keep: float = 0.5, *, b
     return out
 
 
-def salun(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
-          keep: float = 0.5, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
-          weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = True) -> UnlearnResult:
+def salun(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
+          forget_indices=None, keep: float = 0.5, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
+          weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """SalUn: :func:`saliency_mask` (top ``keep`` = 50% of weights by forget-gradient magnitude),
     then RL in which every gradient (weight decay included) is multiplied by the mask, so only the
     salient weights change. SGD momentum 0.9, weight decay 5e-4, 10 epochs."""
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     with seeded(setup.seed, setup.device):
         t0 = time.perf_counter()
         mask = saliency_mask(model, setup.forget_set, keep, batch_size=batch_size, device=setup.device,

@@ -29,10 +29,10 @@ def reinitialize(model: nn.Module) -> nn.Module:
     return model
 
 
-def retrain(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 1.0, *,
-            model_name: str | None = None, config: training.TrainConfig | None = None,
+def retrain(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 1.0, *,
+            forget_indices=None, model_name: str | None = None, config: training.TrainConfig | None = None,
             model_factory: Callable[[], nn.Module] | None = None, device=None, seed: int = 0,
-            progress: bool = True) -> UnlearnResult:
+            progress: bool = False) -> UnlearnResult:
     """Retrain from scratch on the retain data with the original training recipe (the gold standard).
 
     The recipe is ``config`` if given, else ``training.default_train_config(model_name, device)``
@@ -42,7 +42,7 @@ def retrain(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     (all retain data: the reference every other number is compared with); a smaller value trains
     on the stratified slice instead.
     """
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
     if config is None:
         model_name = model_name or model_name_of(model)
         if model_name is None:

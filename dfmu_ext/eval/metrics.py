@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._common import normalise_classes, resolve_device
+from .._common import normalise_classes, resolve_device, resolve_forget_set
 from ..blocks import classifier_of
 from ..splits import dataset_labels
 from .predict import check_batch_size, forward_collect
@@ -252,10 +252,14 @@ def linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
 # everything at once
 # --------------------------------------------------------------------------------------------
 
-def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes: Iterable[int],
-             *, device=None, batch_size: int = 512, probe_samples: int = 5000, seed: int = 0,
-             mia: bool = True, probe: bool = True) -> dict[str, float]:
+def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes: Iterable[int] | None = None,
+             *, forget_indices=None, test_forget_indices=None, device=None, batch_size: int = 512,
+             probe_samples: int = 5000, seed: int = 0, mia: bool = True, probe: bool = True) -> dict[str, float]:
     """All metrics of the evaluation protocol, as ``{name: float}`` with exactly six keys.
+
+    The forget set is ``forget_classes`` (whole classes: ``T_f`` is their test samples) or
+    ``forget_indices`` (samples of ``train_set``; ``T_f`` is ``test_forget_indices`` — e.g. the test
+    samples of a forgotten sub-class — or empty, when the forget-test accuracy and the probe are nan).
 
     * ``forget_acc = acc(D_f)`` — UA = 1 − forget_acc.
     * ``forget_test_acc = acc(T_f)``.
@@ -280,32 +284,34 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
             remaining classes; ``batch_size`` or ``probe_samples`` is not positive; ``probe=True``
             and the model has no ``nn.Linear``.
     """
-    classes = normalise_classes(forget_classes)
     check_batch_size(batch_size)
     if probe and int(probe_samples) <= 0:
         raise ValueError(f"probe_samples must be positive, got {probe_samples}")
-    if len(train_set) == 0:  # type: ignore[arg-type]
-        raise ValueError("train_set is empty")
     if len(test_set) == 0:  # type: ignore[arg-type]
         raise ValueError("test_set is empty")
-
-    cls_t = torch.as_tensor(classes, dtype=torch.long)
+    forget = resolve_forget_set(train_set, forget_classes, forget_indices)
     train_labels = dataset_labels(train_set)
     test_labels = dataset_labels(test_set)
-    present = set(torch.unique(train_labels).tolist())
-    missing = [c for c in classes if c not in present]
-    if missing:
-        raise ValueError(f"forget classes {missing} have no sample in train_set "
-                         f"(classes present: {sorted(present)})")
-    if present <= set(classes):
-        raise ValueError(f"every class of train_set is a forget class ({sorted(present)}); "
-                         "no class would remain")
-    train_forget = torch.isin(train_labels, cls_t)
-    test_forget = torch.isin(test_labels, cls_t)
-    if not test_forget.any():
-        raise ValueError(f"test_set has no sample of the forget classes {classes}")
+    train_forget = forget.is_forget
+    if forget.by_classes:
+        if test_forget_indices is not None:
+            raise ValueError("test_forget_indices go with forget_indices; with forget_classes the test samples "
+                             "of those classes are the forget-test set")
+        classes = forget.classes
+        test_forget = torch.isin(test_labels, torch.as_tensor(classes, dtype=torch.long))
+        if not test_forget.any():
+            raise ValueError(f"test_set has no sample of the forget classes {classes}")
+    else:
+        test_forget = torch.zeros(test_labels.numel(), dtype=torch.bool)
+        if test_forget_indices is not None:
+            idx = torch.as_tensor(np.asarray(test_forget_indices)).reshape(-1).long()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= test_labels.numel()):
+                raise ValueError(f"test_forget_indices must lie in [0, {test_labels.numel()})")
+            test_forget[idx] = True
+        classes = sorted(set(test_labels[test_forget].tolist()))  # the labels the probe must recover
     if test_forget.all():
         raise ValueError("test_set has no sample of the remaining classes")
+    probe = probe and bool(test_forget.any())
 
     device = resolve_device(model, device)
     layer = last_linear(model) if probe else None
@@ -332,7 +338,7 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
 
     out = {
         "forget_acc": _accuracy(tr_logits[train_forget], tr_y[train_forget]),
-        "forget_test_acc": _accuracy(te_logits[test_forget], te_y[test_forget]),
+        "forget_test_acc": _accuracy(te_logits[test_forget], te_y[test_forget]) if test_forget.any() else float("nan"),
         "retain_acc": _accuracy(tr_logits[~train_forget], tr_y[~train_forget]),
         "test_acc": _accuracy(te_logits[~test_forget], te_y[~test_forget]),
         "mia_efficacy": float("nan"),

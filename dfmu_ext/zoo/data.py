@@ -32,7 +32,7 @@ __all__ = [
     "canonical_name",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits")
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits", "fashion-mnist-coarse", "cifar20")
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -54,6 +54,8 @@ _ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
     "cifar10": "cifar10", "cifar-10": "cifar10",
     "digits": "digits",
+    "fashion-mnist-coarse": "fashion-mnist-coarse", "fmnist-coarse": "fashion-mnist-coarse",
+    "cifar20": "cifar20", "cifar-20": "cifar20",
 }
 
 
@@ -73,6 +75,7 @@ class DatasetInfo:
     source: str
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    fine: object = None  # coarse-label data sets: the fine labels behind them (zoo.coarse.FineLabels)
 
 
 def canonical_name(name: str) -> str:
@@ -349,7 +352,8 @@ def _load_digits():
 
 def load_dataset(name: str, root: str | os.PathLike | None = None,
                  download_hint: bool = True) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
-    """Load ``name`` ("fashion-mnist", "cifar10" or "digits") as ``(train, test, info)``.
+    """Load ``name`` (one of ``DATASET_NAMES``) as ``(train, test, info)``; the coarse-label sets
+    ("fashion-mnist-coarse", "cifar20") come from :mod:`.coarse`.
 
     Inputs are float32 ``(N, C, H, W)`` normalised with the train split's per-channel mean/std;
     labels are int64. ``root`` names the folder to read (no fallback to other locations when
@@ -363,6 +367,11 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
         return _load_fashion_mnist(root, download_hint)
     if key == "cifar10":
         return _load_cifar10(root, download_hint)
+    if key in ("fashion-mnist-coarse", "cifar20"):
+        from . import coarse  # built on this module's loaders
+
+        loader = coarse.load_fashion_mnist_coarse if key == "fashion-mnist-coarse" else coarse.load_cifar20
+        return loader(root, download_hint)
     return _load_digits()
 
 

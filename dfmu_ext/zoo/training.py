@@ -114,7 +114,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
-                device: torch.device | str = "cpu", seed: int = 0, progress: bool = True,
+                device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
                 desc: str = "train", *, eval_set: Dataset | None = None,
                 log_every: int = 20) -> dict:
     """Train ``model`` in place on ``train_set`` with ``config``; returns the per-epoch history.

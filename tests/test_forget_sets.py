@@ -1,0 +1,179 @@
+"""Forgetting samples and sub-classes: forget_indices through unlearn, score_and_prune, evaluate and
+every baseline; the coarse-label data sets; and the bad inputs (clear errors, nothing modified)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import dfmu_ext
+from dfmu_ext import baselines
+from dfmu_ext._common import resolve_forget_set
+from dfmu_ext.blocks import classifier_of
+from dfmu_ext.experiments.scenarios import average_gap, run_scenario, scenario_forget_set
+from dfmu_ext.pruning import SUPPRESSED_LOGIT
+from dfmu_ext.splits import dataset_labels
+from dfmu_ext.zoo import coarse, models, training
+from dfmu_ext.zoo.data import DatasetInfo, find_fashion_mnist, load_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def original(digits):
+    train, _, info = digits
+    torch.manual_seed(0)
+    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
+    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def random_indices(digits):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randperm(len(digits[0]), generator=gen)[:120]
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resolve_forget_set(digits, random_indices):
+    train = digits[0]
+    fs = resolve_forget_set(train, forget_indices=random_indices.flip(0))
+    assert not fs.by_classes and torch.equal(fs.indices, torch.sort(random_indices).values)
+    forget, retain = fs.split(train)
+    assert len(forget) == 120 and len(retain) == len(train) - 120
+    assert set(forget.indices).isdisjoint(retain.indices)
+    assert fs.describe()["forget_samples"] == 120 and len(fs.describe()["forget_indices_sha256"]) == 64
+    by_class = resolve_forget_set(train, [3])
+    assert by_class.classes == [3] and torch.equal(by_class.indices, torch.nonzero(dataset_labels(train) == 3).flatten())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({}, "exactly one"),
+    ({"forget_classes": [3], "forget_indices": [1, 2]}, "exactly one"),
+    ({"forget_indices": []}, "empty"),
+    ({"forget_indices": [0, 10 ** 6]}, r"must lie in \[0, "),
+    ({"forget_indices": [-1, 2]}, r"must lie in \[0, "),
+    ({"forget_indices": [4, 7, 4]}, "duplicate"),
+])
+def test_bad_forget_sets_modify_nothing(digits, original, kwargs, match):
+    train = digits[0]
+    model = copy.deepcopy(original)
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        dfmu_ext.unlearn(model, train, retain_fraction=0.3, **kwargs)
+    assert _same(before, _state(model))
+    for name in ("FT", "SSD", "Retrain"):
+        with pytest.raises(ValueError, match=match):
+            baselines.METHODS[name](model, train, retain_fraction=0.3, **kwargs)
+    assert _same(before, _state(model))
+
+
+def test_indices_covering_a_whole_class_are_refused(digits, original):
+    train = digits[0]
+    whole = torch.nonzero(dataset_labels(train) == 5).flatten()
+    with pytest.raises(ValueError, match=r"forget_classes=\[5\]"):
+        dfmu_ext.unlearn(copy.deepcopy(original), train, forget_indices=torch.cat([whole, torch.tensor([0])]))
+    with pytest.raises(ValueError, match="every training sample"):
+        resolve_forget_set(train, forget_indices=torch.arange(len(train)))
+
+
+def test_unlearn_samples_leaves_the_head_rows_alone(digits, original, random_indices):
+    train, test, _ = digits
+    model = copy.deepcopy(original)
+    res = dfmu_ext.unlearn(model, train, forget_indices=random_indices, retain_fraction=0.3, seed=0)
+    head_name, head = classifier_of(model)
+    assert head_name not in res.masks
+    assert bool((head.bias > SUPPRESSED_LOGIT / 2).all()), "no class row is pinned when samples are forgotten"
+    assert res.forget_samples_used <= 120 and res.info["forget_samples"] == 120
+    again = dfmu_ext.unlearn(copy.deepcopy(original), train, forget_indices=random_indices, retain_fraction=0.3, seed=0)
+    assert _same(_state(model), _state(again.model))
+    m = dfmu_ext.evaluate(model, train, test, forget_indices=random_indices, seed=0)
+    assert np.isnan(m["forget_test_acc"]) and np.isnan(m["probe_forget_acc"])
+    assert 0.0 <= m["forget_acc"] <= 1.0 and 0.0 <= m["mia_efficacy"] <= 1.0
+
+
+def test_score_and_prune_with_a_mask(digits, original):
+    train = digits[0]
+    x, y = train.tensors[0][:64], train.tensors[1][:64]
+    mask = torch.zeros(64, dtype=torch.bool)
+    mask[::4] = True
+    model = copy.deepcopy(original)
+    res = dfmu_ext.score_and_prune(model, (x, y), forget_mask=mask)
+    assert res.counts.tolist() == [48.0, 16.0]
+    with pytest.raises(ValueError, match="whole classes"):
+        dfmu_ext.score_and_prune(copy.deepcopy(original), (x, y), forget_mask=mask, head=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        dfmu_ext.score_and_prune(copy.deepcopy(original), (x, y), [3], forget_mask=mask)
+    with pytest.raises(ValueError, match="entries for a batch"):
+        dfmu_ext.score_and_prune(copy.deepcopy(original), (x, y), forget_mask=mask[:10])
+
+
+@pytest.mark.parametrize("name", [n for n in baselines.METHODS if n != "head-mask"])
+def test_every_baseline_forgets_samples(digits, original, random_indices, name):
+    train = digits[0]
+    fast = {"FT": {"epochs": 1}, "GA": {"epochs": 1}, "RL": {"epochs": 1}, "l1-sparse": {"epochs": 1},
+            "SalUn": {"epochs": 1}, "SCRUB": {"epochs": 1, "msteps": 1},
+            "Retrain": {"config": training.TrainConfig(epochs=1, lr=0.05)}}.get(name, {})
+    res = baselines.METHODS[name](copy.deepcopy(original), train, None, 0.3, forget_indices=random_indices, seed=0,
+                                  **fast)
+    assert res.timings["total"] > 0 and res.info.get("forget_samples", 120) == 120
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_head_mask_refuses_samples(digits, original, random_indices):
+    with pytest.raises(ValueError, match="not applicable to sample forgetting"):
+        baselines.METHODS["head-mask"](copy.deepcopy(original), digits[0], forget_indices=random_indices)
+
+
+def test_subclass_indices_and_scenarios():
+    fine = coarse.FineLabels(torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([2, 1, 0, 2]), ("a", "b", "c"), (0, 1, 1))
+    info = DatasetInfo("toy", 2, 1, (1, 1), ("A", "BC"), "test", fine=fine)
+    tr, te, c = coarse.subclass_indices(info, "C")
+    assert tr.tolist() == [2, 3] and te.tolist() == [0, 3] and c == 1
+    assert coarse.subclass_indices(info, 1)[0].tolist() == [1, 4]
+    with pytest.raises(ValueError, match="unknown sub-class"):
+        coarse.subclass_indices(info, "zebra")
+    with pytest.raises(ValueError, match="outside"):
+        coarse.subclass_indices(info, 7)
+    plain = DatasetInfo("plain", 2, 1, (1, 1), ("A", "B"), "test")
+    with pytest.raises(ValueError, match="no sub-classes"):
+        coarse.subclass_indices(plain, 0)
+    scen = scenario_forget_set(info, list(range(6)), subclass="c")
+    assert scen["sibling_test_indices"].tolist() == [1] and scen["test_forget_indices"].tolist() == [0, 3]
+    rnd = scenario_forget_set(info, list(range(100)), random_fraction=0.1, seed=3)
+    assert rnd["forget_indices"].numel() == 10
+    assert torch.equal(rnd["forget_indices"], scenario_forget_set(info, list(range(100)), random_fraction=0.1,
+                                                                   seed=3)["forget_indices"])
+    ref = {"forget_acc": 0.9, "retain_acc": 0.95, "test_acc": 0.9, "mia_efficacy": 0.2}
+    assert average_gap(ref, ref) == 0
+    assert abs(average_gap({**ref, "retain_acc": 0.91}, ref) - 0.01) < 1e-12
+
+
+def test_cifar20_absent_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR-100 python version"):
+        load_dataset("cifar20", root=tmp_path)
+
+
+@pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST files not installed")
+def test_fashion_mnist_coarse():
+    train, test, info = load_dataset("fashion-mnist-coarse")
+    assert info.num_classes == 5 and info.class_names[3] == "footwear"
+    tr, te, c = coarse.subclass_indices(info, "Sneaker")
+    assert c == 3 and tr.numel() == 6000 and te.numel() == 1000
+    assert bool((train.tensors[1][tr] == 3).all())
+
+
+def test_random_scenario_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
+    rep = run_scenario("digits", "mlp", random_fraction=0.1, seeds=1, methods="Retrain,DFMU,head-mask",
+                       out_dir=str(tmp_path / "out"), train_epochs=2, quiet=True)
+    assert rep["skipped"] == ["head-mask"] and (tmp_path / "out" / "scenario.json").is_file()
+    dfmu = next(r for r in rep["runs"] if r["method"] == "DFMU")
+    assert "metrics" in dfmu and dfmu["gap_to_retrain"] >= 0
