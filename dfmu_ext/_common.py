@@ -196,13 +196,14 @@ class TrainBatches:
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, device: torch.device, *,
                  shuffle: bool = True, sampler=None, skip_singletons: bool = True, desc: str = "",
-                 progress: bool = False):
+                 progress: bool = False, engine=None):
         self.loader = make_loader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, seed=seed,
                                   sampler=sampler)
         self.device = device
         self.skip_singletons = skip_singletons
         self.desc = desc
         self.progress = progress
+        self.engine = engine  # a steps.StepEngine: puts each batch in its memory layout
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -213,7 +214,8 @@ class TrainBatches:
             for x, y in bar:
                 if self.skip_singletons and x.shape[0] < 2:
                     continue
-                yield (x.to(self.device, non_blocking=True),
+                x = x.to(self.device, non_blocking=True)
+                yield (self.engine.batch(x) if self.engine is not None else x,
                        torch.as_tensor(y).to(self.device, non_blocking=True).long())
         finally:
             bar.close()

@@ -18,6 +18,7 @@ from ._common import TrainBatches, model_device, train_mode
 from .distributed import Comm
 from .pruning import MaskPlan
 from .result import FinetuneHistory
+from .steps import StepEngine, StepOptions
 
 
 @dataclass
@@ -90,7 +91,8 @@ class MomentumSGD:
 
 def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
                     target_accuracy: float | None = None, device=None, seed: int = 0,
-                    progress: bool = False, comm: Comm | None = None) -> FinetuneHistory:
+                    progress: bool = False, comm: Comm | None = None,
+                    steps: StepOptions | None = None) -> FinetuneHistory:
     """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
@@ -98,7 +100,7 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     tolerance), fine-tuning ends. Under a process-group ``comm`` each rank trains on its sampler's
     share with a per-rank batch of ``comm.local_batch_size(batch_size)``, through ``comm.wrap(model)``
     (DDP), and the early-stop window sees each step's (correct, seen) summed over ranks, so every
-    rank stops at the same step.
+    rank stops at the same step. ``steps`` sets precision and memory layout (:mod:`dfmu_ext.steps`).
     """
     config = config or FinetuneConfig()
     config.validate()
@@ -108,6 +110,8 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     history = FinetuneHistory()
     if config.epochs == 0 or len(dataset) == 0:
         return history
+    engine = StepEngine(model, device, steps)
+    engine.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = MomentumSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sampler = comm.sampler(dataset, seed)
@@ -122,16 +126,16 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                     sampler.set_epoch(epoch)
                 batches = TrainBatches(dataset, comm.local_batch_size(config.batch_size), seed + epoch, device,
                                        sampler=sampler, desc=f"fine-tune {epoch + 1}/{config.epochs}",
-                                       progress=progress)
+                                       progress=progress, engine=engine)
                 steps_per_epoch = len(batches)
                 for step, (x, y) in enumerate(batches):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits, y)
+                    with engine.autocast():
+                        logits = net(x)
+                        loss = F.cross_entropy(logits, y)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    engine.backward_step(loss, optimizer)
                     plan.apply(optimizer)
                     history.steps += 1
                     correct, seen = comm.reduce_counts(int((logits.detach().argmax(1) == y).sum()), int(x.shape[0]))

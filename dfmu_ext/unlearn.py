@@ -18,6 +18,7 @@ from .pruning import build_mask_plan, head_mask_for, suppress_head
 from .result import PruneResult, UnlearnResult
 from .selection import SelectionConfig, select_units
 from .splits import stratified_fraction, take_batch
+from .steps import StepOptions
 
 
 def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask: torch.Tensor | None = None,
@@ -81,6 +82,13 @@ def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask
     return PruneResult(masks, scored.scores, scored.counts, plan, pre_acc, t1 - t0, t2 - t1)
 
 
+#: The default selection when samples (not classes) are forgotten. Random samples share every feature
+#: with the retain data, so their importance ratio rho is ~1 up to sampling noise: with the classes'
+#: rho > 1 rule DFMU pruned 51 units on noise and lost 1 point of RA and TA (Fashion-MNIST CNN, random
+#: 10%); requiring rho > 2 leaves 12 units, the same result as the fine-tune alone (benchmarks/RESULTS.md).
+SAMPLE_SELECTION = SelectionConfig(min_ratio=2.0)
+
+
 def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple[list[int], list[int]]:
     """Up to n/2 random forget samples and n/2 random retain samples (from the budgeted slice)."""
     gen = torch.Generator().manual_seed(seed + 7919)
@@ -91,9 +99,10 @@ def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple
 
 
 def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
-            forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None, finetune: FinetuneConfig | None = None,
+            forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None,
+            finetune: FinetuneConfig | None = None,
             score_samples: int = 512, device=None, seed: int = 0, progress: bool = False,
-            comm: Comm | None = None) -> UnlearnResult:
+            comm: Comm | None = None, steps: StepOptions | None = None) -> UnlearnResult:
     """Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data — every
     other sample; the budget is stratified by label either way.
@@ -102,7 +111,9 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     retain from the budgeted slice); knowledge-preserving pruning (``mode`` "prune" or "rescale");
     a masked fine-tune on the class-stratified ``retain_fraction`` of the retain data, stopping
     early once the retain accuracy measured before pruning is recovered. The classifier's rows are
-    masked only when whole classes are forgotten. The model is modified in place and returned in
+    masked only when whole classes are forgotten; for samples the default selection is
+    :data:`SAMPLE_SELECTION` (only units clearly more important to the forget samples are touched).
+    The model is modified in place and returned in
     the result; a seed makes the run reproducible.
 
     Under ``torch.distributed`` (e.g. torchrun; world size W > 1) every rank calls ``unlearn`` with
@@ -111,7 +122,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     its DistributedSampler share of the budget with a per-rank batch of ceil(batch_size / W), the
     early stop decided on counts summed over ranks; BatchNorm running statistics are averaged at the
     end, so every rank returns the same model. ``comm`` (default :func:`distributed.current_comm`)
-    carries all of that; see ``dfmu_ext.distributed``.
+    carries all of that; see ``dfmu_ext.distributed``. ``steps`` sets the fine-tune's precision and
+    memory layout (:class:`dfmu_ext.steps.StepOptions`; default: per device).
     """
     total_start = time.perf_counter()
     if not 0.0 < retain_fraction <= 1.0:
@@ -137,10 +149,11 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         if forget.by_classes:
             pruned = score_and_prune(model, (x, y), forget.classes, selection=selection, mode=mode, comm=comm)
         else:
+            selection = selection or SAMPLE_SELECTION
             pruned = score_and_prune(model, (x, y), forget_mask=is_forget, selection=selection, mode=mode, comm=comm)
     with comm.guard("fine-tune"):
         ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
-                             device=device, seed=seed, progress=progress and comm.is_main, comm=comm)
+                             device=device, seed=seed, progress=progress and comm.is_main, comm=comm, steps=steps)
         comm.sync_buffers_(model)
     synchronize(device)
     total = time.perf_counter() - total_start

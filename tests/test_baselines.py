@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dfmu_ext import baselines
-from dfmu_ext.zoo import data, models, training
+from dfmu_ext.zoo import models, training
 from dfmu_ext.blocks import classifier_of
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain, stratified_fraction

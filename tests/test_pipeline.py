@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dfmu_ext
-from dfmu_ext.zoo import data, models, training
+from dfmu_ext.zoo import models, training
 from dfmu_ext.blocks import discover_blocks
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain, take_batch

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from dfmu_ext.zoo.data import load_dataset
 from dfmu_ext.eval import accuracy
 from dfmu_ext.zoo.models import build_model
 from dfmu_ext.zoo.training import TrainConfig, default_train_config, train_model

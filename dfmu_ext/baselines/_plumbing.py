@@ -14,13 +14,14 @@ from .._common import check_classes_in_head, model_device, resolve_forget_set, s
 from ..blocks import classifier_of
 from ..result import UnlearnResult
 from ..splits import stratified_fraction
+from ..steps import StepEngine, StepOptions
 
 
 class Setup:
     """Validated inputs shared by every method."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float, device,
-                 seed: int, forget_indices=None):
+                 seed: int, forget_indices=None, steps: StepOptions | None = None):
         self.start = time.perf_counter()
         if not 0.0 < float(retain_fraction) <= 1.0:
             raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
@@ -37,6 +38,8 @@ class Setup:
         self.seed = int(seed)
         self.forget_set, self.retain_set = self.forget.split(train_set)
         self._budget = None
+        self.engine = StepEngine(model, self.device, steps)  # precision and layout of training steps
+        self.engine.prepare(model)
 
     @property
     def budget(self):

@@ -10,13 +10,15 @@ from torch.utils.data import Dataset
 
 from .._common import TrainBatches, seeded, train_mode
 from ..result import UnlearnResult
+from ..steps import StepOptions
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, kl_distill, make_result, sgd
 
 
 def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
           forget_indices=None, epochs: int = 3, msteps: int = 2, lr: float = 5e-4, T: float = 4.0, gamma: float = 0.99,
           kd_alpha: float = 0.001, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
-          device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
+          device=None, seed: int = 0, progress: bool = False,
+          steps: StepOptions | None = None) -> UnlearnResult:
     """SCRUB: the student (``model``) starts as a copy of the frozen teacher (the original). Each
     epoch < ``msteps`` first runs max-steps on the forget set (minimise ``-KL(teacher || student)``
     at temperature ``T``), then every epoch runs min-steps on the retain budget
@@ -24,7 +26,7 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_frac
     check_epochs(epochs, batch_size)
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices, steps)
     dev, budget = setup.device, setup.budget
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
@@ -39,27 +41,29 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_frac
             for epoch in range(epochs):
                 if epoch < msteps and diverged is None:
                     for x, y in TrainBatches(setup.forget_set, batch_size, setup.seed + 7 * epoch + 1, dev,
-                                             desc=f"SCRUB max {epoch + 1}/{max_epochs}", progress=progress):
-                        with torch.no_grad():
+                                             desc=f"SCRUB max {epoch + 1}/{max_epochs}", progress=progress,
+                                             engine=setup.engine):
+                        with torch.no_grad(), setup.engine.autocast():
                             t_logits = teacher(x)
-                        kl = kl_distill(model(x), t_logits, T)
+                        with setup.engine.autocast():
+                            kl = kl_distill(model(x).float(), t_logits.float(), T)
                         opt.zero_grad(set_to_none=True)
-                        (-kl).backward()
-                        opt.step()
+                        setup.engine.backward_step(-kl, opt)
                         max_log.add(kl, x.shape[0])
                     if not max_log.end_epoch("SCRUB max-step", allow_divergence=True):
                         last_finite.restore()
                         opt = sgd(model, lr, momentum, weight_decay)  # its momentum holds NaN
                         diverged = epoch + 1
                 for x, y in TrainBatches(budget, batch_size, setup.seed + 7 * epoch, dev,
-                                         desc=f"SCRUB min {epoch + 1}/{epochs}", progress=progress):
-                    with torch.no_grad():
+                                         desc=f"SCRUB min {epoch + 1}/{epochs}", progress=progress,
+                                         engine=setup.engine):
+                    with torch.no_grad(), setup.engine.autocast():
                         t_logits = teacher(x)
-                    logits = model(x)
-                    loss = gamma * F.cross_entropy(logits, y) + kd_alpha * kl_distill(logits, t_logits, T)
+                    with setup.engine.autocast():
+                        logits = model(x).float()
+                        loss = gamma * F.cross_entropy(logits, y) + kd_alpha * kl_distill(logits, t_logits.float(), T)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    setup.engine.backward_step(loss, opt)
                     min_log.add(loss, x.shape[0])
                 min_log.end_epoch("SCRUB min-step")
                 last_finite.keep()

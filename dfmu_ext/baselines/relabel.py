@@ -11,6 +11,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from .._common import TrainBatches, eval_mode, model_device, seeded, train_mode
 from ..result import UnlearnResult
+from ..steps import StepOptions
 from ._plumbing import LossLog, Setup, check_epochs, make_result, sgd
 
 
@@ -47,25 +48,27 @@ def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, ba
     opt = sgd(model, lr, momentum, 0.0 if grad_mask is not None else weight_decay)
     log = LossLog(dev)
     steps = 0
+
+    @torch.no_grad()
+    def mask_gradients():  # SalUn: weight decay first, then only the salient weights move
+        for p, m in zip(params, grad_mask):
+            if p.grad is None:
+                continue
+            if weight_decay:
+                p.grad.add_(p, alpha=weight_decay)
+            p.grad.mul_(m)
+
     with train_mode(model):
         for epoch in range(epochs):
             for x, y in TrainBatches(data, batch_size, setup.seed + epoch, dev,
-                                     desc=f"{method} {epoch + 1}/{epochs}", progress=progress):
+                                     desc=f"{method} {epoch + 1}/{epochs}", progress=progress, engine=setup.engine):
                 is_f = y >= k
                 rand = remaining[torch.randint(len(remaining), (y.shape[0],), generator=gen)].to(dev)
                 y = torch.where(is_f, rand, y)
-                loss = F.cross_entropy(model(x), y)
+                with setup.engine.autocast():
+                    loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_mask is not None:
-                    with torch.no_grad():
-                        for p, m in zip(params, grad_mask):
-                            if p.grad is None:
-                                continue
-                            if weight_decay:
-                                p.grad.add_(p, alpha=weight_decay)
-                            p.grad.mul_(m)
-                opt.step()
+                setup.engine.backward_step(loss, opt, before_step=mask_gradients if grad_mask is not None else None)
                 steps += 1
                 log.add(loss, x.shape[0])
             log.end_epoch(method)
@@ -75,11 +78,12 @@ def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, ba
 
 def random_label(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
                  forget_indices=None, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
-                 weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
+                 weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False,
+                 steps: StepOptions | None = None) -> UnlearnResult:
     """RL: cross-entropy on the forget samples with random labels (drawn from the remaining
     classes, afresh each batch) together with the retain budget under their true labels."""
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices, steps)
     with seeded(setup.seed, setup.device):
         info = _relabel_loop("RL", setup, model, epochs=epochs, lr=lr, batch_size=batch_size, momentum=momentum,
                              weight_decay=weight_decay, progress=progress)
@@ -119,13 +123,15 @@ def saliency_mask(model: nn.Module, forget_set: Dataset, keep: float = 0.5, *, b
 
 
 def salun(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
-          forget_indices=None, keep: float = 0.5, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
-          weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
+          forget_indices=None, keep: float = 0.5, epochs: int = 10, lr: float = 0.01, batch_size: int = 128,
+          momentum: float = 0.9,
+          weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False,
+          steps: StepOptions | None = None) -> UnlearnResult:
     """SalUn: :func:`saliency_mask` (top ``keep`` = 50% of weights by forget-gradient magnitude),
     then RL in which every gradient (weight decay included) is multiplied by the mask, so only the
     salient weights change. SGD momentum 0.9, weight decay 5e-4, 10 epochs."""
     check_epochs(epochs, batch_size)
-    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices)
+    setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices, steps)
     with seeded(setup.seed, setup.device):
         t0 = time.perf_counter()
         mask = saliency_mask(model, setup.forget_set, keep, batch_size=batch_size, device=setup.device,

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 
 from .._common import seeded
 from ..result import UnlearnResult
+from ..steps import StepOptions
 from ..zoo import training
 from ..zoo.models import init_weights, model_name_of
 from ._plumbing import Setup, make_result
@@ -32,7 +33,7 @@ def reinitialize(model: nn.Module) -> nn.Module:
 def retrain(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 1.0, *,
             forget_indices=None, model_name: str | None = None, config: training.TrainConfig | None = None,
             model_factory: Callable[[], nn.Module] | None = None, device=None, seed: int = 0,
-            progress: bool = False) -> UnlearnResult:
+            progress: bool = False, steps: StepOptions | None = None) -> UnlearnResult:
     """Retrain from scratch on the retain data with the original training recipe (the gold standard).
 
     The recipe is ``config`` if given, else ``training.default_train_config(model_name, device)``
@@ -54,7 +55,7 @@ def retrain(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     with seeded(setup.seed, setup.device):
         fresh = model_factory().to(setup.device) if model_factory is not None else reinitialize(model)
     hist = training.train_model(fresh, budget, config, device=setup.device, seed=setup.seed, progress=progress,
-                                desc="retrain")
+                                desc="retrain", steps=steps)
     out_model = fresh
     if model_factory is not None:
         try:

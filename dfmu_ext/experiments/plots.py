@@ -33,7 +33,8 @@ def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[fl
     ax1.set_title("per-class accuracy (forgotten classes shaded)")
     ax1.legend(fontsize=8, loc="upper center", ncol=max(1, len(per_class)), frameon=False)
     names = list(total_units)
-    ax2.bar(range(len(names)), [100 * pruned_units.get(k, 0) / max(1, total_units[k]) for k in names], color="tab:purple")
+    shares = [100 * pruned_units.get(k, 0) / max(1, total_units[k]) for k in names]
+    ax2.bar(range(len(names)), shares, color="tab:purple")
     ax2.set_xticks(range(len(names)))
     ax2.set_xticklabels(names, rotation=70, ha="right", fontsize=6)
     ax2.set_ylabel("units pruned (%)")

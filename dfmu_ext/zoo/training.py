@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .._common import TrainBatches, seeded, synchronize, train_mode
 from ..eval.predict import accuracy
+from ..steps import StepEngine, StepOptions
 from .models import canonical_model_name
 
 __all__ = ["TrainConfig", "default_train_config", "train_model", "make_optimizer", "make_scheduler"]
@@ -116,7 +117,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
                 device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
                 desc: str = "train", *, eval_set: Dataset | None = None,
-                log_every: int = 20) -> dict:
+                log_every: int = 20, steps: StepOptions | None = None) -> dict:
     """Train ``model`` in place on ``train_set`` with ``config``; returns the per-epoch history.
 
     Reproducible: the shuffle order comes from a generator seeded with ``seed`` and the global
@@ -139,7 +140,9 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
     device = torch.device(device)
     model.to(device)
     # One loader for all epochs: its seeded generator continues, so every epoch has its own order.
-    batches = TrainBatches(train_set, config.batch_size, seed, device, desc=desc, progress=progress)
+    engine = StepEngine(model, device, steps)
+    engine.prepare(model)
+    batches = TrainBatches(train_set, config.batch_size, seed, device, desc=desc, progress=progress, engine=engine)
     steps_per_epoch = len(batches) - (1 if n > 1 and n % config.batch_size == 1 else 0)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.epochs)
@@ -157,11 +160,11 @@ def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
             seen = 0
             batches.desc = f"{desc} {epoch + 1}/{config.epochs}"
             for i, (x, y) in enumerate(batches):
-                out = model(x)
-                loss = criterion(out, y)
+                with engine.autocast():
+                    out = model(x)
+                    loss = criterion(out, y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                engine.backward_step(loss, optimizer)
                 scheduler.step()
                 steps += 1
                 b = y.shape[0]
