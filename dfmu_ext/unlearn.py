@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, Subset
 from ._common import (check_classes_in_head, check_train_set, model_device, normalise_classes,
                       synchronize)
 from .blocks import classifier_of
+from . import record as _record
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
 from .importance import score_blocks
@@ -80,7 +81,7 @@ def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple
 def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float = 0.13, *,
             mode: str = "prune", selection: SelectionConfig | None = None, finetune: FinetuneConfig | None = None,
             score_samples: int = 512, device=None, seed: int = 0, progress: bool = True,
-            comm: Comm | None = None) -> UnlearnResult:
+            comm: Comm | None = None, record=None) -> UnlearnResult:
     """Make ``model`` forget ``forget_classes`` using a ``retain_fraction`` of the retain data.
 
     Steps (timed separately): one scoring pass on a batch of ``score_samples`` (half forget, half
@@ -96,7 +97,10 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     early stop decided on counts summed over ranks; BatchNorm running statistics are averaged at the
     end, so every rank returns the same model. ``comm`` (default :func:`distributed.current_comm`)
     carries all of that; see ``dfmu_ext.distributed``.
+
+    ``record`` (a path) writes a deletion record there (rank 0 only): see ``dfmu_ext.record``.
     """
+    input_sha256 = _record.state_dict_sha256(model) if record is not None else None
     total_start = time.perf_counter()
     classes = normalise_classes(forget_classes)
     if not 0.0 < retain_fraction <= 1.0:
@@ -130,6 +134,13 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes, retain_fractio
     info = {"scores": pruned.scores, "counts": pruned.counts.tolist(),
             "pre_prune_retain_accuracy": pruned.pre_prune_retain_accuracy, "retain_fraction": retain_fraction,
             "mode": mode}
-    return UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
-                         forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
-                         total_units=pruned.total_units, finetune=ft, info=info)
+    result = UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
+                           forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
+                           total_units=pruned.total_units, finetune=ft, info=info)
+    if record is not None and comm.is_main:
+        config = {"forget_classes": classes, "retain_fraction": retain_fraction, "mode": mode, "score_samples":
+                  score_samples, "selection": (selection or SelectionConfig()).to_dict(),
+                  "finetune": (finetune or FinetuneConfig()).to_dict(), "world_size": comm.world_size}
+        _record.write_record(record, _record.unlearn_record(result, input_sha256=input_sha256, train_set=train_set,
+                             forget_set=forget_set, retain_set=retain_set, retain_used=budget, config=config, seed=seed))
+    return result
