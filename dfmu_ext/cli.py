@@ -247,9 +247,10 @@ def cmd_forget(args) -> int:
         if comm.is_main:  # an input error found by the library: leave nothing behind
             if not record_existed and os.path.isfile(record):
                 os.unlink(record)
-            for folder in created:
-                if os.path.isdir(folder) and not any(os.scandir(folder)):
-                    os.rmdir(folder)
+            for top in created:  # folders this call created: remove those left empty, deepest first
+                for folder, _, _ in (os.walk(top, topdown=False) if os.path.isdir(top) else ()):
+                    if not any(os.scandir(folder)):
+                        os.rmdir(folder)
         raise
     if comm.is_main:
         if byo:  # a bare state_dict, loadable into the user's architecture

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from typing import Mapping
 
 import torch
@@ -67,7 +68,9 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path!r} does not exist")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol note: the error below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip, pickle and unpickling errors of many kinds
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"{path!r} is not a readable weights file (truncated, corrupt, or not saved "
