@@ -6,10 +6,17 @@ model (name, keywords, classes, input shape) and how it was trained. Files are w
 
 The cache of originals: the model a comparison or the demo unlearns from is trained once per
 (dataset, model, device type, seed, epochs) and kept in ``$DFMU_CACHE`` (default
-``~/.cache/dfmu``) as ``{dataset}-{model}-{device}-seed{seed}[-e{epochs}].pt``.
+``~/.cache/dfmu``) as ``{dataset}-{model}-{device}-seed{seed}[-e{epochs}].pt`` (``-e{epochs}`` only
+when ``--epochs`` overrides the recipe), e.g. ``digits-mlp-cpu-seed0.pt``. Every process and user
+pointing at the same folder shares those files. Concurrent use is safe: the file is written
+atomically, and :func:`cached_original` holds an exclusive ``fcntl.flock`` on ``<file>.lock`` while it
+checks, trains and writes, so when two processes need the same original one trains it and the
+other waits, then reads it. Delete a file (or the folder) to retrain.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 
@@ -102,17 +109,44 @@ def train_original(dataset: str, model_name: str, device: torch.device, seed: in
 
 def cached_original(dataset: str, model_name: str, device: torch.device, seed: int, *, epochs: int | None = None,
                     use_cache: bool = True, progress: bool = False, log=None) -> tuple[nn.Module, dict]:
-    """The original for these settings: read from the cache, else trained (and cached when ``use_cache``)."""
+    """The original for these settings: read from the cache, else trained (and cached when ``use_cache``).
+
+    The cache file is :func:`cache_path`; ``<file>.lock`` serialises processes that need the same
+    original (one trains, the others wait and then read it)."""
     path = cache_path(dataset, model_name, device, seed, epochs)
-    if use_cache and os.path.isfile(path):
+    if not use_cache:
+        return train_original(dataset, model_name, device, seed, epochs=epochs, progress=progress, log=log)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _file_lock(path + ".lock", log, path):
+        return _cached_original_locked(path, dataset, model_name, device, seed, epochs, progress, log)
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: str, log, what: str):
+    """An exclusive ``flock`` on ``lock_path`` (created if missing; never deleted, so every process
+    locks the same inode). Waits for another holder, saying so once."""
+    with open(lock_path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another process to finish {what} ...")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _cached_original_locked(path, dataset, model_name, device, seed, epochs, progress, log):
+    if os.path.isfile(path):
         model, meta = load_checkpoint(path, device)
         if meta.get("dataset") == data_mod.canonical_name(dataset) and meta.get("model") == model_name:
             if log is not None:
                 log(f"seed {seed}: using the cached original model {path}")
             return model, meta
     model, meta = train_original(dataset, model_name, device, seed, epochs=epochs, progress=progress, log=log)
-    if use_cache:
-        save_checkpoint(path, model, meta)
-        if log is not None:
-            log(f"cached the original model at {path}")
+    save_checkpoint(path, model, meta)
+    if log is not None:
+        log(f"cached the original model at {path}")
     return model, meta
