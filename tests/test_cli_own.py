@@ -341,3 +341,38 @@ def test_every_flag_has_help(capsys):
         assert e.value.code == 0
     help_of = {c.dest: c.help for c in subs._choices_actions}
     assert all(help_of.get(n) for n in subs.choices)
+
+
+@pytest.fixture(scope="module")
+def package_ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    assert cli.main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--out", str(d / "new" / "o.pt"),
+                     "--device", "cpu", "--quiet"]) == 0
+    return d / "new" / "o.pt"
+
+
+def test_forget_ckpt_writes_a_record_that_verifies(package_ckpt, tmp_path, capsys):
+    out = tmp_path / "f" / "forgot.pt"
+    assert cli.main(["forget", "--ckpt", str(package_ckpt), "--classes", "1", "--out", str(out), "--device", "cpu",
+                     "--quiet"]) == 0
+    rec = json.loads(open(record_path_for(str(out))).read())
+    assert rec["model"]["name"] == "mlp" and rec["input"]["path"] == str(package_ckpt)
+    assert rec["metrics"]["DFMU"]["forget_acc"] <= 0.05
+    assert cli.main(["verify", "--record", record_path_for(str(out)), "--weights", str(out)]) == 0
+    assert cli.main(["verify", "--record", record_path_for(str(out)), "--weights", str(package_ckpt)]) == 1
+
+
+@pytest.mark.parametrize("kind,match", [("nan", "NaN or Inf"), ("misfit", "1 of the wrong shape"),
+                                        ("no_state", "damaged dfmu checkpoint")])
+def test_ckpt_with_bad_weights_is_one_line(package_ckpt, tmp_path, capsys, kind, match):
+    blob = torch.load(package_ckpt, weights_only=True)
+    key = next(iter(blob["state_dict"]))
+    if kind == "nan":
+        blob["state_dict"][key] = blob["state_dict"][key].clone().fill_(float("nan"))
+    elif kind == "misfit":
+        blob["state_dict"][key] = torch.zeros(3, 3)
+    else:
+        del blob["state_dict"]
+    torch.save(blob, tmp_path / "bad.pt")
+    _assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o" / "f.pt"),
+                                    "--device", "cpu"], tmp_path, match)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
+from ..weights import WeightsError, check_finite, fit_state_dict
 from . import data as data_mod
 from . import training
 from .models import build_model
@@ -62,13 +63,21 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
     if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path!r} is not a dfmu checkpoint (written by `dfmu train`)")
     meta = blob["meta"]
+    state = blob.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path!r} is a damaged dfmu checkpoint (no meta or no state_dict of tensors)")
     try:
         model = build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
                             **meta.get("model_kwargs", {}))
-        model.load_state_dict(blob["state_dict"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path!r}: the weights do not fit the model its metadata names: "
-                              f"{str(exc).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path!r}: its metadata names no model this package can build: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        check_finite(state, f"the weights in {path!r}")
+        fit_state_dict(model, state, f"{path!r}: the weights")
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
     return model.to(device), meta
 
 
