@@ -16,7 +16,7 @@ deps:
 # csrc/**, setup.py, CMakeLists.txt, the interpreter, the torch version or a build switch changed
 # (stamp: build/.dfmu-build-stamp; see the script). FORCE_REBUILD=1 make build always compiles.
 build: deps
-	PYTHON="$(PYTHON)" PIP="$(PIP)" ./scripts/build-if-changed.sh
+	PYTHON="$(PYTHON)" PIP="$(PIP)" bash scripts/build-if-changed.sh
 	$(PYTHON) -c "import dfmu_ext, json; print(json.dumps(dfmu_ext.build_info()))"
 
 data:

@@ -219,6 +219,9 @@ def cmd_forget(args) -> int:
                     os.path.join(out_dir, "report.png")], inputs)
     if len({os.path.realpath(p) for p in (args.out, record)}) < 2:
         raise UsageError("--record must differ from --out")
+    for flag, path in (("--out", args.out), ("--record", record)):
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path!r} is a folder; name the file to write")
     factory = train_config = data = None
     if byo:
         model, meta, data = _load_byo(args, device)
@@ -354,14 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="zero the selected units (prune, the default) or dampen them (rescale)")
         sp.add_argument("--retrain", action="store_true", help="also retrain from scratch for comparison")
 
-    def dataset_and_model(sp):
+    def dataset_and_model(sp, own=False):
         sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | auto (default: auto, "
                                                           "Fashion-MNIST when installed, else digits)")
         sp.add_argument("--model", default="cnn", choices=list(MODEL_NAMES),
                         help="the package model to train (default: cnn)")
         sp.add_argument("--epochs", type=int, default=None,
-                        help="override the training recipe's epochs (of the original and of Retrain; with --arch: "
-                             "Retrain's epochs, default 3)")
+                        help="override the training recipe's epochs (of the original and of Retrain"
+                             + ("; with --arch: Retrain's epochs, default 3)" if own else ")"))
 
     def own_model(sp, data_help_extra=""):
         g = sp.add_argument_group("a model and data of your own (instead of --ckpt / --dataset)")
@@ -418,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
-    dataset_and_model(c)
+    dataset_and_model(c, own=True)
     c.add_argument("--classes", default="3", help="comma-separated class ids to forget (default: 3)")
     c.add_argument("--fractions", default="0.01,0.05,0.13,0.25,1.0",
                    help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0)")

@@ -269,6 +269,11 @@ def test_unwritable_output_folder(own, tmp_path, capsys):
                            "cannot write to the --out folder")
 
 
+def test_output_that_is_a_folder(own, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "adir"), tmp_path, "is a folder")
+
+
 def test_output_would_overwrite_an_input(own, tmp_path, capsys):
     _assert_one_line_error(capsys, _forget_args(own, own["weights"]), own["dir"], "would overwrite the input --weights")
     _assert_one_line_error(capsys, _forget_args(own, own["data"]), own["dir"], "would overwrite the input --data")
