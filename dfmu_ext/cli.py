@@ -228,52 +228,65 @@ def cmd_forget(args) -> int:
         labels = dataset_labels(data[0])
         factory = lambda: custom.build_arch(args.arch, meta["arch_kwargs"])  # noqa: E731
         train_config = _byo_train_config(args)
-        weights_in = args.weights
     else:
         model, meta = _load(args.ckpt, device)
         labels = None
-        weights_in = args.ckpt
     classes = _parse_classes(args.classes, meta["num_classes"], labels)
     comm = distributed.current_comm()
     folders = [os.path.dirname(os.path.abspath(p)) for p in (args.out, record)] + [out_dir]
     created = _would_create(folders)
-    record_existed = os.path.exists(record)
     if comm.is_main:
         for folder, flag in zip(folders, ("--out", "--record", "--report-dir")):
             _prepare_folder(folder, flag)
+    # The record is built beside its final name and moved there only after the output is written,
+    # so a record never describes an output that is not there.
+    partial = os.path.join(os.path.dirname(os.path.abspath(record)), f".tmp-{os.getpid()}-{os.path.basename(record)}")
     try:
         run_forget(model, meta, classes, out_dir, device=device, seed=args.seed,
                    retain_fraction=args.retain_fraction, mode=args.mode, retrain=args.retrain,
                    progress=_progress(args), log=_logger(args), comm=comm, data=data, model_factory=factory,
-                   train_config=train_config, record=record)
+                   train_config=train_config, record=partial)
+        if comm.is_main:
+            _write_forget_outputs(args, model, meta, classes, byo, partial, record)
     except ValueError:
         if comm.is_main:  # an input error found by the library: leave nothing behind
-            if not record_existed and os.path.isfile(record):
-                os.unlink(record)
+            _remove(partial)
             for top in created:  # folders this call created: remove those left empty, deepest first
                 for folder, _, _ in (os.walk(top, topdown=False) if os.path.isdir(top) else ()):
                     if not any(os.scandir(folder)):
                         os.rmdir(folder)
         raise
-    if comm.is_main:
-        if byo:  # a bare state_dict, loadable into the user's architecture
-            buf = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-            atomic_write_bytes(args.out, buf.getvalue())
-        else:
-            save_checkpoint(args.out, model, {**meta, "forgotten_classes": classes})
-        rec = read_record(record)
-        rec["input"]["path"] = os.path.abspath(weights_in)
-        rec["output"]["path"] = os.path.abspath(args.out)
-        if byo:
-            rec["model"] = {"arch": args.arch, "arch_kwargs": meta["arch_kwargs"]}
-            rec["data"]["path"] = os.path.abspath(args.data)
-        else:
-            rec["model"] = {"name": meta["model"], "model_kwargs": meta.get("model_kwargs", {})}
-        assert rec["output"]["weights_sha256"] == state_dict_sha256(model)
-        write_record(record, rec)
-        _logger(args)(f"wrote {args.out} and its deletion record {record}")
+    finally:
+        if comm.is_main:
+            _remove(partial)
     return 0
+
+
+def _remove(path: str) -> None:
+    if os.path.isfile(path):
+        os.unlink(path)
+
+
+def _write_forget_outputs(args, model, meta, classes, byo, partial, record) -> None:
+    """The unlearned model at --out, then its deletion record (completed from ``partial``) at --record."""
+    if byo:  # a bare state_dict, loadable into the user's architecture
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+        atomic_write_bytes(args.out, buf.getvalue())
+    else:
+        save_checkpoint(args.out, model, {**meta, "forgotten_classes": classes})
+    rec = read_record(partial)
+    if rec["output"]["weights_sha256"] != state_dict_sha256(model):
+        raise RuntimeError("the model changed after unlearning: the record would not describe --out")
+    rec["input"]["path"] = os.path.abspath(args.weights if byo else args.ckpt)
+    rec["output"]["path"] = os.path.abspath(args.out)
+    if byo:
+        rec["model"] = {"arch": args.arch, "arch_kwargs": meta["arch_kwargs"]}
+        rec["data"]["path"] = os.path.abspath(args.data)
+    else:
+        rec["model"] = {"name": meta["model"], "model_kwargs": meta.get("model_kwargs", {})}
+    write_record(record, rec)
+    _logger(args)(f"wrote {args.out} and its deletion record {record}")
 
 
 def cmd_verify(args) -> int:

@@ -64,6 +64,7 @@ def test_forget_own_model_record_and_verify(own, tmp_path, capsys):
     assert rec["environment"]["torch"] == torch.__version__ and "with_cuda" in rec["environment"]["build_info"]
     assert rec["metrics"]["DFMU"]["forget_acc"] <= 0.01 and "original" in rec["metrics"]
     assert rec["timings"]["total"] > 0 and rec["device"] == "cpu"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")], "temp files left behind"
     capsys.readouterr()
     # verify: 0 for the described file, 1 for another, 2 for an unreadable record
     assert cli.main(["verify", "--record", rec_path, "--weights", str(out)]) == 0
