@@ -12,9 +12,11 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 deps:
 	$(PIP) install --quiet torch ninja numpy scikit-learn tqdm matplotlib pytest pytest-benchmark setuptools wheel
 
-# --no-build-isolation: compile against the torch installed above (see setup.py's docstring).
+# Installs (editable, --no-build-isolation: against the torch installed above) and compiles only when
+# csrc/**, setup.py, CMakeLists.txt, the interpreter, the torch version or a build switch changed
+# (stamp: build/.dfmu-build-stamp; see the script). FORCE_REBUILD=1 make build always compiles.
 build: deps
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	PYTHON="$(PYTHON)" PIP="$(PIP)" bash scripts/build-if-changed.sh
 	$(PYTHON) -c "import dfmu_ext, json; print(json.dumps(dfmu_ext.build_info()))"
 
 data:

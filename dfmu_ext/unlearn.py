@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from ._common import check_classes_in_head, model_device, normalise_classes, resolve_forget_set, synchronize
+from . import record as deletion_record
 from .blocks import classifier_of
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
@@ -102,7 +103,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None,
             finetune: FinetuneConfig | None = None,
             score_samples: int = 512, device=None, seed: int = 0, progress: bool = False,
-            comm: Comm | None = None, steps: StepOptions | None = None) -> UnlearnResult:
+            comm: Comm | None = None, steps: StepOptions | None = None, record=None) -> UnlearnResult:
     """Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data — every
     other sample; the budget is stratified by label either way.
@@ -123,8 +124,10 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     early stop decided on counts summed over ranks; BatchNorm running statistics are averaged at the
     end, so every rank returns the same model. ``comm`` (default :func:`distributed.current_comm`)
     carries all of that; see ``dfmu_ext.distributed``. ``steps`` sets the fine-tune's precision and
-    memory layout (:class:`dfmu_ext.steps.StepOptions`; default: per device).
+    memory layout (:class:`dfmu_ext.steps.StepOptions`; default: per device). ``record`` (a path)
+    writes a deletion record there (rank 0 only): see ``dfmu_ext.record``.
     """
+    input_sha256 = deletion_record.state_dict_sha256(model) if record is not None else None
     total_start = time.perf_counter()
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
@@ -162,6 +165,16 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     info = {"scores": pruned.scores, "counts": pruned.counts.tolist(),
             "pre_prune_retain_accuracy": pruned.pre_prune_retain_accuracy, "retain_fraction": retain_fraction,
             "mode": mode, **forget.describe()}
-    return UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
-                         forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
-                         total_units=pruned.total_units, finetune=ft, info=info)
+    result = UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
+                           forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
+                           total_units=pruned.total_units, finetune=ft, info=info)
+    if record is not None and comm.is_main:
+        config = {"forget_classes": forget.classes, **forget.describe(), "retain_fraction": retain_fraction,
+                  "mode": mode, "score_samples": score_samples,
+                  "selection": (selection or SelectionConfig()).to_dict(),
+                  "finetune": (finetune or FinetuneConfig()).to_dict(), "world_size": comm.world_size,
+                  "steps": (steps or StepOptions()).to_dict()}
+        deletion_record.write_record(record, deletion_record.unlearn_record(
+            result, input_sha256=input_sha256, train_set=train_set, forget_set=forget_set, retain_set=retain_set,
+            retain_used=budget, config=config, seed=seed))
+    return result

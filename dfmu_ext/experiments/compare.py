@@ -114,7 +114,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    device="cpu", out_dir: str = "runs/compare", *, method_kwargs: dict | None = None,
                    max_epochs: int | None = None, train_epochs: int | None = None, use_cache: bool = True,
                    progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
-                   eval_fraction: float = 1.0, plots: bool = True) -> dict:
+                   eval_fraction: float = 1.0, plots: bool = True, data=None, original=None,
+                   model_factory=None, train_config: training.TrainConfig | None = None) -> dict:
     """Run ``methods`` x ``fractions`` x ``seeds`` and write ``comparison.json`` plus two PNGs.
 
     Args:
@@ -136,6 +137,13 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         eval_fraction: evaluate UA/RA/MIA/probe on a class-stratified fraction of the training
             set (seeded, the same for every method) instead of all of it — for quick runs; the
             test set is always used whole. The methods always get the whole training set.
+        data: ``(train_set, test_set, info)`` already loaded (e.g. ``zoo.custom.load_data``) instead of
+            loading ``dataset`` by name; ``dataset`` is then ignored.
+        original: a trained model of one's own to unlearn from (every seed starts from a copy of it;
+            nothing is trained or cached); ``model_name`` is then only its label. Needs ``data``.
+        model_factory: with ``original``, builds a fresh model of the same architecture for Retrain
+            (default: Retrain re-initialises a copy of ``original`` in place).
+        train_config: with ``original``, Retrain's training recipe (default ``TrainConfig()``).
 
     Returns the report dict (also written as JSON): ``config``, ``original`` (per seed), ``runs``
     (one per method call, failures recorded with ``error``), ``rows`` (aggregates) and ``table``.
@@ -147,7 +155,9 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    dataset = data_mod.canonical_name(dataset)
+    if original is not None and data is None:
+        raise ValueError("original= needs data=(train_set, test_set, info): the data it was trained on")
+    dataset = data_mod.canonical_name(dataset) if data is None else None
     classes = normalise_classes(classes)
     fractions = sorted({float(f) for f in fractions})
     if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
@@ -163,7 +173,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         raise ValueError(f"method_kwargs names unknown methods {sorted(unknown)}")
     eval_kwargs = dict(eval_kwargs or {})
 
-    train_set, test_set, info = data_mod.load_dataset(dataset)
+    train_set, test_set, info = data if data is not None else data_mod.load_dataset(dataset)
     if min(classes) < 0 or max(classes) >= info.num_classes:
         raise ValueError(f"classes must lie in [0, {info.num_classes}), got {classes}")
     _, retain_set = split_forget_retain(train_set, classes)
@@ -173,9 +183,14 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     start = time.perf_counter()
     runs: list[dict] = []
     originals: dict[int, dict] = {}
+    given = original
     for seed in seeds:
-        original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
-                                         use_cache=use_cache, progress=progress, log=log)
+        if given is not None:
+            original = copy.deepcopy(given).to(device)
+            meta = {"train_config": (train_config or training.TrainConfig()).to_dict()}
+        else:
+            original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
+                                             use_cache=use_cache, progress=progress, log=log)
         original.eval()
         originals[seed] = evaluate(original, eval_train, test_set, classes, device=device, seed=seed, **eval_kwargs)
         log(f"seed {seed}: original RA {100 * originals[seed]['retain_acc']:.1f}%, "
@@ -188,6 +203,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                 kwargs = dict(method_kwargs.get(name, {}))
                 if name == "Retrain" and "config" not in kwargs:
                     kwargs["config"] = training.TrainConfig(**meta["train_config"])
+                if name == "Retrain" and model_factory is not None and "model_factory" not in kwargs:
+                    kwargs["model_factory"] = model_factory
                 if max_epochs and spec.default_epochs is not None:
                     kwargs["epochs"] = min(int(kwargs.get("epochs", 10 ** 9)), int(max_epochs), spec.default_epochs)
                 model = copy.deepcopy(original)

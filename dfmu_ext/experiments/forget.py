@@ -14,6 +14,7 @@ from .._io import markdown_table, write_json
 from ..baselines import retrain as retrain_method
 from ..distributed import Comm, current_comm
 from ..eval import evaluate, per_class_accuracy
+from ..record import read_record, write_record
 from ..splits import dataset_labels, split_forget_retain
 from ..unlearn import unlearn
 from ..zoo import data as data_mod
@@ -51,17 +52,25 @@ def format_table(rows: dict[str, dict]) -> str:
 
 def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *, device: torch.device,
                seed: int = 0, retain_fraction: float = 0.13, mode: str = "prune", retrain: bool = False,
-               progress: bool = False, log=print, comm: Comm | None = None) -> dict:
+               progress: bool = False, log=print, comm: Comm | None = None, data=None, model_factory=None,
+               train_config: TrainConfig | None = None, record: str | None = None) -> dict:
     """Unlearn ``classes`` from ``model`` (in place) and report against the original.
 
     ``meta`` is the checkpoint's (it names the data set and the training recipe Retrain reuses).
-    Under a process group every rank unlearns (collectives); then rank 0 alone evaluates, retrains
-    and writes, and the other ranks return ``{}``. The table is printed; the report is returned.
+    A model and data of one's own: pass ``data=(train_set, test_set, info)``, and for ``retrain``
+    ``model_factory`` (a fresh model) and ``train_config`` (the recipe); ``meta`` then needs only
+    ``"model"`` (a name for the table). ``record`` (a path) writes the deletion record there
+    (:mod:`dfmu_ext.record`), with the metrics. Under a process group every rank unlearns
+    (collectives); then rank 0 alone evaluates, retrains and writes, and the other ranks return
+    ``{}``. The table is printed; the report is returned.
     """
     comm = comm or current_comm()
-    train_set, test_set, info = data_mod.load_dataset(meta["dataset"])
-    if int(dataset_labels(train_set).max()) >= meta["num_classes"]:
-        raise ValueError("the checkpoint's class count does not match its dataset")
+    if data is not None:
+        train_set, test_set, info = data
+    else:
+        train_set, test_set, info = data_mod.load_dataset(meta["dataset"])
+        if int(dataset_labels(train_set).max()) >= meta["num_classes"]:
+            raise ValueError("the checkpoint's class count does not match its dataset")
     names = list(info.class_names)
     original = copy.deepcopy(model)
     rows, per_class = {}, {}
@@ -75,7 +84,7 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
         evaluate_original()
     log(f"unlearning classes {[names[c] for c in classes]} with {100 * retain_fraction:.0f}% of the retain data ...")
     res = unlearn(model, train_set, classes, retain_fraction, mode=mode, device=device, seed=seed,
-                  progress=progress, comm=comm)
+                  progress=progress, comm=comm, record=record)
     if not comm.is_main:
         return {}  # no collective follows: the other ranks may finish while rank 0 evaluates
     if comm.world_size > 1:
@@ -91,8 +100,9 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
         def fresh():
             return build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
                                **meta.get("model_kwargs", {}))
-        ret = retrain_method(copy.deepcopy(original), train_set, classes, 1.0, model_factory=fresh, device=device,
-                             config=TrainConfig(**meta["train_config"]), seed=seed, progress=progress)
+        config = train_config if train_config is not None else TrainConfig(**meta["train_config"])
+        ret = retrain_method(copy.deepcopy(original), train_set, classes, 1.0, model_factory=model_factory or fresh,
+                             device=device, config=config, seed=seed, progress=progress)
         rows["Retrain"] = evaluate(ret.model, train_set, test_set, classes, device=device, seed=seed)
         rows["Retrain"].update(time_s=ret.timings["total"], retain_samples=ret.retain_samples_used)
         per_class["Retrain"] = per_class_accuracy(ret.model, test_set, info.num_classes, device=device)
@@ -111,6 +121,12 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
               "retain_samples_used": res.retain_samples_used, "retain_samples_total": len(retain_set),
               "pruned_units": res.pruned_units, "total_units": res.total_units, "per_class_test_acc": per_class,
               "finetune": finetune}
+    if record is not None:
+        rec = read_record(record)
+        rec["metrics"] = rows
+        rec["retain_samples_total"] = len(retain_set)
+        rec["data"] = {"name": info.name, "source": info.source, "class_names": names}
+        write_record(record, rec)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "report.json"), report)
     plot_summary(os.path.join(out_dir, "report.png"), names, per_class, classes, res.pruned_units,

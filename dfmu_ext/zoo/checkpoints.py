@@ -6,10 +6,17 @@ model (name, keywords, classes, input shape) and how it was trained. Files are w
 
 The cache of originals: the model a comparison or the demo unlearns from is trained once per
 (dataset, model, device type, seed, epochs) and kept in ``$DFMU_CACHE`` (default
-``~/.cache/dfmu``) as ``{dataset}-{model}-{device}-seed{seed}[-e{epochs}].pt``.
+``~/.cache/dfmu``) as ``{dataset}-{model}-{device}-seed{seed}[-e{epochs}].pt`` (``-e{epochs}`` only
+when ``--epochs`` overrides the recipe), e.g. ``digits-mlp-cpu-seed0.pt``. Every process and user
+pointing at the same folder shares those files. Concurrent use is safe: the file is written
+atomically, and :func:`cached_original` holds an exclusive ``fcntl.flock`` on ``<file>.lock`` while it
+checks, trains and writes, so when two processes need the same original one trains it and the
+other waits, then reads it. Delete a file (or the folder) to retrain.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 
@@ -17,6 +24,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
+from ..weights import WeightsError, check_finite, fit_state_dict
 from . import data as data_mod
 from . import training
 from .models import build_model
@@ -55,13 +63,21 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
     if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{path!r} is not a dfmu checkpoint (written by `dfmu train`)")
     meta = blob["meta"]
+    state = blob.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path!r} is a damaged dfmu checkpoint (no meta or no state_dict of tensors)")
     try:
         model = build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
                             **meta.get("model_kwargs", {}))
-        model.load_state_dict(blob["state_dict"])
-    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path!r}: the weights do not fit the model its metadata names: "
-                              f"{str(exc).splitlines()[0]}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path!r}: its metadata names no model this package can build: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    try:
+        check_finite(state, f"the weights in {path!r}")
+        fit_state_dict(model, state, f"{path!r}: the weights")
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
     return model.to(device), meta
 
 
@@ -102,17 +118,44 @@ def train_original(dataset: str, model_name: str, device: torch.device, seed: in
 
 def cached_original(dataset: str, model_name: str, device: torch.device, seed: int, *, epochs: int | None = None,
                     use_cache: bool = True, progress: bool = False, log=None) -> tuple[nn.Module, dict]:
-    """The original for these settings: read from the cache, else trained (and cached when ``use_cache``)."""
+    """The original for these settings: read from the cache, else trained (and cached when ``use_cache``).
+
+    The cache file is :func:`cache_path`; ``<file>.lock`` serialises processes that need the same
+    original (one trains, the others wait and then read it)."""
     path = cache_path(dataset, model_name, device, seed, epochs)
-    if use_cache and os.path.isfile(path):
+    if not use_cache:
+        return train_original(dataset, model_name, device, seed, epochs=epochs, progress=progress, log=log)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _file_lock(path + ".lock", log, path):
+        return _cached_original_locked(path, dataset, model_name, device, seed, epochs, progress, log)
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: str, log, what: str):
+    """An exclusive ``flock`` on ``lock_path`` (created if missing; never deleted, so every process
+    locks the same inode). Waits for another holder, saying so once."""
+    with open(lock_path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another process to finish {what} ...")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _cached_original_locked(path, dataset, model_name, device, seed, epochs, progress, log):
+    if os.path.isfile(path):
         model, meta = load_checkpoint(path, device)
         if meta.get("dataset") == data_mod.canonical_name(dataset) and meta.get("model") == model_name:
             if log is not None:
                 log(f"seed {seed}: using the cached original model {path}")
             return model, meta
     model, meta = train_original(dataset, model_name, device, seed, epochs=epochs, progress=progress, log=log)
-    if use_cache:
-        save_checkpoint(path, model, meta)
-        if log is not None:
-            log(f"cached the original model at {path}")
+    save_checkpoint(path, model, meta)
+    if log is not None:
+        log(f"cached the original model at {path}")
     return model, meta
