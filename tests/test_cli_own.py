@@ -302,14 +302,14 @@ def test_library_input_errors_are_one_line_but_bugs_keep_their_traceback(own, tm
     def input_error(*a, **k):
         raise ValueError("score_samples must be >= 2\n(second line)")
 
-    monkeypatch.setattr(cli, "run_forget", input_error)
+    monkeypatch.setattr(cli.commands, "run_forget", input_error)
     line = _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt"), tmp_path, "score_samples")
     assert "second line" in line  # folded into the one line
 
     def bug(*a, **k):
         raise KeyError("a genuine bug")
 
-    monkeypatch.setattr(cli, "run_forget", bug)
+    monkeypatch.setattr(cli.commands, "run_forget", bug)
     with pytest.raises(KeyError):
         cli.main(_forget_args(own, tmp_path / "o2" / "f.pt"))
 
@@ -325,10 +325,10 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
             return self.tty
 
     monkeypatch.setattr(sys, "stderr", Fake(False))
-    assert cli._progress(argparse.Namespace(quiet=False)) is False
+    assert cli.checks.progress_enabled(argparse.Namespace(quiet=False)) is False
     monkeypatch.setattr(sys, "stderr", Fake(True))
-    assert cli._progress(argparse.Namespace(quiet=False)) is True
-    assert cli._progress(argparse.Namespace(quiet=True)) is False
+    assert cli.checks.progress_enabled(argparse.Namespace(quiet=False)) is True
+    assert cli.checks.progress_enabled(argparse.Namespace(quiet=True)) is False
 
 
 def test_every_flag_has_help(capsys):

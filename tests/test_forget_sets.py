@@ -177,3 +177,28 @@ def test_random_scenario_end_to_end(tmp_path, monkeypatch):
     assert rep["skipped"] == ["head-mask"] and (tmp_path / "out" / "scenario.json").is_file()
     dfmu = next(r for r in rep["runs"] if r["method"] == "DFMU")
     assert "metrics" in dfmu and dfmu["gap_to_retrain"] >= 0
+
+
+def test_cli_forget_random_and_subclass_errors(tmp_path, monkeypatch, capsys):
+    from dfmu_ext import cli
+
+    monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
+    ckpt, out = tmp_path / "o.pt", tmp_path / "f.pt"
+    assert cli.main(["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--out", str(ckpt),
+                     "--device", "cpu", "--quiet"]) == 0
+    assert cli.main(["forget", "--ckpt", str(ckpt), "--forget-random", "0.1", "--out", str(out), "--device", "cpu",
+                     "--quiet", "--precision", "fp32", "--channels-last", "off"]) == 0
+    assert "random 10% of the training samples" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["forget", "--ckpt", str(ckpt), "--forget-subclass", "Sneaker", "--out", str(tmp_path / "g.pt"),
+                  "--device", "cpu", "--quiet"])
+    assert exc.value.code == 2 and "no sub-classes" in capsys.readouterr().err
+    assert not (tmp_path / "g.pt").exists()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["forget", "--ckpt", str(ckpt), "--forget-random", "1.5", "--out", str(tmp_path / "h.pt"),
+                  "--device", "cpu", "--quiet"])
+    assert exc.value.code == 2
+    assert cli.main(["compare", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--forget-random", "0.1",
+                     "--fractions", "0.13", "--seeds", "1", "--methods", "DFMU,head-mask", "--out-dir",
+                     str(tmp_path / "cmp"), "--device", "cpu", "--quiet"]) == 0
+    assert (tmp_path / "cmp" / "scenario.json").is_file()

@@ -10,17 +10,20 @@ import os
 import torch
 from torch import nn
 
+from .._common import resolve_forget_set
 from .._io import markdown_table, write_json
 from ..baselines import retrain as retrain_method
 from ..distributed import Comm, current_comm
 from ..eval import evaluate, per_class_accuracy
 from ..record import read_record, write_record
-from ..splits import dataset_labels, split_forget_retain
+from ..splits import dataset_labels
+from ..steps import StepOptions
 from ..unlearn import unlearn
 from ..zoo import data as data_mod
 from ..zoo.models import build_model
 from ..zoo.training import TrainConfig
 from .plots import plot_summary
+from .scenarios import scenario_forget_set
 
 __all__ = ["run_forget", "format_table", "ROW_KEYS"]
 
@@ -50,11 +53,17 @@ def format_table(rows: dict[str, dict]) -> str:
     return markdown_table(header, cells)
 
 
-def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *, device: torch.device,
+def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir: str, *, device: torch.device,
                seed: int = 0, retain_fraction: float = 0.13, mode: str = "prune", retrain: bool = False,
                progress: bool = False, log=print, comm: Comm | None = None, data=None, model_factory=None,
-               train_config: TrainConfig | None = None, record: str | None = None) -> dict:
+               train_config: TrainConfig | None = None, record: str | None = None, subclass=None,
+               random_fraction: float | None = None, steps: StepOptions | None = None) -> dict:
     """Unlearn ``classes`` from ``model`` (in place) and report against the original.
+
+    Instead of classes (``classes=None``): ``subclass`` (a fine class of a coarse-label data set,
+    by name or id) or ``random_fraction`` (a seeded random share of the training samples); see
+    :mod:`dfmu_ext.experiments.scenarios`. ``steps``: precision and layout of DFMU's fine-tune and
+    of Retrain (:class:`dfmu_ext.steps.StepOptions`).
 
     ``meta`` is the checkpoint's (it names the data set and the training recipe Retrain reuses).
     A model and data of one's own: pass ``data=(train_set, test_set, info)``, and for ``retrain``
@@ -74,25 +83,35 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
     names = list(info.class_names)
     original = copy.deepcopy(model)
     rows, per_class = {}, {}
+    scen = {"forget_indices": None, "test_forget_indices": None}
+    if classes is None:
+        scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction, seed=seed)
+        what = scen["label"]
+    else:
+        what = f"classes {[names[c] for c in classes]}"
+
+    def ev(m):
+        return evaluate(m, train_set, test_set, classes, forget_indices=scen["forget_indices"],
+                        test_forget_indices=scen["test_forget_indices"], device=device, seed=seed)
 
     def evaluate_original():
         log(f"evaluating the original model on {info.name} ({info.source}) ...")
-        rows["original"] = evaluate(original, train_set, test_set, classes, device=device, seed=seed)
+        rows["original"] = ev(original)
         per_class["original"] = per_class_accuracy(original, test_set, info.num_classes, device=device)
 
     if comm.world_size == 1:
         evaluate_original()
-    log(f"unlearning classes {[names[c] for c in classes]} with {100 * retain_fraction:.0f}% of the retain data ...")
-    res = unlearn(model, train_set, classes, retain_fraction, mode=mode, device=device, seed=seed,
-                  progress=progress, comm=comm, record=record)
+    log(f"unlearning {what} with {100 * retain_fraction:.0f}% of the retain data ...")
+    res = unlearn(model, train_set, classes, retain_fraction, forget_indices=scen["forget_indices"], mode=mode,
+                  device=device, seed=seed, progress=progress, comm=comm, record=record, steps=steps)
     if not comm.is_main:
         return {}  # no collective follows: the other ranks may finish while rank 0 evaluates
     if comm.world_size > 1:
         evaluate_original()
-    rows["DFMU"] = evaluate(model, train_set, test_set, classes, device=device, seed=seed)
+    rows["DFMU"] = ev(model)
     rows["DFMU"].update(time_s=res.timings["total"], retain_samples=res.retain_samples_used)
     per_class["DFMU"] = per_class_accuracy(model, test_set, info.num_classes, device=device)
-    _, retain_set = split_forget_retain(train_set, classes)
+    _, retain_set = resolve_forget_set(train_set, classes, scen["forget_indices"]).split(train_set)
 
     if retrain:
         log("retraining from scratch on the retain set (the gold standard) ...")
@@ -102,20 +121,22 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
                                **meta.get("model_kwargs", {}))
         config = train_config if train_config is not None else TrainConfig(**meta["train_config"])
         ret = retrain_method(copy.deepcopy(original), train_set, classes, 1.0, model_factory=model_factory or fresh,
-                             device=device, config=config, seed=seed, progress=progress)
-        rows["Retrain"] = evaluate(ret.model, train_set, test_set, classes, device=device, seed=seed)
+                             forget_indices=scen["forget_indices"], device=device, config=config, seed=seed,
+                             progress=progress, steps=steps)
+        rows["Retrain"] = ev(ret.model)
         rows["Retrain"].update(time_s=ret.timings["total"], retain_samples=ret.retain_samples_used)
         per_class["Retrain"] = per_class_accuracy(ret.model, test_set, info.num_classes, device=device)
 
     t = res.timings
     ranks = f" x {comm.world_size} ranks" if comm.world_size > 1 else ""
-    print(f"\n{info.name} / {meta['model']}: forget {[names[c] for c in classes]}, device {device}{ranks}")
+    print(f"\n{info.name} / {meta['model']}: forget {what}, device {device}{ranks}")
     print(format_table(rows))
     print(f"\nDFMU time: scoring {t['scoring']:.3f} s, pruning {t['pruning']:.3f} s, fine-tune {t['finetune']:.2f} s, "
           f"total {t['total']:.2f} s; {res.retain_samples_used} of {len(retain_set)} retain samples "
           f"({100 * res.retain_samples_used / len(retain_set):.1f}%)")
     finetune = {k: v for k, v in res.finetune.to_dict().items() if k != "loss"}
     report = {"dataset": info.name, "source": info.source, "model": meta["model"], "forget_classes": classes,
+              "forgotten": what,
               "device": str(device), **({"world_size": comm.world_size} if comm.world_size > 1 else {}),
               "metrics": rows, "timings": res.timings,
               "retain_samples_used": res.retain_samples_used, "retain_samples_total": len(retain_set),
@@ -129,7 +150,7 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int], out_dir: str, *
         write_record(record, rec)
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "report.json"), report)
-    plot_summary(os.path.join(out_dir, "report.png"), names, per_class, classes, res.pruned_units,
+    plot_summary(os.path.join(out_dir, "report.png"), names, per_class, classes or [], res.pruned_units,
                  res.total_units, title=f"DFMU on {info.name} / {meta['model']}")
     log(f"wrote {os.path.join(out_dir, 'report.json')} and report.png")
     return report

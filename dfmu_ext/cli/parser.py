@@ -1,0 +1,185 @@
+"""Every argparse parser of ``dfmu``, and ``main``: parse, dispatch, turn input errors into one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import distributed
+from ..baselines import SPECS
+from ..zoo.models import MODEL_NAMES
+from .checks import UsageError, parse_device
+from .commands import cmd_compare, cmd_demo, cmd_forget, cmd_train, cmd_verify
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``error: ...`` line (exit 2) instead of usage + message."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="dfmu", description="Data-Frugal Machine Unlearning: make a classifier forget classes.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    def device_quiet(sp):
+        sp.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto, CUDA when present)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or log lines (progress bars appear "
+                                                             "only on a terminal; elsewhere one line per stage)")
+
+    def common(sp):
+        device_quiet(sp)
+        sp.add_argument("--seed", type=int, default=0, help="seed of the original's training and of the unlearning "
+                                                            "(default: 0)")
+
+    def forgetting(sp):
+        sp.add_argument("--classes", default="3", help="comma-separated class ids to forget (default: 3)")
+        sp.add_argument("--retain-fraction", type=float, default=0.13,
+                        help="share of the retain data used, in (0, 1] (default: 0.13)")
+        sp.add_argument("--mode", choices=["prune", "rescale"], default="prune",
+                        help="zero the selected units (prune, the default) or dampen them (rescale)")
+        sp.add_argument("--retrain", action="store_true", help="also retrain from scratch for comparison")
+        scenario(sp)
+        sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="training steps' precision (default: auto = bf16 on a CUDA GPU, fp32 on the CPU)")
+        sp.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                        help="NHWC memory for conv nets' training steps (default: auto = on a CUDA GPU)")
+
+    def scenario(sp):
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--forget-subclass", default=None, metavar="NAME_OR_ID",
+                       help="forget one fine class inside a coarse class instead of --classes (a coarse-label data "
+                            "set: fashion-mnist-coarse, cifar20), e.g. Sneaker")
+        g.add_argument("--forget-random", type=float, default=None, metavar="FRACTION",
+                       help="forget a seeded random share of the training samples instead of --classes, e.g. 0.1")
+
+    def dataset_and_model(sp, own=False):
+        sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | auto (default: auto, "
+                                                          "Fashion-MNIST when installed, else digits)")
+        sp.add_argument("--model", default="cnn", choices=list(MODEL_NAMES),
+                        help="the package model to train (default: cnn)")
+        sp.add_argument("--epochs", type=int, default=None,
+                        help="override the training recipe's epochs (of the original and of Retrain"
+                             + ("; with --arch: Retrain's epochs, default 3)" if own else ")"))
+
+    def own_model(sp, data_help_extra=""):
+        g = sp.add_argument_group("a model and data of your own (instead of --ckpt / --dataset)")
+        g.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
+                       help="builds the nn.Module: an importable 'package.module:fn' or 'path/file.py:fn'")
+        g.add_argument("--arch-kwargs", default=None, metavar="JSON",
+                       help="keyword arguments for the --arch callable, a JSON object, e.g. '{\"width\": 16}'")
+        g.add_argument("--weights", default=None, metavar="PATH",
+                       help="a state_dict file (or a checkpoint dict holding 'state_dict'), loaded with "
+                            "weights_only=True and matched strictly to --arch")
+        g.add_argument("--data", default=None, metavar="PATH",
+                       help="a .pt/.npz file with train_x, train_y, test_x, test_y (fed to the model as given), "
+                            "or a folder with train/<class>/*.png and test/<class>/*.png (read as floats in [0, 1])"
+                            + data_help_extra)
+        g.add_argument("--normalize", default=None, metavar="MEAN,STD",
+                       help="image folders only: map pixels x -> (x - MEAN) / STD (one pair for all channels, or "
+                            "C means then C stds)")
+        g.add_argument("--lr", type=float, default=0.05, help="with --arch: Retrain's learning rate (default: 0.05; "
+                                                              "SGD momentum 0.9, cosine schedule)")
+        g.add_argument("--batch-size", type=int, default=128, help="with --arch: Retrain's batch size (default: 128)")
+
+    t = sub.add_parser("train", help="train the original model")
+    dataset_and_model(t)
+    t.add_argument("--out", required=True, help="checkpoint to write (its folder is created when missing)")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("forget", help="make a trained model forget classes; writes the model, a report and a "
+                                      "deletion record")
+    f.add_argument("--ckpt", default=None, help="checkpoint of the trained model (written by `dfmu train`)")
+    f.add_argument("--out", required=True, help="the unlearned model to write (a `dfmu` checkpoint with --ckpt, "
+                                                "a bare state_dict with --arch); its folder is created when missing")
+    f.add_argument("--report-dir", default=None, help="where report.json/png go (default: <out stem>-report)")
+    f.add_argument("--record", default=None, help="where the deletion record goes (default: <out stem>.record.json)")
+    f.add_argument("--epochs", type=int, default=None, help="with --arch and --retrain: Retrain's epochs (default: 3)")
+    forgetting(f)
+    own_model(f)
+    common(f)
+    f.set_defaults(func=cmd_forget)
+
+    v = sub.add_parser("verify", help="check that a weights file is the output a deletion record describes "
+                                      "(exit 0 yes, 1 no, 2 error)")
+    v.add_argument("--record", required=True, help="the deletion record (JSON) written by `dfmu forget` or "
+                                                   "unlearn(record=...)")
+    v.add_argument("--weights", required=True, help="the weights file to check (a state_dict or a checkpoint "
+                                                    "holding one)")
+    v.set_defaults(func=cmd_verify)
+
+    d = sub.add_parser("demo", help="train (or reuse) the default model, forget one class, print the table")
+    dataset_and_model(d)
+    d.add_argument("--out-dir", default="runs/demo", help="where report.json/png go (default: runs/demo)")
+    forgetting(d)
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
+    dataset_and_model(c, own=True)
+    c.add_argument("--classes", default="3", help="comma-separated class ids to forget (default: 3)")
+    c.add_argument("--fractions", default="0.01,0.05,0.13,0.25,1.0",
+                   help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0)")
+    c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    c.add_argument("--methods", default="all", help="'all' or comma-separated: " + ",".join(SPECS))
+    c.add_argument("--out-dir", default="runs/compare",
+                   help="where comparison.json and the plots go (default: runs/compare; created when missing)")
+    c.add_argument("--max-epochs", type=int, default=None,
+                   help="cap the epochs of the epoch-based baselines (quick runs); Retrain keeps its recipe")
+    c.add_argument("--no-cache", action="store_true", help="train the originals afresh, do not use the cache")
+    scenario(c)
+    own_model(c)
+    device_quiet(c)
+    c.set_defaults(func=cmd_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if not 0.0 < args.__dict__.get("retain_fraction", 0.5) <= 1.0:
+            raise UsageError("--retain-fraction must be in (0, 1]")
+        if distributed.env_world_size() > 1:
+            return _main_distributed(args)
+        return args.func(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        raise
+    except ValueError as exc:
+        # The library's documented input errors (ValueError and its subclasses: CheckpointError,
+        # WeightsError, InputError, RecordError, the argument checks of unlearn/evaluate/the ops).
+        # Other exceptions are bugs: they keep their traceback.
+        err = UsageError(_one_line(exc))
+        print(err, file=sys.stderr)
+        raise err from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _main_distributed(args) -> int:
+    """``forget`` under torchrun: join the process group (timeout $DFMU_DIST_TIMEOUT, default 60 s),
+    run on every rank with only rank 0 logging, and leave the group at exit, also on error."""
+    if args.command != "forget":
+        raise UsageError(f"only `forget` runs under torchrun (WORLD_SIZE={distributed.env_world_size()}); "
+                         f"run `{args.command}` as a single process")
+    parse_device(args.device)  # same checks as one process (e.g. --device cuda without CUDA)
+    try:
+        device, created = distributed.init_from_env(args.device)
+    except (ValueError, distributed.DistributedError) as exc:
+        raise UsageError(str(exc)) from None
+    args.device = str(device)  # on CUDA, each rank's own cuda:$LOCAL_RANK
+    if not distributed.is_main_process():
+        args.quiet = True
+    try:
+        return distributed.record(args.func)(args)  # torchrun then reports the failing rank's traceback
+    finally:
+        if created:
+            distributed.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
