@@ -19,6 +19,7 @@ CLASSES = [3]
 FRACTION = 0.3
 FAST = {"FT": {"epochs": 2}, "GA": {"epochs": 2}, "RL": {"epochs": 2}, "l1-sparse": {"epochs": 2},
         "SalUn": {"epochs": 1}, "SCRUB": {"epochs": 2, "msteps": 1}, "SSD": {}, "head-mask": {}, "DFMU": {},
+        "DeepUnlearning": {"retain_samples": 200, "forget_samples": 50},
         "Retrain": {"config": training.TrainConfig(epochs=1, lr=0.05)}}
 
 
@@ -58,7 +59,7 @@ def _params(model):
 
 def test_registry_names():
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
-                                       "head-mask", "DFMU"]
+                                       "head-mask", "DFMU", "DeepUnlearning"]
     assert list(baselines.SPECS) == list(baselines.METHODS)
     assert {n for n, s in baselines.SPECS.items() if not s.budgeted} == {"Retrain", "GA", "head-mask"}
     for name, spec in baselines.SPECS.items():  # the registry's epochs are the functions' own defaults

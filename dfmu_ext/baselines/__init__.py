@@ -32,6 +32,8 @@ SCRUB       teacher-student: max-steps (-KL) on forget for msteps epochs, min-st
             (0.99 CE + 0.001 KL, T=4), 3 epochs, SGD lr 5e-4
 head-mask   zero the forget classes' classifier rows, pin their bias very low (reads no data)
 DFMU        dfmu_ext.unlearn
+DeepUnlearning  gradient-free removal of the forget-specific activation subspace from every layer
+            (Kodge et al., TMLR 2024; SVD of a few retain + forget samples' layer inputs)
 =========== ==========================================================================================
 
 Optimisers are SGD with momentum 0.9 and weight decay 5e-4 at a constant learning rate unless a
@@ -45,7 +47,8 @@ from .headmask import head_mask
 from .registry import METHODS, SPECS, MethodSpec, dfmu, resolve_methods
 from .relabel import random_label, saliency_mask, salun
 from .scratch import reinitialize, retrain
+from .subspace import deep_unlearning
 
 __all__ = ["METHODS", "SPECS", "MethodSpec", "resolve_methods", "retrain", "finetune", "gradient_ascent",
            "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu", "reinitialize",
-           "saliency_mask", "squared_grad_importance"]
+           "saliency_mask", "squared_grad_importance", "deep_unlearning"]

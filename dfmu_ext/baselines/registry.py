@@ -15,6 +15,7 @@ from .finetuning import finetune, l1_sparse
 from .headmask import head_mask
 from .relabel import random_label, salun
 from .scratch import retrain
+from .subspace import deep_unlearning
 from .distill import scrub
 from .dampening import ssd
 
@@ -58,12 +59,14 @@ SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("SCRUB", scrub, budgeted=True, default_epochs=3),
     MethodSpec("head-mask", head_mask, budgeted=False),
     MethodSpec("DFMU", dfmu, budgeted=True),
+    MethodSpec("DeepUnlearning", deep_unlearning, budgeted=True),
 )}
 
 #: Table name -> method function (the public registry).
 METHODS: dict[str, Callable[..., UnlearnResult]] = {name: spec.fn for name, spec in SPECS.items()}
 
-_ALIASES = {"l1": "l1-sparse", "l1sparse": "l1-sparse", "headmask": "head-mask"}
+_ALIASES = {"l1": "l1-sparse", "l1sparse": "l1-sparse", "headmask": "head-mask", "deep-unlearning": "DeepUnlearning",
+            "svd": "DeepUnlearning"}
 
 
 def resolve_methods(spec) -> list[str]:
