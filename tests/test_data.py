@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfmu_ext.zoo import data
+from dfmu_ext.zoo import data, sources
 from dfmu_ext.zoo.data import DatasetInfo, available_datasets, default_dataset, load_dataset, read_idx
 
 FMNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -149,7 +149,7 @@ def test_fashion_mnist_env_dir_searched_first(tmp_path, monkeypatch):
 def test_default_dataset_falls_back_to_digits(tmp_path, monkeypatch):
     monkeypatch.delenv("DFMU_DATA", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(data, "_FMNIST_SYSTEM_DIR", str(tmp_path / "absent"))
+    monkeypatch.setattr(sources, "_FMNIST_SYSTEM_DIR", str(tmp_path / "absent"))
     assert default_dataset() == "digits"
     assert available_datasets() == ["digits"]
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .data import FASHION_MNIST_CLASSES, DatasetInfo, _ArrayUnpickler, _hint, _normalise, load_dataset
+from .sources import FASHION_MNIST_CLASSES, ArrayUnpickler, DatasetInfo, install_hint, load_fashion_mnist, normalise_splits
 
 __all__ = ["FineLabels", "FASHION_MNIST_COARSE", "load_fashion_mnist_coarse", "load_cifar20", "find_cifar100",
            "subclass_indices"]
@@ -65,7 +65,7 @@ def subclass_indices(info: DatasetInfo, fine: int | str) -> tuple[torch.Tensor, 
 
 def load_fashion_mnist_coarse(root=None, download_hint: bool = True):
     """Fashion-MNIST with the five coarse labels of :data:`FASHION_MNIST_COARSE`."""
-    train, test, info = load_dataset("fashion-mnist", root, download_hint)
+    train, test, info = load_fashion_mnist(root, download_hint)
     coarse_of = [0] * 10
     for c, (_, members) in enumerate(FASHION_MNIST_COARSE.items()):
         for f in members:
@@ -100,7 +100,7 @@ def find_cifar100(root=None) -> Path | None:
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            d = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+            d = ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a CIFAR-100 python file ({exc})") from exc
     if not isinstance(d, dict):
@@ -137,7 +137,7 @@ def _load_cifar100_dir(directory: str):
         coarse_of[f] = c
     tr_x = torch.from_numpy(tr.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
     te_x = torch.from_numpy(te.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
-    tr_x, te_x, mean, std = _normalise(tr_x, te_x)
+    tr_x, te_x, mean, std = normalise_splits(tr_x, te_x)
     return (tr_x, torch.from_numpy(tr_c), te_x, torch.from_numpy(te_c), torch.from_numpy(tr_f),
             torch.from_numpy(te_f), mean, std, fine_names, coarse_names, tuple(coarse_of))
 
@@ -149,7 +149,7 @@ def load_cifar20(root=None, download_hint: bool = True):
         searched = ", ".join(str(p) for p in _cifar100_candidates(root))
         raise FileNotFoundError(
             f"CIFAR-100 not found: no directory holds its train, test and meta files. Searched: {searched}."
-            + _hint(["To get it: download and unpack the 'CIFAR-100 python version' archive "
+            + install_hint(["To get it: download and unpack the 'CIFAR-100 python version' archive "
                      "(cifar-100-python.tar.gz) on a machine with network access,",
                      f"then pass root=<folder> or put {_CIFAR100_DIRNAME}/ in $DFMU_DATA."], download_hint))
     tr_x, tr_y, te_x, te_y, tr_f, te_f, mean, std, fine_names, coarse_names, coarse_of = \
