@@ -11,7 +11,7 @@ from torch.utils.data import Subset, TensorDataset
 
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain
-from dfmu_ext.eval.metrics import (
+from dfmu_ext.eval import (
     METRIC_KEYS,
     evaluate,
     last_linear,

@@ -102,7 +102,8 @@ def cmd_forget(args) -> int:
         run_forget(model, meta, classes, out_dir, device=device, seed=args.seed,
                    retain_fraction=args.retain_fraction, mode=args.mode, retrain=args.retrain,
                    progress=progress_enabled(args), log=logger_for(args), comm=comm, data=data, model_factory=factory,
-                   train_config=train_config, record=partial, steps=_steps(args), **_scenario(args))
+                   train_config=train_config, record=partial, steps=_steps(args), battery=args.battery,
+                   **_scenario(args))
         if comm.is_main:
             _write_forget_outputs(args, model, meta, classes, byo, partial, record)
     except ValueError:
@@ -168,7 +169,7 @@ def cmd_demo(args) -> int:
     classes = None if _scenario(args) else parse_classes(args.classes, meta["num_classes"])
     run_forget(model, meta, classes, args.out_dir, device=device, seed=args.seed, retain_fraction=args.retain_fraction,
                mode=args.mode, retrain=args.retrain, progress=progress_enabled(args), log=log, **_scenario(args),
-               steps=_steps(args))
+               steps=_steps(args), battery=args.battery)
     return 0
 
 
@@ -223,7 +224,8 @@ def cmd_compare(args) -> int:
         return 0
     run_comparison(dataset, model_name, classes, fractions, args.seeds, methods, device,
                    args.out_dir, max_epochs=args.max_epochs, train_epochs=args.epochs,
-                   use_cache=not args.no_cache, progress=progress_enabled(args), quiet=args.quiet, **extra)
+                   use_cache=not args.no_cache, progress=progress_enabled(args), quiet=args.quiet,
+                   battery=not args.no_battery, **extra)
     return 0
 
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--mode", choices=["prune", "rescale"], default="prune",
                         help="zero the selected units (prune, the default) or dampen them (rescale)")
         sp.add_argument("--retrain", action="store_true", help="also retrain from scratch for comparison")
+        sp.add_argument("--battery", action="store_true",
+                        help="also run the verification battery (probe by depth, relearning and prototype attacks, "
+                             "collateral; TV distance to Retrain with --retrain): tells forgetting from hiding")
         scenario(sp)
         sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="training steps' precision (default: auto = bf16 on a CUDA GPU, fp32 on the CPU)")
@@ -128,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-epochs", type=int, default=None,
                    help="cap the epochs of the epoch-based baselines (quick runs); Retrain keeps its recipe")
     c.add_argument("--no-cache", action="store_true", help="train the originals afresh, do not use the cache")
+    c.add_argument("--no-battery", action="store_true",
+                   help="skip the verification battery (probe by depth, relearning and prototype attacks, TV "
+                        "distance to Retrain, collateral) and the table of which metrics tell hiding from forgetting")
     scenario(c)
     own_model(c)
     device_quiet(c)

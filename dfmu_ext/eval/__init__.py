@@ -1,9 +1,14 @@
-"""All prediction and every metric: the field's standard protocol (UA, RA, TA, MIA-efficacy, linear
-probe) in :mod:`.metrics`, the forward passes they share in :mod:`.predict`."""
-from .metrics import (METRIC_KEYS, MIA_MAX_PER_SIDE, evaluate, last_linear, linear_probe_accuracy, mia_efficacy,
+"""All prediction and every metric: the forward passes (:mod:`.predict`), the field's standard
+metrics (:mod:`.metrics`: UA, RA, TA, MIA-efficacy, linear probe), the verification battery
+(:mod:`.battery`: probe by depth, relearning and prototype attacks, distance to Retrain, collateral)
+and :func:`evaluate`, which computes them for one model (:mod:`.evaluate`)."""
+from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
+from .evaluate import BATTERY_KEYS, battery_metrics, evaluate
+from .metrics import (METRIC_KEYS, MIA_MAX_PER_SIDE, last_linear, linear_probe_accuracy, mia_efficacy,
                       penultimate_features, svc_mia_from_probs, true_label_probs)
 from .predict import accuracy, forward_collect, per_class_accuracy, predict_logits
 
-__all__ = ["evaluate", "METRIC_KEYS", "MIA_MAX_PER_SIDE", "last_linear", "linear_probe_accuracy", "mia_efficacy",
-           "penultimate_features", "svc_mia_from_probs", "true_label_probs", "accuracy", "forward_collect",
-           "per_class_accuracy", "predict_logits"]
+__all__ = ["evaluate", "battery_metrics", "BATTERY_KEYS", "METRIC_KEYS", "MIA_MAX_PER_SIDE", "last_linear",
+           "linear_probe_accuracy", "mia_efficacy", "penultimate_features", "svc_mia_from_probs", "true_label_probs",
+           "accuracy", "forward_collect", "per_class_accuracy", "predict_logits", "probe_by_depth",
+           "relearn_attack", "prototype_attack", "tv_distance", "collateral"]

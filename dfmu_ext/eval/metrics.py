@@ -11,7 +11,7 @@ The protocol is the field's standard one (SalUn / l1-sparse), described in docs/
 
 :func:`evaluate` returns ``forget_acc = acc(D_f)`` (UA = 1 − forget_acc), ``forget_test_acc =
 acc(T_f)``, ``retain_acc = acc(D_r)`` (RA), ``test_acc = acc(T_r)`` (TA), ``mia_efficacy`` and
-``probe_forget_acc``; see :func:`svc_mia_from_probs` and :func:`linear_probe_accuracy` for the last
+``probe_forget_acc`` (:func:`dfmu_ext.eval.evaluate.evaluate` computes them all at once); see :func:`svc_mia_from_probs` and :func:`linear_probe_accuracy` for the last
 two. Each piece is a separate function that a test can call alone.
 
 Nothing here changes the model: every forward runs under ``torch.no_grad()`` with the model in eval
@@ -28,13 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .._common import normalise_classes, resolve_device, resolve_forget_set
+from .._common import normalise_classes, resolve_device
 from ..blocks import classifier_of
-from ..splits import dataset_labels
 from .predict import check_batch_size, forward_collect
 
 __all__ = [
-    "evaluate",
     "true_label_probs",
     "penultimate_features",
     "last_linear",
@@ -246,111 +244,3 @@ def linear_probe_accuracy(train_feats, train_labels, test_feats, test_labels,
         clf.fit(scaler.transform(xtr), ytr)
         pred = clf.predict(scaler.transform(xte))
     return float(np.mean(pred == yte))
-
-
-# --------------------------------------------------------------------------------------------
-# everything at once
-# --------------------------------------------------------------------------------------------
-
-def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes: Iterable[int] | None = None,
-             *, forget_indices=None, test_forget_indices=None, device=None, batch_size: int = 512,
-             probe_samples: int = 5000, seed: int = 0, mia: bool = True, probe: bool = True) -> dict[str, float]:
-    """All metrics of the evaluation protocol, as ``{name: float}`` with exactly six keys.
-
-    The forget set is ``forget_classes`` (whole classes: ``T_f`` is their test samples) or
-    ``forget_indices`` (samples of ``train_set``; ``T_f`` is ``test_forget_indices`` — e.g. the test
-    samples of a forgotten sub-class — or empty, when the forget-test accuracy and the probe are nan).
-
-    * ``forget_acc = acc(D_f)`` — UA = 1 − forget_acc.
-    * ``forget_test_acc = acc(T_f)``.
-    * ``retain_acc = acc(D_r)`` — RA.
-    * ``test_acc = acc(T_r)`` — TA.
-    * ``mia_efficacy`` — :func:`svc_mia_from_probs` with shadow "in" = ``p_y`` of ``D_r``, "out" =
-      ``p_y`` of ``T_r``, target = ``p_y`` of ``D_f`` (at most :data:`MIA_MAX_PER_SIDE` per
-      side, sampled with ``seed``). ``nan`` when ``mia=False``.
-    * ``probe_forget_acc`` — :func:`linear_probe_accuracy` fitted on the penultimate features
-      (:func:`penultimate_features`) of ``min(probe_samples, |train_set|)`` training samples drawn
-      uniformly without replacement from all classes (seeded by ``seed``), scored on ``T_f``.
-      ``nan`` when ``probe=False``.
-
-    One eval-mode, ``no_grad`` pass over each of ``train_set`` and ``test_set`` serves every
-    metric. The model must already be on ``device`` (default: the device of its first parameter
-    or buffer, else CPU); it is not changed, and each module's train/eval flag is restored.
-
-    Raises:
-        ValueError: ``forget_classes`` is empty; ``train_set`` or ``test_set`` is empty; a forget
-            class has no sample in ``train_set``; no class would remain (every training label is
-            a forget class); ``test_set`` has no sample of the forget classes or none of the
-            remaining classes; ``batch_size`` or ``probe_samples`` is not positive; ``probe=True``
-            and the model has no ``nn.Linear``.
-    """
-    check_batch_size(batch_size)
-    if probe and int(probe_samples) <= 0:
-        raise ValueError(f"probe_samples must be positive, got {probe_samples}")
-    if len(test_set) == 0:  # type: ignore[arg-type]
-        raise ValueError("test_set is empty")
-    forget = resolve_forget_set(train_set, forget_classes, forget_indices)
-    train_labels = dataset_labels(train_set)
-    test_labels = dataset_labels(test_set)
-    train_forget = forget.is_forget
-    if forget.by_classes:
-        if test_forget_indices is not None:
-            raise ValueError("test_forget_indices go with forget_indices; with forget_classes the test samples "
-                             "of those classes are the forget-test set")
-        classes = forget.classes
-        test_forget = torch.isin(test_labels, torch.as_tensor(classes, dtype=torch.long))
-        if not test_forget.any():
-            raise ValueError(f"test_set has no sample of the forget classes {classes}")
-    else:
-        test_forget = torch.zeros(test_labels.numel(), dtype=torch.bool)
-        if test_forget_indices is not None:
-            idx = torch.as_tensor(np.asarray(test_forget_indices)).reshape(-1).long()
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= test_labels.numel()):
-                raise ValueError(f"test_forget_indices must lie in [0, {test_labels.numel()})")
-            test_forget[idx] = True
-        classes = sorted(set(test_labels[test_forget].tolist()))  # the labels the probe must recover
-    if test_forget.all():
-        raise ValueError("test_set has no sample of the remaining classes")
-    probe = probe and bool(test_forget.any())
-
-    device = resolve_device(model, device)
-    layer = last_linear(model) if probe else None
-    probe_rows = None
-    if probe:
-        gen = torch.Generator().manual_seed(int(seed))
-        k = min(int(probe_samples), train_labels.numel())
-        probe_rows = torch.zeros(train_labels.numel(), dtype=torch.bool)
-        probe_rows[torch.randperm(train_labels.numel(), generator=gen)[:k]] = True
-
-    # Pass over train: logits of all samples + features of the probe sample.
-    tr_logits, tr_feats, tr_y = forward_collect(model, train_set, batch_size=batch_size,
-                                                 device=device, layer=layer,
-                                                 feature_rows=probe_rows)
-    # Pass over test: logits of all samples + features of the forget-class test samples.
-    te_logits, te_feats, te_y = forward_collect(model, test_set, batch_size=batch_size,
-                                                 device=device, layer=layer,
-                                                 feature_rows=test_forget if probe else None)
-    # The loader's labels are the ground truth for what the model saw; they must match.
-    if not (torch.equal(tr_y, train_labels) and torch.equal(te_y, test_labels)):
-        raise RuntimeError("labels read through the DataLoader differ from dataset_labels()")
-    if tr_logits.dim() != 2 or tr_logits.shape[0] != tr_y.numel():
-        raise ValueError(f"the model must return (batch, classes) logits, got {tuple(tr_logits.shape)}")
-
-    out = {
-        "forget_acc": _accuracy(tr_logits[train_forget], tr_y[train_forget]),
-        "forget_test_acc": _accuracy(te_logits[test_forget], te_y[test_forget]) if test_forget.any() else float("nan"),
-        "retain_acc": _accuracy(tr_logits[~train_forget], tr_y[~train_forget]),
-        "test_acc": _accuracy(te_logits[~test_forget], te_y[~test_forget]),
-        "mia_efficacy": float("nan"),
-        "probe_forget_acc": float("nan"),
-    }
-    if mia:
-        p_train = true_label_probs(tr_logits, tr_y)
-        p_test = true_label_probs(te_logits, te_y)
-        tf, sf = train_forget.numpy(), test_forget.numpy()
-        out["mia_efficacy"] = svc_mia_from_probs(p_train[~tf], p_test[~sf], p_train[tf],
-                                                 seed=seed)
-    if probe:
-        out["probe_forget_acc"] = linear_probe_accuracy(
-            tr_feats, tr_y[probe_rows], te_feats, te_y[test_forget], classes, seed=seed)
-    return {k: float(out[k]) for k in METRIC_KEYS}

@@ -24,18 +24,23 @@ import torch
 from .._common import normalise_classes
 from .._io import markdown_table, write_json
 from ..baselines import SPECS, resolve_methods
-from ..eval import evaluate
+from ..eval import BATTERY_KEYS, battery_metrics, evaluate
 from ..splits import split_forget_retain, stratified_fraction
 from ..zoo import data as data_mod
 from ..zoo import training
 from ..zoo.checkpoints import cached_original
-from .plots import plot_comparison
+from .meta import separation_table
+from .plots import plot_comparison, plot_frontier
 
 __all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "TABLE_METRICS"]
 
 #: (column, metric key, shown as 1 - value)
 TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA", "test_acc", False),
                  ("MIA-efficacy", "mia_efficacy", False), ("probe", "probe_forget_acc", False)]
+#: The battery's columns, shown when it ran (see dfmu_ext.eval.battery_metrics).
+BATTERY_COLUMNS = [("relearn", "relearn_k5", False), ("relearn AUC@30", "relearn_k5_auc", False),
+                   ("proto RA", "prototype_retain_acc", False), ("TV to Retrain", "tv_to_reference", False),
+                   ("collateral", "collateral", False)]
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -85,12 +90,13 @@ def _fraction_label(row: dict) -> str:
 
 def format_comparison_table(rows: list[dict]) -> str:
     """Markdown: one row per (method, fraction); metrics in %, mean ± std over seeds."""
-    header = (["method", "retain data"] + [c for c, _, _ in TABLE_METRICS]
+    columns = TABLE_METRICS + [c for c in BATTERY_COLUMNS if any(c[1] in r for r in rows)]
+    header = (["method", "retain data"] + [c for c, _, _ in columns]
               + ["time (s)", "retain samples", "forget samples"])
     lines = []
     for r in rows:
         cells = [r["method"], _fraction_label(r)]
-        cells += [_pm(r[k], invert=inv) for _, k, inv in TABLE_METRICS]
+        cells += [_pm(r[k], invert=inv) if k in r else "-" for _, k, inv in columns]
         if r["method"] == "Original":
             cells += ["-", "-", "-"]
         else:
@@ -115,7 +121,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    max_epochs: int | None = None, train_epochs: int | None = None, use_cache: bool = True,
                    progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
                    eval_fraction: float = 1.0, plots: bool = True, data=None, original=None,
-                   model_factory=None, train_config: training.TrainConfig | None = None) -> dict:
+                   model_factory=None, train_config: training.TrainConfig | None = None,
+                   battery: bool = False) -> dict:
     """Run ``methods`` x ``fractions`` x ``seeds`` and write ``comparison.json`` plus two PNGs.
 
     Args:
@@ -166,6 +173,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     if not seeds:
         raise ValueError("no seed to run")
     names = resolve_methods(methods)
+    if battery and "Retrain" in names:  # Retrain first: the other rows' TV distance is measured to it
+        names = ["Retrain"] + [n for n in names if n != "Retrain"]
     method_kwargs = {k: dict(v) for k, v in (method_kwargs or {}).items()}
     method_kwargs_json = {m: _plain(kw) for m, kw in method_kwargs.items()}
     unknown = set(method_kwargs) - set(SPECS)
@@ -192,6 +201,9 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
             original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
                                              use_cache=use_cache, progress=progress, log=log)
         original.eval()
+        battery_kw = {}
+        if battery:  # Retrain runs first (see below): its model is the reference of the TV distance
+            battery_kw = {"battery": True, "original": original, "reference": None}
         originals[seed] = evaluate(original, eval_train, test_set, classes, device=device, seed=seed, **eval_kwargs)
         log(f"seed {seed}: original RA {100 * originals[seed]['retain_acc']:.1f}%, "
             f"forget acc {100 * originals[seed]['forget_acc']:.1f}%")
@@ -215,7 +227,10 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                     res = spec.fn(model, train_set, classes, frac if frac is not None else 1.0,
                                                   device=device, seed=seed, progress=progress, **kwargs)
                     rec["metrics"] = evaluate(res.model, eval_train, test_set, classes, device=device, seed=seed,
-                                              **eval_kwargs)
+                                              **eval_kwargs, **battery_kw)
+                    if battery and name == "Retrain":
+                        battery_kw["reference"] = res.model
+                        rec["metrics"]["tv_to_reference"] = 0.0
                     rec.update(time_s=res.timings["total"], retain_samples=res.retain_samples_used,
                                forget_samples=res.forget_samples_used,
                                timings={k: float(v) for k, v in res.timings.items()})
@@ -227,6 +242,9 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                     log(f"{label}: FAILED ({rec['error']})")
                 runs.append(rec)
                 del model
+        if battery:
+            originals[seed].update(battery_metrics(original, eval_train, test_set, classes, original=original,
+                                                   reference=battery_kw["reference"], seed=seed, device=device))
 
     rows = aggregate(runs)
     order = {n: i for i, n in enumerate(names)}
@@ -246,6 +264,16 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         print(note)
     for f in failed:
         print(f"failed: {f}")
+    meta_table = None
+    if battery:
+        # The TV distance is left out: Retrain's own is 0 by definition (its floor is another Retrain
+        # seed's distance), so "separates" would say nothing there.
+        keys = ["forget_acc", "retain_acc", "test_acc", "mia_efficacy", "probe_forget_acc"] + \
+            [k for k in originals[seeds[0]] if k.startswith("probe@")] + \
+            [k for k in BATTERY_KEYS if k != "tv_to_reference"]
+        meta_table, verdicts = separation_table(runs, originals, keys)
+        print("\nWhich metrics tell hiding (Original, head-mask) from forgetting (Retrain):")
+        print(meta_table)
     os.makedirs(out_dir, exist_ok=True)
     report = {
         "config": {"dataset": info.name, "source": info.source, "model": model_name, "forget_classes": classes,
@@ -255,11 +283,14 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    "eval_fraction": eval_fraction, "eval_train_samples": len(eval_train)},
         "original": {str(s): m for s, m in originals.items()},
         "runs": runs, "rows": table_rows, "table": table, "note": note, "failed": failed,
+        "hiding_vs_forgetting": meta_table,
         "total_seconds": time.perf_counter() - start,
     }
     json_path = os.path.join(out_dir, "comparison.json")
     if plots and rows:
         report["plots"] = plot_comparison(table_rows, fractions, out_dir, title)
+        if battery:
+            report["plots"].update(plot_frontier(table_rows, fractions, out_dir, title))
     write_json(json_path, report)
     report["json"] = json_path
     log(f"wrote {json_path}" + (" and " + ", ".join(os.path.basename(p) for p in report.get("plots", {}).values())

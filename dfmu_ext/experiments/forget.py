@@ -14,7 +14,7 @@ from .._common import resolve_forget_set
 from .._io import markdown_table, write_json
 from ..baselines import retrain as retrain_method
 from ..distributed import Comm, current_comm
-from ..eval import evaluate, per_class_accuracy
+from ..eval import evaluate, per_class_accuracy, tv_distance
 from ..record import read_record, write_record
 from ..splits import dataset_labels
 from ..steps import StepOptions
@@ -30,6 +30,10 @@ __all__ = ["run_forget", "format_table", "ROW_KEYS"]
 #: (column, metric key) of the report's table; UA is shown as 1 - forget accuracy.
 ROW_KEYS = [("UA", "forget_acc"), ("forget-test", "forget_test_acc"), ("RA", "retain_acc"), ("TA", "test_acc"),
             ("MIA", "mia_efficacy"), ("probe", "probe_forget_acc")]
+#: The battery's columns, shown when it ran.
+BATTERY_ROW_KEYS = [("relearn", "relearn_k5"), ("relearn AUC@30", "relearn_k5_auc"),
+                    ("proto RA", "prototype_retain_acc"), ("TV to Retrain", "tv_to_reference"),
+                    ("collateral", "collateral")]
 
 
 def _fmt(v) -> str:
@@ -40,11 +44,12 @@ def _fmt(v) -> str:
 
 def format_table(rows: dict[str, dict]) -> str:
     """A Markdown table, one row per model: the metrics in %, then time and retain samples used."""
-    header = ["model"] + [h for h, _ in ROW_KEYS] + ["time", "retain samples"]
+    keys = ROW_KEYS + [(h, k) for h, k in BATTERY_ROW_KEYS if any(k in m for m in rows.values())]
+    header = ["model"] + [h for h, _ in keys] + ["time", "retain samples"]
     cells = []
     for name, m in rows.items():
         row = [name]
-        for h, k in ROW_KEYS:
+        for h, k in keys:
             v = m.get(k)
             row.append(_fmt(1.0 - v if h == "UA" and v is not None else v))
         row.append("-" if m.get("time_s") is None else f"{m['time_s']:.2f} s")
@@ -57,13 +62,15 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
                seed: int = 0, retain_fraction: float = 0.13, mode: str = "prune", retrain: bool = False,
                progress: bool = False, log=print, comm: Comm | None = None, data=None, model_factory=None,
                train_config: TrainConfig | None = None, record: str | None = None, subclass=None,
-               random_fraction: float | None = None, steps: StepOptions | None = None) -> dict:
+               random_fraction: float | None = None, steps: StepOptions | None = None,
+               battery: bool = False) -> dict:
     """Unlearn ``classes`` from ``model`` (in place) and report against the original.
 
     Instead of classes (``classes=None``): ``subclass`` (a fine class of a coarse-label data set,
     by name or id) or ``random_fraction`` (a seeded random share of the training samples); see
     :mod:`dfmu_ext.experiments.scenarios`. ``steps``: precision and layout of DFMU's fine-tune and
-    of Retrain (:class:`dfmu_ext.steps.StepOptions`).
+    of Retrain (:class:`dfmu_ext.steps.StepOptions`). ``battery``: also the verification battery
+    (:func:`dfmu_ext.eval.battery_metrics`; whole classes only), the TV distance to Retrain with ``retrain``.
 
     ``meta`` is the checkpoint's (it names the data set and the training recipe Retrain reuses).
     A model and data of one's own: pass ``data=(train_set, test_set, info)``, and for ``retrain``
@@ -90,9 +97,13 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
     else:
         what = f"classes {[names[c] for c in classes]}"
 
+    if battery and classes is None:
+        raise ValueError("the battery attacks the forget classes' rows: use it with --classes")
+
     def ev(m):
         return evaluate(m, train_set, test_set, classes, forget_indices=scen["forget_indices"],
-                        test_forget_indices=scen["test_forget_indices"], device=device, seed=seed)
+                        test_forget_indices=scen["test_forget_indices"], device=device, seed=seed,
+                        battery=battery, original=original)
 
     def evaluate_original():
         log(f"evaluating the original model on {info.name} ({info.source}) ...")
@@ -124,6 +135,9 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
                              forget_indices=scen["forget_indices"], device=device, config=config, seed=seed,
                              progress=progress, steps=steps)
         rows["Retrain"] = ev(ret.model)
+        if battery:
+            for name, m in (("original", original), ("DFMU", model), ("Retrain", ret.model)):
+                rows[name]["tv_to_reference"] = tv_distance(m, ret.model, test_set, classes, device=device)
         rows["Retrain"].update(time_s=ret.timings["total"], retain_samples=ret.retain_samples_used)
         per_class["Retrain"] = per_class_accuracy(ret.model, test_set, info.num_classes, device=device)
 
@@ -131,6 +145,11 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
     ranks = f" x {comm.world_size} ranks" if comm.world_size > 1 else ""
     print(f"\n{info.name} / {meta['model']}: forget {what}, device {device}{ranks}")
     print(format_table(rows))
+    stages = [k for k in rows["DFMU"] if k.startswith("probe@")]
+    if stages:
+        print("\nlinear probe by depth (forget-class test accuracy, %): "
+              + "; ".join(f"{k[6:]}: " + " / ".join(f"{100 * r[k]:.1f}" for r in rows.values()) for k in stages)
+              + f"  ({' / '.join(rows)})")
     print(f"\nDFMU time: scoring {t['scoring']:.3f} s, pruning {t['pruning']:.3f} s, fine-tune {t['finetune']:.2f} s, "
           f"total {t['total']:.2f} s; {res.retain_samples_used} of {len(retain_set)} retain samples "
           f"({100 * res.retain_samples_used / len(retain_set):.1f}%)")

@@ -7,7 +7,7 @@ import os
 
 from .._io import save_figure_atomic
 
-__all__ = ["plot_summary", "plot_comparison"]
+__all__ = ["plot_summary", "plot_comparison", "plot_frontier"]
 
 
 def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[float]], forget_classes: list[int],
@@ -115,3 +115,36 @@ def plot_comparison(rows: list[dict], fractions: list[float], out_dir: str, titl
     fig.tight_layout()
     save_figure_atomic(fig, paths["time_vs_retain"])
     return paths
+
+
+def plot_frontier(rows: list[dict], fractions: list[float], out_dir: str, title: str) -> dict[str, str]:
+    """``frontier.png``: retain accuracy against the probe and against the relearning attack, one point
+    per method (budgeted methods at the headline fraction), mean ± std over seeds. The ideal point is
+    Retrain's: RA as high, probe and relearning as low."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head = _headline_fraction(fractions)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "probe_forget_acc", "forget-class linear probe (%)"),
+                           (axes[1], "relearn_k5", "relearning attack, K=5 (%)")):
+        for i, r in enumerate(rows):
+            if r["method"] != "Original" and not r["once"] and r["fraction"] != head:
+                continue
+            if key not in r or "retain_acc" not in r:
+                continue
+            x, y = 100 * r[key]["mean"], 100 * r["retain_acc"]["mean"]
+            if not (math.isfinite(x) and math.isfinite(y)):
+                continue
+            ax.errorbar([x], [y], xerr=[100 * r[key]["std"]], yerr=[100 * r["retain_acc"]["std"]], marker="o",
+                        ms=6, capsize=3, color=plt.cm.tab20(i % 20))
+            ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4 - 12 * (i % 2)), fontsize=8)
+        ax.set_xlabel(label + " — lower is more forgotten")
+        ax.set_ylabel("retain accuracy RA (%)")
+    fig.suptitle(f"{title}\nbudgeted methods at {100 * head:g}% of the retain data", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "frontier.png")
+    save_figure_atomic(fig, path)
+    return {"frontier": path}
