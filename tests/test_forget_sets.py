@@ -202,3 +202,35 @@ def test_cli_forget_random_and_subclass_errors(tmp_path, monkeypatch, capsys):
                      "--fractions", "0.13", "--seeds", "1", "--methods", "DFMU,head-mask", "--out-dir",
                      str(tmp_path / "cmp"), "--device", "cpu", "--quiet"]) == 0
     assert (tmp_path / "cmp" / "scenario.json").is_file()
+
+
+def test_cifar20_reads_cifar100_python_files(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def split(name, n):
+        fine = [int(f) for f in rng.integers(0, 100, n)]
+        fine[:3] = [11, 12, 40]  # 11 and 12 share a superclass below; 40 another
+        coarse = [f // 5 for f in fine]
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": fine, b"coarse_labels": coarse}, f)
+        return fine
+
+    fine_train = split("train", 40)
+    split("test", 12)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, f)
+    train, test, info = load_dataset("cifar20", root=tmp_path)
+    assert info.num_classes == 20 and train.tensors[0].shape == (40, 3, 32, 32)
+    assert train.tensors[1].tolist() == [f // 5 for f in fine_train]
+    tr, te, c = coarse.subclass_indices(info, "f12")
+    assert c == 2 and tr.tolist() == [i for i, f in enumerate(fine_train) if f == 12]
+    (folder / "train").write_bytes(b"not a pickle")
+    coarse._load_cifar100_dir.cache_clear()
+    with pytest.raises(ValueError, match="not a CIFAR-100 python file"):
+        load_dataset("cifar20", root=tmp_path)
