@@ -320,3 +320,16 @@ def test_momentum_sgd_matches_torch_optim_sgd(momentum, weight_decay):
             assert torch.equal(opt_ours.state[p]["momentum_buffer"], opt_theirs.state[q]["momentum_buffer"])
     else:
         assert not opt_ours.state
+
+
+def test_small_budgets_get_a_minimum_of_steps():
+    from dfmu_ext.finetune import FinetuneConfig, _epochs
+
+    cfg = FinetuneConfig()
+    assert cfg.min_steps == 50
+    assert _epochs(cfg, 168, 128) == 25      # 2 steps an epoch: enough epochs for 50 steps
+    assert _epochs(cfg, 7020, 128) == 1      # Fashion-MNIST's 13%: one epoch is 55 steps already
+    assert _epochs(FinetuneConfig(min_steps=0), 168, 128) == 1
+    assert _epochs(FinetuneConfig(epochs=0), 168, 128) == 0
+    with pytest.raises(ValueError, match="min_steps"):
+        FinetuneConfig(min_steps=-1).validate()
