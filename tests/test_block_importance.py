@@ -207,6 +207,7 @@ def test_deterministic(device, shape, cd):
 @pytest.mark.parametrize("dtype,shape,cd,layout", [
     (torch.float32, (8, 40, 33, 33), 1, "contiguous"),
     (torch.float16, (8, 40, 33, 33), 1, "contiguous"),
+    (torch.float16, (64, 99, 4, 4), 1, "contiguous"),
     (torch.float16, (8, 40, 33, 33), 1, "channels_last"),
     (torch.float16, (6, 33, 1100), -1, "contiguous"),
     (torch.float16, (33, 4100), 1, "contiguous"),
@@ -335,8 +336,8 @@ def test_every_float16_value_is_read_exactly(device, flush_denormal, monkeypatch
     gradient of 1: each score must be the value's exact float32, in every layout and in both CPU kernels
     (F16C's vcvtph2ps and the portable branch-free routine); flush-to-zero must not touch half subnormals.
     Cases: (N, C) and 1x1 maps (the elementwise path), (N, T, C) (channels inner, with T = 5: four
-    positions per pass and a tail), (N, C, R) with R = 5 (scalar tail only) and R = 11 (a vector of 8
-    and a tail). A one-hot gradient over positions reads the other positions' values times 0."""
+    positions per pass and a tail), (N, C, R) with R = 5 (scalar tail only), R = 11 (a vector of 8
+    and a tail) and R = 16 (F16C: eight rows at a time). A one-hot gradient over positions reads the other positions' values times 0."""
     halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     expected = halves.float()
     if flush_denormal and not torch.set_flush_denormal(True):
@@ -345,8 +346,9 @@ def test_every_float16_value_is_read_exactly(device, flush_denormal, monkeypatch
         for kernel in _cpu_kernels(device):
             monkeypatch.setenv("DFMU_CPU_F16C", "0" if kernel == "portable" else "1")
             for shape, channel_dim in (((1, 65536), -1), ((1, 65536, 1, 1), 1), ((1, 1, 65536), -1),
-                                       ((1, 65536, 5), 1), ((1, 65536, 11), 1), ((1, 5, 65536), -1)):
-                one_hot = shape[1] == 5 or shape[-1] in (5, 11)
+                                       ((1, 65536, 5), 1), ((1, 65536, 11), 1), ((1, 65536, 16), 1),
+                                       ((1, 5, 65536), -1)):
+                one_hot = shape[1] == 5 or shape[-1] in (5, 11, 16)
                 if one_hot and channel_dim == 1:
                     act = halves.reshape(-1, 1).expand(-1, shape[2]).reshape(shape)
                 elif one_hot:
@@ -377,7 +379,9 @@ def test_every_float16_value_is_read_exactly(device, flush_denormal, monkeypatch
 # quads and leftovers, several channel tiles, several threads' chunks.
 F16_SHAPES = [
     ((8, 16, 5, 5), 1, "contiguous"),      # channels outer, R = 25: 3 vectors + tail
-    ((3, 7, 8), 1, "contiguous"),          # R = 8: one vector, no tail
+    ((3, 7, 8), 1, "contiguous"),          # R = 8: one vector, no tail; 8 rows at a time + 5
+    ((5, 13, 4, 4), 1, "contiguous"),      # R = 16: two vectors, 8 rows at a time + 1
+    ((2, 9, 72), 1, "contiguous"),         # R = 72: 9 vectors, one row at a time
     ((5, 6, 3), 1, "contiguous"),          # R = 3: tail only
     ((8, 16, 5, 5), 1, "channels_last"),   # channels inner, C = 16
     ((6, 9, 23), -1, "contiguous"),        # channels inner, T = 9 (two quads + 1), C = 23 (2 vectors + 7)
