@@ -372,7 +372,7 @@ DFMU_F16C_TARGET void elementwise_group_f16c(const c10::Half* a, const c10::Half
 // s[n, c] for the [N][C][R] layout: one contiguous run of R per (n, c).
 template <bool kAffine, typename scalar_t, typename acc_t>
 void dots_channels_outer(const scalar_t* a, const scalar_t* g, int64_t rows, int64_t C, int64_t R,
-                         Affine<acc_t> affine, bool f16c, acc_t* s) {
+                         Affine<acc_t> affine, [[maybe_unused]] bool f16c, acc_t* s) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
 #if DFMU_F16C
@@ -525,7 +525,7 @@ void group_sum_elementwise_f16c(const c10::Half* a, const c10::Half* g, const Sa
 
 template <bool kAffine, typename scalar_t, typename acc_t>
 void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* groups, int64_t N, int64_t C,
-                           int64_t K, Affine<acc_t> affine, Reduce reduce, bool f16c, acc_t* out) {
+                           int64_t K, Affine<acc_t> affine, Reduce reduce, [[maybe_unused]] bool f16c, acc_t* out) {
   const SampleSegments segments = segment_samples(groups, N, K);
 #if DFMU_F16C
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
