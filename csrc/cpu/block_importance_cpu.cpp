@@ -141,9 +141,9 @@ inline acc_t apply_reduce(acc_t s, Reduce r) {
 // ---------------------------------------------------------------------------------------------
 // F16C kernels for float16 input. Each one mirrors a portable loop below, operation for operation
 // (same accumulators, same association, same tail handling), so both give the same bits; only the
-// half -> float conversion differs, and both conversions are exact. They are whole loops, not
-// per-element helpers, because a target attribute does not carry into lambdas (at::parallel_for's
-// bodies call these).
+// half -> float conversion differs, and both conversions are exact. Each loop is a function of its own
+// with the target attribute, called from at::parallel_for's lambdas (a lambda does not inherit its
+// enclosing function's target, so the loops cannot live in them).
 // ---------------------------------------------------------------------------------------------
 
 DFMU_F16C_TARGET inline __m256 load8_f16c(const c10::Half* p) {
