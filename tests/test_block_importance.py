@@ -204,14 +204,23 @@ def test_deterministic(device, shape, cd):
         assert torch.equal(first, ops.block_importance(act, grad, groups, 4, cd, "signed"))
 
 
-def test_threads_do_not_change_the_result():
-    act, grad = _inputs((8, 40, 33, 33), torch.float32, "cpu", seed=4)
+@pytest.mark.parametrize("dtype,shape,cd,layout", [
+    (torch.float32, (8, 40, 33, 33), 1, "contiguous"),
+    (torch.float16, (8, 40, 33, 33), 1, "contiguous"),
+    (torch.float16, (64, 99, 4, 4), 1, "contiguous"),
+    (torch.float16, (8, 40, 33, 33), 1, "channels_last"),
+    (torch.float16, (6, 33, 1100), -1, "contiguous"),
+    (torch.float16, (33, 4100), 1, "contiguous"),
+])
+def test_threads_do_not_change_the_result(dtype, shape, cd, layout):
+    act, grad = _inputs(shape, dtype, "cpu", seed=4, layout=layout)
+    groups = torch.arange(shape[0]) % 3
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.block_importance(act, grad)
+        one = ops.block_importance(act, grad, groups, 3, cd)
         torch.set_num_threads(max(2, before))
-        many = ops.block_importance(act, grad)
+        many = ops.block_importance(act, grad, groups, 3, cd)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, many)
@@ -314,31 +323,87 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled(act, grad, groups), f(act, grad, groups))
 
 
+def _cpu_kernels(device):
+    """The CPU's float16 kernels to run: the F16C one (when the CPU has it) and the portable one
+    (DFMU_CPU_F16C=0 selects it on any CPU); other devices have one kernel."""
+    return ["f16c", "portable"] if device == "cpu" else ["default"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("flush_denormal", [False, True])
-def test_every_float16_value_is_read_exactly(device, flush_denormal):
+def test_every_float16_value_is_read_exactly(device, flush_denormal, monkeypatch):
     """All 65536 float16 bit patterns (zeros, subnormals, normals, infinities, NaNs), one per unit, times a
-    gradient of 1: each score must be the value's exact float32, in every layout. The CPU kernel converts
-    float16 with its own branch-free routine; flush-to-zero must not touch half subnormals."""
+    gradient of 1: each score must be the value's exact float32, in every layout and in both CPU kernels
+    (F16C's vcvtph2ps and the portable branch-free routine); flush-to-zero must not touch half subnormals.
+    Cases: (N, C) and 1x1 maps (the elementwise path), (N, T, C) (channels inner, with T = 5: four
+    positions per pass and a tail), (N, C, R) with R = 5 (scalar tail only), R = 11 (a vector of 8
+    and a tail) and R = 16 (F16C: eight rows at a time). A one-hot gradient over positions reads the other positions' values times 0."""
     halves = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     expected = halves.float()
     if flush_denormal and not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
-        for shape, channel_dim in (((1, 65536), -1), ((1, 65536, 1, 1), 1), ((1, 1, 65536), -1), ((1, 65536, 5), 1)):
-            act = halves.reshape(-1, 1).expand(-1, shape[2]).reshape(shape) if shape == (1, 65536, 5) \
-                else halves.reshape(shape)
-            act = act.contiguous().to(device)
-            grad = torch.zeros_like(act)
-            if shape == (1, 65536, 5):
-                grad[..., 2] = 1  # the other positions read the same values times 0, except inf/NaN * 0
-                finite = torch.isfinite(expected)
-            else:
-                grad.fill_(1)
-                finite = torch.ones_like(expected, dtype=torch.bool)
-            out = ops.block_importance(act, grad, None, 1, channel_dim=channel_dim, reduce="signed")[0].cpu()
-            same = (out == expected) | (out.isnan() & expected.isnan())
-            assert bool(same[finite].all()), f"{shape}: {int((~same[finite]).sum())} values differ"
+        for kernel in _cpu_kernels(device):
+            monkeypatch.setenv("DFMU_CPU_F16C", "0" if kernel == "portable" else "1")
+            for shape, channel_dim in (((1, 65536), -1), ((1, 65536, 1, 1), 1), ((1, 1, 65536), -1),
+                                       ((1, 65536, 5), 1), ((1, 65536, 11), 1), ((1, 65536, 16), 1),
+                                       ((1, 5, 65536), -1)):
+                one_hot = shape[1] == 5 or shape[-1] in (5, 11, 16)
+                if one_hot and channel_dim == 1:
+                    act = halves.reshape(-1, 1).expand(-1, shape[2]).reshape(shape)
+                elif one_hot:
+                    act = halves.reshape(1, -1).expand(shape[1], -1).reshape(shape)
+                else:
+                    act = halves.reshape(shape)
+                act = act.contiguous().to(device)
+                grad = torch.zeros_like(act)
+                if one_hot:
+                    # the other positions read the same values times 0, except inf/NaN * 0
+                    if channel_dim == 1:
+                        grad[..., 2] = 1
+                    else:
+                        grad[:, 2, :] = 1
+                    finite = torch.isfinite(expected)
+                else:
+                    grad.fill_(1)
+                    finite = torch.ones_like(expected, dtype=torch.bool)
+                out = ops.block_importance(act, grad, None, 1, channel_dim=channel_dim, reduce="signed")[0].cpu()
+                same = (out == expected) | (out.isnan() & expected.isnan())
+                assert bool(same[finite].all()), f"{kernel}, {shape}: {int((~same[finite]).sum())} values differ"
     finally:
         if flush_denormal:
             torch.set_flush_denormal(False)
+
+
+# Shapes that reach every loop of the float16 kernels: vector bodies, their scalar tails, sample
+# quads and leftovers, several channel tiles, several threads' chunks.
+F16_SHAPES = [
+    ((8, 16, 5, 5), 1, "contiguous"),      # channels outer, R = 25: 3 vectors + tail
+    ((3, 7, 8), 1, "contiguous"),          # R = 8: one vector, no tail; 8 rows at a time + 5
+    ((5, 13, 4, 4), 1, "contiguous"),      # R = 16: two vectors, 8 rows at a time + 1
+    ((2, 9, 72), 1, "contiguous"),         # R = 72: 9 vectors, one row at a time
+    ((5, 6, 3), 1, "contiguous"),          # R = 3: tail only
+    ((8, 16, 5, 5), 1, "channels_last"),   # channels inner, C = 16
+    ((6, 9, 23), -1, "contiguous"),        # channels inner, T = 9 (two quads + 1), C = 23 (2 vectors + 7)
+    ((2, 3, 2100), -1, "contiguous"),      # channels inner, C over one 1024-channel tile
+    ((11, 37), 1, "contiguous"),           # (N, C): elementwise, 11 samples (quads + 3), C = 4 x 8 + 5
+    ((9, 4096), 1, "contiguous"),          # (N, C) split across threads
+    ((4, 6, 7, 8), 1, "strided"),          # copied into channels outer
+]
+
+
+@pytest.mark.parametrize("shape,cd,layout", F16_SHAPES)
+@pytest.mark.parametrize("affine", [False, True])
+def test_float16_f16c_and_portable_kernels_agree(shape, cd, layout, affine, monkeypatch):
+    """The F16C kernels do the portable kernels' float32 operations in the same order, so both give
+    the same bits (and both match the reference). Without F16C both runs take the portable kernel."""
+    act, grad = _inputs(shape, torch.float16, "cpu", seed=12, layout=layout)
+    scale, shift = _affine(shape[cd], "cpu", seed=13) if affine else (None, None)
+    groups = torch.tensor([(3 * i) % 4 for i in range(shape[0])])
+    for reduce in REDUCES:
+        outs = {}
+        for kernel in ("f16c", "portable"):
+            monkeypatch.setenv("DFMU_CPU_F16C", "0" if kernel == "portable" else "1")
+            outs[kernel] = ops.block_importance(act, grad, groups, 4, cd, reduce, act_scale=scale, act_shift=shift)
+            _check(outs[kernel], act, grad, groups, 4, cd, reduce, scale, shift)
+        assert torch.equal(outs["f16c"], outs["portable"]), f"{reduce}: the two kernels differ"

@@ -1,5 +1,7 @@
 // CPU kernel of block_importance: per-(sample, unit) dot products in fp32 (fp64 for fp64 input),
 // then a per-group sum over samples in a fixed order, so results do not depend on thread count.
+// float16 input has a second build of the three inner loops for x86-64 CPUs with F16C (chosen at
+// run time); it gives the same bits as the portable loops.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-op headers keep the build fast
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -13,15 +15,29 @@
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 #include <vector>
+
+// x86-64 with GCC or Clang: float16 loops also get an F16C build (vcvtph2ps, 8 halves per instruction),
+// compiled through per-function target attributes (the rest of the file stays baseline x86-64, so the
+// library loads on any x86-64 CPU) and chosen at run time by a CPU check.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DFMU_F16C 1
+#include <immintrin.h>
+#define DFMU_F16C_TARGET __attribute__((target("avx,f16c")))
+#else
+#define DFMU_F16C 0
+#endif
 
 #include "../block_importance.h"
 
 namespace dfmu {
 namespace {
 
-// float16 -> float32 without branches, exactly (every half is a float). c10::Half's own conversion
+// float16 -> float32 without branches, exactly (every half is a float): the portable kernels' conversion
+// (non-x86 CPUs, x86 CPUs without F16C, DFMU_CPU_F16C=0). c10::Half's own conversion
 // has data-dependent branches the compiler cannot vectorise, which made the fp16 kernels 4-5x slower
 // than eager PyTorch (whose kernels are built per CPU capability). Here every case is arithmetic on
 // all-ones / all-zeros masks (ternaries were turned back into branches by the compiler):
@@ -50,6 +66,27 @@ inline acc_t to_acc(scalar_t x) {
   } else {
     return static_cast<acc_t>(x);
   }
+}
+
+// Whether float16 inputs take the F16C kernels: the CPU has AVX + F16C (libgcc's check includes the
+// OS's YMM state support) and DFMU_CPU_F16C is not "0" (a switch for tests and benchmarks: the
+// portable kernels then run on any CPU). Read per call, not cached, so a test can flip it.
+// Both builds give bit-identical results: the F16C kernels do the same float32 multiplies and adds
+// in the same order, lane for lane, as the portable ones (no FMA: fused products would round
+// differently, which is also why the target attribute does not enable "fma", under which GCC
+// contracts a * b + c on its own).
+inline bool use_f16c() {
+#if DFMU_F16C
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }();
+  if (!cpu_has) return false;
+  const char* env = std::getenv("DFMU_CPU_F16C");
+  return env == nullptr || std::string_view(env) != "0";
+#else
+  return false;
+#endif
 }
 
 // The activation as the op sees it: act * scale + shift, or act itself when no affine was given
@@ -100,12 +137,249 @@ inline acc_t apply_reduce(acc_t s, Reduce r) {
   }
 }
 
+#if DFMU_F16C
+// ---------------------------------------------------------------------------------------------
+// F16C kernels for float16 input. Each one mirrors a portable loop below, operation for operation
+// (same accumulators, same association, same tail handling), so both give the same bits; only the
+// half -> float conversion differs, and both conversions are exact. Each loop is a function of its own
+// with the target attribute, called from at::parallel_for's lambdas (a lambda does not inherit its
+// enclosing function's target, so the loops cannot live in them).
+// ---------------------------------------------------------------------------------------------
+
+DFMU_F16C_TARGET inline __m256 load8_f16c(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+DFMU_F16C_TARGET inline float load1_f16c(const c10::Half* p) {
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p->x)));
+}
+
+template <bool kAffine>
+DFMU_F16C_TARGET inline __m256 activation8_f16c(const c10::Half* p, __m256 scale, __m256 shift) {
+  const __m256 x = load8_f16c(p);
+  if constexpr (kAffine) {
+    return _mm256_add_ps(_mm256_mul_ps(x, scale), shift);
+  } else {
+    return x;
+  }
+}
+
+template <bool kAffine>
+DFMU_F16C_TARGET inline float activation1_f16c(const c10::Half* p, float scale, float shift) {
+  if constexpr (kAffine) {
+    return load1_f16c(p) * scale + shift;
+  } else {
+    return load1_f16c(p);
+  }
+}
+
+template <Reduce kReduce>
+DFMU_F16C_TARGET inline __m256 reduce8_f16c(__m256 v) {
+  if constexpr (kReduce == Reduce::Abs) {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);  // what std::abs does: clear the sign bit
+  } else if constexpr (kReduce == Reduce::Square) {
+    return _mm256_mul_ps(v, v);
+  } else {
+    return v;
+  }
+}
+
+template <Reduce kReduce>
+DFMU_F16C_TARGET inline float reduce1_f16c(float v) {
+  if constexpr (kReduce == Reduce::Abs) {
+    return std::abs(v);
+  } else if constexpr (kReduce == Reduce::Square) {
+    return v * v;
+  } else {
+    return v;
+  }
+}
+
+// dot_run<kAffine, c10::Half, float>: its eight accumulators are the eight lanes of one vector.
+template <bool kAffine>
+DFMU_F16C_TARGET float dot_run_f16c(const c10::Half* a, const c10::Half* g, int64_t len, float scale, float shift) {
+  const __m256 vscale = _mm256_set1_ps(scale), vshift = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(activation8_f16c<kAffine>(a + i, vscale, vshift), load8_f16c(g + i)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (; i < len; ++i) lanes[0] += activation1_f16c<kAffine>(a + i, scale, shift) * load1_f16c(g + i);
+  float total = 0;
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  return total;
+}
+
+// Eight consecutive rows of a short length R = 8m (e.g. 4x4 maps), where dot_run_f16c's serial sum of
+// the eight lanes costs more than the row itself: the same accumulator per row, then the 8 x 8 block of
+// lanes is transposed so that vector l holds lane l of the eight rows, and adding those vectors in
+// lane order 0..7 to zero is each row's own sum ((0 + l0) + l1) + ... + l7, for eight rows at once.
+template <bool kAffine>
+DFMU_F16C_TARGET void dot_8rows_f16c(const c10::Half* a, const c10::Half* g, int64_t R, int64_t row0, int64_t C,
+                                     Affine<float> affine, float* s) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) {
+    const int64_t row = row0 + j;
+    const __m256 vscale = _mm256_set1_ps(affine.scale_of(row % C)), vshift = _mm256_set1_ps(affine.shift_of(row % C));
+    const c10::Half* ar = a + row * R;
+    const c10::Half* gr = g + row * R;
+    __m256 v = _mm256_setzero_ps();
+    for (int64_t i = 0; i < R; i += 8) {
+      v = _mm256_add_ps(v, _mm256_mul_ps(activation8_f16c<kAffine>(ar + i, vscale, vshift), load8_f16c(gr + i)));
+    }
+    acc[j] = v;
+  }
+  const __m256 t0 = _mm256_unpacklo_ps(acc[0], acc[1]), t1 = _mm256_unpackhi_ps(acc[0], acc[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(acc[2], acc[3]), t3 = _mm256_unpackhi_ps(acc[2], acc[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(acc[4], acc[5]), t5 = _mm256_unpackhi_ps(acc[4], acc[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(acc[6], acc[7]), t7 = _mm256_unpackhi_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  // lane l of rows 0..7, for l = 0..7
+  const __m256 lane[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                          _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                          _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                          _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+  __m256 total = _mm256_setzero_ps();
+  for (int l = 0; l < 8; ++l) total = _mm256_add_ps(total, lane[l]);
+  _mm256_storeu_ps(s + row0, total);
+}
+
+template <bool kAffine>
+DFMU_F16C_TARGET void dots_channels_outer_f16c(const c10::Half* a, const c10::Half* g, int64_t begin, int64_t end,
+                                               int64_t C, int64_t R, Affine<float> affine, float* s) {
+  if (R % 8 == 0 && R <= 64) {
+    for (; begin + 8 <= end; begin += 8) dot_8rows_f16c<kAffine>(a, g, R, begin, C, affine, s);
+  }
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t c = row % C;
+    s[row] = dot_run_f16c<kAffine>(a + row * R, g + row * R, R, affine.scale_of(c), affine.shift_of(c));
+  }
+}
+
+// One product act * grad (with the affine) at 8 / 1 channels.
+template <bool kAffine>
+DFMU_F16C_TARGET inline __m256 term8_f16c(const c10::Half* a, const c10::Half* g, const float* scale, const float* shift) {
+  const __m256 sc = kAffine ? _mm256_loadu_ps(scale) : _mm256_setzero_ps();
+  const __m256 sh = kAffine ? _mm256_loadu_ps(shift) : _mm256_setzero_ps();
+  return _mm256_mul_ps(activation8_f16c<kAffine>(a, sc, sh), load8_f16c(g));
+}
+
+template <bool kAffine>
+DFMU_F16C_TARGET inline float term1_f16c(const c10::Half* a, const c10::Half* g, const float* scale, const float* shift) {
+  return activation1_f16c<kAffine>(a, *scale, *shift) * load1_f16c(g);
+}
+
+// One (sample, channel tile) of dots_channels_inner: `a`, `g` point at position 0, channel c0 of the
+// sample; out[0, width) is zero on entry. Each channel is its own lane: the same sums in the same order.
+template <bool kAffine>
+DFMU_F16C_TARGET void inner_tile_f16c(const c10::Half* a, const c10::Half* g, int64_t R, int64_t C, int64_t width,
+                                      const float* scale, const float* shift, float* out) {
+  const int64_t vec_width = width - width % 8;
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const c10::Half* a0 = a + r * C;
+    const c10::Half* g0 = g + r * C;
+    const c10::Half *a1 = a0 + C, *a2 = a1 + C, *a3 = a2 + C;
+    const c10::Half *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;
+    // When the tile is the whole row, the next four positions are the next 8 * C bytes of act and of
+    // grad, back to back; they are prefetched in address order, a cache line of each per 8 channels
+    // (C / 8 iterations x 64 bytes). The hardware prefetchers do not keep up with the eight
+    // interleaved row streams: (64, 197, 768) from DRAM ran at 0.65x the speed without this.
+    const bool prefetch = width == C && r + 8 <= R;
+    const char* next_a = reinterpret_cast<const char*>(a0 + 4 * C);
+    const char* next_g = reinterpret_cast<const char*>(g0 + 4 * C);
+    int64_t c = 0;
+    for (; c < vec_width; c += 8) {
+      if (prefetch) {
+        _mm_prefetch(next_a + c * 8, _MM_HINT_T0);
+        _mm_prefetch(next_g + c * 8, _MM_HINT_T0);
+      }
+      const float *sc = scale + c, *sh = shift + c;
+      const __m256 sum = _mm256_add_ps(
+          _mm256_add_ps(term8_f16c<kAffine>(a0 + c, g0 + c, sc, sh), term8_f16c<kAffine>(a1 + c, g1 + c, sc, sh)),
+          _mm256_add_ps(term8_f16c<kAffine>(a2 + c, g2 + c, sc, sh), term8_f16c<kAffine>(a3 + c, g3 + c, sc, sh)));
+      _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_loadu_ps(out + c), sum));
+    }
+    for (; c < width; ++c) {
+      const float *sc = scale + c, *sh = shift + c;
+      out[c] += (term1_f16c<kAffine>(a0 + c, g0 + c, sc, sh) + term1_f16c<kAffine>(a1 + c, g1 + c, sc, sh)) +
+                (term1_f16c<kAffine>(a2 + c, g2 + c, sc, sh) + term1_f16c<kAffine>(a3 + c, g3 + c, sc, sh));
+    }
+  }
+  for (; r < R; ++r) {
+    const c10::Half* ar = a + r * C;
+    const c10::Half* gr = g + r * C;
+    int64_t c = 0;
+    for (; c < vec_width; c += 8) {
+      const __m256 t = term8_f16c<kAffine>(ar + c, gr + c, scale + c, shift + c);
+      _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_loadu_ps(out + c), t));
+    }
+    for (; c < width; ++c) out[c] += term1_f16c<kAffine>(ar + c, gr + c, scale + c, shift + c);
+  }
+}
+
+// r(act * grad) of sample row n (of C) at channel c, 8 channels / 1 channel.
+template <bool kAffine, Reduce kReduce>
+DFMU_F16C_TARGET inline __m256 sample_term8_f16c(const c10::Half* a, const c10::Half* g, int64_t n, int64_t C, int64_t c,
+                                                 const float* sc, const float* sh) {
+  return reduce8_f16c<kReduce>(term8_f16c<kAffine>(a + n * C + c, g + n * C + c, sc + c, sh + c));
+}
+
+template <bool kAffine, Reduce kReduce>
+DFMU_F16C_TARGET inline float sample_term1_f16c(const c10::Half* a, const c10::Half* g, int64_t n, int64_t C, int64_t c,
+                                                const float* sc, const float* sh) {
+  return reduce1_f16c<kReduce>(term1_f16c<kAffine>(a + n * C + c, g + n * C + c, sc + c, sh + c));
+}
+
+// Channels [begin, end) of group_sum_elementwise for group row `ok` and the group's samples `ns`.
+template <bool kAffine, Reduce kReduce>
+DFMU_F16C_TARGET void elementwise_group_f16c(const c10::Half* a, const c10::Half* g, const int64_t* ns, int64_t count,
+                                             int64_t C, int64_t begin, int64_t end, const float* sc, const float* sh,
+                                             float* ok) {
+  constexpr auto term8 = sample_term8_f16c<kAffine, kReduce>;
+  constexpr auto term1 = sample_term1_f16c<kAffine, kReduce>;
+  const int64_t vec_end = end - (end - begin) % 8;
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const int64_t n0 = ns[j], n1 = ns[j + 1], n2 = ns[j + 2], n3 = ns[j + 3];
+    int64_t c = begin;
+    for (; c < vec_end; c += 8) {
+      const __m256 sum = _mm256_add_ps(_mm256_add_ps(term8(a, g, n0, C, c, sc, sh), term8(a, g, n1, C, c, sc, sh)),
+                                       _mm256_add_ps(term8(a, g, n2, C, c, sc, sh), term8(a, g, n3, C, c, sc, sh)));
+      _mm256_storeu_ps(ok + c, _mm256_add_ps(_mm256_loadu_ps(ok + c), sum));
+    }
+    for (; c < end; ++c) {
+      ok[c] += (term1(a, g, n0, C, c, sc, sh) + term1(a, g, n1, C, c, sc, sh)) +
+               (term1(a, g, n2, C, c, sc, sh) + term1(a, g, n3, C, c, sc, sh));
+    }
+  }
+  for (; j < count; ++j) {
+    const int64_t n = ns[j];
+    int64_t c = begin;
+    for (; c < vec_end; c += 8) {
+      _mm256_storeu_ps(ok + c, _mm256_add_ps(_mm256_loadu_ps(ok + c), term8(a, g, n, C, c, sc, sh)));
+    }
+    for (; c < end; ++c) ok[c] += term1(a, g, n, C, c, sc, sh);
+  }
+}
+#endif  // DFMU_F16C
+
 // s[n, c] for the [N][C][R] layout: one contiguous run of R per (n, c).
 template <bool kAffine, typename scalar_t, typename acc_t>
 void dots_channels_outer(const scalar_t* a, const scalar_t* g, int64_t rows, int64_t C, int64_t R,
-                         Affine<acc_t> affine, acc_t* s) {
+                         Affine<acc_t> affine, [[maybe_unused]] bool f16c, acc_t* s) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#if DFMU_F16C
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      if (f16c) return dots_channels_outer_f16c<kAffine>(a, g, begin, end, C, R, affine, s);
+    }
+#endif
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % C;
       s[row] = dot_run<kAffine>(a + row * R, g + row * R, R, affine.scale_of(c), affine.shift_of(c));
@@ -116,22 +390,34 @@ void dots_channels_outer(const scalar_t* a, const scalar_t* g, int64_t rows, int
 // s[n, c] for the [N][R][C] layout: accumulate whole channel rows, vectorised across channels.
 template <bool kAffine, typename scalar_t, typename acc_t>
 void dots_channels_inner(const scalar_t* a, const scalar_t* g, int64_t N, int64_t R, int64_t C,
-                         Affine<acc_t> affine, acc_t* s) {
-  constexpr int64_t kTile = 256;
-  const int64_t tiles = (C + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R * std::min(C, kTile), 1));
+                         Affine<acc_t> affine, bool f16c, acc_t* s) {
+  // Channels per work item. The F16C kernel takes up to 1024 (a whole row of a transformer's
+  // (N, T, C) output, read front to back; 256-channel tiles of a 768-wide row made it skip 2/3 of
+  // every row and ran at half the speed). Tiles only split the channels: every sum is the same.
+  constexpr int64_t kMaxTile = 1024;
+  const int64_t tile = f16c ? kMaxTile : 256;
+  const int64_t tiles = (C + tile - 1) / tile;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(R * std::min(C, tile), 1));
   at::parallel_for(0, N * tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles;
-      const int64_t c0 = (item % tiles) * kTile;
-      const int64_t width = std::min(kTile, C - c0);
+      const int64_t c0 = (item % tiles) * tile;
+      const int64_t width = std::min(tile, C - c0);
       acc_t* out = s + n * C + c0;
       std::fill(out, out + width, acc_t(0));
-      acc_t scale[kTile], shift[kTile];
+      acc_t scale[kMaxTile], shift[kMaxTile];
       for (int64_t c = 0; c < width; ++c) {
         scale[c] = affine.scale_of(c0 + c);
         shift[c] = affine.shift_of(c0 + c);
       }
+#if DFMU_F16C
+      if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+        if (f16c) {
+          inner_tile_f16c<kAffine>(a + n * R * C + c0, g + n * R * C + c0, R, C, width, scale, shift, out);
+          continue;
+        }
+      }
+#endif
       auto term = [&](const scalar_t* ar, const scalar_t* gr, int64_t c) {
         return activation<kAffine>(ar[c], scale[c], shift[c]) * to_acc<acc_t>(gr[c]);
       };
@@ -217,10 +503,41 @@ inline SampleSegments segment_samples(const int64_t* groups, int64_t N, int64_t 
   return s;
 }
 
+#if DFMU_F16C
+// group_sum_elementwise for float16 on F16C: the same chunks of channels, groups and sample quads.
+template <bool kAffine, Reduce kReduce>
+void group_sum_elementwise_f16c(const c10::Half* a, const c10::Half* g, const SampleSegments& segments, int64_t N,
+                                int64_t C, int64_t K, Affine<float> affine, float* out) {
+  at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(end - begin), shift(end - begin);
+    for (int64_t c = begin; c < end; ++c) {
+      scale[c - begin] = affine.scale_of(c);
+      shift[c - begin] = affine.shift_of(c);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      elementwise_group_f16c<kAffine, kReduce>(a, g, segments.order.data() + segments.start[k],
+                                               segments.start[k + 1] - segments.start[k], C, begin, end,
+                                               scale.data() - begin, shift.data() - begin, out + k * C);
+    }
+  });
+}
+#endif
+
 template <bool kAffine, typename scalar_t, typename acc_t>
 void group_sum_elementwise(const scalar_t* a, const scalar_t* g, const int64_t* groups, int64_t N, int64_t C,
-                           int64_t K, Affine<acc_t> affine, Reduce reduce, acc_t* out) {
+                           int64_t K, Affine<acc_t> affine, Reduce reduce, [[maybe_unused]] bool f16c, acc_t* out) {
   const SampleSegments segments = segment_samples(groups, N, K);
+#if DFMU_F16C
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (f16c) {
+      switch (reduce) {
+        case Reduce::Abs: return group_sum_elementwise_f16c<kAffine, Reduce::Abs>(a, g, segments, N, C, K, affine, out);
+        case Reduce::Square: return group_sum_elementwise_f16c<kAffine, Reduce::Square>(a, g, segments, N, C, K, affine, out);
+        default: return group_sum_elementwise_f16c<kAffine, Reduce::Signed>(a, g, segments, N, C, K, affine, out);
+      }
+    }
+  }
+#endif
   with_reduce<acc_t>(reduce, [&](auto r) {
     at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scale(end - begin), shift(end - begin);
@@ -277,18 +594,19 @@ at::Tensor block_importance_cpu(const at::Tensor& act, const at::Tensor& grad,
     if (scale.defined()) affine.scale = scale.const_data_ptr<acc_t>();
     if (shift.defined()) affine.shift = shift.const_data_ptr<acc_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
+    const bool f16c = std::is_same_v<scalar_t, c10::Half> && use_f16c();
     auto run = [&](auto affine_tag) {
       constexpr bool kAffine = decltype(affine_tag)::value;
       if (p.R == 1) {
-        group_sum_elementwise<kAffine>(a, g, ids, p.N, p.C, num_groups, affine, p.reduce, o);
+        group_sum_elementwise<kAffine>(a, g, ids, p.N, p.C, num_groups, affine, p.reduce, f16c, o);
         return;
       }
       at::Tensor s = at::empty({p.N, p.C}, out.options());
       acc_t* sp = s.mutable_data_ptr<acc_t>();
       if (p.layout == Layout::kChannelsOuter) {
-        dots_channels_outer<kAffine>(a, g, p.N * p.C, p.C, p.R, affine, sp);
+        dots_channels_outer<kAffine>(a, g, p.N * p.C, p.C, p.R, affine, f16c, sp);
       } else {
-        dots_channels_inner<kAffine>(a, g, p.N, p.R, p.C, affine, sp);
+        dots_channels_inner<kAffine>(a, g, p.N, p.R, p.C, affine, f16c, sp);
       }
       group_sum<acc_t>(sp, ids, p.N, p.C, num_groups, p.reduce, o);
     };
