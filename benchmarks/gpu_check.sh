@@ -4,18 +4,21 @@
 #   2. print nvidia-smi, build_info and the kernels' register/shared-memory usage (cuobjdump),
 #   3. run the op tests (their CUDA cases run when a GPU is present),
 #   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md,
-#   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50).
+#   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50),
+#   6. the masked fine-tune's throughput vs a bare training loop per precision / layout, and DFMU end
+#      to end on ResNet-18 (benchmarks/finetune_throughput.py; needs Fashion-MNIST or falls back to digits).
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
 #      REPORT_ARGS (extra arguments for report.py, e.g. --quick),
-#      GPU_CHECK_PARTS (default "tests report scoring": which of steps 3-5 to run; the build always runs).
+#      GPU_CHECK_PARTS (default "tests report scoring throughput": which of steps 3-6 to run; the build
+#      always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without pip install
 OUT="${OUT:-/tmp}"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-340}"
-PARTS=" ${GPU_CHECK_PARTS:-tests report scoring} "
+PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput} "
 wants() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -111,5 +114,13 @@ SL=$(( $(left) ))
 timeout "$SL" "$PY" benchmarks/scoring_pass.py --device cuda --out "$OUT/scoring_pass.md" || { STATUS=1; echo "scoring_pass.py failed"; }
 fi
 
-section "done: status $STATUS, results in $OUT/gpu_results.md and $OUT/scoring_pass.md"
+if wants throughput; then
+section "masked fine-tune vs a bare loop, DFMU end to end (benchmarks/finetune_throughput.py)"
+TL2=$(( $(left) ))
+[ "$TL2" -gt 240 ] && TL2=240
+timeout "$TL2" "$PY" benchmarks/finetune_throughput.py --device cuda --rounds 2 --out "$OUT/finetune_throughput.md" \
+  || { STATUS=1; echo "finetune_throughput.py failed or stopped at ${TL2}s"; }
+fi
+
+section "done: status $STATUS, results in $OUT/gpu_results.md, $OUT/scoring_pass.md and $OUT/finetune_throughput.md"
 exit "$STATUS"
