@@ -28,3 +28,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def original(digits):
+    """A SmallCNN (width 8) trained 3 epochs on digits, in eval mode: the model the unlearning tests
+    start from. Shared by the whole session: deep-copy it before changing it."""
+    from dfmu_ext.zoo import models, training
+
+    train, _, info = digits
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
+    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
+    torch.set_num_threads(before)
+    return m.eval()

@@ -10,18 +10,8 @@ from dfmu_ext.baselines.subspace import (InputRecorder, deep_unlearning, discrim
                                          project_weights_, scaled_projection)
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain
-from dfmu_ext.zoo import models, training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def original(digits):
-    train, _, info = digits
-    torch.manual_seed(0)
-    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
-    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
-    return m.eval()
 
 
 def test_scaled_projection_limits():

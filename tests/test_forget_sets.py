@@ -13,19 +13,10 @@ from dfmu_ext.blocks import classifier_of
 from dfmu_ext.experiments.scenarios import average_gap, run_scenario, scenario_forget_set
 from dfmu_ext.pruning import SUPPRESSED_LOGIT
 from dfmu_ext.splits import dataset_labels
-from dfmu_ext.zoo import coarse, models, training
+from dfmu_ext.zoo import coarse, training
 from dfmu_ext.zoo.data import DatasetInfo, find_fashion_mnist, load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def original(digits):
-    train, _, info = digits
-    torch.manual_seed(0)
-    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
-    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")

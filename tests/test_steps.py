@@ -14,15 +14,6 @@ from dfmu_ext.zoo import models, training
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def original(digits):
-    train, _, info = digits
-    torch.manual_seed(0)
-    m = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
-    training.train_model(m, train, training.TrainConfig(epochs=3, lr=0.05), progress=False)
-    return m.eval()
-
-
 def test_defaults_per_device(original):
     cpu = StepEngine(original, torch.device("cpu"))
     assert cpu.describe() == {"precision": "fp32", "channels_last": False} and cpu.loss_scale is None
