@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .sources import FASHION_MNIST_CLASSES, ArrayUnpickler, DatasetInfo, install_hint, load_fashion_mnist, normalise_splits
+from .sources import (FASHION_MNIST_CLASSES, ArrayUnpickler, DatasetInfo, install_hint, load_fashion_mnist,
+                      normalise_splits, pickle_dir_candidates)
 
 __all__ = ["FineLabels", "FASHION_MNIST_COARSE", "load_fashion_mnist_coarse", "load_cifar20", "find_cifar100",
            "subclass_indices"]
@@ -79,14 +79,7 @@ def load_fashion_mnist_coarse(root=None, download_hint: bool = True):
 
 
 def _cifar100_candidates(root) -> list[Path]:
-    if root is not None:
-        return [Path(root), Path(root) / _CIFAR100_DIRNAME]
-    dirs = []
-    env = os.environ.get("DFMU_DATA")
-    if env:
-        dirs += [Path(env) / _CIFAR100_DIRNAME, Path(env)]
-    dirs.append(Path.home() / ".cache" / "dfmu" / _CIFAR100_DIRNAME)
-    return dirs
+    return pickle_dir_candidates(root, _CIFAR100_DIRNAME)
 
 
 def find_cifar100(root=None) -> Path | None:

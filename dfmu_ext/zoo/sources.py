@@ -217,15 +217,22 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def _cifar_candidates(root) -> list[Path]:
+def pickle_dir_candidates(root, dirname: str) -> list[Path]:
+    """Where a data set shipped as a folder of python pickles (``dirname``, e.g. cifar-10-batches-py)
+    is looked for: ``root`` (and ``root/dirname``) when given, no fallback; else ``$DFMU_DATA/dirname``,
+    ``$DFMU_DATA`` and ``~/.cache/dfmu/dirname``."""
     if root is not None:
-        return [Path(root), Path(root) / _CIFAR_DIRNAME]
+        return [Path(root), Path(root) / dirname]
     dirs = []
     env = os.environ.get("DFMU_DATA")
     if env:
-        dirs += [Path(env) / _CIFAR_DIRNAME, Path(env)]
-    dirs.append(Path.home() / ".cache" / "dfmu" / _CIFAR_DIRNAME)
+        dirs += [Path(env) / dirname, Path(env)]
+    dirs.append(Path.home() / ".cache" / "dfmu" / dirname)
     return dirs
+
+
+def _cifar_candidates(root) -> list[Path]:
+    return pickle_dir_candidates(root, _CIFAR_DIRNAME)
 
 
 def find_cifar10(root: str | os.PathLike | None = None) -> Path | None:
