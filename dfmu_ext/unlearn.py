@@ -22,6 +22,18 @@ from .splits import stratified_fraction, take_batch
 from .steps import StepOptions
 
 
+#: The default selection when samples (not classes) are forgotten. Random samples share every feature
+#: with the retain data, so their importance ratio rho is ~1 up to sampling noise: with the classes'
+#: rho > 1 rule DFMU pruned 51 units on noise and lost 1 point of RA and TA (Fashion-MNIST CNN, random
+#: 10%); requiring rho > 2 leaves 12 units, the same result as the fine-tune alone (benchmarks/RESULTS.md).
+SAMPLE_SELECTION = SelectionConfig(min_ratio=2.0)
+
+
+def default_selection(by_classes: bool) -> SelectionConfig:
+    """The selection used when none is given: the classes' rule, or :data:`SAMPLE_SELECTION`."""
+    return SelectionConfig() if by_classes else SAMPLE_SELECTION
+
+
 def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask: torch.Tensor | None = None,
                     selection: SelectionConfig | None = None, mode: str | None = None, head: bool | None = None,
                     reduce: str = "abs", comm: Comm | None = None) -> PruneResult:
@@ -30,7 +42,8 @@ def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask
 
     The batch's forget samples are those of ``forget_classes``, or those where the boolean
     ``forget_mask`` (one entry per sample) is true — exactly one of the two. ``mode`` ("prune" or
-    "rescale") overrides ``selection.mode``. With ``head`` (default: when whole classes are
+    "rescale") overrides ``selection.mode``; the default selection is ``SelectionConfig()`` for
+    classes and :data:`SAMPLE_SELECTION` for a mask. With ``head`` (default: when whole classes are
     forgotten) the classifier's forget-class rows are masked and their logits pinned low; the head
     is never touched when samples are forgotten. Nothing in the model changes if an error is raised.
 
@@ -48,7 +61,8 @@ def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask
         head = classes is not None
     if head and classes is None:
         raise ValueError("the classifier's rows can only be masked when whole classes are forgotten (head=False)")
-    selection = SelectionConfig(**{**(selection or SelectionConfig()).to_dict(), **({"mode": mode} if mode else {})})
+    base = selection or default_selection(classes is not None)
+    selection = SelectionConfig(**{**base.to_dict(), **({"mode": mode} if mode else {})})
     selection.validate()
     device = model_device(model)
     x, y = x.to(device), torch.as_tensor(y).to(device).long()
@@ -81,13 +95,6 @@ def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask
     # The whole batch's accuracy (over all ranks): the fine-tune's early-stop target.
     pre_acc = comm.global_fraction(int((pred[retain] == y[retain]).sum()), int(retain.sum()), device)
     return PruneResult(masks, scored.scores, scored.counts, plan, pre_acc, t1 - t0, t2 - t1)
-
-
-#: The default selection when samples (not classes) are forgotten. Random samples share every feature
-#: with the retain data, so their importance ratio rho is ~1 up to sampling noise: with the classes'
-#: rho > 1 rule DFMU pruned 51 units on noise and lost 1 point of RA and TA (Fashion-MNIST CNN, random
-#: 10%); requiring rho > 2 leaves 12 units, the same result as the fine-tune alone (benchmarks/RESULTS.md).
-SAMPLE_SELECTION = SelectionConfig(min_ratio=2.0)
 
 
 def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple[list[int], list[int]]:
@@ -152,7 +159,6 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         if forget.by_classes:
             pruned = score_and_prune(model, (x, y), forget.classes, selection=selection, mode=mode, comm=comm)
         else:
-            selection = selection or SAMPLE_SELECTION
             pruned = score_and_prune(model, (x, y), forget_mask=is_forget, selection=selection, mode=mode, comm=comm)
     with comm.guard("fine-tune"):
         ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
@@ -171,7 +177,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     if record is not None and comm.is_main:
         config = {"forget_classes": forget.classes, **forget.describe(), "retain_fraction": retain_fraction,
                   "mode": mode, "score_samples": score_samples,
-                  "selection": (selection or SelectionConfig()).to_dict(),
+                  "selection": (selection or default_selection(forget.by_classes)).to_dict(),
                   "finetune": (finetune or FinetuneConfig()).to_dict(), "world_size": comm.world_size,
                   "steps": (steps or StepOptions()).to_dict()}
         deletion_record.write_record(record, deletion_record.unlearn_record(

@@ -32,7 +32,8 @@ from ..zoo.checkpoints import cached_original
 from .meta import separation_table
 from .plots import plot_comparison, plot_frontier
 
-__all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "TABLE_METRICS"]
+__all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "method_kwargs_for",
+           "TABLE_METRICS"]
 
 #: (column, metric key, shown as 1 - value)
 TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA", "test_acc", False),
@@ -41,6 +42,21 @@ TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA",
 BATTERY_COLUMNS = [("relearn", "relearn_k5", False), ("relearn AUC@30", "relearn_k5_auc", False),
                    ("proto RA", "prototype_retain_acc", False), ("TV to Retrain", "tv_to_reference", False),
                    ("collateral", "collateral", False)]
+
+
+def method_kwargs_for(spec, meta: dict, max_epochs: int | None, given: dict | None = None,
+                      model_factory=None) -> dict:
+    """The keywords one method runs with: ``given`` (the caller's), Retrain's training recipe from the
+    original's checkpoint ``meta`` (and ``model_factory``, for a model of one's own), and the epochs
+    capped at ``max_epochs`` for the methods that have epochs."""
+    kwargs = dict(given or {})
+    if spec.name == "Retrain":
+        kwargs.setdefault("config", training.TrainConfig(**meta["train_config"]))
+        if model_factory is not None:
+            kwargs.setdefault("model_factory", model_factory)
+    if max_epochs and spec.default_epochs is not None:
+        kwargs["epochs"] = min(int(kwargs.get("epochs", 10 ** 9)), int(max_epochs), spec.default_epochs)
+    return kwargs
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -212,20 +228,14 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
             once = not spec.budgeted
             run_fracs = [spec.fixed_fraction] if once else fractions
             for frac in run_fracs:
-                kwargs = dict(method_kwargs.get(name, {}))
-                if name == "Retrain" and "config" not in kwargs:
-                    kwargs["config"] = training.TrainConfig(**meta["train_config"])
-                if name == "Retrain" and model_factory is not None and "model_factory" not in kwargs:
-                    kwargs["model_factory"] = model_factory
-                if max_epochs and spec.default_epochs is not None:
-                    kwargs["epochs"] = min(int(kwargs.get("epochs", 10 ** 9)), int(max_epochs), spec.default_epochs)
+                kwargs = method_kwargs_for(spec, meta, max_epochs, method_kwargs.get(name), model_factory)
                 model = copy.deepcopy(original)
                 rec = {"method": name, "fraction": frac, "seed": seed, "once": once,
                        "kwargs": _plain(kwargs)}
                 label = f"{name} @ {'once' if frac is None else f'{100 * frac:g}%'} seed {seed}"
                 try:
                     res = spec.fn(model, train_set, classes, frac if frac is not None else 1.0,
-                                                  device=device, seed=seed, progress=progress, **kwargs)
+                                  device=device, seed=seed, progress=progress, **kwargs)
                     rec["metrics"] = evaluate(res.model, eval_train, test_set, classes, device=device, seed=seed,
                                               **eval_kwargs, **battery_kw)
                     if battery and name == "Retrain":

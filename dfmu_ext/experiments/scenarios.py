@@ -26,10 +26,9 @@ from .._io import markdown_table, write_json
 from ..baselines import SPECS, resolve_methods
 from ..eval import evaluate, predict_logits
 from ..zoo import data as data_mod
-from ..zoo import training
 from ..zoo.checkpoints import cached_original
 from ..zoo.coarse import subclass_indices
-from .compare import mean_std
+from .compare import mean_std, method_kwargs_for
 
 __all__ = ["scenario_forget_set", "run_scenario", "average_gap", "GAP_KEYS"]
 
@@ -109,11 +108,7 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
             try:
                 model = copy.deepcopy(original)
                 if spec is not None:
-                    kwargs = {}
-                    if name == "Retrain":
-                        kwargs["config"] = training.TrainConfig(**meta["train_config"])
-                    if max_epochs and spec.default_epochs is not None:
-                        kwargs["epochs"] = min(int(max_epochs), spec.default_epochs)
+                    kwargs = method_kwargs_for(spec, meta, max_epochs)
                     frac = spec.fixed_fraction if not spec.budgeted and spec.fixed_fraction else fraction
                     res = spec.fn(model, train_set, None, frac, forget_indices=scen["forget_indices"], device=device,
                                   seed=seed, progress=progress, **kwargs)
