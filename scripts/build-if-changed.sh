@@ -8,7 +8,7 @@
 # switches (FORCE_CUDA, DFMU_FORCE_CPU, TORCH_CUDA_ARCH_LIST, CUDA_HOME). It is kept in
 # build/.dfmu-build-stamp after a successful install. The install runs when the stamp is missing
 # (a fresh machine, after `make clean`) or different, or when the compiled library or the
-# installed package is absent; otherwise this prints one line and exits. FORCE_REBUILD=1 always builds.
+# installed package is absent or points elsewhere; otherwise this prints one line and exits. FORCE_REBUILD=1 always builds.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 PIP=${PIP:-"$PYTHON -m pip"}
@@ -28,9 +28,17 @@ key() {
     } | sha256sum | cut -d' ' -f1
 }
 
+# Installed = the library is built here and `import dfmu_ext` from another folder finds this
+# checkout (an editable install made from a clone that has since moved or been deleted leaves its
+# metadata behind, pointing nowhere). find_spec locates the package without importing torch.
 installed() {
+    local here
+    here=$(pwd -P)
     ls dfmu_ext/_C*.so >/dev/null 2>&1 && [ -f dfmu_ext/_build_config.py ] &&
-        "$PYTHON" -c 'import importlib.metadata as m; m.version("dfmu_ext")' >/dev/null 2>&1
+        (cd / && "$PYTHON" -c 'import importlib.util as u, os, sys
+s = u.find_spec("dfmu_ext")
+sys.exit(not (s and s.origin and os.path.realpath(s.origin) == os.path.join(sys.argv[1], "dfmu_ext", "__init__.py")))' "$here") \
+        >/dev/null 2>&1
 }
 
 want=$(key)
