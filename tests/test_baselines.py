@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dfmu_ext
 from dfmu_ext import baselines
 from dfmu_ext.zoo import models, training
 from dfmu_ext.blocks import classifier_of
@@ -65,6 +66,12 @@ def test_registry_names():
     for name, spec in baselines.SPECS.items():  # the registry's epochs are the functions' own defaults
         epochs = inspect.signature(spec.fn).parameters.get("epochs")
         assert spec.default_epochs == (epochs.default if epochs is not None else None), name
+    # `trains` says which methods take the step engine's options; the functions agree.
+    assert {n for n, s in baselines.SPECS.items() if not s.trains} == {"SSD", "head-mask", "DeepUnlearning"}
+    takes_steps = {n for n, s in baselines.SPECS.items()
+                   if "steps" in inspect.signature(s.fn).parameters}
+    assert takes_steps == {n for n, s in baselines.SPECS.items() if s.trains} - {"DFMU"}  # DFMU: **kwargs
+    assert "steps" in inspect.signature(dfmu_ext.unlearn).parameters
 
 
 @pytest.mark.parametrize("name", list(baselines.METHODS))

@@ -130,6 +130,22 @@ def test_compare_own_model(own, tmp_path):
     assert runs["DFMU"]["metrics"]["forget_acc"] <= 0.01
 
 
+def test_compare_runs_every_trained_method_on_one_step_setting(own, tmp_path):
+    out = tmp_path / "cmp16"
+    assert cli.main(["compare", "--arch", own["arch"], "--weights", own["weights"], "--data", own["data"],
+                     "--classes", "3", "--fractions", "0.13", "--seeds", "1", "--methods", "Retrain,head-mask,DFMU",
+                     "--epochs", "1", "--precision", "bf16", "--out-dir", str(out), "--device", "cpu",
+                     "--quiet"]) == 0
+    rep = json.loads((out / "comparison.json").read_text())
+    runs = {r["method"]: r for r in rep["runs"]}
+    assert not rep["failed"]
+    assert rep["config"]["steps"]["precision"] == "bf16"
+    for name in ("Retrain", "DFMU"):  # they train: both get the setting
+        assert runs[name]["kwargs"]["steps"]["precision"] == "bf16", name
+    assert "steps" not in runs["head-mask"]["kwargs"]  # reads no data, trains nothing
+    assert runs["DFMU"]["metrics"]["forget_acc"] <= 0.01
+
+
 # --------------------------------------------------------------------------------------------
 # errors: one line, exit status 2, nothing written
 # --------------------------------------------------------------------------------------------
@@ -296,6 +312,10 @@ def test_usage_errors_are_one_line(own, tmp_path, capsys):
                            "not valid JSON")
     _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--classes", "10"), tmp_path,
                            "[0, 10)")
+    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--precision", "fp16", "--device", "cpu"),
+                           tmp_path, "fp16 needs a CUDA device")
+    _assert_one_line_error(capsys, ["compare", "--dataset", "digits", "--precision", "fp16", "--device", "cpu",
+                                    "--out-dir", str(tmp_path / "c")], tmp_path, "fp16 needs a CUDA device")
 
 
 def test_library_input_errors_are_one_line_but_bugs_keep_their_traceback(own, tmp_path, capsys, monkeypatch):

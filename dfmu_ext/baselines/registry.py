@@ -39,6 +39,8 @@ class MethodSpec:
         fixed_fraction: the fraction a non-budgeted method runs at when that is meaningful
             (Retrain: 1.0, all retain data); None when it reads no retain data.
         default_epochs: the default of its ``epochs`` keyword (None: it has no epochs).
+        trains: it runs training steps and takes ``steps=`` (:class:`dfmu_ext.steps.StepOptions`:
+            precision and memory layout), so a comparison can run every trained method on one engine.
     """
 
     name: str
@@ -46,6 +48,7 @@ class MethodSpec:
     budgeted: bool
     fixed_fraction: float | None = None
     default_epochs: int | None = None
+    trains: bool = True
 
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (
@@ -55,11 +58,11 @@ SPECS: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("RL", random_label, budgeted=True, default_epochs=10),
     MethodSpec("l1-sparse", l1_sparse, budgeted=True, default_epochs=10),
     MethodSpec("SalUn", salun, budgeted=True, default_epochs=10),
-    MethodSpec("SSD", ssd, budgeted=True),
+    MethodSpec("SSD", ssd, budgeted=True, trains=False),
     MethodSpec("SCRUB", scrub, budgeted=True, default_epochs=3),
-    MethodSpec("head-mask", head_mask, budgeted=False),
+    MethodSpec("head-mask", head_mask, budgeted=False, trains=False),
     MethodSpec("DFMU", dfmu, budgeted=True),
-    MethodSpec("DeepUnlearning", deep_unlearning, budgeted=True),
+    MethodSpec("DeepUnlearning", deep_unlearning, budgeted=True, trains=False),
 )}
 
 #: Table name -> method function (the public registry).

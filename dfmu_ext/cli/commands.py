@@ -66,6 +66,7 @@ def cmd_train(args) -> int:
 
 def cmd_forget(args) -> int:
     device = parse_device(args.device)
+    steps = _steps(args, device)
     byo = _byo_given(args)
     if not byo and not args.ckpt:
         raise UsageError("give --ckpt (a `dfmu train` checkpoint) or --arch, --weights and --data (your own)")
@@ -102,7 +103,7 @@ def cmd_forget(args) -> int:
         run_forget(model, meta, classes, out_dir, device=device, seed=args.seed,
                    retain_fraction=args.retain_fraction, mode=args.mode, retrain=args.retrain,
                    progress=progress_enabled(args), log=logger_for(args), comm=comm, data=data, model_factory=factory,
-                   train_config=train_config, record=partial, steps=_steps(args), battery=args.battery,
+                   train_config=train_config, record=partial, steps=steps, battery=args.battery,
                    **_scenario(args))
         if comm.is_main:
             _write_forget_outputs(args, model, meta, classes, byo, partial, record)
@@ -159,6 +160,7 @@ def cmd_verify(args) -> int:
 
 def cmd_demo(args) -> int:
     device = parse_device(args.device)
+    steps = _steps(args, device)
     dataset = parse_dataset(args.dataset)
     if args.dataset == "auto" and dataset != "fashion-mnist":
         print(f"note: Fashion-MNIST was not found; the demo uses {dataset} "
@@ -169,7 +171,7 @@ def cmd_demo(args) -> int:
     classes = None if _scenario(args) else parse_classes(args.classes, meta["num_classes"])
     run_forget(model, meta, classes, args.out_dir, device=device, seed=args.seed, retain_fraction=args.retain_fraction,
                mode=args.mode, retrain=args.retrain, progress=progress_enabled(args), log=log, **_scenario(args),
-               steps=_steps(args), battery=args.battery)
+               steps=steps, battery=args.battery)
     return 0
 
 
@@ -184,13 +186,17 @@ def _scenario(args) -> dict:
     return {}
 
 
-def _steps(args) -> StepOptions:
+def _steps(args, device) -> StepOptions:
+    """--precision / --channels-last, checked against the device before any work starts."""
+    if args.precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32 on the CPU")
     layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
     return StepOptions(precision=args.precision, channels_last=layout)
 
 
 def cmd_compare(args) -> int:
     device = parse_device(args.device)
+    steps = _steps(args, device)
     fractions = parse_fractions(args.fractions)
     try:
         methods = resolve_methods(args.methods)
@@ -220,12 +226,12 @@ def cmd_compare(args) -> int:
             run_scenario(dataset, model_name, **_scenario(args), fraction=frac, seeds=args.seeds, methods=methods,
                          device=device, use_cache=not args.no_cache, max_epochs=args.max_epochs,
                          train_epochs=args.epochs, progress=progress_enabled(args), quiet=args.quiet,
-                         out_dir=args.out_dir if len(fractions) == 1 else os.path.join(args.out_dir, f"retain{frac:g}"))
+                         steps=steps, out_dir=args.out_dir if len(fractions) == 1 else os.path.join(args.out_dir, f"retain{frac:g}"))
         return 0
     run_comparison(dataset, model_name, classes, fractions, args.seeds, methods, device,
                    args.out_dir, max_epochs=args.max_epochs, train_epochs=args.epochs,
                    use_cache=not args.no_cache, progress=progress_enabled(args), quiet=args.quiet,
-                   battery=not args.no_battery, **extra)
+                   battery=not args.no_battery, steps=steps, **extra)
     return 0
 
 

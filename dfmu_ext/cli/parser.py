@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also run the verification battery (probe by depth, relearning and prototype attacks, "
                              "collateral; TV distance to Retrain with --retrain): tells forgetting from hiding")
         scenario(sp)
+        step_options(sp)
+
+    def step_options(sp):
         sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="training steps' precision (default: auto = bf16 on a CUDA GPU, fp32 on the CPU)")
         sp.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the verification battery (probe by depth, relearning and prototype attacks, TV "
                         "distance to Retrain, collateral) and the table of which metrics tell hiding from forgetting")
     scenario(c)
+    step_options(c)
     own_model(c)
     device_quiet(c)
     c.set_defaults(func=cmd_compare)

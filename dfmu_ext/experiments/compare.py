@@ -26,6 +26,7 @@ from .._io import markdown_table, write_json
 from ..baselines import SPECS, resolve_methods
 from ..eval import BATTERY_KEYS, battery_metrics, evaluate
 from ..splits import split_forget_retain, stratified_fraction
+from ..steps import StepOptions
 from ..zoo import data as data_mod
 from ..zoo import training
 from ..zoo.checkpoints import cached_original
@@ -45,11 +46,14 @@ BATTERY_COLUMNS = [("relearn", "relearn_k5", False), ("relearn AUC@30", "relearn
 
 
 def method_kwargs_for(spec, meta: dict, max_epochs: int | None, given: dict | None = None,
-                      model_factory=None) -> dict:
+                      model_factory=None, steps: StepOptions | None = None) -> dict:
     """The keywords one method runs with: ``given`` (the caller's), Retrain's training recipe from the
-    original's checkpoint ``meta`` (and ``model_factory``, for a model of one's own), and the epochs
-    capped at ``max_epochs`` for the methods that have epochs."""
+    original's checkpoint ``meta`` (and ``model_factory``, for a model of one's own), the epochs
+    capped at ``max_epochs`` for the methods that have epochs, and ``steps`` (one precision / layout
+    for every method that trains)."""
     kwargs = dict(given or {})
+    if steps is not None and spec.trains:
+        kwargs.setdefault("steps", steps)
     if spec.name == "Retrain":
         kwargs.setdefault("config", training.TrainConfig(**meta["train_config"]))
         if model_factory is not None:
@@ -138,7 +142,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
                    eval_fraction: float = 1.0, plots: bool = True, data=None, original=None,
                    model_factory=None, train_config: training.TrainConfig | None = None,
-                   battery: bool = False) -> dict:
+                   battery: bool = False, steps: StepOptions | None = None) -> dict:
     """Run ``methods`` x ``fractions`` x ``seeds`` and write ``comparison.json`` plus two PNGs.
 
     Args:
@@ -167,6 +171,10 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         model_factory: with ``original``, builds a fresh model of the same architecture for Retrain
             (default: Retrain re-initialises a copy of ``original`` in place).
         train_config: with ``original``, Retrain's training recipe (default ``TrainConfig()``).
+        battery: also the verification battery, with the TV distance to Retrain (run first).
+        steps: precision and memory layout of every method that trains
+            (:class:`dfmu_ext.steps.StepOptions`; default: each device's ``"auto"``). The originals
+            are trained (or read from the cache) as usual, so every setting starts from the same one.
 
     Returns the report dict (also written as JSON): ``config``, ``original`` (per seed), ``runs``
     (one per method call, failures recorded with ``error``), ``rows`` (aggregates) and ``table``.
@@ -228,7 +236,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
             once = not spec.budgeted
             run_fracs = [spec.fixed_fraction] if once else fractions
             for frac in run_fracs:
-                kwargs = method_kwargs_for(spec, meta, max_epochs, method_kwargs.get(name), model_factory)
+                kwargs = method_kwargs_for(spec, meta, max_epochs, method_kwargs.get(name), model_factory, steps)
                 model = copy.deepcopy(original)
                 rec = {"method": name, "fraction": frac, "seed": seed, "once": once,
                        "kwargs": _plain(kwargs)}
@@ -290,7 +298,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    "fractions": fractions, "seeds": seeds, "methods": names, "device": str(device),
                    "max_epochs": max_epochs, "train_epochs": train_epochs, "method_kwargs": method_kwargs_json,
                    "retain_samples_total": len(retain_set), "eval_kwargs": eval_kwargs,
-                   "eval_fraction": eval_fraction, "eval_train_samples": len(eval_train)},
+                   "eval_fraction": eval_fraction, "eval_train_samples": len(eval_train),
+                   "steps": (steps or StepOptions()).to_dict()},
         "original": {str(s): m for s, m in originals.items()},
         "runs": runs, "rows": table_rows, "table": table, "note": note, "failed": failed,
         "hiding_vs_forgetting": meta_table,

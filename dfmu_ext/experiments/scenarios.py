@@ -25,6 +25,7 @@ import torch
 from .._io import markdown_table, write_json
 from ..baselines import SPECS, resolve_methods
 from ..eval import evaluate, predict_logits
+from ..steps import StepOptions
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original
 from ..zoo.coarse import subclass_indices
@@ -80,11 +81,12 @@ def _sibling_accuracy(model, test_set, indices, device) -> float:
 def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fraction=None, fraction: float = 0.13,
                  seeds=3, methods="all", device="cpu", out_dir: str = "runs/scenario", use_cache: bool = True,
                  max_epochs: int | None = None, train_epochs: int | None = None, progress: bool = False,
-                 quiet: bool = False, eval_kwargs: dict | None = None) -> dict:
+                 quiet: bool = False, eval_kwargs: dict | None = None, steps: StepOptions | None = None) -> dict:
     """Run ``methods`` x ``seeds`` on one scenario; write ``scenario.json``; print and return the table.
 
     The original of each seed is the cached one (trained on the coarse labels for a sub-class).
-    Methods that cannot forget samples (head-mask) are skipped with a note.
+    Methods that cannot forget samples (head-mask) are skipped with a note. ``steps``: precision and
+    layout of every method that trains (:class:`dfmu_ext.steps.StepOptions`).
     """
     log = (lambda *m: None) if quiet else (lambda *m: print(*m, flush=True))
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -108,7 +110,7 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
             try:
                 model = copy.deepcopy(original)
                 if spec is not None:
-                    kwargs = method_kwargs_for(spec, meta, max_epochs)
+                    kwargs = method_kwargs_for(spec, meta, max_epochs, steps=steps)
                     frac = spec.fixed_fraction if not spec.budgeted and spec.fixed_fraction else fraction
                     res = spec.fn(model, train_set, None, frac, forget_indices=scen["forget_indices"], device=device,
                                   seed=seed, progress=progress, **kwargs)
@@ -157,7 +159,8 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
         print("head-mask skipped: it removes whole classes' rows, not samples")
     os.makedirs(out_dir, exist_ok=True)
     report = {"title": title, "dataset": info.name, "model": model_name, "scenario": label, "fraction": fraction,
-              "seeds": seeds, "methods": names, "runs": runs, "table": table, "skipped": skipped,
+              "seeds": seeds, "methods": names, "steps": (steps or StepOptions()).to_dict(), "runs": runs,
+              "table": table, "skipped": skipped,
               "total_seconds": time.perf_counter() - start}
     write_json(os.path.join(out_dir, "scenario.json"), report)
     return report
