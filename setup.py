@@ -91,7 +91,29 @@ def _want_cuda() -> tuple[bool, str]:
     return True, f"nvcc {nvcc} in {cuda_home}"
 
 
+def _cxx_compiler() -> str:
+    """The C++ compiler that compiles and links the library (torch's BuildExtension: $CXX, else c++),
+    as "path: first line of --version"."""
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    path = os.path.realpath(shutil.which(cxx) or cxx)
+    try:
+        lines = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        lines = []
+    return f"{path}: {lines[0].strip() if lines else 'version unknown'}"
+
+
+def _torch_compiler() -> str:
+    """The compiler torch itself was built with, as torch.__config__.show() names it (e.g. "GCC 13.3")."""
+    for line in torch.__config__.show().splitlines():
+        line = line.strip().lstrip("- ").strip()
+        if line.startswith(("GCC ", "clang ", "Clang ")):
+            return line
+    return "unknown"
+
+
 WITH_CUDA, REASON = _want_cuda()
+CXX_COMPILER, TORCH_COMPILER = _cxx_compiler(), _torch_compiler()
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     visible = torch.cuda.is_available() and torch.cuda.device_count() > 0
     if visible:
@@ -102,6 +124,9 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 ARCH_LIST = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if WITH_CUDA else ""
 print(f"dfmu_ext: CUDA kernels {'ON' if WITH_CUDA else 'OFF'} ({REASON}); arch list: {ARCH_LIST or '-'}",
       file=sys.stderr)
+# The C++ runtime must be the process's shared libstdc++ (python -m dfmu_ext.buildcheck checks it):
+# a compiler that links its own static copy breaks every error message (see that module).
+print(f"dfmu_ext: C++ compiler {CXX_COMPILER}; torch was built with {TORCH_COMPILER}", file=sys.stderr)
 
 
 def _write_build_config() -> None:
@@ -112,6 +137,8 @@ def _write_build_config() -> None:
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"CUDA_VERSION = {torch.version.cuda if WITH_CUDA else None!r}\n"
         f"ARCH_LIST = {ARCH_LIST!r}\n"
+        f"CXX_COMPILER = {CXX_COMPILER!r}\n"
+        f"TORCH_COMPILER = {TORCH_COMPILER!r}\n"
     )
     path = os.path.join(ROOT, "dfmu_ext", "_build_config.py")
     tmp = path + ".tmp"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, one script for a short device session (< 6 minutes on an H100; the build is ~1 min):
 #   1. build the extension in place for sm_90 (CUDA kernels required),
-#   2. print nvidia-smi, build_info and the kernels' register/shared-memory usage (cuobjdump),
+#   2. print nvidia-smi, build_info, the toolchain and `python -m dfmu_ext.buildcheck` (C++ errors must
+#      reach Python whole; on failure, one rebuild with the system g++), and the kernels'
+#      register/shared-memory usage (cuobjdump),
 #   3. run the op tests (their CUDA cases run when a GPU is present),
 #   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md,
 #   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50),
@@ -42,6 +44,35 @@ else
   exit 1
 fi
 "$PY" -c "import dfmu_ext, json; print(json.dumps(dfmu_ext.build_info()))" || { echo "import failed"; exit 1; }
+
+section "toolchain and error paths (python -m dfmu_ext.buildcheck)"
+# The torch 2.11 crash's suspected cause: a compiler that links its own static libstdc++ (then C++
+# messages are cut or crash the process). Show the compiler, whether it has a shared libstdc++ at
+# all, and what the check finds; if it fails, rebuild once with the system g++ and check again.
+toolchain() {
+  local cxx="${CXX:-c++}"
+  echo "CXX=$cxx -> $(readlink -f "$(command -v "$cxx")" 2>/dev/null)"
+  "$cxx" -v 2>&1 | grep -E "^(gcc|clang) version|^Configured with" | cut -c1-600
+  echo "shared libstdc++ of this compiler: $("$cxx" -print-file-name=libstdc++.so) (a bare name = none: it links statically)"
+  "$cxx" -dumpspecs 2>/dev/null | grep -n "static-libstdc\|static-libgcc" | head -n 5
+}
+toolchain
+if "$PY" -m dfmu_ext.buildcheck --json > "$OUT/buildcheck.json" 2>&1; then
+  tail -n 1 "$OUT/buildcheck.json"
+else
+  STATUS=1
+  tail -n 12 "$OUT/buildcheck.json"
+  if [ -x /usr/bin/g++ ] && [ "$(readlink -f /usr/bin/g++)" != "$(readlink -f "$(command -v "${CXX:-c++}")")" ]; then
+    echo "rebuilding with the system compiler (CXX=/usr/bin/g++ CC=/usr/bin/gcc) to test the fix"
+    CXX=/usr/bin/g++ CC=/usr/bin/gcc toolchain
+    if CXX=/usr/bin/g++ CC=/usr/bin/gcc MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FORCE_CUDA=1 timeout 300 \
+         "$PY" setup.py build_ext --inplace --force > "$OUT/build_system_gxx.log" 2>&1; then
+      "$PY" -m dfmu_ext.buildcheck && echo "FIXED by building with /usr/bin/g++ (the rest of this run uses that build)"
+    else
+      echo "the rebuild with /usr/bin/g++ failed; log: $OUT/build_system_gxx.log"; tail -n 20 "$OUT/build_system_gxx.log"
+    fi
+  fi
+fi
 
 section "kernel resource usage (cuobjdump --dump-resource-usage)"
 CUOBJDUMP="$(command -v cuobjdump || true)"

@@ -1,6 +1,8 @@
 """Loads the compiled extension once, turning build mismatches into readable errors."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -33,13 +35,34 @@ except ImportError as exc:
     ) from exc
 
 
+def warn_if_static_cxx_runtime(path: str) -> bool:
+    """Warns (RuntimeWarning) when the library at ``path`` carries its own libstdc++ instead of the
+    process's shared one: its C++ error messages would be cut short or crash the process
+    (:mod:`dfmu_ext.buildcheck`). Returns whether it warned; non-ELF platforms are not checked."""
+    from .buildcheck import linkage_problems
+
+    try:
+        problems = linkage_problems(path)
+    except (OSError, ValueError):
+        return False
+    for problem in problems:
+        warnings.warn(problem, RuntimeWarning, stacklevel=3)
+    return bool(problems)
+
+
+warn_if_static_cxx_runtime(_C.__file__)
+
+
 def build_info() -> dict:
-    """What the compiled kernels were built with: ``with_cuda``, torch and CUDA versions, arch list."""
+    """What the compiled kernels were built with: ``with_cuda``, torch and CUDA versions, arch list,
+    the C++ compiler (``compiler``) and the one torch was built with (``torch_compiler``)."""
     return {
         "with_cuda": bool(_build_config.WITH_CUDA),
         "torch_version": _build_config.TORCH_VERSION,
         "cuda_version": _build_config.CUDA_VERSION,
         "arch_list": [a for a in _build_config.ARCH_LIST.split(";") if a],
+        "compiler": getattr(_build_config, "CXX_COMPILER", None),  # None: built before it was recorded
+        "torch_compiler": getattr(_build_config, "TORCH_COMPILER", None),
         "runtime_torch_version": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
     }

@@ -6,10 +6,9 @@ fake (meta) implementations below let them trace under ``torch.compile(fullgraph
 Argument errors have one source: the C++ validators shared by both backends
 (``csrc/block_importance.h``, ``csrc/channel_masks.h``), which raise ``TypeError`` / ``ValueError``
 through the dispatcher before any tensor is touched. The wrappers add no checks of their own.
-Known exception: on the lent GPU machine's torch 2.11 build, with the extension compiled there by a
-different compiler than torch's, a C++ exception crossing the dispatcher killed the process
-(benchmarks/RESULTS.md); the root cause is open (see the performance issue's part 3), and the GPU
-check script runs the bad-argument tests in their own process so that such a crash is reported.
+``python -m dfmu_ext.buildcheck`` checks that such errors reach Python whole on this build (a
+library with its own static libstdc++ cuts or crashes them: the suspected cause of the process
+deaths once seen on the lent GPU machine's torch 2.11 build).
 """
 from __future__ import annotations
 

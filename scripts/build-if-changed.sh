@@ -9,6 +9,8 @@
 # build/.dfmu-build-stamp after a successful install. The install runs when the stamp is missing
 # (a fresh machine, after `make clean`) or different, or when the compiled library or the
 # installed package is absent or points elsewhere; otherwise this prints one line and exits. FORCE_REBUILD=1 always builds.
+# After a build, `python -m dfmu_ext.buildcheck` must pass (errors raised in C++ reach Python whole);
+# the stamp is written only then.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 PIP=${PIP:-"$PYTHON -m pip"}
@@ -49,5 +51,11 @@ fi
 rm -f "$STAMP"
 # --no-build-isolation: compile against the installed torch (see setup.py's docstring).
 $PIP install --quiet --no-build-isolation --no-deps -e .
+# A build whose C++ errors cannot reach Python (a static libstdc++, see dfmu_ext/buildcheck.py) is
+# refused here, with the reason, rather than found later as a crash; no stamp, so it builds again.
+if ! "$PYTHON" -m dfmu_ext.buildcheck; then
+    echo "the build is unusable: C++ argument errors do not reach Python intact (see the problems above)" >&2
+    exit 1
+fi
 mkdir -p "$(dirname "$STAMP")"
 echo "$want" > "$STAMP"
