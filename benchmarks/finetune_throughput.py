@@ -67,7 +67,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default=None)
+    p.add_argument("--settings", default=None,
+                   help="comma-separated precision:layout pairs, e.g. fp32:off,bf16:on (default: fp32 / bf16 x "
+                        "NCHW / channels_last on CUDA, fp32:off,bf16:off on the CPU)")
     args = p.parse_args(argv)
+    pairs = [s.split(":") for s in args.settings.split(",")] if args.settings else []
+    if any(len(s) != 2 or s[1] not in ("on", "off") for s in pairs):
+        p.error(f"--settings takes precision:on|off pairs, got {args.settings!r}")
     device = torch.device(args.device)
     model_name = args.model or ("resnet18" if device.type == "cuda" else "cnn")
     train_set, _, info = data_mod.load_dataset(data_mod.canonical_name(args.dataset))
@@ -87,6 +93,8 @@ def main(argv=None) -> int:
                                     else [("bf16", False)])
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         settings = [s for s in settings if s[0] != "bf16"] + [("fp16", True)]
+    if pairs:
+        settings = [(prec, layout == "on") for prec, layout in pairs]
     rows = []
     for precision, layout in settings:
         options = StepOptions(precision, layout)
