@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from ._linkage import linkage_problems
+
 try:
     from . import _build_config
 except ImportError as exc:  # pragma: no cover - only without a build
@@ -39,8 +41,6 @@ def warn_if_static_cxx_runtime(path: str) -> bool:
     """Warns (RuntimeWarning) when the library at ``path`` carries its own libstdc++ instead of the
     process's shared one: its C++ error messages would be cut short or crash the process
     (:mod:`dfmu_ext.buildcheck`). Returns whether it warned; non-ELF platforms are not checked."""
-    from .buildcheck import linkage_problems
-
     try:
         problems = linkage_problems(path)
     except (OSError, ValueError):

@@ -10,10 +10,11 @@
 # (a fresh machine, after `make clean`) or different, or when the compiled library or the
 # installed package is absent or points elsewhere; otherwise this prints one line and exits. FORCE_REBUILD=1 always builds.
 # After a build, `python -m dfmu_ext.buildcheck` must pass (errors raised in C++ reach Python whole);
-# the stamp is written only then.
+# the stamp is written only then. (PYTHON, PIP and BUILDCHECK may be overridden, as the tests do.)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 PIP=${PIP:-"$PYTHON -m pip"}
+BUILDCHECK=${BUILDCHECK:-"$PYTHON -m dfmu_ext.buildcheck"}
 STAMP=${STAMP:-build/.dfmu-build-stamp}
 
 key() {
@@ -53,7 +54,7 @@ rm -f "$STAMP"
 $PIP install --quiet --no-build-isolation --no-deps -e .
 # A build whose C++ errors cannot reach Python (a static libstdc++, see dfmu_ext/buildcheck.py) is
 # refused here, with the reason, rather than found later as a crash; no stamp, so it builds again.
-if ! "$PYTHON" -m dfmu_ext.buildcheck; then
+if ! $BUILDCHECK; then
     echo "the build is unusable: C++ argument errors do not reach Python intact (see the problems above)" >&2
     exit 1
 fi

@@ -18,6 +18,7 @@ def tree(tmp_path):
     (tmp_path / "setup.py").write_text("# setup\n")
     (tmp_path / "CMakeLists.txt").write_text("# cmake\n")
     (tmp_path / "dfmu_ext").mkdir()
+    (tmp_path / "dfmu_ext" / "__init__.py").write_text("")  # what `import dfmu_ext` must find
     fake_pip = tmp_path / "fake-pip"  # records each install and leaves what a real build leaves
     fake_pip.write_text("#!/bin/sh\necho install >> builds.log\ntouch dfmu_ext/_C.fake.so dfmu_ext/_build_config.py\n")
     fake_pip.chmod(0o755)
@@ -34,10 +35,15 @@ def _fake_torch(root, version):
 def _build(tree, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("FORCE_CUDA", "DFMU_FORCE_CPU", "TORCH_CUDA_ARCH_LIST",
                                                          "FORCE_REBUILD")}
-    e.update(PYTHON=sys.executable, PIP=str(tree / "fake-pip"), PYTHONPATH=str(tree / "torch-a"))
+    e.update(PYTHON=sys.executable, PIP=str(tree / "fake-pip"), PYTHONPATH=f"{tree}{os.pathsep}{tree / 'torch-a'}",
+             BUILDCHECK="true")
     e.update(env)
     out = subprocess.run(["bash", SCRIPT], cwd=tree, env=e, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    return _builds(tree)
+
+
+def _builds(tree):
     log = tree / "builds.log"
     return len(log.read_text().splitlines()) if log.exists() else 0
 
@@ -67,6 +73,25 @@ def test_rebuilds_only_when_an_input_changes(tree):
     shutil.rmtree(tree / "build")                  # `make clean`
     assert _build(tree, DFMU_FORCE_CPU="1") == 8
     assert _build(tree, DFMU_FORCE_CPU="1", FORCE_REBUILD="1") == 9
+
+
+def test_a_build_that_fails_the_build_check_is_refused_and_retried(tree):
+    e = {k: v for k, v in os.environ.items() if k != "FORCE_REBUILD"}
+    e.update(PYTHON=sys.executable, PIP=str(tree / "fake-pip"), PYTHONPATH=f"{tree}{os.pathsep}{tree / 'torch-a'}",
+             BUILDCHECK="false")
+    out = subprocess.run(["bash", SCRIPT], cwd=tree, env=e, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "the build is unusable" in out.stderr
+    assert not (tree / "build" / ".dfmu-build-stamp").exists()  # no stamp: the next call builds again
+    assert _builds(tree) == 1
+    assert _build(tree) == 2 and (tree / "build" / ".dfmu-build-stamp").is_file()
+
+
+def test_an_install_that_points_elsewhere_is_rebuilt(tree):
+    assert _build(tree) == 1
+    assert _build(tree) == 1
+    # `import dfmu_ext` would find another checkout (the tree is not on the path): not installed here
+    assert _build(tree, PYTHONPATH=str(tree / "torch-a")) == 2
+    assert _build(tree) == 2
 
 
 def test_torch_version_is_part_of_the_key(tree):
