@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--settings", default=None,
                    help="comma-separated precision:layout pairs, e.g. fp32:off,bf16:on (default: fp32 / bf16 x "
-                        "NCHW / channels_last on CUDA, fp32:off,bf16:off on the CPU)")
+                        "NCHW / channels_last on CUDA, fp32:off,fp32:on,bf16:on on the CPU)")
     args = p.parse_args(argv)
     pairs = [s.split(":") for s in args.settings.split(",")] if args.settings else []
     if any(len(s) != 2 or s[1] not in ("on", "off") for s in pairs):
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     xr, yr = take_batch(budget, list(range(256)))
 
     settings = [("fp32", False)] + ([("fp32", True), ("bf16", False), ("bf16", True)] if device.type == "cuda"
-                                    else [("bf16", False)])
+                                    else [("fp32", True), ("bf16", True)])
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         settings = [s for s in settings if s[0] != "bf16"] + [("fp16", True)]
     if pairs:

@@ -16,9 +16,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_defaults_per_device(original):
     cpu = StepEngine(original, torch.device("cpu"))
-    assert cpu.describe() == {"precision": "fp32", "channels_last": False} and cpu.loss_scale is None
+    assert cpu.describe() == {"precision": "fp32", "channels_last": True} and cpu.loss_scale is None
     mlp = models.MLP(64, 10)
     assert not StepEngine(mlp, torch.device("cpu"), StepOptions(channels_last=True)).channels_last  # no conv
+    assert not StepEngine(mlp, torch.device("cpu")).channels_last
+    assert not StepEngine(original, torch.device("cpu"), StepOptions(channels_last=False)).channels_last
     with pytest.raises(ValueError, match="precision must be one of"):
         StepEngine(original, torch.device("cpu"), StepOptions(precision="fp8"))
     with pytest.raises(ValueError, match="channels_last must be"):
@@ -27,11 +29,11 @@ def test_defaults_per_device(original):
         StepEngine(original, torch.device("cpu"), StepOptions(precision="fp16"))
 
 
-def test_fp32_default_is_bitwise_the_explicit_fp32(digits, original):
+def test_cpu_default_is_bitwise_the_explicit_fp32_channels_last(digits, original):
     train = digits[0]
     a = dfmu_ext.unlearn(copy.deepcopy(original), train, [3], 0.3, seed=0)
     b = dfmu_ext.unlearn(copy.deepcopy(original), train, [3], 0.3, seed=0,
-                         steps=StepOptions(precision="fp32", channels_last=False))
+                         steps=StepOptions(precision="fp32", channels_last=True))
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 

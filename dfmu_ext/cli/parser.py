@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                         help="training steps' precision (default: auto = bf16 on a CUDA GPU, fp32 on the CPU)")
         sp.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                        help="NHWC memory for conv nets' training steps (default: auto = on a CUDA GPU)")
+                        help="NHWC memory for conv nets' training steps (default: auto = on for conv nets)")
 
     def scenario(sp):
         g = sp.add_mutually_exclusive_group()
