@@ -35,11 +35,14 @@ class StepOptions:
     precision: str = "auto"
     channels_last: str | bool = "auto"
 
-    def validate(self) -> None:
+    def validate(self, device: torch.device | str | None = None) -> None:
+        """Raises ValueError for options that cannot run (on ``device``, when given)."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.channels_last not in ("auto", True, False):
             raise ValueError(f"channels_last must be 'auto', True or False, got {self.channels_last!r}")
+        if self.precision == "fp16" and device is not None and torch.device(device).type != "cuda":
+            raise ValueError("fp16 training needs a CUDA device (use bf16 or fp32 on the CPU)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,14 +54,12 @@ class StepEngine:
 
     def __init__(self, model: nn.Module, device: torch.device, options: StepOptions | None = None):
         options = options or StepOptions()
-        options.validate()
+        options.validate(device)
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         precision = options.precision
         if precision == "auto":
             precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-        if precision == "fp16" and not cuda:
-            raise ValueError("fp16 training needs a CUDA device (use bf16 or fp32 on the CPU)")
         self.precision = precision
         has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
         layout = options.channels_last

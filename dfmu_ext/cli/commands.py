@@ -187,11 +187,16 @@ def _scenario(args) -> dict:
 
 
 def _steps(args, device) -> StepOptions:
-    """--precision / --channels-last, checked against the device before any work starts."""
-    if args.precision == "fp16" and device.type != "cuda":
-        raise UsageError(f"--precision fp16 needs a CUDA device (got {device}); use bf16 or fp32 on the CPU")
+    """--precision / --channels-last, checked against the device (StepOptions.validate) before any
+    work starts; argparse has already limited both to valid names, so only the device can object."""
     layout = {"auto": "auto", "on": True, "off": False}[args.channels_last]
-    return StepOptions(precision=args.precision, channels_last=layout)
+    options = StepOptions(precision=args.precision, channels_last=layout)
+    try:
+        options.validate(device)
+    except ValueError:
+        raise UsageError(f"--precision {args.precision} needs a CUDA device (got {device}); use bf16 or fp32 "
+                         "on the CPU") from None
+    return options
 
 
 def cmd_compare(args) -> int:
