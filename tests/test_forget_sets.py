@@ -225,3 +225,48 @@ def test_cifar20_reads_cifar100_python_files(tmp_path):
     coarse._load_cifar100_dir.cache_clear()
     with pytest.raises(ValueError, match="not a CIFAR-100 python file"):
         load_dataset("cifar20", root=tmp_path)
+
+
+def test_mixed_groupings_split_every_look_alike_pair():
+    from dfmu_ext.zoo.coarse import FASHION_MNIST_MIXED
+
+    look_alikes = [(0, 6), (2, 4), (5, 7), (7, 9)]  # T-shirt/Shirt, Pullover/Coat, Sandal/Sneaker, Sneaker/Boot
+    for name, groups in FASHION_MNIST_MIXED.items():
+        members = sorted(f for g in groups.values() for f in g)
+        assert members == list(range(10)), name  # a partition of the ten classes
+        group_of = {f: g for g, fs in groups.items() for f in fs}
+        for a, b in look_alikes:
+            assert group_of[a] != group_of[b], (name, a, b)
+
+
+@pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST files not installed")
+def test_fashion_mnist_mixed_and_6k():
+    train, test, info = load_dataset("fashion-mnist-mixed3")
+    assert info.num_classes == 3 and info.name == "fashion-mnist-mixed3"
+    tr, te, c = coarse.subclass_indices(info, "Sandal")
+    assert c == 0 and tr.numel() == 6000 and bool((train.tensors[1][tr] == 0).all())
+    _, _, info2 = load_dataset("fmnist-mixed2")
+    assert info2.num_classes == 2
+    a, t6, i6 = load_dataset("fashion-mnist-6k")
+    b, _, _ = load_dataset("fashion-mnist-6k")
+    assert len(a) == 6000 and len(t6) == 10000 and i6.name == "fashion-mnist-6k"
+    assert torch.equal(a.tensors[0], b.tensors[0])  # the same subset every time
+    assert torch.bincount(a.tensors[1]).tolist() == [600] * 10
+    from dfmu_ext.zoo.training import default_train_config
+    assert default_train_config("cnn", "cpu", dataset="fashion-mnist-6k").epochs == 40
+    assert default_train_config("cnn", "cpu", dataset="fashion-mnist").epochs == 3
+
+
+@pytest.mark.skipif(find_fashion_mnist() is None, reason="Fashion-MNIST files not installed")
+def test_cli_compare_subclass_on_a_two_class_set_ignores_the_classes_default(tmp_path, monkeypatch):
+    """--classes defaults to 3, which a 2-class coarse set does not have: with --forget-subclass it
+    must not be read (it was, and `dfmu compare --forget-subclass` refused every such data set)."""
+    from dfmu_ext import cli
+    from dfmu_ext.cli import commands
+
+    seen = {}
+    monkeypatch.setattr(commands, "run_scenario", lambda dataset, model, **kw: seen.update(dataset=dataset, **kw))
+    assert cli.main(["compare", "--dataset", "fashion-mnist-mixed2", "--forget-subclass", "Sneaker",
+                     "--fractions", "0.13", "--seeds", "1", "--methods", "Retrain,DFMU",
+                     "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
+    assert seen["dataset"] == "fashion-mnist-mixed2" and seen["subclass"] == "Sneaker"

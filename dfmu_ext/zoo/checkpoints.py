@@ -104,7 +104,7 @@ def train_original(dataset: str, model_name: str, device: torch.device, seed: in
                    progress: bool = False, log=None) -> tuple[nn.Module, dict]:
     """Train ``model_name`` on ``dataset`` with the package recipe (``epochs`` overrides its epochs)."""
     train_set, _, info = data_mod.load_dataset(dataset)
-    config = training.default_train_config(model_name, device.type)
+    config = training.default_train_config(model_name, device.type, dataset=info.name)
     if epochs:
         config.epochs = int(epochs)
     torch.manual_seed(seed)

@@ -6,7 +6,14 @@ coarse class of each, so the sub-class's samples can be found.
 
 * ``fashion-mnist-coarse``: Fashion-MNIST's ten classes in five groups —
   tops = {T-shirt/top, Pullover, Coat, Shirt}, bottoms = {Trouser}, dress = {Dress},
-  footwear = {Sandal, Sneaker, Ankle boot}, bag = {Bag}.
+  footwear = {Sandal, Sneaker, Ankle boot}, bag = {Bag}. Siblings look alike, so a model retrained
+  without one fine class still gives it its coarse label: a *sanity check* (nothing should change),
+  not a test of forgetting.
+* ``fashion-mnist-mixed3`` and ``fashion-mnist-mixed2``: groupings built the way CIFAR-20's
+  superclasses are, whose siblings do not look alike — every look-alike pair (T-shirt/Shirt,
+  Pullover/Coat, Sandal/Sneaker, Sneaker/Ankle boot) is split across coarse classes. A model retrained
+  without a fine class gives it the coarse label of its look-alikes, far from the original's
+  (measured in benchmarks/RESULTS.md): these scenarios can fail.
 * ``cifar20``: CIFAR-100's 100 fine classes under its 20 superclasses (SSD's CIFAR-20 setting),
   read from the "CIFAR-100 python version" files (``cifar-100-python/{train,test,meta}``) found in
   ``root``, ``$DFMU_DATA`` or ``~/.cache/dfmu``; nothing is downloaded.
@@ -26,11 +33,21 @@ from torch.utils.data import TensorDataset
 from .sources import (FASHION_MNIST_CLASSES, ArrayUnpickler, DatasetInfo, install_hint, load_fashion_mnist,
                       normalise_splits, pickle_dir_candidates)
 
-__all__ = ["FineLabels", "FASHION_MNIST_COARSE", "load_fashion_mnist_coarse", "load_cifar20", "find_cifar100",
+__all__ = ["FineLabels", "FASHION_MNIST_COARSE", "FASHION_MNIST_MIXED", "FASHION_MNIST_GROUPINGS", "load_fashion_mnist_coarse", "load_cifar20", "find_cifar100",
            "subclass_indices"]
 
 #: coarse class name -> the Fashion-MNIST classes it holds.
 FASHION_MNIST_COARSE = {"tops": (0, 2, 4, 6), "bottoms": (1,), "dress": (3,), "footwear": (5, 7, 9), "bag": (8,)}
+
+#: Groupings whose siblings do not look alike (coarse name -> fine Fashion-MNIST classes).
+FASHION_MNIST_MIXED = {
+    "fashion-mnist-mixed3": {"tshirt-pullover-sandal-bag": (0, 2, 5, 8), "shirt-coat-sneaker-trouser": (6, 4, 7, 1),
+                             "dress-boot": (3, 9)},
+    "fashion-mnist-mixed2": {"tshirt-trouser-coat-sneaker-bag": (0, 1, 4, 7, 8),
+                             "pullover-dress-sandal-shirt-boot": (2, 3, 5, 6, 9)},
+}
+#: Every coarse-label grouping of Fashion-MNIST, by data set name.
+FASHION_MNIST_GROUPINGS = {"fashion-mnist-coarse": FASHION_MNIST_COARSE, **FASHION_MNIST_MIXED}
 
 _CIFAR100_DIRNAME = "cifar-100-python"
 
@@ -63,17 +80,21 @@ def subclass_indices(info: DatasetInfo, fine: int | str) -> tuple[torch.Tensor, 
             fl.coarse_of[fine])
 
 
-def load_fashion_mnist_coarse(root=None, download_hint: bool = True):
-    """Fashion-MNIST with the five coarse labels of :data:`FASHION_MNIST_COARSE`."""
+def load_fashion_mnist_coarse(root=None, download_hint: bool = True, grouping: str = "fashion-mnist-coarse"):
+    """Fashion-MNIST under the coarse labels of ``grouping`` (a key of :data:`FASHION_MNIST_GROUPINGS`:
+    the look-alike groups of :data:`FASHION_MNIST_COARSE`, or a mixed grouping)."""
+    if grouping not in FASHION_MNIST_GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; choose one of {', '.join(FASHION_MNIST_GROUPINGS)}")
+    groups = FASHION_MNIST_GROUPINGS[grouping]
     train, test, info = load_fashion_mnist(root, download_hint)
     coarse_of = [0] * 10
-    for c, (_, members) in enumerate(FASHION_MNIST_COARSE.items()):
+    for c, (_, members) in enumerate(groups.items()):
         for f in members:
             coarse_of[f] = c
     table = torch.tensor(coarse_of)
     fine = FineLabels(train.tensors[1], test.tensors[1], FASHION_MNIST_CLASSES, tuple(coarse_of))
-    coarse_info = DatasetInfo("fashion-mnist-coarse", len(FASHION_MNIST_COARSE), info.in_channels, info.image_size,
-                              tuple(FASHION_MNIST_COARSE), info.source, info.mean, info.std, fine=fine)
+    coarse_info = DatasetInfo(grouping, len(groups), info.in_channels, info.image_size,
+                              tuple(groups), info.source, info.mean, info.std, fine=fine)
     return (TensorDataset(train.tensors[0], table[train.tensors[1]]),
             TensorDataset(test.tensors[0], table[test.tensors[1]]), coarse_info)
 

@@ -1,5 +1,5 @@
 """The data sets by name: ``load_dataset("fashion-mnist" | "cifar10" | "digits" |
-"fashion-mnist-coarse" | "cifar20")`` -> ``(train, test, info)``, the names, aliases and the default.
+"fashion-mnist-6k" | "fashion-mnist-coarse" | "fashion-mnist-mixed3" | "fashion-mnist-mixed2" | "cifar20")`` -> ``(train, test, info)``, the names, aliases and the default.
 
 Everything is loaded into memory as normalised float32 ``TensorDataset``s (the readers are in
 :mod:`.sources`, the coarse-label sets in :mod:`.coarse`), so the pipeline indexes tensors directly.
@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from . import coarse
 from .sources import (DatasetInfo, find_cifar10, find_fashion_mnist, load_cifar10, load_digits,
-                      load_fashion_mnist, read_idx)
+                      load_fashion_mnist, load_fashion_mnist_6k, read_idx)
 
 __all__ = [
     "DatasetInfo",
@@ -27,12 +27,16 @@ __all__ = [
     "canonical_name",
 ]
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits", "fashion-mnist-coarse", "cifar20")
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits", "fashion-mnist-6k", "fashion-mnist-coarse",
+                                  "fashion-mnist-mixed3", "fashion-mnist-mixed2", "cifar20")
 
 _ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
     "cifar10": "cifar10", "cifar-10": "cifar10",
     "digits": "digits",
+    "fashion-mnist-6k": "fashion-mnist-6k", "fmnist-6k": "fashion-mnist-6k",
+    "fashion-mnist-mixed3": "fashion-mnist-mixed3", "fmnist-mixed3": "fashion-mnist-mixed3",
+    "fashion-mnist-mixed2": "fashion-mnist-mixed2", "fmnist-mixed2": "fashion-mnist-mixed2",
     "fashion-mnist-coarse": "fashion-mnist-coarse", "fmnist-coarse": "fashion-mnist-coarse",
     "cifar20": "cifar20", "cifar-20": "cifar20",
 }
@@ -52,7 +56,8 @@ def canonical_name(name: str) -> str:
 def load_dataset(name: str, root: str | os.PathLike | None = None,
                  download_hint: bool = True) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
     """Load ``name`` (one of ``DATASET_NAMES``) as ``(train, test, info)``; the coarse-label sets
-    ("fashion-mnist-coarse", "cifar20") come from :mod:`.coarse`.
+    ("fashion-mnist-coarse", "fashion-mnist-mixed3", "fashion-mnist-mixed2", "cifar20") come from
+    :mod:`.coarse`; "fashion-mnist-6k" is a fixed 6,000-image subset (the memorisation scenario's).
 
     Inputs are float32 ``(N, C, H, W)`` normalised with the train split's per-channel mean/std;
     labels are int64. ``root`` names the folder to read (no fallback to other locations when
@@ -66,9 +71,12 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
         return load_fashion_mnist(root, download_hint)
     if key == "cifar10":
         return load_cifar10(root, download_hint)
-    if key in ("fashion-mnist-coarse", "cifar20"):
-        loader = coarse.load_fashion_mnist_coarse if key == "fashion-mnist-coarse" else coarse.load_cifar20
-        return loader(root, download_hint)
+    if key in coarse.FASHION_MNIST_GROUPINGS:
+        return coarse.load_fashion_mnist_coarse(root, download_hint, grouping=key)
+    if key == "cifar20":
+        return coarse.load_cifar20(root, download_hint)
+    if key == "fashion-mnist-6k":
+        return load_fashion_mnist_6k(root, download_hint)
     return load_digits()
 
 

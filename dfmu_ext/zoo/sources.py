@@ -180,6 +180,27 @@ def load_fashion_mnist(root, download_hint: bool):
     return TensorDataset(tr_x, tr_y), TensorDataset(te_x, te_y), info
 
 
+#: Samples per class of ``fashion-mnist-6k``.
+FASHION_MNIST_6K_PER_CLASS = 600
+
+
+def load_fashion_mnist_6k(root=None, download_hint: bool = True):
+    """A fixed class-stratified 6,000-image subset of Fashion-MNIST's training split (600 per class,
+    the same for every seed) and the whole test split: small enough that the CNN recipe for it
+    (:func:`dfmu_ext.zoo.training.default_train_config`) memorises its training samples, so that a
+    model retrained without a random share of them really differs from the original on that share."""
+    train, test, info = load_fashion_mnist(root, download_hint)
+    x, y = train.tensors
+    gen = torch.Generator().manual_seed(6000)
+    keep = []
+    for c in range(10):
+        members = torch.nonzero(y == c).flatten()
+        keep.append(members[torch.randperm(members.numel(), generator=gen)[:FASHION_MNIST_6K_PER_CLASS]])
+    keep = torch.sort(torch.cat(keep)).values
+    sub = DatasetInfo("fashion-mnist-6k", 10, 1, (28, 28), FASHION_MNIST_CLASSES, info.source, info.mean, info.std)
+    return TensorDataset(x[keep], y[keep]), test, sub
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR-10
 # --------------------------------------------------------------------------------------------
