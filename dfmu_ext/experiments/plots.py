@@ -1,13 +1,15 @@
-"""The plots a person looks at: the forget report (per-class accuracy, pruned units per block) and
-the comparison (retain accuracy vs data, time vs retain accuracy). Every PNG is written atomically."""
+"""The plots a person looks at: the forget report (per-class accuracy, pruned units per block), the
+comparison (retain accuracy vs data, time vs retain accuracy) and the scenario frontier (distance to
+Retrain on the forget metric vs its cost). Every PNG is written atomically."""
 from __future__ import annotations
 
 import math
 import os
+import textwrap
 
 from .._io import save_figure_atomic
 
-__all__ = ["plot_summary", "plot_comparison", "plot_frontier"]
+__all__ = ["plot_summary", "plot_comparison", "plot_frontier", "plot_scenario_frontier", "scenario_frontier_rows"]
 
 
 def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[float]], forget_classes: list[int],
@@ -148,3 +150,110 @@ def plot_frontier(rows: list[dict], fractions: list[float], out_dir: str, title:
     path = os.path.join(out_dir, "frontier.png")
     save_figure_atomic(fig, path)
     return {"frontier": path}
+
+
+#: kind -> (cost key in a run's "gaps_to_retrain", x label, y label) of the scenario frontier.
+_SCENARIO_AXES = {
+    "subclass": ("sibling", "|forget-test accuracy − Retrain's| (points): lower = closer to Retrain",
+                 "cost: |sibling test accuracy − Retrain's| (points)"),
+    "random": ("test", "|forget-set accuracy − Retrain's| (points): lower = closer to Retrain",
+               "cost: |TA − Retrain's| (points)"),
+}
+#: Marker shapes of the methods (the star is Retrain's, the X the original's).
+_METHOD_MARKERS = "osD^vP<>phd8H"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd, len(vals)
+
+
+def scenario_frontier_rows(runs: list[dict], kind: str) -> list[dict]:
+    """Per-seed scenario runs (records with ``"method"`` and ``"gaps_to_retrain"``, as
+    :func:`dfmu_ext.experiments.scenarios.run_scenario` stores them) -> one row per method, in order of
+    first appearance: ``{"method", "seeds", "forget_gap": {"mean", "std"}, "cost": {"mean", "std"}}``,
+    the mean ± std over seeds of the *absolute* per-seed gaps to Retrain, in points (cost: the
+    sibling gap for a sub-class, the TA gap for random samples)."""
+    if kind not in _SCENARIO_AXES:
+        raise ValueError(f"unknown scenario kind {kind!r}; choose one of {', '.join(_SCENARIO_AXES)}")
+    cost_key = _SCENARIO_AXES[kind][0]
+    out = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        gs = [r["gaps_to_retrain"] for r in runs if r["method"] == method and r.get("gaps_to_retrain")]
+        x, sx, n = _mean_std([abs(g["forget"]) for g in gs if g.get("forget") is not None])
+        y, sy, _ = _mean_std([abs(g[cost_key]) for g in gs if g.get(cost_key) is not None])
+        if n:
+            out.append({"method": method, "seeds": n, "forget_gap": {"mean": x, "std": sx},
+                        "cost": {"mean": y, "std": sy}})
+    return out
+
+
+def plot_scenario_frontier(runs_or_rows: list[dict], kind: str, out_path: str, title: str) -> str:
+    """One point per method: x = |forget gap to Retrain|, y = its cost (|sibling gap| for a sub-class,
+    |TA gap| for random samples), mean over seeds with std error bars, in points. Retrain sits at
+    (0, 0) (a black star), the original — doing nothing — is a grey X; the methods have distinct
+    marker / colour pairs and are named in a legend beside the axes with their (x, y), so no label
+    can cover another or a point. ``runs_or_rows``: per-seed runs or :func:`scenario_frontier_rows`'
+    rows. Written atomically to ``out_path``; returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if kind not in _SCENARIO_AXES:
+        raise ValueError(f"unknown scenario kind {kind!r}; choose one of {', '.join(_SCENARIO_AXES)}")
+    rows = list(runs_or_rows)
+    if any("gaps_to_retrain" in r or "seed" in r for r in rows):
+        rows = scenario_frontier_rows(rows, kind)
+    _, xlabel, ylabel = _SCENARIO_AXES[kind]
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(10, 5.4), layout="constrained")
+    xmax = ymax = 0.0
+    handles = []
+    j = 0
+    for r in rows:
+        m = r["method"]
+        x, sx = r["forget_gap"]["mean"], r["forget_gap"]["std"]
+        y, sy = r["cost"]["mean"], r["cost"]["std"]
+        if not math.isfinite(x):
+            continue
+        if not math.isfinite(y):
+            y, sy = 0.0, 0.0  # no cost measured (e.g. a coarse class without siblings)
+        sx = sx if math.isfinite(sx) and sx > 0 else 0.0
+        sy = sy if math.isfinite(sy) and sy > 0 else 0.0
+        # filled reference points below, hollow method markers above: a method on top of the original
+        # or of Retrain stays visible
+        if m == "Retrain":
+            style = dict(marker="*", ms=16, color="black", zorder=2)
+            name = "Retrain (the target)"
+        elif m == "Original":
+            style = dict(marker="X", ms=12, color="darkgray", zorder=2)
+            name = "Original (doing nothing)"
+        else:
+            style = dict(marker=_METHOD_MARKERS[j % len(_METHOD_MARKERS)], ms=9, color=plt.cm.tab10(j % 10),
+                         mfc="none", mew=1.8, zorder=3)
+            name = m
+            j += 1
+        if sx or sy:  # the gaps are absolute values: the bars stop at 0
+            ax.errorbar([x], [y], xerr=[[min(sx, x)], [sx]], yerr=[[min(sy, y)], [sy]], fmt="none", capsize=3,
+                        elinewidth=1, ecolor=style["color"], alpha=0.6, zorder=1)
+        ax.plot([x], [y], ls="none", **style)
+        handles.append(Line2D([], [], ls="none", label=f"{name}: ({x:.1f}, {y:.1f})", **style))
+        xmax = max(xmax, x + sx)
+        ymax = max(ymax, y + sy)
+    xmax, ymax = max(xmax, 1.0), max(ymax, 1.0)
+    ax.set_xlim(-0.05 * xmax, 1.1 * xmax)
+    ax.set_ylim(-0.05 * ymax, 1.1 * ymax)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8,
+              frameon=False, title="method: (|forget gap|, cost)\nmean over seeds, bars: std", title_fontsize=8)
+    ax.set_title("\n".join(textwrap.fill(line, 100) for line in title.splitlines()), fontsize=9)
+    save_figure_atomic(fig, out_path)
+    return out_path

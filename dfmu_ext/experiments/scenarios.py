@@ -11,6 +11,18 @@ of the training samples, with every applicable method beside Retrain.
 
 For both, the field's summary number is the average absolute gap to Retrain (same seed) over
 UA (= 1 - forget_acc), RA, TA and MIA-efficacy. Head-mask does not apply (no class row to remove).
+The table adds the signed per-seed gaps to Retrain on the forget metric and on its cost (sub-class:
+forget-test and siblings; random: forget accuracy, MIA-efficacy and TA), and
+``scenario_frontier.png`` plots them (:func:`dfmu_ext.experiments.plots.plot_scenario_frontier`).
+
+**A scenario counts only if it can fail.** "Within x points of Retrain" is evidence of forgetting only
+when doing nothing is *not* within x points of Retrain. So every run also scores "Original" (the
+untouched model) and :func:`discrimination` compares it with Retrain on the forget metrics: when
+Retrain barely differs from the original (a sub-class its look-alike siblings cover, e.g. Sneaker
+inside footwear; a random share of a model that hardly memorises its training samples), every method
+that does nothing "matches Retrain", and the scenario is a *sanity check* (nothing should change,
+nothing should break) — not a test of forgetting. The verdict is printed under the table's title and
+stored in ``scenario.json`` under ``"discrimination"``; without Retrain it is unknown.
 """
 from __future__ import annotations
 
@@ -30,11 +42,148 @@ from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original
 from ..zoo.coarse import subclass_indices
 from .compare import mean_std, method_kwargs_for
+from .plots import plot_scenario_frontier
 
-__all__ = ["scenario_forget_set", "run_scenario", "average_gap", "GAP_KEYS"]
+__all__ = ["scenario_forget_set", "run_scenario", "average_gap", "GAP_KEYS", "discrimination", "signed_gaps",
+           "SUBCLASS_MIN_GAP", "RANDOM_MIN_GAP", "DISCRIMINATION_METRICS", "SIGNED_GAPS", "KINDS"]
 
 #: (metric, shown as 1 - value) entering the average gap to Retrain.
 GAP_KEYS = (("forget_acc", True), ("retain_acc", False), ("test_acc", False), ("mia_efficacy", False))
+
+#: The two scenario kinds.
+KINDS = ("subclass", "random")
+
+#: Smallest |Original - Retrain| gap (points) on the forget sub-class's test accuracy for a sub-class
+#: scenario to count. That accuracy is measured on one fine class's test images (1,000 for
+#: Fashion-MNIST, 100 for CIFAR-20): its seed-to-seed spread alone is a few points (binomial s.e. 3
+#: points at 90% on 100 images), and between "doing nothing" and Retrain there must be room to tell a
+#: method that forgot from one that did not. benchmarks/RESULTS.md measured Sneaker in footwear (gap
+#: 0.0) and Shirt in tops (gap 1.7): both sanity checks, however well a method "matched Retrain".
+SUBCLASS_MIN_GAP = 10.0
+#: Smallest gap (points) for a random-sample scenario, on *each* of forget accuracy and MIA-efficacy
+#: (the protocol's two forget metrics; either one under it and "equal to Retrain" on it is what doing
+#: nothing scores). Here the gap is the model's memorisation of its training samples; under 3 points
+#: it is the size of MIA-efficacy's seed-to-seed spread and of the spread between methods
+#: (benchmarks/RESULTS.md, random 10% of Fashion-MNIST: Original 1.3 / 2.3 points from Retrain, MIA
+#: std 1.4 over 2 seeds — doing nothing ranked among the best methods).
+RANDOM_MIN_GAP = 3.0
+#: kind -> (metric, how it is named in the verdict, threshold in points): what discrimination compares.
+DISCRIMINATION_METRICS = {
+    "subclass": (("forget_test_acc", "the forget sub-class's test images", SUBCLASS_MIN_GAP),),
+    "random": (("forget_acc", "forget-set accuracy", RANDOM_MIN_GAP),
+               ("mia_efficacy", "MIA-efficacy", RANDOM_MIN_GAP)),
+}
+#: kind -> (table column, key in a run's "gaps_to_retrain", metric or None for |forget|+|sibling|).
+SIGNED_GAPS = {
+    "subclass": (("forget gap", "forget", "forget_test_acc"), ("sibling gap", "sibling", "sibling_test_acc"),
+                 (r"\|forget\|+\|sibling\|", "forget_plus_sibling", None)),  # "|" escaped for Markdown
+    "random": (("forget gap", "forget", "forget_acc"), ("MIA gap", "mia", "mia_efficacy"),
+               ("TA gap", "test", "test_acc")),
+}
+_EPS = 1e-9  # a gap of exactly the threshold counts (10.0 points computed as 9.999999999 in floats)
+
+
+def _finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown scenario kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def signed_gaps(metrics: dict, reference: dict, kind: str) -> dict:
+    """The signed gaps to Retrain (``reference``, same seed) in points: sub-class ``{"forget",
+    "sibling", "forget_plus_sibling"}`` (forget-test and sibling test accuracy minus Retrain's, and
+    |forget| + |sibling|); random ``{"forget", "mia", "test"}`` (forget accuracy, MIA-efficacy and TA
+    minus Retrain's). NaN where a metric is missing."""
+    out = {}
+    for _, key, metric in SIGNED_GAPS[_check_kind(kind)]:
+        if metric is None:
+            f, s = out.get("forget", float("nan")), out.get("sibling", float("nan"))
+            out[key] = abs(f) + abs(s)
+            continue
+        m, r = metrics.get(metric), reference.get(metric)
+        out[key] = 100 * (m - r) if _finite(m) and _finite(r) else float("nan")
+    return out
+
+
+def _mean_metric(per_seed: list[dict], key: str) -> float:
+    return mean_std([m.get(key) for m in per_seed])[0]
+
+
+def discrimination(original, retrain, kind: str, *, seeds=None, missing: str = "Retrain was not run") -> dict:
+    """Can this scenario tell forgetting from doing nothing? Compares the untouched model ("Original")
+    with Retrain on the forget metrics (sub-class: ``forget_test_acc``; random: ``forget_acc`` and
+    ``mia_efficacy``). A pure function.
+
+    ``original`` / ``retrain``: ``evaluate``'s metrics dict, or lists of them — one per seed, paired
+    by position (the same seed's original and Retrain; ``seeds`` names them). With lists the verdict
+    is taken on the means over seeds and the per-seed gaps are kept under ``"per_seed"``.
+    ``retrain`` None or empty: the verdict is unknown (``missing`` says why).
+
+    A sub-class gap under :data:`SUBCLASS_MIN_GAP` points, or a random-sample forget-accuracy or
+    MIA-efficacy gap under :data:`RANDOM_MIN_GAP` points, makes the scenario non-discriminative: a
+    sanity check only, since "equal to Retrain" is then also what doing nothing scores.
+
+    Returns ``{"kind", "known", "discriminative" (True / False / None when unknown),
+    "threshold_points", "gap_points" (the smallest deciding gap), "gaps": {metric: {"original",
+    "retrain", "gap_points", "below_threshold"}}, "seeds", "per_seed", "message"}`` (accuracies as
+    fractions, gaps in points); ``message`` is the one line :func:`run_scenario` prints.
+    """
+    _check_kind(kind)
+    spec = DISCRIMINATION_METRICS[kind]
+    threshold = spec[0][2]
+    origs = list(original) if isinstance(original, (list, tuple)) else ([original] if original is not None else [])
+    rets = list(retrain) if isinstance(retrain, (list, tuple)) else ([retrain] if retrain is not None else [])
+    seeds = list(seeds) if seeds is not None else None
+    out = {"kind": kind, "known": False, "discriminative": None, "threshold_points": threshold,
+           "gap_points": None, "gaps": {}, "seeds": seeds, "per_seed": []}
+    if not rets:
+        out["message"] = (f"discrimination: unknown — {missing}, so nothing tells forgetting from doing nothing "
+                          "here (add Retrain to the methods)")
+        return out
+    if len(origs) != len(rets):
+        raise ValueError(f"original and retrain must pair one to one (one per seed), got {len(origs)} and "
+                         f"{len(rets)}")
+    if seeds is not None and len(seeds) != len(rets):
+        raise ValueError(f"seeds must name each pair, got {len(seeds)} seeds for {len(rets)} pairs")
+    for i, (o, r) in enumerate(zip(origs, rets)):
+        entry = {"seed": seeds[i] if seeds is not None else i, "gaps": {}}
+        for key, _, _ in spec:
+            ov, rv = o.get(key), r.get(key)
+            entry["gaps"][key] = {"original": ov, "retrain": rv,
+                                  "gap_points": abs(100 * (ov - rv)) if _finite(ov) and _finite(rv) else None}
+        out["per_seed"].append(entry)
+    parts, below = [], []
+    for key, what, thr in spec:
+        ov, rv = _mean_metric(origs, key), _mean_metric(rets, key)
+        if not (_finite(ov) and _finite(rv)):
+            continue
+        gap = abs(100 * (ov - rv))
+        low = gap < thr - _EPS
+        out["gaps"][key] = {"original": ov, "retrain": rv, "gap_points": gap, "below_threshold": low}
+        below.append(low)
+        vals = f"Original {100 * ov:.1f}% vs Retrain {100 * rv:.1f}%"
+        gap_txt = f"gap {gap:.1f} points" + (f" < {thr:g}" if low else "")
+        parts.append(f"{vals} on {what} ({gap_txt})" if kind == "subclass" else f"{what} {vals} ({gap_txt})")
+    head = "discrimination" + (f" (means over {len(rets)} seeds)" if len(rets) > 1 else "") + ": "
+    if not out["gaps"]:
+        names = " and ".join(k for k, _, _ in spec)
+        out["message"] = head + f"unknown — Original or Retrain has no finite {names}"
+        return out
+    out["known"] = True
+    out["discriminative"] = not any(below)
+    out["gap_points"] = min(g["gap_points"] for g in out["gaps"].values())
+    verdict = ("this scenario can tell forgetting from doing nothing" if out["discriminative"] else
+               "this scenario CANNOT tell forgetting from doing nothing — a sanity check only "
+               "(\"equal to Retrain\" is also what doing nothing scores)")
+    out["message"] = head + ", ".join(parts) + ": " + verdict
+    return out
 
 
 def scenario_forget_set(info, train_set, *, subclass=None, random_fraction=None, seed: int = 0) -> dict:
@@ -78,16 +227,34 @@ def _sibling_accuracy(model, test_set, indices, device) -> float:
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+def _cell(values, signed: bool = False, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std`` over seeds ("-" when no finite value; no ± for a single seed)."""
+    m, sd, n = mean_std(values)
+    if n == 0:
+        return "-"
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return fmt.format(scale * m) + (f" ± {scale * sd:.{digits}f}" if n > 1 else "")
+
+
 def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fraction=None, fraction: float = 0.13,
                  seeds=3, methods="all", device="cpu", out_dir: str = "runs/scenario", use_cache: bool = True,
                  max_epochs: int | None = None, train_epochs: int | None = None, progress: bool = False,
-                 quiet: bool = False, eval_kwargs: dict | None = None, steps: StepOptions | None = None) -> dict:
-    """Run ``methods`` x ``seeds`` on one scenario; write ``scenario.json``; print and return the table.
+                 quiet: bool = False, eval_kwargs: dict | None = None, steps: StepOptions | None = None,
+                 plots: bool = True) -> dict:
+    """Run ``methods`` x ``seeds`` on one scenario; write ``scenario.json`` (and
+    ``scenario_frontier.png`` when ``plots``); print and return the table.
 
-    The original of each seed is the cached one (trained on the coarse labels for a sub-class).
-    Methods that cannot forget samples (head-mask) are skipped with a note. ``steps``: precision and
-    layout of every method that trains (:class:`dfmu_ext.steps.StepOptions`).
+    The original of each seed is the cached one (trained on the coarse labels for a sub-class); it is
+    scored as "Original" (doing nothing). Under the title a line says whether the scenario can tell
+    forgetting from doing nothing (:func:`discrimination`, Original vs Retrain; stored under
+    ``"discrimination"``). The table adds each method's signed gaps to the same seed's Retrain, mean ±
+    std over seeds (:func:`signed_gaps`; stored per run under ``"gaps_to_retrain"``). Methods that
+    cannot forget samples (head-mask) are skipped with a note. ``steps``: precision and layout of
+    every method that trains (:class:`dfmu_ext.steps.StepOptions`).
     """
+    if (subclass is None) == (random_fraction is None):
+        raise ValueError("give exactly one of subclass and random_fraction")
+    kind = "subclass" if subclass is not None else "random"
     log = (lambda *m: None) if quiet else (lambda *m: print(*m, flush=True))
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
@@ -132,35 +299,65 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
         for r in runs:
             if r["seed"] == seed and "metrics" in r and ref is not None:
                 r["gap_to_retrain"] = average_gap(r["metrics"], ref["metrics"])
+                r["gaps_to_retrain"] = signed_gaps(r["metrics"], ref["metrics"], kind)
+
+    by_seed = {name: {r["seed"]: r["metrics"] for r in runs if r["method"] == name and "metrics" in r}
+               for name in ("Original", "Retrain")}
+    paired = [s for s in seeds if s in by_seed["Original"] and s in by_seed["Retrain"]]
+    disc = discrimination([by_seed["Original"][s] for s in paired], [by_seed["Retrain"][s] for s in paired], kind,
+                          seeds=paired, missing="Retrain was not run" if "Retrain" not in names else
+                          "Retrain (or Original) failed on every seed")
 
     columns = [("UA", "forget_acc", True), ("forget-test", "forget_test_acc", False),
                ("siblings", "sibling_test_acc", False), ("RA", "retain_acc", False), ("TA", "test_acc", False),
                ("MIA", "mia_efficacy", False), ("probe", "probe_forget_acc", False)]
+    gap_columns = SIGNED_GAPS[kind]
     rows = []
     for name in ["Original"] + names:
         rs = [r for r in runs if r["method"] == name and "metrics" in r]
         if not rs:
             continue
-        cells = [name]
+        cells = ["Original (doing nothing)" if name == "Original" else name]
         for _, key, inv in columns:
-            m, s, n = mean_std([(1 - r["metrics"][key]) if inv else r["metrics"][key] for r in rs])
-            cells.append("-" if n == 0 else f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if n > 1 else ""))
-        g, gs, gn = mean_std([r.get("gap_to_retrain") for r in rs])
-        cells.append("-" if gn == 0 else f"{100 * g:.2f}" + (f" ± {100 * gs:.2f}" if gn > 1 else ""))
+            cells.append(_cell([(1 - r["metrics"][key]) if inv else r["metrics"][key] for r in rs]))
+        cells.append(_cell([r.get("gap_to_retrain") for r in rs], digits=2))
+        for _, key, metric in gap_columns:
+            cells.append(_cell([r.get("gaps_to_retrain", {}).get(key) for r in rs], signed=metric is not None,
+                               scale=1.0))
         t, ts, tn = mean_std([r.get("time_s") for r in rs])
         cells.append("-" if tn == 0 else f"{t:.2f}")
         rows.append(cells)
-    header = ["method"] + [c for c, _, _ in columns] + ["avg gap to Retrain", "time (s)"]
+    header = (["method"] + [c for c, _, _ in columns] + ["avg gap to Retrain"] + [c for c, _, _ in gap_columns]
+              + ["time (s)"])
     table = markdown_table(header, rows)
     title = f"{info.name} / {model_name}: forget {label}, {len(seeds)} seed(s), {100 * fraction:g}% retain data"
     print(f"\n{title}")
+    print(disc["message"])
     print(table)
     if skipped:
         print("head-mask skipped: it removes whole classes' rows, not samples")
     os.makedirs(out_dir, exist_ok=True)
-    report = {"title": title, "dataset": info.name, "model": model_name, "scenario": label, "fraction": fraction,
-              "seeds": seeds, "methods": names, "steps": (steps or StepOptions()).to_dict(), "runs": runs,
-              "table": table, "skipped": skipped,
+    report = {"title": title, "dataset": info.name, "model": model_name, "scenario": label, "kind": kind,
+              "fraction": fraction, "seeds": seeds, "methods": names, "steps": (steps or StepOptions()).to_dict(),
+              "discrimination": disc, "runs": runs, "table": table, "skipped": skipped, "plots": {},
               "total_seconds": time.perf_counter() - start}
-    write_json(os.path.join(out_dir, "scenario.json"), report)
+    if plots and any("gaps_to_retrain" in r for r in runs):
+        path = os.path.join(out_dir, "scenario_frontier.png")
+        verdict = ("may or may not tell forgetting from doing nothing (discrimination unknown)"
+                   if disc["discriminative"] is None else
+                   f"can tell forgetting from doing nothing (gap {disc['gap_points']:.1f} points)"
+                   if disc["discriminative"] else
+                   f"CANNOT tell forgetting from doing nothing (gap {disc['gap_points']:.1f} points "
+                   f"< {disc['threshold_points']:g}): a sanity check only")
+        try:
+            plot_scenario_frontier(runs, kind, path, f"{title}\nthis scenario {verdict}")
+            report["plots"]["scenario_frontier"] = path
+        except Exception as exc:  # a plot must never lose the measured results
+            report["plot_error"] = f"{type(exc).__name__}: {exc}"
+            log(f"scenario_frontier.png not written ({report['plot_error']})")
+    json_path = os.path.join(out_dir, "scenario.json")
+    write_json(json_path, report)
+    report["json"] = json_path
+    log(f"wrote {json_path}" + (f" and {os.path.basename(report['plots']['scenario_frontier'])}"
+                                if report["plots"] else ""))
     return report
