@@ -221,7 +221,7 @@ def cmd_compare(args) -> int:
     else:
         dataset = parse_dataset(args.dataset)
         _, _, info = data_mod.load_dataset(dataset)
-        classes = parse_classes(args.classes, info.num_classes)
+        classes = None if _scenario(args) else parse_classes(args.classes, info.num_classes)
         model_name = args.model
     prepare_folder(args.out_dir, "--out-dir")
     if _scenario(args):

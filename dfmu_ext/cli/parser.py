@@ -55,12 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--forget-subclass", default=None, metavar="NAME_OR_ID",
                        help="forget one fine class inside a coarse class instead of --classes (a coarse-label data "
-                            "set: fashion-mnist-coarse, cifar20), e.g. Sneaker")
+                            "set: fashion-mnist-mixed3 or -mixed2, whose siblings do not look alike; "
+                            "fashion-mnist-coarse, a sanity check; cifar20), e.g. Sneaker")
         g.add_argument("--forget-random", type=float, default=None, metavar="FRACTION",
-                       help="forget a seeded random share of the training samples instead of --classes, e.g. 0.1")
+                       help="forget a seeded random share of the training samples instead of --classes, e.g. 0.1 "
+                            "(on fashion-mnist-6k the original memorises its samples)")
 
     def dataset_and_model(sp, own=False):
-        sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | auto (default: auto, "
+        sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | fashion-mnist-6k | "
+                                                          "fashion-mnist-mixed3 | fashion-mnist-mixed2 | "
+                                                          "fashion-mnist-coarse | cifar20 | auto (default: auto, "
                                                           "Fashion-MNIST when installed, else digits)")
         sp.add_argument("--model", default="cnn", choices=list(MODEL_NAMES),
                         help="the package model to train (default: cnn)")
