@@ -91,18 +91,44 @@ class MomentumSGD:
                 p.grad.zero_()
 
 
-def _epochs(config: FinetuneConfig, n: int, batch_size: int) -> int:
-    """``config.epochs``, raised to reach ``config.min_steps`` optimizer steps when the budget is small."""
-    if config.epochs == 0 or not config.min_steps:
+def _epochs(config: FinetuneConfig, n: int, batch_size: int, extra_steps: int = 0) -> int:
+    """``config.epochs``, raised to reach ``config.min_steps + extra_steps`` optimizer steps when the
+    budget is small."""
+    steps = (config.min_steps or 0) + extra_steps
+    if config.epochs == 0 or not steps:
         return config.epochs
     per_epoch = max(1, -(-n // batch_size))
-    return max(config.epochs, -(-config.min_steps // per_epoch))
+    return max(config.epochs, -(-steps // per_epoch))
+
+
+class ForgetBatches:
+    """The forget term's inputs: ``(x, t)`` pairs of forget samples and their soft targets, served
+    ``batch_size`` at a time in a seeded order that reshuffles after every pass."""
+
+    def __init__(self, x: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int, device, engine=None):
+        if x.shape[0] != targets.shape[0] or x.shape[0] == 0:
+            raise ValueError(f"forget term: {x.shape[0]} samples for {targets.shape[0]} targets")
+        self.x, self.targets = x, targets
+        self.batch_size = min(int(batch_size), x.shape[0])
+        self.gen = torch.Generator().manual_seed(seed + 104729)
+        self.device, self.engine = device, engine
+        self.order, self.pos = torch.randperm(x.shape[0], generator=self.gen), 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch_size > self.order.numel():
+            self.order, self.pos = torch.randperm(self.x.shape[0], generator=self.gen), 0
+        idx = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        x = self.x[idx].to(self.device, non_blocking=True)
+        return (self.engine.batch(x) if self.engine is not None else x), self.targets[idx].to(self.device)
 
 
 def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
                     target_accuracy: float | None = None, device=None, seed: int = 0,
                     progress: bool = False, comm: Comm | None = None,
-                    steps: StepOptions | None = None) -> FinetuneHistory:
+                    steps: StepOptions | None = None, forget: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    forget_weight: float = 0.5, forget_batch_size: int = 32,
+                    forget_steps: int = 30) -> FinetuneHistory:
     """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
@@ -111,6 +137,15 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     share with a per-rank batch of ``comm.local_batch_size(batch_size)``, through ``comm.wrap(model)``
     (DDP), and the early-stop window sees each step's (correct, seen) summed over ranks, so every
     rank stops at the same step. ``steps`` sets precision and memory layout (:mod:`dfmu_ext.steps`).
+
+    ``forget = (x_f, t)`` adds the forget term to the first ``forget_steps`` steps (the forget phase):
+    each also runs ``forget_batch_size`` of the forget samples ``x_f`` (in the same forward as the
+    retain batch, so BatchNorm sees one batch) and adds ``forget_weight * mean_i(-sum_c t_ic log p_ic)``,
+    the cross-entropy to their soft targets ``t`` (:mod:`dfmu_ext.targets`). The steps after it are
+    retain-only (the recovery phase), and the run may take ``forget_steps`` more steps than
+    ``min_steps`` asks, so that the early stop can wait for the retain accuracy to come back (measured:
+    the forget term on every step cost the siblings of a forgotten sub-class 1-2.5 points more). Only
+    the samples in ``x_f`` are read from the forget set.
     """
     config = config or FinetuneConfig()
     config.validate()
@@ -126,12 +161,15 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     optimizer = MomentumSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sampler = comm.sampler(dataset, seed)
     net = comm.wrap(model)
+    forget_batches = (ForgetBatches(forget[0], forget[1], forget_batch_size, seed, device, engine)
+                      if forget is not None and forget_weight > 0 and forget_steps > 0 else None)
+    extra_steps = forget_steps if forget_batches is not None else 0
     recent: deque = deque()
     recent_correct = 0
     recent_total = 0
     try:
         with train_mode(model):
-            for epoch in range(_epochs(config, len(dataset), config.batch_size)):  # global batch: same on every rank
+            for epoch in range(_epochs(config, len(dataset), config.batch_size, extra_steps)):  # global batch: same on every rank
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 batches = TrainBatches(dataset, comm.local_batch_size(config.batch_size), seed + epoch, device,
@@ -140,8 +178,15 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                 steps_per_epoch = len(batches)
                 for step, (x, y) in enumerate(batches):
                     with engine.autocast():
-                        logits = net(x)
-                        loss = F.cross_entropy(logits, y)
+                        if forget_batches is None or history.steps >= forget_steps:
+                            logits = net(x)
+                            loss = F.cross_entropy(logits, y)
+                        else:  # one forward: BatchNorm normalises retain and forget samples together
+                            xf, tf = forget_batches.next()
+                            both = net(torch.cat([x, xf]))
+                            logits = both[:x.shape[0]]
+                            soft = -(tf * F.log_softmax(both[x.shape[0]:].float(), dim=1)).sum(1).mean()
+                            loss = F.cross_entropy(logits, y) + forget_weight * soft
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")
                     optimizer.zero_grad(set_to_none=True)

@@ -117,17 +117,25 @@ def build_record(*, input_sha256: str | None, output_sha256: str, forget_classes
 
 
 def unlearn_record(result, *, input_sha256: str | None, train_set: Dataset, forget_set: Subset,
-                   retain_set: Subset, retain_used: Dataset, config: dict, seed: int) -> dict:
-    """The record of a :func:`dfmu_ext.unlearn` call (``result`` its :class:`UnlearnResult`)."""
+                   retain_set: Subset, retain_used: Dataset, config: dict, seed: int,
+                   forget_read: Dataset | None = None) -> dict:
+    """The record of a :func:`dfmu_ext.unlearn` call (``result`` its :class:`UnlearnResult`).
+    ``forget_read``: the forget samples the call read (scoring pass and forget term), recorded under
+    ``"forget_read"`` as a count and the hash of their training-set indices."""
     from ._common import model_device
 
     used = root_indices(retain_used)
+    extra = {"scoring_forget_samples": result.info.get("scoring_forget_samples", result.forget_samples_used)
+             if isinstance(result.info, dict) else result.forget_samples_used, "train_samples": len(train_set)}
+    if forget_read is not None:
+        read = root_indices(forget_read)
+        extra["forget_read"] = {"count": len(forget_read),
+                                "indices_sha256": None if read is None else indices_sha256(sorted(read))}
     return build_record(input_sha256=input_sha256, output_sha256=state_dict_sha256(result.model),
                         forget_classes=config["forget_classes"], forget_indices=root_indices(forget_set),
                         retain_indices=used, retain_count=len(retain_used), retain_total=len(retain_set),
                         method=result.method, config=config, seed=seed, device=model_device(result.model),
-                        timings=result.timings, extra={"scoring_forget_samples": result.forget_samples_used,
-                                                       "train_samples": len(train_set)})
+                        timings=result.timings, extra=extra)
 
 
 def write_record(path: str, record: dict) -> None:

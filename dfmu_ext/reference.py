@@ -55,3 +55,21 @@ def apply_channel_masks(tensors: Sequence[torch.Tensor], masks: Sequence[torch.T
         m = m.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
         out.append((t.double() * m.double().reshape(shape)).to(t.dtype))
     return out
+
+
+def neighbour_targets(forget_features: torch.Tensor, retain_features: torch.Tensor, retain_labels: torch.Tensor,
+                      num_classes: int, k: int) -> torch.Tensor:
+    """Label histograms of each forget sample's ``k`` most cosine-similar retain samples, one sample
+    at a time in float64 (ties: lower index first), as a plain loop."""
+    f = forget_features.double()
+    r = retain_features.double()
+    f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    r = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k = min(k, r.shape[0])
+    out = torch.zeros(f.shape[0], num_classes, dtype=torch.float64)
+    for i in range(f.shape[0]):
+        sims = [(float(torch.dot(f[i], r[j])), j) for j in range(r.shape[0])]
+        sims.sort(key=lambda s: (-s[0], s[1]))
+        for _, j in sims[:k]:
+            out[i, int(retain_labels[j])] += 1.0 / k
+    return out

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 
 from ._common import check_classes_in_head, model_device, normalise_classes, resolve_forget_set, synchronize
 from . import record as deletion_record
-from .blocks import classifier_of
+from .blocks import classifier_of, discover_blocks
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
 from .importance import score_blocks
@@ -20,6 +20,7 @@ from .result import PruneResult, UnlearnResult
 from .selection import SelectionConfig, select_units
 from .splits import stratified_fraction, take_batch
 from .steps import StepOptions
+from .targets import ForgetTargetConfig, disagreement, early_features, neighbour_targets
 
 
 #: The default selection when samples (not classes) are forgotten. Random samples share every feature
@@ -106,19 +107,69 @@ def _scoring_indices(forget: Subset, retain: Subset, n: int, seed: int) -> tuple
     return f, r
 
 
+def _forget_pool(forget_set: Subset, scored: list[int], samples: int, seed: int) -> list[int]:
+    """Positions in ``forget_set`` the forget term reads: the scored ones first, then seeded random
+    others, ``samples`` in all."""
+    n = len(forget_set)
+    if samples >= n:
+        return list(range(n))
+    chosen = list(dict.fromkeys(scored))[:samples]
+    seen = set(chosen)
+    gen = torch.Generator().manual_seed(seed + 15485863)
+    for i in torch.randperm(n, generator=gen).tolist():
+        if len(chosen) >= samples:
+            break
+        if i not in seen:
+            chosen.append(i)
+            seen.add(i)
+    return chosen
+
+
+def _forget_targets(model: nn.Module, forget_set: Subset, budget: Subset, config: ForgetTargetConfig,
+                    scored: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int], float]:
+    """``(x_f, t, positions, D_f - D_r)``: the forget samples the forget term reads, their neighbour
+    targets (:mod:`dfmu_ext.targets`), measured in the model's first block before anything is pruned,
+    and how much more their neighbours disagree with their labels than the retain samples' do."""
+    pool = _forget_pool(forget_set, scored, config.pool_size(len(forget_set)), seed)
+    x_f, y_f = take_batch(forget_set, pool)
+    gen = torch.Generator().manual_seed(seed + 32452843)
+    refs = torch.randperm(len(budget), generator=gen)[:config.references].tolist()
+    x_r, y_r = take_batch(budget, refs)
+    first = discover_blocks(model, x_r[:2].to(model_device(model)))[0]
+    _, head = classifier_of(model)
+    f_r = early_features(model, first, x_r, config.grid)
+    t = neighbour_targets(early_features(model, first, x_f, config.grid), f_r, y_r, head.out_features, config.k)
+    t_r = neighbour_targets(f_r, f_r, y_r, head.out_features, config.k, leave_one_out=True)
+    return x_f, t, pool, disagreement(t, y_f) - disagreement(t_r, y_r)
+
+
 def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
             forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None,
             finetune: FinetuneConfig | None = None,
             score_samples: int = 512, device=None, seed: int = 0, progress: bool = False,
-            comm: Comm | None = None, steps: StepOptions | None = None, record=None) -> UnlearnResult:
-    """Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
+            comm: Comm | None = None, steps: StepOptions | None = None, record=None,
+            forget_term: ForgetTargetConfig | None = None) -> UnlearnResult:
+    r"""Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data — every
     other sample; the budget is stratified by label either way.
 
     Steps (timed separately): one scoring pass on a batch of ``score_samples`` (half forget, half
-    retain from the budgeted slice); knowledge-preserving pruning (``mode`` "prune" or "rescale");
-    a masked fine-tune on the class-stratified ``retain_fraction`` of the retain data, stopping
-    early once the retain accuracy measured before pruning is recovered. The classifier's rows are
+    retain from the budgeted slice); the forget term's targets (below); knowledge-preserving pruning
+    (``mode`` "prune" or "rescale"); a masked fine-tune on the class-stratified ``retain_fraction``
+    of the retain data, stopping early once the retain accuracy measured before pruning is recovered.
+
+    The forget term (``forget_term``, :class:`dfmu_ext.targets.ForgetTargetConfig`) makes forgetting
+    change behaviour where a retrained model would: before pruning, each of up to
+    ``steps * batch_size`` forget samples gets the label histogram :math:`t_i` of its ``k`` nearest
+    retain samples of the budget in the model's first-block features (an estimate of what Retrain
+    outputs on it); the first ``steps`` fine-tune steps add
+    :math:`w \cdot \mathrm{mean}_i(-\sum_c t_{ic} \log p_{ic})` on ``batch_size`` of them, and
+    the rest of the fine-tune is retain-only. It runs only when the forget samples' neighbours
+    disagree with their labels clearly more than the retain samples' own neighbours do (by
+    ``min_excess``): whole classes and sub-classes whose look-alikes are elsewhere, not random
+    samples, whose neighbourhoods are the retain data's. ``weight=0`` turns it off. The forget
+    samples read (scoring and forget term) are counted in ``forget_samples_used`` and listed in ``info["forget_read"]``
+    (positions in the forget set); a deletion record holds their count and hash. The classifier's rows are
     masked only when whole classes are forgotten; for samples the default selection is
     :data:`SAMPLE_SELECTION` (only units clearly more important to the forget samples are touched).
     The model is modified in place and returned in
@@ -152,6 +203,16 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     f_idx, r_idx = _scoring_indices(forget_set, budget, score_samples, seed)
     xf, yf = take_batch(forget_set, f_idx)
     xr, yr = take_batch(budget, r_idx)
+    forget_term = forget_term if forget_term is not None else ForgetTargetConfig()
+    forget_term.validate()
+    t_targets = time.perf_counter()
+    targets, forget_read, excess = None, list(f_idx), None
+    if forget_term.weight > 0 and forget_term.steps > 0 and len(budget) > 1:
+        x_t, t, pool, excess = _forget_targets(model, forget_set, budget, forget_term, f_idx, seed)
+        forget_read = sorted(set(f_idx) | set(pool))
+        if excess >= forget_term.min_excess:
+            targets = (x_t, t)
+    seconds_targets = time.perf_counter() - t_targets
     is_forget = torch.cat([torch.ones(len(f_idx), dtype=torch.bool), torch.zeros(len(r_idx), dtype=torch.bool)])
     x, y, is_forget = comm.shard((torch.cat([xf, xr]), torch.cat([yf, yr]), is_forget))
 
@@ -162,25 +223,29 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             pruned = score_and_prune(model, (x, y), forget_mask=is_forget, selection=selection, mode=mode, comm=comm)
     with comm.guard("fine-tune"):
         ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
-                             device=device, seed=seed, progress=progress and comm.is_main, comm=comm, steps=steps)
+                             device=device, seed=seed, progress=progress and comm.is_main, comm=comm, steps=steps,
+                             forget=targets, forget_weight=forget_term.weight,
+                             forget_batch_size=forget_term.batch_size, forget_steps=forget_term.steps)
         comm.sync_buffers_(model)
     synchronize(device)
     total = time.perf_counter() - total_start
-    timings = {"scoring": pruned.seconds_scoring, "pruning": pruned.seconds_pruning,
+    timings = {"scoring": pruned.seconds_scoring, "targets": seconds_targets, "pruning": pruned.seconds_pruning,
                "finetune": ft.seconds, "total": total}
     info = {"scores": pruned.scores, "counts": pruned.counts.tolist(),
             "pre_prune_retain_accuracy": pruned.pre_prune_retain_accuracy, "retain_fraction": retain_fraction,
-            "mode": mode, **forget.describe()}
+            "mode": mode, "forget_read": forget_read, "scoring_forget_samples": len(f_idx),
+            "forget_excess_disagreement": excess, "forget_term_ran": targets is not None,
+            **forget.describe()}
     result = UnlearnResult(model=model, masks=pruned.masks, timings=timings, retain_samples_used=len(budget),
-                           forget_samples_used=len(f_idx), method="DFMU", pruned_units=pruned.pruned_units,
+                           forget_samples_used=len(forget_read), method="DFMU", pruned_units=pruned.pruned_units,
                            total_units=pruned.total_units, finetune=ft, info=info)
     if record is not None and comm.is_main:
         config = {"forget_classes": forget.classes, **forget.describe(), "retain_fraction": retain_fraction,
                   "mode": mode, "score_samples": score_samples,
                   "selection": (selection or default_selection(forget.by_classes)).to_dict(),
                   "finetune": (finetune or FinetuneConfig()).to_dict(), "world_size": comm.world_size,
-                  "steps": (steps or StepOptions()).to_dict()}
+                  "steps": (steps or StepOptions()).to_dict(), "forget_term": forget_term.to_dict()}
         deletion_record.write_record(record, deletion_record.unlearn_record(
             result, input_sha256=input_sha256, train_set=train_set, forget_set=forget_set, retain_set=retain_set,
-            retain_used=budget, config=config, seed=seed))
+            retain_used=budget, config=config, seed=seed, forget_read=Subset(forget_set, forget_read)))
     return result

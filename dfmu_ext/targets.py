@@ -1,0 +1,164 @@
+r"""What a model retrained without the forget set would say about the forget samples: the targets of
+DFMU's forget term.
+
+A model retrained without the forget set classifies a forget sample the way its *retain* look-alikes
+are labelled: a forgotten sub-class gets the coarse label of the fine classes it resembles, a
+forgotten random sample gets (with the probability of the test accuracy) its own label, a forgotten
+class is spread over the remaining classes it resembles. Early features are where the original and
+a retrained model barely differ (they are generic), so neighbours found there estimate Retrain's
+output without training anything:
+
+.. math::  t_i(c) = \frac{1}{k} \sum_{j \in \mathrm{kNN}_k(i)} [y_j = c],
+
+the label histogram of sample :math:`i`'s :math:`k` nearest retain samples by cosine similarity of
+:math:`\phi(x)`, the output of the model's first block (after its norm) average-pooled to at most
+``grid`` x ``grid`` positions. The neighbours are searched in the retain budget only, so the
+targets read no retain sample beyond it; the forget term of the fine-tune
+(:func:`dfmu_ext.finetune.masked_finetune`) then pulls the forget samples' predictions towards
+:math:`t` (soft-label cross-entropy).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import eval_mode
+from .blocks import Block
+
+
+@dataclass
+class ForgetTargetConfig:
+    r"""The forget term of DFMU's fine-tune (see the module docstring).
+
+    Attributes:
+        weight: w in ``loss = CE(retain batch) + w * CE_soft(forget batch, t)``; 0 turns the term off.
+        k: neighbours per forget sample.
+        batch_size: forget samples per fine-tune step (cycled through the forget samples read).
+        grid: the first block's output is average-pooled to at most ``grid`` x ``grid`` positions
+            before the neighbour search (keeps the search cheap; coarse layout is what look-alikes share).
+        samples: how many forget samples the term reads (a seeded random subset; the scoring pass's
+            come first); None: ``steps * batch_size``, so that each is seen once in the forget phase.
+        references: how many retain samples of the budget the neighbours are searched among (a
+            seeded random subset; the first block's output over all of a 7,800-sample budget took
+            0.7 s on 2 CPU cores, most of the forget term's set-up).
+        steps: the forget phase: the term is added to the fine-tune's first ``steps`` steps; the
+            retain-only steps after it let the retain accuracy recover.
+        min_excess: the term runs only when the forget samples' neighbours disagree with their own
+            labels clearly more than the retain samples' neighbours do with theirs:
+            :math:`D_f - D_r \ge` ``min_excess``, with :math:`D = \mathrm{mean}_i (1 - t_i(y_i))`
+            (:func:`disagreement`) over the forget samples read (:math:`D_f`) and over the reference
+            retain samples, each against the others (:math:`D_r`, leave-one-out). The excess
+            estimates how much of the forget set a retrained model would label differently than the
+            retain data suggests: measured 0.63-0.67 for whole Fashion-MNIST classes, 0.31-0.77 for
+            sub-classes of the mixed coarse sets, -0.03 to 0.01 for random 10% shares (which share
+            their labels' neighbourhoods with the retain data). Where it is small there is nothing
+            to move, and on a model that memorised its samples the term cost 3-36 points of test
+            accuracy without reaching Retrain (benchmarks/RESULTS.md).
+    """
+
+    weight: float = 0.5
+    k: int = 25
+    batch_size: int = 32
+    grid: int = 4
+    samples: int | None = None
+    references: int = 2048
+    steps: int = 30
+    min_excess: float = 0.15
+
+    def validate(self) -> None:
+        if (self.weight < 0 or self.k < 1 or self.batch_size < 1 or self.grid < 1 or self.steps < 0
+                or self.references < 1):
+            raise ValueError("forget term: weight and steps must be >= 0, and k, batch_size, grid and references >= 1")
+        if not -1.0 <= self.min_excess <= 1.0:
+            raise ValueError(f"forget term: min_excess must lie in [-1, 1], got {self.min_excess}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"forget term: samples must be >= 1 or None, got {self.samples}")
+
+    def pool_size(self, available: int) -> int:
+        """How many of ``available`` forget samples the term reads."""
+        return min(available, self.samples if self.samples is not None else self.steps * self.batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Stop(Exception):
+    """Raised by the feature hook: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def early_features(model: nn.Module, block: Block, x: torch.Tensor, grid: int = 4,
+                   batch_size: int = 1024) -> torch.Tensor:
+    """``(N, D)`` float32 L2-normalised features: ``block``'s output (after its norm), pooled to at
+    most ``grid`` x ``grid`` positions, flattened. The forward stops at the block (eval mode)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output)
+        raise _Stop
+
+    device = block.layer.weight.device
+    handle = block.output_module.register_forward_hook(hook)
+    out = []
+    try:
+        with eval_mode(model):
+            for start in range(0, x.shape[0], batch_size):
+                captured.clear()
+                try:
+                    model(x[start:start + batch_size].to(device))
+                except _Stop:
+                    pass
+                if not captured:
+                    raise RuntimeError(f"block {block.name} did not run in the model's forward")
+                a = captured[0].float()
+                if a.dim() > 2:  # (N, C, *spatial): coarse spatial layout
+                    spatial = a.shape[2:]
+                    size = tuple(min(grid, s) for s in spatial)
+                    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(spatial)]
+                    a = pool(a, size)
+                out.append(F.normalize(a.flatten(1), dim=1).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def neighbour_targets(forget_features: torch.Tensor, retain_features: torch.Tensor, retain_labels: torch.Tensor,
+                      num_classes: int, k: int = 25, chunk: int = 1024, *, leave_one_out: bool = False) -> torch.Tensor:
+    """``(n_f, num_classes)`` label histograms of each forget sample's ``k`` nearest retain samples
+    (cosine similarity of L2-normalised features; ties by index). ``k`` is capped at the retain count.
+    ``leave_one_out``: the "forget" features *are* the retain features, and each sample's own entry
+    is excluded (the retain samples' own disagreement, :math:`D_r`)."""
+    if retain_features.shape[0] == 0:
+        raise ValueError("neighbour targets need at least one retain sample")
+    if leave_one_out and forget_features.shape[0] != retain_features.shape[0]:
+        raise ValueError("leave_one_out needs the retain features as the forget features")
+    k = min(int(k), retain_features.shape[0] - (1 if leave_one_out else 0))
+    if k < 1:
+        raise ValueError("neighbour targets need at least one retain sample besides the sample itself")
+    labels = retain_labels.long().cpu()
+    out = torch.zeros(forget_features.shape[0], num_classes)
+    for start in range(0, forget_features.shape[0], chunk):
+        sim = forget_features[start:start + chunk] @ retain_features.T
+        if leave_one_out:
+            rows = torch.arange(sim.shape[0])
+            sim[rows, rows + start] = float("-inf")
+        idx = sim.topk(k, dim=1).indices
+        hist = torch.zeros(idx.shape[0], num_classes)
+        hist.scatter_add_(1, labels[idx], torch.ones(idx.shape, dtype=hist.dtype))
+        out[start:start + chunk] = hist / k
+    return out
+
+
+def disagreement(targets: torch.Tensor, labels: torch.Tensor) -> float:
+    r""":math:`D = \mathrm{mean}_i (1 - t_i(y_i))`: how much the forget samples' neighbours disagree
+    with their own labels (a label outside the target's classes counts as full disagreement)."""
+    if targets.shape[0] == 0:
+        return 0.0
+    y = labels.long().cpu()
+    inside = (y >= 0) & (y < targets.shape[1])
+    own = torch.zeros(targets.shape[0])
+    own[inside] = targets[inside.nonzero().flatten(), y[inside]].float()
+    return float((1 - own).mean())
