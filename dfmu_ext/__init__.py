@@ -14,8 +14,9 @@ from .finetune import FinetuneConfig
 from .eval import evaluate
 from .result import FinetuneHistory, PruneResult, UnlearnResult
 from .selection import SelectionConfig
+from .targets import ForgetTargetConfig
 from .unlearn import score_and_prune, unlearn
 
 __all__ = ["ops", "build_info", "score_and_prune", "unlearn", "evaluate", "SelectionConfig", "FinetuneConfig",
-           "UnlearnResult", "PruneResult", "FinetuneHistory"]
+           "ForgetTargetConfig", "UnlearnResult", "PruneResult", "FinetuneHistory"]
 __version__ = "0.1.0"

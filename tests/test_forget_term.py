@@ -159,12 +159,16 @@ def test_disagreement():
 
 def test_the_term_runs_for_a_whole_class_not_for_random_samples(original, digits):
     """The rule D_f - D_r >= min_excess: a whole class's neighbours never share its label; a random
-    share's neighbourhoods are the retain data's."""
+    share's neighbourhoods are the retain data's. Whole classes have the term off unless asked."""
     import copy
 
     train, _, _ = digits
-    cls = unlearn(copy.deepcopy(original), train, [3], retain_fraction=0.3, finetune=FinetuneConfig(min_steps=2))
+    cls = unlearn(copy.deepcopy(original), train, [3], retain_fraction=0.3, finetune=FinetuneConfig(min_steps=2),
+                  forget_term=ForgetTargetConfig())
     assert cls.info["forget_term_ran"] and cls.info["forget_excess_disagreement"] > 0.5
+    # whole classes: off by default (it cost RA and TA a point), the scored forget samples only
+    off = unlearn(copy.deepcopy(original), train, [3], retain_fraction=0.3, finetune=FinetuneConfig(min_steps=2))
+    assert not off.info["forget_term_ran"] and off.forget_samples_used == len(off.info["forget_read"]) <= 256
     rand = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:180]
     smp = unlearn(copy.deepcopy(original), train, forget_indices=rand, retain_fraction=0.3,
                   finetune=FinetuneConfig(min_steps=2))
