@@ -53,7 +53,7 @@ class ForgetTargetConfig:
             retain samples, each against the others (:math:`D_r`, leave-one-out). The excess
             estimates how much of the forget set a retrained model would label differently than the
             retain data suggests: measured 0.63-0.67 for whole Fashion-MNIST classes, 0.31-0.77 for
-            sub-classes of the mixed coarse sets, -0.03 to 0.01 for random 10% shares (which share
+            sub-classes of the mixed coarse sets, -0.08 to 0.01 for random 1% and 10% shares (which share
             their labels' neighbourhoods with the retain data). Where it is small there is nothing
             to move, and on a model that memorised its samples the term cost 3-36 points of test
             accuracy without reaching Retrain (benchmarks/RESULTS.md).
