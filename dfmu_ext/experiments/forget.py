@@ -150,9 +150,11 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
         print("\nlinear probe by depth (forget-class test accuracy, %): "
               + "; ".join(f"{k[6:]}: " + " / ".join(f"{100 * r[k]:.1f}" for r in rows.values()) for k in stages)
               + f"  ({' / '.join(rows)})")
-    print(f"\nDFMU time: scoring {t['scoring']:.3f} s, pruning {t['pruning']:.3f} s, fine-tune {t['finetune']:.2f} s, "
-          f"total {t['total']:.2f} s; {res.retain_samples_used} of {len(retain_set)} retain samples "
-          f"({100 * res.retain_samples_used / len(retain_set):.1f}%)")
+    targets = f"forget-term targets {t['targets']:.3f} s, " if "targets" in t else ""
+    print(f"\nDFMU time: scoring {t['scoring']:.3f} s, {targets}pruning {t['pruning']:.3f} s, "
+          f"fine-tune {t['finetune']:.2f} s, total {t['total']:.2f} s; {res.retain_samples_used} of "
+          f"{len(retain_set)} retain samples ({100 * res.retain_samples_used / len(retain_set):.1f}%), "
+          f"{res.forget_samples_used} forget samples read")
     finetune = {k: v for k, v in res.finetune.to_dict().items() if k != "loss"}
     report = {"dataset": info.name, "source": info.source, "model": meta["model"], "forget_classes": classes,
               "forgotten": what,
