@@ -19,6 +19,7 @@ from .distributed import Comm
 from .pruning import MaskPlan
 from .result import FinetuneHistory
 from .steps import StepEngine, StepOptions
+from .targets import ForgetTargetConfig
 
 
 @dataclass
@@ -127,8 +128,7 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                     target_accuracy: float | None = None, device=None, seed: int = 0,
                     progress: bool = False, comm: Comm | None = None,
                     steps: StepOptions | None = None, forget: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    forget_weight: float = 0.5, forget_batch_size: int = 32,
-                    forget_steps: int = 30) -> FinetuneHistory:
+                    forget_term: ForgetTargetConfig | None = None) -> FinetuneHistory:
     """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
@@ -138,11 +138,12 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     (DDP), and the early-stop window sees each step's (correct, seen) summed over ranks, so every
     rank stops at the same step. ``steps`` sets precision and memory layout (:mod:`dfmu_ext.steps`).
 
-    ``forget = (x_f, t)`` adds the forget term to the first ``forget_steps`` steps (the forget phase):
-    each also runs ``forget_batch_size`` of the forget samples ``x_f`` (in the same forward as the
-    retain batch, so BatchNorm sees one batch) and adds ``forget_weight * mean_i(-sum_c t_ic log p_ic)``,
-    the cross-entropy to their soft targets ``t`` (:mod:`dfmu_ext.targets`). The steps after it are
-    retain-only (the recovery phase), and the run may take ``forget_steps`` more steps than
+    ``forget = (x_f, t)`` adds the forget term (``forget_term``, default ``ForgetTargetConfig()``) to
+    the first ``forget_term.steps`` steps (the forget phase): each also runs ``forget_term.batch_size``
+    of the forget samples ``x_f`` (in the same forward as the retain batch, so BatchNorm sees one
+    batch) and adds ``forget_term.weight * mean_i(-sum_c t_ic log p_ic)``, the cross-entropy to their
+    soft targets ``t`` (:mod:`dfmu_ext.targets`). The steps after it are retain-only (the recovery
+    phase), and the run may take ``forget_term.steps`` more steps than
     ``min_steps`` asks, so that the early stop can wait for the retain accuracy to come back (measured:
     the forget term on every step cost the siblings of a forgotten sub-class 1-2.5 points more). Only
     the samples in ``x_f`` are read from the forget set.
@@ -161,9 +162,10 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
     optimizer = MomentumSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     sampler = comm.sampler(dataset, seed)
     net = comm.wrap(model)
-    forget_batches = (ForgetBatches(forget[0], forget[1], forget_batch_size, seed, device, engine)
-                      if forget is not None and forget_weight > 0 and forget_steps > 0 else None)
-    extra_steps = forget_steps if forget_batches is not None else 0
+    term = forget_term or ForgetTargetConfig()
+    forget_batches = (ForgetBatches(forget[0], forget[1], term.batch_size, seed, device, engine)
+                      if forget is not None and term.weight > 0 and term.steps > 0 else None)
+    extra_steps = term.steps if forget_batches is not None else 0
     recent: deque = deque()
     recent_correct = 0
     recent_total = 0
@@ -178,7 +180,7 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                 steps_per_epoch = len(batches)
                 for step, (x, y) in enumerate(batches):
                     with engine.autocast():
-                        if forget_batches is None or history.steps >= forget_steps:
+                        if forget_batches is None or history.steps >= term.steps:
                             logits = net(x)
                             loss = F.cross_entropy(logits, y)
                         else:  # one forward: BatchNorm normalises retain and forget samples together
@@ -186,7 +188,7 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                             both = net(torch.cat([x, xf]))
                             logits = both[:x.shape[0]]
                             soft = -(tf * F.log_softmax(both[x.shape[0]:].float(), dim=1)).sum(1).mean()
-                            loss = F.cross_entropy(logits, y) + forget_weight * soft
+                            loss = F.cross_entropy(logits, y) + term.weight * soft
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")
                     optimizer.zero_grad(set_to_none=True)

@@ -125,8 +125,7 @@ def unlearn_record(result, *, input_sha256: str | None, train_set: Dataset, forg
     from ._common import model_device
 
     used = root_indices(retain_used)
-    extra = {"scoring_forget_samples": result.info.get("scoring_forget_samples", result.forget_samples_used)
-             if isinstance(result.info, dict) else result.forget_samples_used, "train_samples": len(train_set)}
+    extra = {"scoring_forget_samples": result.info["scoring_forget_samples"], "train_samples": len(train_set)}
     if forget_read is not None:
         read = root_indices(forget_read)
         extra["forget_read"] = {"count": len(forget_read),

@@ -127,16 +127,11 @@ def _forget_pool(forget_set: Subset, scored: list[int], samples: int, seed: int)
     n = len(forget_set)
     if samples >= n:
         return list(range(n))
-    chosen = list(dict.fromkeys(scored))[:samples]
-    seen = set(chosen)
+    chosen = scored[:samples]
+    taken = set(chosen)
     gen = torch.Generator().manual_seed(seed + 15485863)
-    for i in torch.randperm(n, generator=gen).tolist():
-        if len(chosen) >= samples:
-            break
-        if i not in seen:
-            chosen.append(i)
-            seen.add(i)
-    return chosen
+    others = [i for i in torch.randperm(n, generator=gen).tolist() if i not in taken]
+    return chosen + others[:samples - len(chosen)]
 
 
 def _forget_targets(model: nn.Module, forget_set: Subset, budget: Subset, config: ForgetTargetConfig,
@@ -183,9 +178,11 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     disagree with their labels clearly more than the retain samples' own neighbours do (by
     ``min_excess``): whole classes and sub-classes whose look-alikes are elsewhere, not random
     samples, whose neighbourhoods are the retain data's. ``weight=0`` turns it off. The forget
-    samples read (scoring and forget term) are counted in ``forget_samples_used`` and listed in ``info["forget_read"]``
-    (positions in the forget set); a deletion record holds their count and hash. The classifier's rows are
-    masked only when whole classes are forgotten; for samples the default selection is
+    samples read (scoring and forget term) are counted in ``forget_samples_used`` and listed in
+    ``info["forget_read"]`` (positions in the forget set); a deletion record holds their count and
+    hash.
+
+    The classifier's rows are masked only when whole classes are forgotten; for samples the default selection is
     :data:`SAMPLE_SELECTION` (only units clearly more important to the forget samples are touched).
     The model is modified in place and returned in
     the result; a seed makes the run reproducible.
@@ -239,8 +236,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     with comm.guard("fine-tune"):
         ft = masked_finetune(model, budget, pruned.plan, finetune, target_accuracy=pruned.pre_prune_retain_accuracy,
                              device=device, seed=seed, progress=progress and comm.is_main, comm=comm, steps=steps,
-                             forget=targets, forget_weight=forget_term.weight,
-                             forget_batch_size=forget_term.batch_size, forget_steps=forget_term.steps)
+                             forget=targets, forget_term=forget_term)
         comm.sync_buffers_(model)
     synchronize(device)
     total = time.perf_counter() - total_start
