@@ -402,3 +402,121 @@ def test_ckpt_with_bad_weights_is_one_line(package_ckpt, tmp_path, capsys, kind,
     torch.save(blob, tmp_path / "bad.pt")
     _assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o" / "f.pt"),
                                     "--device", "cpu"], tmp_path, match)
+
+
+# --------------------------------------------------------------------------------------------
+# fine labels of one's own: --forget-subclass on --data
+# --------------------------------------------------------------------------------------------
+
+FINE_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def _coarse_blob(digits, n_train=400, n_test=150):
+    """Digits under three coarse labels (digit % 3), the digit kept as the fine label."""
+    tr, te, _ = digits
+    y, ty = tr.tensors[1][:n_train], te.tensors[1][:n_test]
+    return {"train_x": tr.tensors[0][:n_train], "train_y": y % 3, "test_x": te.tensors[0][:n_test],
+            "test_y": ty % 3, "class_names": ["c0", "c1", "c2"], "train_fine": y, "test_fine": ty,
+            "fine_names": FINE_NAMES}
+
+
+@pytest.fixture(scope="module")
+def fine_own(tmp_path_factory, digits):
+    """A 3-class MLP trained on the coarse labels, and the data with fine labels as .pt and .npz."""
+    from dfmu_ext.zoo import training
+
+    d = tmp_path_factory.mktemp("fine")
+    (d / "my_arch.py").write_text(ARCH)
+    ns = {}
+    exec(ARCH, ns)
+    blob = _coarse_blob(digits)
+    torch.manual_seed(0)
+    model = ns["build"](hidden=16, classes=3)
+    train = torch.utils.data.TensorDataset(blob["train_x"], blob["train_y"])
+    training.train_model(model, train, training.TrainConfig(epochs=4), progress=False)
+    torch.save(model.state_dict(), d / "w.pt")
+    torch.save(blob, d / "data.pt")
+    np.savez(d / "data.npz", **{k: np.asarray(v) for k, v in blob.items()})
+    return {"dir": d, "blob": blob, "args": ["--arch", f"{d / 'my_arch.py'}:build", "--arch-kwargs",
+                                             '{"hidden": 16, "classes": 3}', "--weights", str(d / "w.pt"),
+                                             "--device", "cpu", "--quiet"]}
+
+
+def test_own_fine_labels_are_loaded(fine_own):
+    from dfmu_ext.zoo import custom
+
+    for name in ("data.pt", "data.npz"):
+        _, _, info = custom.load_data(str(fine_own["dir"] / name))
+        assert info.fine.names == tuple(FINE_NAMES) and info.fine.coarse_of == tuple(d % 3 for d in range(10))
+        assert torch.equal(info.fine.train, fine_own["blob"]["train_fine"])
+
+
+def test_forget_and_compare_a_subclass_of_own_data(fine_own, tmp_path):
+    out = tmp_path / "o" / "forgot.pt"
+    data = str(fine_own["dir"] / "data.pt")
+    assert cli.main(["forget", *fine_own["args"], "--data", data, "--forget-subclass", "seven",
+                     "--out", str(out)]) == 0
+    rec = json.loads(open(record_path_for(str(out))).read())
+    sevens = int((fine_own["blob"]["train_fine"] == 7).sum())
+    assert rec["forgotten"]["classes"] is None and rec["forgotten"]["samples"] == sevens
+    report = json.loads((tmp_path / "o" / "forgot-report" / "report.json").read_text())
+    assert report["forgotten"] == "sub-class seven of c1"
+    assert 0.0 <= report["metrics"]["DFMU"]["forget_test_acc"] <= 1.0  # scored on the test sevens
+    cmp = tmp_path / "cmp"
+    assert cli.main(["compare", *fine_own["args"], "--data", str(fine_own["dir"] / "data.npz"),
+                     "--forget-subclass", "7", "--fractions", "0.25", "--seeds", "1", "--methods", "Retrain,DFMU",
+                     "--epochs", "1", "--out-dir", str(cmp)]) == 0
+    rep = json.loads((cmp / "scenario.json").read_text())
+    assert rep["kind"] == "subclass" and rep["scenario"] == "sub-class seven of c1"
+    runs = {r["method"]: r for r in rep["runs"]}
+    assert set(runs) == {"Original", "Retrain", "DFMU"} and "sibling_test_acc" in runs["DFMU"]["metrics"]
+    assert rep["discrimination"]["known"]
+
+
+def _fine_case(blob, kind):
+    b = dict(blob)
+    if kind == "only_train":
+        del b["test_fine"]
+    elif kind == "names_only":
+        del b["train_fine"], b["test_fine"]
+    elif kind == "short":
+        b["train_fine"] = b["train_fine"][:-1]
+    elif kind == "float":
+        b["test_fine"] = b["test_fine"].float()
+    elif kind == "two_coarse":  # fine class 7 (in c1) also names the fives (in c2)
+        b["train_fine"] = torch.where(b["train_fine"] == 5, 7, b["train_fine"])
+    elif kind == "few_names":
+        b["fine_names"] = FINE_NAMES[:5]
+    return b
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("only_train", "train_fine needs test_fine too"), ("names_only", "fine_names needs train_fine and test_fine"),
+    ("short", "train_fine must be (400,) to match train_y"), ("float", "test_fine must hold integer fine-class ids"),
+    ("two_coarse", "fine class 'seven' has samples labelled 1 and 2"), ("few_names", "fine labels must lie in [0, 5)"),
+])
+def test_bad_fine_labels_are_one_line(fine_own, tmp_path, capsys, kind, match):
+    torch.save(_fine_case(fine_own["blob"], kind), tmp_path / "d.pt")
+    _assert_one_line_error(capsys, ["forget", *fine_own["args"], "--data", str(tmp_path / "d.pt"), "--forget-subclass",
+                                    "seven", "--out", str(tmp_path / "o" / "f.pt")], tmp_path, match)
+
+
+def test_bad_subclass_requests_are_one_line(fine_own, tmp_path, capsys):
+    run = ["forget", *fine_own["args"], "--out", str(tmp_path / "o" / "f.pt"), "--data"]
+    blob = fine_own["blob"]
+    no_fine = {k: v for k, v in blob.items() if k not in ("train_fine", "test_fine", "fine_names")}
+    torch.save(no_fine, tmp_path / "plain.pt")
+    _assert_one_line_error(capsys, run + [str(tmp_path / "plain.pt"), "--forget-subclass", "seven"], tmp_path,
+                           "no sub-classes")
+    data = str(fine_own["dir"] / "data.pt")
+    _assert_one_line_error(capsys, run + [data, "--forget-subclass", "eleven"], tmp_path, "unknown sub-class 'eleven'")
+    torch.save({**blob, "fine_names": FINE_NAMES + ["ten"]}, tmp_path / "unused.pt")  # fine id 10 has no sample
+    _assert_one_line_error(capsys, run + [str(tmp_path / "unused.pt"), "--forget-subclass", "ten"], tmp_path,
+                           "no training sample has that fine label")
+    def only_zero_in_c0(y, fine):  # c0 held 0, 3, 6, 9: move 3, 6, 9 to c1
+        return torch.where((fine % 3 == 0) & (fine != 0), 1, y)
+
+    torch.save({**blob, "train_y": only_zero_in_c0(blob["train_y"], blob["train_fine"]),
+                "test_y": only_zero_in_c0(blob["test_y"], blob["test_fine"])}, tmp_path / "lone.pt")
+    _assert_one_line_error(capsys, run + [str(tmp_path / "lone.pt"), "--forget-subclass", "zero"], tmp_path,
+                           "is every training sample of class 0 (c0): forget the class with --classes 0 instead")

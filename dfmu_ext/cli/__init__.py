@@ -4,6 +4,7 @@
     dfmu train   --dataset fashion-mnist --model cnn --out ckpt.pt
     dfmu forget  --ckpt ckpt.pt --classes 3 [--retain-fraction 0.13] --out forgot.pt
     dfmu forget  --arch my_models:build --weights w.pt --data data.npz --classes 3 --out out/forgot.pt
+    dfmu forget  --ckpt ckpt.pt --forget-indices delete.txt --out forgot.pt   (or --forget-subclass / -random)
     dfmu verify  --record out/forgot.record.json --weights out/forgot.pt
     dfmu demo    [--dataset auto] [--model cnn] [--classes 3] [--retrain]
     dfmu compare --dataset fashion-mnist --model cnn --classes 3 --fractions 0.05,0.13 --seeds 3
@@ -14,8 +15,10 @@
 
 Every error a user can cause is one line on stderr, ``error: ...``, with exit status 2: argparse's
 errors, :class:`UsageError`, and the library's documented input errors (``ValueError`` and its
-subclasses ``CheckpointError``, ``WeightsError``, ``InputError``, ``RecordError``). Anything else is a
-bug and keeps its traceback.
+subclasses ``CheckpointError``, ``WeightsError``, ``InputError``, ``RecordError``), and
+``OutputError``: an output that could not be written (a full disk, an unwritable folder). The files
+of one call are published together or not at all (``dfmu_ext._io.OutputBatch``). Anything else is
+a bug and keeps its traceback.
 """
 from .checks import UsageError
 from .parser import build_parser, main

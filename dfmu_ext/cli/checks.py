@@ -2,14 +2,22 @@
 line; output paths are checked before anything is written."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
+from .._io import OutputBatch, temp_prefix
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import CheckpointError, load_checkpoint
+from ..zoo.coarse import subclass_indices
+
+#: What --classes means when it is not given (and no other forget option is).
+DEFAULT_CLASSES = "3"
 
 
 class UsageError(SystemExit):
@@ -71,6 +79,14 @@ def parse_classes(text: str, num_classes: int, labels: torch.Tensor | None = Non
     return classes
 
 
+def load_named_dataset(name: str):
+    """``(train, test, info)`` of a package data set, or one :class:`UsageError` line (files missing)."""
+    try:
+        return data_mod.load_dataset(name)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the data set {name!r}: {' '.join(str(exc).split())}") from None
+
+
 def parse_fractions(text: str) -> list[float]:
     try:
         out = [float(f) for f in str(text).split(",") if f.strip()]
@@ -106,26 +122,144 @@ def check_outputs(outputs: list[str], inputs: list[tuple[str, str]]) -> None:
                                  "(inputs are never overwritten)")
 
 
-def prepare_folder(folder: str, flag: str) -> None:
-    """Create ``folder`` when missing and make sure files can be created in it (before any work)."""
+def prepare_folder(folder: str, flag: str, batch: OutputBatch | None = None) -> None:
+    """Create ``folder`` when missing and make sure files can be created in it (before any work).
+    With ``batch``, the batch creates it (and removes it again if the call fails) and clears it of
+    stale partials of killed runs."""
     folder = folder or "."
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
+        if batch is not None:
+            batch.make_folder(folder)
+        else:
+            os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=temp_prefix(), suffix="-probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise UsageError(f"cannot write to the {flag} folder {folder!r}: {exc.strerror or exc}") from None
 
 
-def would_create(folders: list[str]) -> list[str]:
-    """The first missing ancestor of each folder (what ``makedirs`` would create), for clean-up."""
+# --------------------------------------------------------------------------------------------
+# --forget-indices and --forget-subclass, checked against the training data before any work
+# --------------------------------------------------------------------------------------------
+
+def _indices_error(path: str, why: str) -> UsageError:
+    return UsageError(f"--forget-indices {path!r}: {why}")
+
+
+def _txt_indices(path: str) -> list[int]:
+    """Integers separated by whitespace, commas or newlines; ``#`` starts a comment."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
     out = []
-    for f in folders:
-        f = os.path.abspath(f or ".")
-        top = None
-        while not os.path.exists(f):
-            top, f = f, os.path.dirname(f)
-        if top:
-            out.append(top)
+    for number, line in enumerate(lines, 1):
+        for token in re.split(r"[\s,]+", line.split("#", 1)[0].strip()):
+            if not token:
+                continue
+            if not re.fullmatch(r"[+-]?\d+", token):
+                raise _indices_error(path, f"line {number}: {token!r} is not an integer")
+            out.append(int(token))
     return out
+
+
+def _npy_indices(path: str) -> list[int]:
+    """A 1-D integer array (read with allow_pickle=False)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except OSError:
+        raise
+    except Exception as exc:  # numpy raises ValueError/EOFError/UnpicklingError for what is no .npy array
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _indices_error(path, f"not a readable .npy array: {first}") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+        shape = getattr(arr, "shape", None)
+        raise _indices_error(path, f"must hold a 1-D array of indices, got shape {shape}")
+    if arr.dtype.kind not in "iu":
+        raise _indices_error(path, f"must hold integers, got a {arr.dtype} array")
+    return [int(v) for v in arr.tolist()]
+
+
+def _json_indices(path: str) -> list[int]:
+    """A list of integers, or an object whose "indices" is one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            blob = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise _indices_error(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    values = blob.get("indices") if isinstance(blob, dict) else blob
+    if not isinstance(values, list):
+        raise _indices_error(path, 'must hold a JSON list of integers, or {"indices": [...]}')
+    for i, v in enumerate(values):
+        if type(v) is not int:  # bool is an int in Python, 3.0 a float: neither names a sample
+            raise _indices_error(path, f"item {i} ({json.dumps(v)}) is not an integer")
+    return values
+
+
+_INDEX_READERS = {".txt": _txt_indices, ".npy": _npy_indices, ".json": _json_indices}
+
+
+def read_forget_indices(path: str) -> list[int]:
+    """The integers in a --forget-indices file (``.txt``, ``.npy`` or ``.json``), in file order."""
+    if not os.path.exists(path):
+        raise _indices_error(path, "does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _INDEX_READERS:
+        raise _indices_error(path, f"unknown file type {ext or '(no extension)'!r}; use .txt (integers separated "
+                                   "by spaces, commas or newlines), .npy (a 1-D integer array) or .json (a list)")
+    try:
+        return _INDEX_READERS[ext](path)
+    except UnicodeDecodeError:
+        raise _indices_error(path, "is not UTF-8 text") from None
+    except OSError as exc:
+        raise _indices_error(path, f"cannot be read: {exc.strerror or exc}") from None
+
+
+def check_forget_indices(values: list[int], labels: torch.Tensor, path: str,
+                         class_names=None) -> torch.Tensor:
+    """``values`` as sorted int64 training-set indices, or one :class:`UsageError` line: empty, out of
+    range, duplicated, every sample, or every sample of a class (that is what --classes is for). The
+    library checks the same (``_common.resolve_forget_set``); here the message names the CLI's options."""
+    n = int(labels.numel())
+    if not values:
+        raise _indices_error(path, "names no index (the file is empty): name at least one training sample")
+    low, high = min(values), max(values)
+    if low < 0 or high >= n:
+        bad = low if low < 0 else high
+        raise _indices_error(path, f"index {bad} is out of range: the training set has {n} samples, "
+                                   f"indices 0..{n - 1}")
+    idx = torch.sort(torch.tensor(values, dtype=torch.long)).values
+    dup = idx[1:][idx[1:] == idx[:-1]]
+    if dup.numel():
+        raise _indices_error(path, f"index {int(dup[0])} appears more than once ({dup.numel()} duplicate(s)); "
+                                   "name each sample once")
+    if idx.numel() == n:
+        raise _indices_error(path, f"names all {n} training samples: no retain data would be left")
+    is_forget = torch.zeros(n, dtype=torch.bool)
+    is_forget[idx] = True
+    whole = [c for c in torch.unique(labels).tolist() if bool(is_forget[labels == c].all())]
+    if whole:
+        named = ", ".join(f"{c} ({class_names[c]})" if class_names and class_names[c] != str(c) else str(c)
+                          for c in whole)
+        raise _indices_error(path, f"covers every training sample of class {named}: forget whole classes with "
+                                   f"--classes {','.join(map(str, whole))} instead")
+    return idx
+
+
+def parse_forget_indices(path: str, labels: torch.Tensor, class_names=None) -> torch.Tensor:
+    """--forget-indices FILE, read and checked against the training labels (sorted int64 indices)."""
+    return check_forget_indices(read_forget_indices(path), labels, path, class_names)
+
+
+def check_subclass(info, subclass: str, labels: torch.Tensor) -> None:
+    """--forget-subclass names a fine class of the data, with training samples, that is not the whole
+    of its class (then --classes is the option)."""
+    try:
+        train_idx, _, coarse = subclass_indices(info, subclass)
+    except ValueError as exc:
+        raise UsageError(f"--forget-subclass {subclass}: {exc}") from None
+    if train_idx.numel() == 0:
+        raise UsageError(f"--forget-subclass {subclass}: no training sample has that fine label, so there is "
+                         "nothing to forget")
+    if int((labels == coarse).sum()) == train_idx.numel():
+        raise UsageError(f"--forget-subclass {subclass} is every training sample of class {coarse} "
+                         f"({info.class_names[coarse]}): forget the class with --classes {coarse} instead")

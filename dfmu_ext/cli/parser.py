@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .. import distributed
+from .._io import OutputError
 from ..baselines import SPECS
 from ..zoo.models import MODEL_NAMES
 from .checks import UsageError, parse_device
@@ -33,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(default: 0)")
 
     def forgetting(sp):
-        sp.add_argument("--classes", default="3", help="comma-separated class ids to forget (default: 3)")
         sp.add_argument("--retain-fraction", type=float, default=0.13,
                         help="share of the retain data used, in (0, 1] (default: 0.13)")
         sp.add_argument("--mode", choices=["prune", "rescale"], default="prune",
@@ -52,22 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NHWC memory for conv nets' training steps (default: auto = on for conv nets)")
 
     def scenario(sp):
+        """What to forget: --classes or one of the three alternatives (argparse refuses two)."""
         g = sp.add_mutually_exclusive_group()
+        g.add_argument("--classes", default=None, help="comma-separated class ids to forget (default: 3)")
         g.add_argument("--forget-subclass", default=None, metavar="NAME_OR_ID",
                        help="forget one fine class inside a coarse class instead of --classes (a coarse-label data "
                             "set: fashion-mnist-mixed3 or -mixed2, whose siblings do not look alike; "
-                            "fashion-mnist-coarse, a sanity check; cifar20), e.g. Sneaker")
+                            "fashion-mnist-coarse, a sanity check; cifar20; or --data with train_fine and "
+                            "test_fine), e.g. Sneaker")
         g.add_argument("--forget-random", type=float, default=None, metavar="FRACTION",
                        help="forget a seeded random share of the training samples instead of --classes, e.g. 0.1 "
                             "(on fashion-mnist-6k the original memorises its samples)")
+        g.add_argument("--forget-indices", default=None, metavar="FILE",
+                       help="forget the training samples a file names instead of --classes: .txt (integers "
+                            "separated by spaces, commas or newlines; # comments), .npy (1-D integer array) or "
+                            ".json (a list, or {\"indices\": [...]}); indices into the training set, 0-based")
 
     def dataset_and_model(sp, own=False):
         sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | fashion-mnist-6k | "
                                                           "fashion-mnist-mixed3 | fashion-mnist-mixed2 | "
-                                                          "fashion-mnist-coarse | cifar20 | auto (default: auto, "
+                                                          "fashion-mnist-coarse | cifar20 | topics (generated text) | auto (default: auto, "
                                                           "Fashion-MNIST when installed, else digits)")
-        sp.add_argument("--model", default="cnn", choices=list(MODEL_NAMES),
-                        help="the package model to train (default: cnn)")
+        sp.add_argument("--model", default=None, choices=list(MODEL_NAMES),
+                        help="the package model to train (default: transformer for token data sets such as "
+                             "topics, else cnn)")
         sp.add_argument("--epochs", type=int, default=None,
                         help="override the training recipe's epochs (of the original and of Retrain"
                              + ("; with --arch: Retrain's epochs, default 3)" if own else ")"))
@@ -76,14 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
         g = sp.add_argument_group("a model and data of your own (instead of --ckpt / --dataset)")
         g.add_argument("--arch", default=None, metavar="MODULE:CALLABLE",
                        help="builds the nn.Module: an importable 'package.module:fn' or 'path/file.py:fn'")
+        g.add_argument("--hf-config", default=None, metavar="PATH",
+                       help="instead of --arch: a Hugging Face transformers config (config.json or its folder); "
+                            "the classification model it names is built, then --weights loaded into it")
         g.add_argument("--arch-kwargs", default=None, metavar="JSON",
                        help="keyword arguments for the --arch callable, a JSON object, e.g. '{\"width\": 16}'")
         g.add_argument("--weights", default=None, metavar="PATH",
                        help="a state_dict file (or a checkpoint dict holding 'state_dict'), loaded with "
                             "weights_only=True and matched strictly to --arch")
         g.add_argument("--data", default=None, metavar="PATH",
-                       help="a .pt/.npz file with train_x, train_y, test_x, test_y (fed to the model as given), "
-                            "or a folder with train/<class>/*.png and test/<class>/*.png (read as floats in [0, 1])"
+                       help="a .pt/.npz file with train_x, train_y, test_x, test_y (fed to the model as given; "
+                            "optional train_fine, test_fine and fine_names: fine labels for --forget-subclass), "
+                            "or a folder with train/<class>/*.png and test/<class>/*.png (read as floats in [0, 1]), "
+                            "or a Hugging Face datasets folder (save_to_disk) with train and test splits"
                             + data_help_extra)
         g.add_argument("--normalize", default=None, metavar="MEAN,STD",
                        help="image folders only: map pixels x -> (x - MEAN) / STD (one pair for all channels, or "
@@ -128,7 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
     dataset_and_model(c, own=True)
-    c.add_argument("--classes", default="3", help="comma-separated class ids to forget (default: 3)")
     c.add_argument("--fractions", default="0.01,0.05,0.13,0.25,1.0",
                    help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
@@ -160,6 +172,10 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         raise
+    except OutputError as exc:  # a full disk or an unwritable folder; the call has removed what it wrote
+        err = UsageError(_one_line(exc))
+        print(err, file=sys.stderr)
+        raise err from None
     except ValueError as exc:
         # The library's documented input errors (ValueError and its subclasses: CheckpointError,
         # WeightsError, InputError, RecordError, the argument checks of unlearn/evaluate/the ops).

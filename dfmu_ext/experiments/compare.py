@@ -34,7 +34,7 @@ from .meta import separation_table
 from .plots import plot_comparison, plot_frontier
 
 __all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "method_kwargs_for",
-           "TABLE_METRICS"]
+           "own_original", "TABLE_METRICS"]
 
 #: (column, metric key, shown as 1 - value)
 TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA", "test_acc", False),
@@ -61,6 +61,13 @@ def method_kwargs_for(spec, meta: dict, max_epochs: int | None, given: dict | No
     if max_epochs and spec.default_epochs is not None:
         kwargs["epochs"] = min(int(kwargs.get("epochs", 10 ** 9)), int(max_epochs), spec.default_epochs)
     return kwargs
+
+
+def own_original(given, device, train_config: training.TrainConfig | None = None):
+    """``(original, meta)`` for a model of one's own: a copy of ``given`` on ``device``, and a ``meta``
+    holding only what the methods read from a checkpoint's — Retrain's recipe (``train_config``,
+    default ``TrainConfig()``)."""
+    return copy.deepcopy(given).to(device), {"train_config": (train_config or training.TrainConfig()).to_dict()}
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -142,7 +149,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
                    progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
                    eval_fraction: float = 1.0, plots: bool = True, data=None, original=None,
                    model_factory=None, train_config: training.TrainConfig | None = None,
-                   battery: bool = False, steps: StepOptions | None = None) -> dict:
+                   battery: bool = False, steps: StepOptions | None = None, outputs=None) -> dict:
     """Run ``methods`` x ``fractions`` x ``seeds`` and write ``comparison.json`` plus two PNGs.
 
     Args:
@@ -175,6 +182,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         steps: precision and memory layout of every method that trains
             (:class:`dfmu_ext.steps.StepOptions`; default: each device's ``"auto"``). The originals
             are trained (or read from the cache) as usual, so every setting starts from the same one.
+        outputs: an :class:`dfmu_ext._io.OutputBatch`: the files are staged in it (published, or
+            removed, together with the caller's other outputs) instead of written in place.
 
     Returns the report dict (also written as JSON): ``config``, ``original`` (per seed), ``runs``
     (one per method call, failures recorded with ``error``), ``rows`` (aggregates) and ``table``.
@@ -219,8 +228,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     given = original
     for seed in seeds:
         if given is not None:
-            original = copy.deepcopy(given).to(device)
-            meta = {"train_config": (train_config or training.TrainConfig()).to_dict()}
+            original, meta = own_original(given, device, train_config)
         else:
             original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
                                              use_cache=use_cache, progress=progress, log=log)
@@ -292,7 +300,8 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         meta_table, verdicts = separation_table(runs, originals, keys)
         print("\nWhich metrics tell hiding (Original, head-mask) from forgetting (Retrain):")
         print(meta_table)
-    os.makedirs(out_dir, exist_ok=True)
+    folder = outputs.folder(out_dir) if outputs is not None else out_dir
+    os.makedirs(folder, exist_ok=True)
     report = {
         "config": {"dataset": info.name, "source": info.source, "model": model_name, "forget_classes": classes,
                    "fractions": fractions, "seeds": seeds, "methods": names, "device": str(device),
@@ -305,15 +314,18 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         "hiding_vs_forgetting": meta_table,
         "total_seconds": time.perf_counter() - start,
     }
-    json_path = os.path.join(out_dir, "comparison.json")
+    json_path = os.path.join(folder, "comparison.json")
     if plots and rows:
-        report["plots"] = plot_comparison(table_rows, fractions, out_dir, title)
+        report["plots"] = plot_comparison(table_rows, fractions, folder, title)
         if battery:
-            report["plots"].update(plot_frontier(table_rows, fractions, out_dir, title))
+            report["plots"].update(plot_frontier(table_rows, fractions, folder, title))
+        if outputs is not None:  # the report names where the plots will be, not their staging place
+            report["plots"] = {k: outputs.final_path(p) for k, p in report["plots"].items()}
     write_json(json_path, report)
-    report["json"] = json_path
-    log(f"wrote {json_path}" + (" and " + ", ".join(os.path.basename(p) for p in report.get("plots", {}).values())
-                                if report.get("plots") else ""))
+    report["json"] = os.path.join(out_dir, "comparison.json")
+    if outputs is None:  # staged files are announced by whoever publishes them
+        log(f"wrote {json_path}" + (" and " + ", ".join(os.path.basename(p) for p in report.get("plots", {}).values())
+                                    if report.get("plots") else ""))
     return report
 
 

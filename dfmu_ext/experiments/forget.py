@@ -63,12 +63,13 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
                progress: bool = False, log=print, comm: Comm | None = None, data=None, model_factory=None,
                train_config: TrainConfig | None = None, record: str | None = None, subclass=None,
                random_fraction: float | None = None, steps: StepOptions | None = None,
-               battery: bool = False) -> dict:
+               battery: bool = False, forget_indices=None, outputs=None) -> dict:
     """Unlearn ``classes`` from ``model`` (in place) and report against the original.
 
     Instead of classes (``classes=None``): ``subclass`` (a fine class of a coarse-label data set,
-    by name or id) or ``random_fraction`` (a seeded random share of the training samples); see
-    :mod:`dfmu_ext.experiments.scenarios`. ``steps``: precision and layout of DFMU's fine-tune and
+    by name or id), ``random_fraction`` (a seeded random share of the training samples) or
+    ``forget_indices`` (given training samples); see :mod:`dfmu_ext.experiments.scenarios`.
+    ``steps``: precision and layout of DFMU's fine-tune and
     of Retrain (:class:`dfmu_ext.steps.StepOptions`). ``battery``: also the verification battery
     (:func:`dfmu_ext.eval.battery_metrics`; whole classes only), the TV distance to Retrain with ``retrain``.
 
@@ -78,7 +79,9 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
     ``"model"`` (a name for the table). ``record`` (a path) writes the deletion record there
     (:mod:`dfmu_ext.record`), with the metrics. Under a process group every rank unlearns
     (collectives); then rank 0 alone evaluates, retrains and writes, and the other ranks return
-    ``{}``. The table is printed; the report is returned.
+    ``{}``. The table is printed; the report is returned. ``outputs`` (an
+    :class:`dfmu_ext._io.OutputBatch`) stages report.json/png for the caller to publish together
+    with its other outputs (the model, the record); without it they are written in place.
     """
     comm = comm or current_comm()
     if data is not None:
@@ -92,7 +95,8 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
     rows, per_class = {}, {}
     scen = {"forget_indices": None, "test_forget_indices": None}
     if classes is None:
-        scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction, seed=seed)
+        scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction,
+                                   forget_indices=forget_indices, seed=seed)
         what = scen["label"]
     else:
         what = f"classes {[names[c] for c in classes]}"
@@ -169,9 +173,11 @@ def run_forget(model: nn.Module, meta: dict, classes: list[int] | None, out_dir:
         rec["retain_samples_total"] = len(retain_set)
         rec["data"] = {"name": info.name, "source": info.source, "class_names": names}
         write_record(record, rec)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(os.path.join(out_dir, "report.json"), report)
-    plot_summary(os.path.join(out_dir, "report.png"), names, per_class, classes or [], res.pruned_units,
+    folder = outputs.folder(out_dir) if outputs is not None else out_dir
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "report.json"), report)
+    plot_summary(os.path.join(folder, "report.png"), names, per_class, classes or [], res.pruned_units,
                  res.total_units, title=f"DFMU on {info.name} / {meta['model']}")
-    log(f"wrote {os.path.join(out_dir, 'report.json')} and report.png")
+    if outputs is None:  # staged files are announced by whoever publishes them
+        log(f"wrote {os.path.join(out_dir, 'report.json')} and report.png")
     return report

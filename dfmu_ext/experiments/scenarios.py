@@ -8,6 +8,8 @@ of the training samples, with every applicable method beside Retrain.
   MIA-efficacy and the probe (coarse label recovered from the sub-class's test features).
 * **Random samples** (SalUn / l1-sparse protocol): a seeded random ``fraction`` of the training set.
   Metrics: UA, RA, TA, MIA-efficacy.
+* **Given samples** (``forget_indices``, e.g. ``dfmu compare --forget-indices FILE``): the training
+  samples a deletion request names; scored like random samples (kind ``"random"``).
 
 For both, the field's summary number is the average absolute gap to Retrain (same seed) over
 UA (= 1 - forget_acc), RA, TA and MIA-efficacy. Head-mask does not apply (no class row to remove).
@@ -34,6 +36,7 @@ import traceback
 
 import torch
 
+from .._common import resolve_forget_set
 from .._io import markdown_table, write_json
 from ..baselines import SPECS, resolve_methods
 from ..eval import evaluate, predict_logits
@@ -41,7 +44,7 @@ from ..steps import StepOptions
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original
 from ..zoo.coarse import subclass_indices
-from .compare import mean_std, method_kwargs_for
+from .compare import mean_std, method_kwargs_for, own_original
 from .plots import plot_scenario_frontier
 
 __all__ = ["scenario_forget_set", "run_scenario", "average_gap", "GAP_KEYS", "discrimination", "signed_gaps",
@@ -186,13 +189,25 @@ def discrimination(original, retrain, kind: str, *, seeds=None, missing: str = "
     return out
 
 
-def scenario_forget_set(info, train_set, *, subclass=None, random_fraction=None, seed: int = 0) -> dict:
+def _one_scenario(subclass, random_fraction, forget_indices) -> None:
+    if sum(v is not None for v in (subclass, random_fraction, forget_indices)) != 1:
+        raise ValueError("give exactly one of subclass, random_fraction and forget_indices")
+
+
+def scenario_forget_set(info, train_set, *, subclass=None, random_fraction=None, forget_indices=None,
+                        seed: int = 0) -> dict:
     """``{"forget_indices", "test_forget_indices", "sibling_test_indices", "label"}`` for a sub-class
-    (name or id) or a random ``fraction`` of ``train_set`` (seeded) — exactly one of the two."""
-    if (subclass is None) == (random_fraction is None):
-        raise ValueError("give exactly one of subclass and random_fraction")
+    (name or id), a random ``fraction`` of ``train_set`` (seeded) or given ``forget_indices`` (into
+    ``train_set``, checked by :func:`dfmu_ext._common.resolve_forget_set`) — exactly one of the three."""
+    _one_scenario(subclass, random_fraction, forget_indices)
+    if forget_indices is not None:
+        idx = resolve_forget_set(train_set, forget_indices=forget_indices).indices
+        return {"forget_indices": idx, "test_forget_indices": None, "sibling_test_indices": None,
+                "label": f"{idx.numel()} given training samples"}
     if subclass is not None:
         tr_idx, te_idx, coarse = subclass_indices(info, subclass)
+        if tr_idx.numel() == 0:
+            raise ValueError(f"sub-class {subclass!r} has no training sample: there is nothing to forget")
         fine_test = info.fine.test
         siblings = [f for f, c in enumerate(info.fine.coarse_of) if c == coarse and fine_test[fine_test == f].numel()]
         fine_id = int(info.fine.train[tr_idx[0]])
@@ -236,11 +251,12 @@ def _cell(values, signed: bool = False, scale: float = 100.0, digits: int = 1) -
     return fmt.format(scale * m) + (f" ± {scale * sd:.{digits}f}" if n > 1 else "")
 
 
-def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fraction=None, fraction: float = 0.13,
-                 seeds=3, methods="all", device="cpu", out_dir: str = "runs/scenario", use_cache: bool = True,
-                 max_epochs: int | None = None, train_epochs: int | None = None, progress: bool = False,
-                 quiet: bool = False, eval_kwargs: dict | None = None, steps: StepOptions | None = None,
-                 plots: bool = True) -> dict:
+def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_fraction=None, forget_indices=None,
+                 fraction: float = 0.13, seeds=3, methods="all", device="cpu", out_dir: str = "runs/scenario",
+                 use_cache: bool = True, max_epochs: int | None = None, train_epochs: int | None = None,
+                 progress: bool = False, quiet: bool = False, eval_kwargs: dict | None = None,
+                 steps: StepOptions | None = None, plots: bool = True, data=None, original=None,
+                 model_factory=None, train_config=None, outputs=None) -> dict:
     """Run ``methods`` x ``seeds`` on one scenario; write ``scenario.json`` (and
     ``scenario_frontier.png`` when ``plots``); print and return the table.
 
@@ -251,15 +267,26 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
     std over seeds (:func:`signed_gaps`; stored per run under ``"gaps_to_retrain"``). Methods that
     cannot forget samples (head-mask) are skipped with a note. ``steps``: precision and layout of
     every method that trains (:class:`dfmu_ext.steps.StepOptions`).
+
+    The scenario is one of ``subclass``, ``random_fraction`` and ``forget_indices`` (see
+    :func:`scenario_forget_set`). A model and data of one's own, as in
+    :func:`dfmu_ext.experiments.run_comparison`: ``data=(train_set, test_set, info)`` instead of
+    ``dataset``, ``original`` (every seed starts from a copy; nothing is trained or cached),
+    ``model_factory`` and ``train_config`` for Retrain. ``outputs`` (an
+    :class:`dfmu_ext._io.OutputBatch`) stages the files for the caller to publish with its others.
     """
-    if (subclass is None) == (random_fraction is None):
-        raise ValueError("give exactly one of subclass and random_fraction")
+    _one_scenario(subclass, random_fraction, forget_indices)
+    if original is not None and data is None:
+        raise ValueError("original= needs data=(train_set, test_set, info): the data it was trained on")
     kind = "subclass" if subclass is not None else "random"
     log = (lambda *m: None) if quiet else (lambda *m: print(*m, flush=True))
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
-    dataset = data_mod.canonical_name(dataset)
-    train_set, test_set, info = data_mod.load_dataset(dataset)
+    if data is None:
+        dataset = data_mod.canonical_name(dataset)
+        train_set, test_set, info = data_mod.load_dataset(dataset)
+    else:
+        dataset, (train_set, test_set, info) = None, data
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     names = [n for n in resolve_methods(methods) if n != "head-mask"]
     skipped = ["head-mask"] if "head-mask" in resolve_methods(methods) else []
@@ -267,17 +294,21 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
     runs, start = [], time.perf_counter()
     label = None
     for seed in seeds:
-        scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction, seed=seed)
+        scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction,
+                                   forget_indices=forget_indices, seed=seed)
         label = scen["label"]
-        original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
-                                         use_cache=use_cache, progress=progress, log=log)
+        if original is not None:
+            start_model, meta = own_original(original, device, train_config)
+        else:
+            start_model, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
+                                                use_cache=use_cache, progress=progress, log=log)
         for name in ["Original"] + names:
             spec = SPECS.get(name)
             rec = {"method": name, "seed": seed}
             try:
-                model = copy.deepcopy(original)
+                model = copy.deepcopy(start_model)
                 if spec is not None:
-                    kwargs = method_kwargs_for(spec, meta, max_epochs, steps=steps)
+                    kwargs = method_kwargs_for(spec, meta, max_epochs, model_factory=model_factory, steps=steps)
                     frac = spec.fixed_fraction if not spec.budgeted and spec.fixed_fraction else fraction
                     res = spec.fn(model, train_set, None, frac, forget_indices=scen["forget_indices"], device=device,
                                   seed=seed, progress=progress, **kwargs)
@@ -336,13 +367,14 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
     print(table)
     if skipped:
         print("head-mask skipped: it removes whole classes' rows, not samples")
-    os.makedirs(out_dir, exist_ok=True)
+    folder = outputs.folder(out_dir) if outputs is not None else out_dir
+    os.makedirs(folder, exist_ok=True)
     report = {"title": title, "dataset": info.name, "model": model_name, "scenario": label, "kind": kind,
               "fraction": fraction, "seeds": seeds, "methods": names, "steps": (steps or StepOptions()).to_dict(),
               "discrimination": disc, "runs": runs, "table": table, "skipped": skipped, "plots": {},
               "total_seconds": time.perf_counter() - start}
     if plots and any("gaps_to_retrain" in r for r in runs):
-        path = os.path.join(out_dir, "scenario_frontier.png")
+        path = os.path.join(folder, "scenario_frontier.png")
         verdict = ("may or may not tell forgetting from doing nothing (discrimination unknown)"
                    if disc["discriminative"] is None else
                    f"can tell forgetting from doing nothing (gap {disc['gap_points']:.1f} points)"
@@ -351,13 +383,14 @@ def run_scenario(dataset: str, model_name: str, *, subclass=None, random_fractio
                    f"< {disc['threshold_points']:g}): a sanity check only")
         try:
             plot_scenario_frontier(runs, kind, path, f"{title}\nthis scenario {verdict}")
-            report["plots"]["scenario_frontier"] = path
+            report["plots"]["scenario_frontier"] = outputs.final_path(path) if outputs is not None else path
         except Exception as exc:  # a plot must never lose the measured results
             report["plot_error"] = f"{type(exc).__name__}: {exc}"
             log(f"scenario_frontier.png not written ({report['plot_error']})")
-    json_path = os.path.join(out_dir, "scenario.json")
+    json_path = os.path.join(folder, "scenario.json")
     write_json(json_path, report)
-    report["json"] = json_path
-    log(f"wrote {json_path}" + (f" and {os.path.basename(report['plots']['scenario_frontier'])}"
-                                if report["plots"] else ""))
+    report["json"] = os.path.join(out_dir, "scenario.json")
+    if outputs is None:  # staged files are announced by whoever publishes them
+        log(f"wrote {json_path}" + (f" and {os.path.basename(report['plots']['scenario_frontier'])}"
+                                    if report["plots"] else ""))
     return report

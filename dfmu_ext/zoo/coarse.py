@@ -67,7 +67,7 @@ def subclass_indices(info: DatasetInfo, fine: int | str) -> tuple[torch.Tensor, 
     fl = info.fine
     if fl is None:
         raise ValueError(f"{info.name} has no sub-classes: use a coarse-label data set "
-                         "(fashion-mnist-coarse, cifar20)")
+                         "(fashion-mnist-mixed3, cifar20, ...) or data of your own with train_fine and test_fine")
     if isinstance(fine, str) and not fine.strip().lstrip("-").isdigit():
         lookup = {n.lower(): i for i, n in enumerate(fl.names)}
         if fine.strip().lower() not in lookup:
