@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from ._common import TrainBatches, model_device, train_mode
 from .distributed import Comm
+from .model_io import cat
 from .pruning import MaskPlan
 from .result import FinetuneHistory
 from .steps import StepEngine, StepOptions
@@ -185,7 +186,7 @@ def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: 
                             loss = F.cross_entropy(logits, y)
                         else:  # one forward: BatchNorm normalises retain and forget samples together
                             xf, tf = forget_batches.next()
-                            both = net(torch.cat([x, xf]))
+                            both = net(cat([x, xf]))
                             logits = both[:x.shape[0]]
                             soft = -(tf * F.log_softmax(both[x.shape[0]:].float(), dim=1)).sum(1).mean()
                             loss = F.cross_entropy(logits, y) + term.weight * soft

@@ -11,7 +11,14 @@ the fused ``block_importance`` op, which returns for every group :math:`k` and u
 the first-order (Taylor) estimate of how much group :math:`k`'s loss would change if the unit
 were removed (Molchanov et al., 2017). Group 0 is the retain samples, group 1 the forget samples.
 The backward is taken with respect to the *input* only, so no parameter gradient is computed or
-accumulated: scoring changes nothing in the model.
+accumulated: scoring changes nothing in the model. Token ids cannot carry a gradient: for a batch
+with no floating-point input, the outputs of the model's ``nn.Embedding`` layers are cut from
+the graph (detached, then made to require a gradient) and the backward is taken with respect to
+them — still one forward and one backward, and still no parameter gradient.
+
+Padding: for a token batch with an ``attention_mask`` :math:`m_{n,t}`, an ``(N, T, C)`` block
+output is read as :math:`m_{n,t}\, g_{n,t,c}`, so padded positions add nothing to
+:math:`\sum_p a_{n,p,c} g_{n,p,c}` even in a model whose pooling would let them reach the loss.
 
 Memory: the pass keeps no activation that the backward does not keep anyway. An eval-mode
 BatchNorm is a per-channel affine, :math:`a = z\sigma + \tau` with
@@ -23,6 +30,7 @@ Hooks are attached as the forward runs, before an in-place op (a ReLU) can rebas
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -32,8 +40,9 @@ from torch import nn
 
 from . import ops
 from ._common import eval_mode
-from .blocks import NORMS, Block, BlockTracer
+from .blocks import BATCH_NORMS, Block, BlockTracer
 from .distributed import Comm
+from .model_io import Inputs, is_token_batch, padding_mask
 
 RETAIN, FORGET = 0, 1
 
@@ -55,7 +64,7 @@ def _channel_dim(block: Block) -> int:
 def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(scale, shift) with ``norm(z) == z * scale + shift`` per channel, for a BatchNorm that uses
     its running statistics (eval mode); None when the norm normalises with batch statistics."""
-    if not isinstance(norm, NORMS) or norm.training or norm.running_mean is None or norm.running_var is None:
+    if not isinstance(norm, BATCH_NORMS) or norm.training or norm.running_mean is None or norm.running_var is None:
         return None
     with torch.no_grad():
         dtype = torch.float64 if norm.running_var.dtype == torch.float64 else torch.float32
@@ -66,6 +75,44 @@ def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
         if norm.bias is not None:
             shift = shift + norm.bias.to(dtype)
     return scale, shift
+
+
+class _EmbeddingCut:
+    """Forward hooks that replace every ``nn.Embedding`` output by a detached copy that requires a
+    gradient: the points the backward of a token batch is taken at."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def _cut(self, _module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            output = output.detach().requires_grad_(True)
+            self.outputs.append(output)
+            return output
+        return None
+
+    def __enter__(self) -> "_EmbeddingCut":
+        for m in self.model.modules():
+            if isinstance(m, nn.Embedding):
+                self._handles.append(m.register_forward_hook(self._cut))
+        if not self._handles:
+            raise ValueError("the inputs are integer tokens and the model has no nn.Embedding to score at: give "
+                             "floating-point inputs or a model that embeds its tokens with nn.Embedding")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _grad_inputs(x):
+    """``x`` with every floating-point tensor detached and made to require a gradient."""
+    if isinstance(x, Inputs):
+        return x.map(lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
+    return x.detach().clone().requires_grad_(True)
 
 
 def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_classes=None, *,
@@ -98,6 +145,7 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
     block_of: dict[nn.Module, Block] = {}    # output module -> block, known once the forward is done
     group_ids: torch.Tensor | None = None
     tracer: BlockTracer
+    pad = padding_mask(x)  # (N, T), 1 = a real token
 
     def drop(module: nn.Module) -> None:
         held.pop(module, None)
@@ -111,6 +159,8 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
         if entry is None or block is None:
             return
         act, scale, shift = entry
+        if pad is not None and act.dim() == 3 and _channel_dim(block) == -1 and act.shape[:2] == pad.shape:
+            grad = grad * pad.to(grad.device, grad.dtype).unsqueeze(-1)  # padded positions add nothing
         # group_ids are 0/1 by construction: no range check, so no device sync per block.
         scores[block.name] = ops.block_importance(act.detach(), grad.detach(), group_ids, 2, _channel_dim(block),
                                                   reduce, act_scale=scale, act_shift=shift, check_groups=False)
@@ -134,13 +184,20 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
 
     with eval_mode(model):
         try:
-            x_in = x.detach().clone().requires_grad_(True)
-            with BlockTracer(model, on_output=on_output) as tracer:
+            tokens = is_token_batch(x)
+            x_in = _grad_inputs(x)
+            cut = _EmbeddingCut(model) if tokens else contextlib.nullcontext()
+            with cut, BlockTracer(model, on_output=on_output) as tracer:
                 try:
                     logits = model(x_in)
                 except RuntimeError as exc:
                     raise ValueError(f"the model rejected the scoring batch of shape {tuple(x.shape)}: "
                                      f"{exc}") from exc
+            grad_at = cut.outputs if tokens else [t for t in (x_in.values() if isinstance(x_in, Inputs) else [x_in])
+                                                  if t.requires_grad]
+            if tokens and not cut.outputs:
+                raise ValueError("the model's nn.Embedding layers were not called on the token inputs: nothing to "
+                                 "score at")
             blocks = tracer.blocks()
             block_of.update({b.output_module: b for b in blocks})
             for module in list(held):  # outputs that are no block's: nothing to hold
@@ -154,7 +211,7 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
             group_ids = groups.to(logits.device)
-            torch.autograd.backward(loss, inputs=[x_in])
+            torch.autograd.backward(loss, inputs=grad_at)
         finally:
             for module in list(handles):
                 drop(module)

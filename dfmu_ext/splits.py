@@ -1,6 +1,8 @@
 """Dataset plumbing shared by every stage: labels, forget/retain splits, stratified fractions, batches.
 
-Every function takes any map-style dataset whose items are ``(input, label)``; a
+Every function takes any map-style dataset whose items are ``(input, label)`` — the input a tensor
+or a :class:`dfmu_ext.model_io.Inputs` (dict samples go through :func:`dfmu_ext.model_io.as_pairs`
+first); a
 ``TensorDataset`` (and a ``Subset`` of one) takes a fast path that never touches items one by one.
 """
 from __future__ import annotations
@@ -9,6 +11,8 @@ from typing import Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .model_io import stack
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -71,6 +75,29 @@ def take_batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, 
     if isinstance(dataset, Subset):
         return take_batch(dataset.dataset, [dataset.indices[i] for i in indices])
     items = [dataset[i] for i in indices]
-    xs = torch.stack([torch.as_tensor(x) for x, _ in items])
+    xs = stack([x for x, _ in items])
     ys = torch.tensor([int(y) for _, y in items], dtype=torch.long)
     return xs, ys
+
+
+class DictDataset(Dataset):
+    """Dict samples over in-memory columns, as a Hugging Face ``datasets.Dataset`` in torch format
+    gives them: sample ``i`` is ``{name: column[i] for every column, label_key: int(labels[i])}``.
+
+    ``targets`` holds every label (so labels are read without building samples).
+    """
+
+    def __init__(self, columns: dict, labels: torch.Tensor, label_key: str = "labels"):
+        labels = torch.as_tensor(labels).reshape(-1).long()
+        bad = [k for k, v in columns.items() if torch.as_tensor(v).shape[0] != labels.shape[0]]
+        if bad or label_key in columns:
+            raise ValueError(f"columns {bad or [label_key]} do not fit {labels.shape[0]} labels under {label_key!r}")
+        self.columns = {k: torch.as_tensor(v) for k, v in columns.items()}
+        self.targets = labels
+        self.label_key = label_key
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.columns.items()}, self.label_key: int(self.targets[i])}

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .model_io import Inputs
+
 __all__ = ["StepOptions", "StepEngine", "PRECISIONS"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -80,7 +82,10 @@ class StepEngine:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def batch(self, x: torch.Tensor) -> torch.Tensor:
+    def batch(self, x):
+        """``x`` (a tensor or :class:`dfmu_ext.model_io.Inputs`) with its 4-D tensors in the chosen layout."""
+        if isinstance(x, Inputs):
+            return x.map(self.batch)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def autocast(self):

@@ -104,7 +104,8 @@ def early_features(model: nn.Module, block: Block, x: torch.Tensor, grid: int = 
     handle = block.output_module.register_forward_hook(hook)
     out = []
     try:
-        with eval_mode(model):
+        # gradients on: the path the blocks were found on (nn.TransformerEncoderLayer's fused path skips them)
+        with eval_mode(model), torch.enable_grad():
             for start in range(0, x.shape[0], batch_size):
                 captured.clear()
                 try:
@@ -113,8 +114,10 @@ def early_features(model: nn.Module, block: Block, x: torch.Tensor, grid: int = 
                     pass
                 if not captured:
                     raise RuntimeError(f"block {block.name} did not run in the model's forward")
-                a = captured[0].float()
-                if a.dim() > 2:  # (N, C, *spatial): coarse spatial layout
+                a = captured[0].detach().float()
+                if a.dim() > 2 and isinstance(block.layer, nn.Linear):  # (N, T, C): units last, mean over T
+                    a = a.mean(dim=tuple(range(1, a.dim() - 1)))
+                elif a.dim() > 2:  # (N, C, *spatial): coarse spatial layout
                     spatial = a.shape[2:]
                     size = tuple(min(grid, s) for s in spatial)
                     pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(spatial)]

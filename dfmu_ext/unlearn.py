@@ -15,6 +15,7 @@ from .blocks import classifier_of, discover_blocks
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
 from .importance import score_blocks
+from .model_io import cat, model_entry
 from .pruning import build_mask_plan, head_mask_for, suppress_head
 from .result import PruneResult, UnlearnResult
 from .selection import SelectionConfig, select_units
@@ -49,6 +50,7 @@ def default_selection(by_classes: bool) -> SelectionConfig:
     return SelectionConfig() if by_classes else SAMPLE_SELECTION
 
 
+@model_entry
 def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask: torch.Tensor | None = None,
                     selection: SelectionConfig | None = None, mode: str | None = None, head: bool | None = None,
                     reduce: str = "abs", comm: Comm | None = None) -> PruneResult:
@@ -152,6 +154,7 @@ def _forget_targets(model: nn.Module, forget_set: Subset, budget: Subset, config
     return x_f, t, pool, disagreement(t, y_f) - disagreement(t_r, y_r)
 
 
+@model_entry
 def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
             forget_indices=None, mode: str = "prune", selection: SelectionConfig | None = None,
             finetune: FinetuneConfig | None = None,
@@ -196,6 +199,14 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     carries all of that; see ``dfmu_ext.distributed``. ``steps`` sets the fine-tune's precision and
     memory layout (:class:`dfmu_ext.steps.StepOptions`; default: per device). ``record`` (a path)
     writes a deletion record there (rank 0 only): see ``dfmu_ext.record``.
+
+    Any model and data (:mod:`dfmu_ext.model_io`): the model may return a tensor, a tuple, a dict or
+    a ``transformers`` ``ModelOutput`` (or anything, read by ``logits_fn=``); samples may be
+    ``(x, y)`` pairs or dicts (``{"input_ids", "attention_mask", "labels"}``, ``{"pixel_values",
+    "label"}``, the label's key ``label_key=``), passed to the model as keyword arguments. Integer
+    token inputs are scored at the output of the model's embeddings. ``classifier=`` names the
+    classifier module when it is not found (timm's ``get_classifier()``, a ``classifier`` or
+    ``score`` attribute, else the last ``nn.Linear``).
     """
     input_sha256 = deletion_record.state_dict_sha256(model) if record is not None else None
     total_start = time.perf_counter()
@@ -226,7 +237,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             targets = (x_t, t)
     seconds_targets = time.perf_counter() - t_targets
     is_forget = torch.cat([torch.ones(len(f_idx), dtype=torch.bool), torch.zeros(len(r_idx), dtype=torch.bool)])
-    x, y, is_forget = comm.shard((torch.cat([xf, xr]), torch.cat([yf, yr]), is_forget))
+    x, y, is_forget = comm.shard((cat([xf, xr]), torch.cat([yf, yr]), is_forget))
 
     with comm.guard("scoring"):
         if forget.by_classes:

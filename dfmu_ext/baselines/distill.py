@@ -1,7 +1,6 @@
 """SCRUB: a student pushed away from the teacher on the forget set and kept close on the retain set."""
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._common import TrainBatches, seeded, train_mode
+from ..model_io import copy_model
 from ..result import UnlearnResult
 from ..steps import StepOptions
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, kl_distill, make_result, sgd
@@ -28,7 +28,7 @@ def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_frac
         raise ValueError(f"T must be > 0, got {T}")
     setup = Setup(model, train_set, forget_classes, retain_fraction, device, seed, forget_indices, steps)
     dev, budget = setup.device, setup.budget
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy_model(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     opt = sgd(model, lr, momentum, weight_decay)

@@ -8,6 +8,7 @@ from typing import Callable
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..model_io import model_entry
 from ..result import UnlearnResult
 from ..unlearn import unlearn
 from .ascent import gradient_ascent
@@ -33,7 +34,8 @@ class MethodSpec:
 
     Attributes:
         name: the name in tables and on the command line.
-        fn: ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``.
+        fn: ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``,
+            wrapped by :func:`dfmu_ext.model_io.model_entry` (``logits_fn=``, ``classifier=``, ``label_key=``).
         budgeted: its result depends on ``retain_fraction`` (it reads the budgeted retain slice), so
             a comparison runs it at every fraction; otherwise once per seed.
         fixed_fraction: the fraction a non-budgeted method runs at when that is meaningful
@@ -49,6 +51,10 @@ class MethodSpec:
     fixed_fraction: float | None = None
     default_epochs: int | None = None
     trains: bool = True
+
+    def __post_init__(self):
+        # every method takes any model and dict data sets (logits_fn=, classifier=, label_key=)
+        object.__setattr__(self, "fn", model_entry(self.fn))
 
 
 SPECS: dict[str, MethodSpec] = {s.name: s for s in (

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset, Subset
 
 from .._common import eval_mode, resolve_device
 from ..blocks import classifier_of
+from ..model_io import copy_model, model_entry
 from ..splits import dataset_labels, make_loader, take_batch
 from .metrics import linear_probe_accuracy, penultimate_features
 
@@ -127,6 +128,7 @@ def _draw(labels: torch.Tensor, cls_mask: torch.Tensor, k: int, gen: torch.Gener
 # probe by depth
 # --------------------------------------------------------------------------------------------
 
+@model_entry
 def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
     """Module names whose output :func:`probe_by_depth` probes by default.
 
@@ -135,6 +137,8 @@ def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
       predecessor in execution order (leaf modules, one eval forward of ``example``) is a conv, or a
       norm that directly follows a conv. For :class:`models.SmallCNN` these are the ReLUs of its four
       conv-BN-ReLU blocks. A module called more than once per forward is skipped.
+    * A model with no such stage (a transformer): the members of its longest ``nn.ModuleList`` (the
+      encoder's layers), each called once per forward.
     """
     children = {n for n, _ in model.named_children()}
     if all(f"layer{i}" in children for i in range(1, 5)):
@@ -157,13 +161,39 @@ def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
         prev, prev2 = order[i - 1], order[i - 2] if i >= 2 else None
         if isinstance(prev, _CONVS) or (isinstance(prev, _NORMS) and isinstance(prev2, _CONVS)):
             stages.append(names[m])
+    if not stages:
+        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+        if lists:
+            prefix, layers = max(lists, key=lambda nm: len(nm[1]))
+            once = _called_once(model, list(layers), example)
+            stages = [f"{prefix}.{i}" for i, layer in enumerate(layers) if once[layer]]
     return stages
+
+
+def _called_once(model: nn.Module, modules: list[nn.Module], example) -> dict[nn.Module, bool]:
+    calls = {m: 0 for m in modules}
+
+    def count(mod, _i, _o):
+        calls[mod] += 1
+
+    hooks = [m.register_forward_hook(count) for m in modules]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: c == 1 for m, c in calls.items()}
 
 
 @torch.no_grad()
 def _pooled_features(model, ds, modules: dict, batch_size: int, device) -> dict[str, torch.Tensor]:
-    """One eval pass over ``ds``: ``{name: (N, C)}``, each module's output averaged over dims ≥ 2,
-    plus ``"penultimate"``, the classifier's input."""
+    """One eval pass over ``ds``: ``{name: (N, C)}``, each module's output averaged over its
+    positions, plus ``"penultimate"``, the classifier's input. Positions are dims ≥ 2 of a
+    ``(N, C, *spatial)`` output; a 3-D output whose last dim is the classifier's width is a
+    transformer's ``(N, T, C)`` and is averaged over ``T``. A tuple output (a transformers layer's)
+    is read at its first element."""
+    width = classifier_of(model)[1].in_features
     got: dict[str, list] = {n: [] for n in modules}
     got["penultimate"] = []
     per_batch: dict[str, int] = {}
@@ -171,9 +201,16 @@ def _pooled_features(model, ds, modules: dict, batch_size: int, device) -> dict[
     def out_hook(name):
         def hook(_m, _i, out):
             per_batch[name] = per_batch.get(name, 0) + 1
+            if isinstance(out, (tuple, list)):
+                out = out[0]
             out = out.detach().float()
-            got[name].append((out.mean(dim=tuple(range(2, out.dim()))) if out.dim() > 2
-                              else out.reshape(out.shape[0], -1)).cpu())
+            if out.dim() == 3 and out.shape[-1] == width:
+                pooled = out.mean(dim=1)
+            elif out.dim() > 2:
+                pooled = out.mean(dim=tuple(range(2, out.dim())))
+            else:
+                pooled = out.reshape(out.shape[0], -1)
+            got[name].append(pooled.cpu())
         return hook
 
     def pre_hook(_m, inputs):
@@ -196,6 +233,7 @@ def _pooled_features(model, ds, modules: dict, batch_size: int, device) -> dict[
     return {n: torch.cat(v) for n, v in got.items()}
 
 
+@model_entry
 def probe_by_depth(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes, *, stages=None,
                    probe_samples: int = 5000, batch_size: int = 512, device=None, seed: int = 0) -> dict[str, float]:
     """Forget-class linear-probe accuracy at each depth: ``{stage name: acc, ..., "penultimate": acc}``.
@@ -239,6 +277,7 @@ def probe_by_depth(model: nn.Module, train_set: Dataset, test_set: Dataset, forg
 # few-shot relearning
 # --------------------------------------------------------------------------------------------
 
+@model_entry
 def relearn_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes, *, k: int = 5,
                    steps: int = 10, lr: float = 0.003, momentum: float = 0.9, attack_seeds=(0, 1, 2),
                    head_only: bool = False, row_init: str = "mean", noise_std: float = 0.01,
@@ -291,7 +330,7 @@ def relearn_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, forg
                         + [_draw(ytr, ~torch.isin(ytr, cls_t), k * len(classes), gen, "retain")])
         x, y = take_batch(train_set, idx.tolist())
         x, y = x.to(device), y.to(device)
-        attacked = copy.deepcopy(model)
+        attacked = copy_model(model)
         head = dict(attacked.named_modules())[head_name]
         other = _other_rows(head, classes)
         d = head.in_features
@@ -325,6 +364,7 @@ def relearn_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, forg
 # prototype attack
 # --------------------------------------------------------------------------------------------
 
+@model_entry
 def prototype_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes, *, k: int = 5,
                      seed: int = 0, batch_size: int = 512, device=None, details: bool = False):
     """Training-free prototype attack (Spotter): forget-class test accuracy of a patched copy.
@@ -350,7 +390,7 @@ def prototype_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, fo
         idx = _draw(ytr, ytr == c, k, gen, f"class-{c}")
         feats, _ = penultimate_features(model, Subset(train_set, idx.tolist()), batch_size=batch_size, device=device)
         protos.append(feats.double().mean(0))
-    patched = copy.deepcopy(model)
+    patched = copy_model(model)
     head = classifier_of(patched)[1]
     norm = head.weight.detach()[_other_rows(head, classes)].double().norm(dim=1).mean().cpu()
     rows = torch.stack([p * norm / p.norm().clamp_min(1e-12) for p in protos])
@@ -370,6 +410,7 @@ def prototype_attack(model: nn.Module, train_set: Dataset, test_set: Dataset, fo
 # distance to a reference, collateral damage
 # --------------------------------------------------------------------------------------------
 
+@model_entry
 def tv_distance(model: nn.Module, reference: nn.Module, test_set: Dataset, forget_classes, *,
                 batch_size: int = 512, device=None) -> float:
     """Mean total-variation distance between the remaining-class distributions on ``T_f``.
@@ -391,6 +432,7 @@ def tv_distance(model: nn.Module, reference: nn.Module, test_set: Dataset, forge
     return float(0.5 * (p - q).abs().sum(1).mean())
 
 
+@model_entry
 def collateral(model: nn.Module, original: nn.Module, test_set: Dataset, forget_classes, *,
                batch_size: int = 512, device=None) -> dict:
     """Collateral damage on the remaining classes: ``drop_j = acc_orig(T_j) − acc_model(T_j)``, ``j ∈ R``.

@@ -14,6 +14,7 @@ from ..splits import dataset_labels
 from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
 from .metrics import (METRIC_KEYS, _accuracy, last_linear, linear_probe_accuracy, svc_mia_from_probs,
                       true_label_probs)
+from ..model_io import model_entry
 from .predict import check_batch_size, forward_collect
 
 __all__ = ["evaluate", "battery_metrics", "BATTERY_KEYS"]
@@ -27,6 +28,7 @@ BATTERY_KEYS = ("relearn_k5", "relearn_k5_auc", "relearn_k20", "prototype_forget
                 "collateral", "tv_to_reference")
 
 
+@model_entry
 def battery_metrics(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes, *, original=None,
                     reference=None, seed: int = 0, device=None, probe_samples: int = 5000) -> dict[str, float]:
     """The battery as flat ``{name: float}`` entries for a metrics table (nan where not applicable).
@@ -61,6 +63,7 @@ def battery_metrics(model: nn.Module, train_set: Dataset, test_set: Dataset, for
     return out
 
 
+@model_entry
 def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_classes: Iterable[int] | None = None,
              *, forget_indices=None, test_forget_indices=None, device=None, batch_size: int = 512,
              probe_samples: int = 5000, seed: int = 0, mia: bool = True, probe: bool = True,

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from .._common import normalise_classes, resolve_device
 from ..blocks import classifier_of
+from ..model_io import model_entry
 from .predict import check_batch_size, forward_collect
 
 __all__ = [
@@ -101,6 +102,7 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 # penultimate features
 # --------------------------------------------------------------------------------------------
 
+@model_entry
 def penultimate_features(model: nn.Module, dataset: Dataset, *, layer: nn.Module | None = None,
                          batch_size: int = 512, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features, labels)`` of ``dataset``: the penultimate representation ``h(x)`` of each sample.
@@ -167,6 +169,7 @@ def svc_mia_from_probs(shadow_in: np.ndarray, shadow_out: np.ndarray, target: np
     return float(np.mean(pred == 0))
 
 
+@model_entry
 def mia_efficacy(model: nn.Module, retain_train: Dataset, forget_train: Dataset,
                  test_remaining: Dataset, *, batch_size: int = 512, device=None,
                  max_per_side: int = MIA_MAX_PER_SIDE, seed: int = 0) -> float:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .._common import eval_mode, resolve_device
+from ..model_io import model_entry
 from ..splits import make_loader
 
 __all__ = ["forward_collect", "predict_logits", "accuracy", "per_class_accuracy", "check_batch_size"]
@@ -20,6 +21,7 @@ def check_batch_size(batch_size: int) -> None:
 
 
 @torch.no_grad()
+@model_entry
 def forward_collect(model: nn.Module, dataset: Dataset, *, batch_size: int = 512, device=None,
                     want_logits: bool = True, layer: nn.Module | None = None,
                     feature_rows: torch.Tensor | None = None):
@@ -72,6 +74,7 @@ def forward_collect(model: nn.Module, dataset: Dataset, *, batch_size: int = 512
     return logits, feats, labels
 
 
+@model_entry
 def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 512,
                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of ``model`` in eval mode over ``dataset``, both on the CPU."""
@@ -79,6 +82,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 512,
     return logits, labels
 
 
+@model_entry
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device=None) -> float:
     """Top-1 accuracy of ``model`` on ``dataset`` (nan for an empty dataset)."""
     if len(dataset) == 0:  # type: ignore[arg-type]
@@ -87,6 +91,7 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 512, device=N
     return (logits.argmax(1) == labels).float().mean().item()
 
 
+@model_entry
 def per_class_accuracy(model: nn.Module, dataset: Dataset, num_classes: int, batch_size: int = 512,
                        device=None) -> list[float]:
     """Accuracy per class (nan where a class has no sample)."""
