@@ -7,10 +7,17 @@ export MAX_JOBS
 # Debian's Fashion-MNIST package, when apt is there (else the demo says it fell back to digits).
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: deps build data demo test test-fast bench cpp-test clean
+.PHONY: deps extras build data demo test test-fast bench cpp-test clean
 
 deps:
 	$(PIP) install --quiet torch ninja numpy scikit-learn tqdm matplotlib pytest pytest-benchmark setuptools wheel
+
+# The optional extras (pyproject's [hf]): the model and data libraries users bring. `make test` installs them so
+# that CI runs the tests of torchvision, timm and transformers models and `datasets` data; the package imports
+# them lazily, and their tests skip with a reason where they are absent.
+EXTRAS := torchvision timm transformers datasets
+extras: deps
+	$(PIP) install --quiet $(EXTRAS)
 
 # Installs (editable, --no-build-isolation: against the torch installed above) and compiles only when
 # csrc/**, setup.py, CMakeLists.txt, the interpreter, the torch version or a build switch changed
@@ -29,7 +36,7 @@ data:
 demo: build data
 	$(PYTHON) -m dfmu_ext demo
 
-test: build data
+test: extras build data
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 	$(MAKE) cpp-test
 

@@ -6,21 +6,36 @@
 **Weights**: :func:`dfmu_ext.weights.load_state_dict_file` (``weights_only=True``; a bare state_dict
 or a dict holding one under ``"state_dict"``), strictly matched to the architecture.
 
-**Data** (:func:`load_data`), returned as ``(train_set, test_set, info)`` of ``TensorDataset``:
+**A Hugging Face model** (:func:`hf_from_config`, the CLI's ``--hf-config PATH``): a
+``transformers`` config (a ``config.json`` or the folder holding it), built with random weights by
+the class its ``architectures`` names (else ``AutoModelForSequenceClassification``, then
+``AutoModelForImageClassification``); the weights then come from ``--weights`` as for any model.
+
+**Data** (:func:`load_data`), returned as ``(train_set, test_set, info)``:
 
 * a ``.pt`` file (``torch.save`` of a dict, read with ``weights_only=True``) or a ``.npz`` file with
   ``train_x``, ``train_y``, ``test_x``, ``test_y``: ``*_x`` floating point, ``(N, ...)`` with the same
   per-sample shape in both splits, fed to the model **exactly as given** (never re-normalised);
   ``*_y`` integer class ids ``(N,)`` in ``[0, num_classes)``. Optional ``class_names`` (a list of
   strings in a ``.pt``, a string array in a ``.npz``) sets the class count and names; otherwise
-  the classes are ``0 .. max label``.
+  the classes are ``0 .. max label``. Optional fine labels make sub-classes forgettable
+  (``--forget-subclass``, as on the package's coarse-label sets): ``train_fine`` and ``test_fine``
+  (integer ``(N,)``, one fine-class id per sample of each split, both or neither) and
+  ``fine_names`` (like ``class_names``; otherwise ``0 .. max fine label``). Every fine class must
+  lie inside one class (its samples share one label); it lands in ``info.fine``.
 * an image folder tree ``ROOT/train/<class>/*.png`` and ``ROOT/test/<class>/*.png`` (also
   ``.jpg``/``.jpeg``/``.bmp``), read with Pillow as float32 in ``[0, 1]``, ``(N, C, H, W)`` with C = 1
   when every image is greyscale, else 3 (RGB); all images of one size. Classes are the sorted folder
   names of ``train/`` (id = position); ``normalize=(mean, std)`` then maps ``x -> (x - mean) / std``.
+* a folder saved by Hugging Face ``datasets`` (``DatasetDict.save_to_disk``) with ``train`` and
+  ``test`` splits: read with ``load_from_disk`` (``datasets`` must be installed) into dict samples
+  (:class:`dfmu_ext.splits.DictDataset`), every column but the label (``label`` or ``labels``)
+  passed to the model by name; every column must be numeric with one shape per sample (pad token
+  ids to one length first). Class names come from the label column's ``ClassLabel`` names.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -33,13 +48,18 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ..model_io import DEFAULT_LABEL_KEYS, adapted, as_pairs
+from ..splits import DictDataset, take_batch
 from ..weights import WeightsError, check_finite, fit_state_dict, load_state_dict_file
+from .coarse import FineLabels
 from .data import DatasetInfo
 
-__all__ = ["InputError", "DATA_KEYS", "IMAGE_EXTENSIONS", "load_arch", "parse_arch_kwargs", "load_model",
-           "load_data", "parse_normalize", "check_model_fits_data"]
+__all__ = ["InputError", "DATA_KEYS", "FINE_KEYS", "IMAGE_EXTENSIONS", "load_arch", "parse_arch_kwargs", "load_model",
+           "load_data", "parse_normalize", "check_model_fits_data", "hf_from_config"]
 
 DATA_KEYS = ("train_x", "train_y", "test_x", "test_y")
+#: Optional fine labels of a .pt/.npz file (both or neither), for forgetting a sub-class.
+FINE_KEYS = ("train_fine", "test_fine")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -104,6 +124,31 @@ def build_arch(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
+def hf_from_config(config: str) -> nn.Module:
+    """A ``transformers`` model with random weights, built from a local config (file or folder)."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("--hf-config needs transformers: pip install 'dfmu_ext[hf]'") from None
+    if not os.path.exists(config):
+        raise InputError(f"--hf-config {config!r} does not exist")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(config, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--hf-config {config!r} is not a transformers config: {first}") from None
+    for name in getattr(cfg, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls(cfg)
+    for auto in (transformers.AutoModelForSequenceClassification, transformers.AutoModelForImageClassification):
+        try:
+            return auto.from_config(cfg)
+        except ValueError:
+            continue
+    raise InputError(f"--hf-config {config!r}: no classification model is known for model type {cfg.model_type!r}")
+
+
 def load_model(spec: str, kwargs: dict, weights_path: str, device="cpu") -> tuple[nn.Module, dict]:
     """``(model with the weights loaded, state_dict)``; :class:`InputError` / ``WeightsError`` for bad input."""
     model = build_arch(spec, kwargs)
@@ -158,15 +203,53 @@ def _read_tensor_file(path: str) -> dict:
     return blob
 
 
-def _class_names(blob: dict, path: str) -> list[str] | None:
-    names = blob.get("class_names")
+def _class_names(blob: dict, path: str, key: str = "class_names") -> list[str] | None:
+    names = blob.get(key)
     if names is None:
         return None
     if isinstance(names, np.ndarray):
         names = names.tolist()
     if not isinstance(names, (list, tuple)) or not names:
-        raise InputError(f"{path!r}: class_names must be a non-empty list of strings")
+        raise InputError(f"{path!r}: {key} must be a non-empty list of strings")
     return [str(n) for n in names]
+
+
+def _fine_split(blob: dict, split: str, y: torch.Tensor, path: str) -> torch.Tensor:
+    key = f"{split}_fine"
+    f = _as_tensor(blob[key], key, path)
+    if f.is_floating_point() or f.is_complex() or f.dtype == torch.bool:
+        raise InputError(f"{path!r}: {key} must hold integer fine-class ids, got {f.dtype}")
+    if f.dim() != 1 or f.shape[0] != y.shape[0]:
+        raise InputError(f"{path!r}: {key} must be ({y.shape[0]},) to match {split}_y, got shape {tuple(f.shape)}")
+    return f.long()
+
+
+def _fine_labels(blob: dict, train_y: torch.Tensor, test_y: torch.Tensor, path: str) -> FineLabels | None:
+    """``train_fine``/``test_fine``/``fine_names`` checked against the class labels (None when absent).
+    A fine class's coarse class is the one label its samples share; unused fine ids get -1."""
+    given = [k for k in FINE_KEYS if k in blob]
+    if len(given) == 1:
+        other = FINE_KEYS[1 - FINE_KEYS.index(given[0])]
+        raise InputError(f"{path!r}: {given[0]} needs {other} too (fine labels for both splits, or neither)")
+    if not given:
+        if "fine_names" in blob:
+            raise InputError(f"{path!r}: fine_names needs train_fine and test_fine (the fine label of every sample)")
+        return None
+    train_f, test_f = _fine_split(blob, "train", train_y, path), _fine_split(blob, "test", test_y, path)
+    names = _class_names(blob, path, "fine_names")
+    both_f, both_y = torch.cat([train_f, test_f]), torch.cat([train_y.long(), test_y.long()])
+    low, top = int(both_f.min()), int(both_f.max())
+    count = len(names) if names is not None else top + 1
+    if low < 0 or top >= count:
+        raise InputError(f"{path!r}: fine labels must lie in [0, {count}), found {low}..{top}")
+    names = names or [str(i) for i in range(count)]
+    coarse_of = [-1] * count
+    for f, c in torch.unique(torch.stack([both_f, both_y], 1), dim=0).tolist():
+        if coarse_of[f] != -1:
+            raise InputError(f"{path!r}: fine class {names[f]!r} has samples labelled {coarse_of[f]} and {c}: "
+                             "every fine class must lie inside one class")
+        coarse_of[f] = c
+    return FineLabels(train_f, test_f, tuple(names), tuple(coarse_of))
 
 
 def _check_split(x: torch.Tensor, y: torch.Tensor, split: str, path: str) -> torch.Tensor:
@@ -215,8 +298,13 @@ def _load_tensor_file(path: str, normalize) -> tuple[TensorDataset, TensorDatase
         found = ", ".join(sorted(map(str, blob))) or "nothing"
         raise InputError(f"{path!r} lacks {', '.join(missing)} (needs {', '.join(DATA_KEYS)}; found {found})")
     t = {k: _as_tensor(blob[k], k, path) for k in DATA_KEYS}
-    return _finish(t["train_x"], t["train_y"], t["test_x"], t["test_y"], _class_names(blob, path),
-                   os.path.splitext(os.path.basename(path))[0], os.path.abspath(path), path)
+    train_set, test_set, info = _finish(t["train_x"], t["train_y"], t["test_x"], t["test_y"],
+                                        _class_names(blob, path), os.path.splitext(os.path.basename(path))[0],
+                                        os.path.abspath(path), path)
+    fine = _fine_labels(blob, train_set.tensors[1], test_set.tensors[1], path)
+    if fine is not None:
+        info = dataclasses.replace(info, fine=fine)
+    return train_set, test_set, info
 
 
 def _image_files(folder: str) -> list[str]:
@@ -293,6 +381,10 @@ def load_data(path: str, normalize: tuple[Sequence[float], Sequence[float]] | No
               ) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
     """``(train_set, test_set, info)`` from a ``.pt``/``.npz`` file or an image folder tree (see the
     module docstring). Raises :class:`InputError` with a one-line reason for unusable data."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        if normalize is not None:
+            raise InputError("--normalize applies to image folders only, not to a saved datasets folder")
+        return _load_hf_disk(path)
     if os.path.isdir(path):
         return _load_image_folder(path, normalize)
     if not os.path.isfile(path):
@@ -302,14 +394,63 @@ def load_data(path: str, normalize: tuple[Sequence[float], Sequence[float]] | No
     return _load_tensor_file(path, normalize)
 
 
-def check_model_fits_data(model: nn.Module, train_set: TensorDataset, info: DatasetInfo, device="cpu") -> None:
+def _hf_split(split, path: str, name: str) -> tuple[DictDataset, list[str] | None]:
+    label_key = next((k for k in DEFAULT_LABEL_KEYS if k in split.column_names), None)
+    if label_key is None:
+        raise InputError(f"{path!r}: the {name} split has no label column ({' or '.join(DEFAULT_LABEL_KEYS)}; "
+                         f"columns: {', '.join(split.column_names)})")
+    names = getattr(split.features[label_key], "names", None)
+    try:
+        table = split.with_format("torch")[:]  # every column at once; ragged ones come back as lists
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path!r}: the {name} split cannot be read as tensors: {str(exc).splitlines()[0]}") from None
+    columns = {}
+    for col, values in table.items():
+        if col == label_key:
+            continue
+        if not isinstance(values, torch.Tensor):
+            raise InputError(f"{path!r}: column {col!r} of the {name} split is not numeric with one shape per sample "
+                             "(pad token ids to one length)")
+        columns[col] = values
+    return DictDataset(columns, table[label_key], label_key), names
+
+
+def _load_hf_disk(path: str):
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"{path!r} is a saved Hugging Face datasets folder: pip install 'dfmu_ext[hf]'") from None
+    try:
+        saved = datasets.load_from_disk(path)
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise InputError(f"{path!r} cannot be read by datasets.load_from_disk: {str(exc).splitlines()[0]}") from None
+    missing = [s for s in ("train", "test") if s not in saved]
+    if missing:
+        raise InputError(f"{path!r} has no {' and '.join(missing)} split (it has: {', '.join(saved)})")
+    train, names = _hf_split(saved["train"], path, "train")
+    test, _ = _hf_split(saved["test"], path, "test")
+    if len(train) == 0 or len(test) == 0:
+        raise InputError(f"{path!r}: the train and test splits must not be empty")
+    k = int(max(train.targets.max(), test.targets.max())) + 1
+    if int(min(train.targets.min(), test.targets.min())) < 0:
+        raise InputError(f"{path!r}: labels must be class ids >= 0")
+    names = list(names) if names else [str(c) for c in range(k)]
+    first = next(iter(train.columns.values()))
+    info = DatasetInfo(name=os.path.basename(os.path.normpath(path)), num_classes=max(k, len(names)),
+                       in_channels=1, image_size=tuple(first.shape[1:3]) or (1, 1), class_names=tuple(names),
+                       source=f"datasets.load_from_disk({path!r})")
+    return train, test, info
+
+
+def check_model_fits_data(model: nn.Module, train_set, info: DatasetInfo, device="cpu") -> None:
     """One forward pass of two training samples: the output must be ``(2, K)`` logits with K >= the
-    data's class count. Raises :class:`InputError` otherwise."""
-    x = train_set.tensors[0][:2].to(device)
+    data's class count (a ``transformers`` output's ``logits``). Raises :class:`InputError` otherwise."""
+    x, _ = take_batch(as_pairs(train_set), [0, 1] if len(train_set) > 1 else [0])
+    x = x.to(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), adapted(model):
             out = model(x)
     except (RuntimeError, ValueError, TypeError) as exc:  # shape/dtype mismatches surface as these
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

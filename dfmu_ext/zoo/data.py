@@ -1,8 +1,11 @@
 """The data sets by name: ``load_dataset("fashion-mnist" | "cifar10" | "digits" |
-"fashion-mnist-6k" | "fashion-mnist-coarse" | "fashion-mnist-mixed3" | "fashion-mnist-mixed2" | "cifar20")`` -> ``(train, test, info)``, the names, aliases and the default.
+"fashion-mnist-6k" | "fashion-mnist-coarse" | "fashion-mnist-mixed3" | "fashion-mnist-mixed2" | "cifar20" |
+"topics")`` -> ``(train, test, info)``, the names, aliases, the default, and the default model of each.
 
-Everything is loaded into memory as normalised float32 ``TensorDataset``s (the readers are in
+Image sets are loaded into memory as normalised float32 ``TensorDataset``s (the readers are in
 :mod:`.sources`, the coarse-label sets in :mod:`.coarse`), so the pipeline indexes tensors directly.
+``topics`` (:mod:`.text`) is generated: token-id dict samples, ``{"input_ids", "attention_mask",
+"labels"}``, the text classification task the zoo's transformer is trained on.
 Nothing downloads: a missing data set fails with a message that says how to install it.
 """
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 
 from torch.utils.data import TensorDataset
 
-from . import coarse
+from . import coarse, text
 from .sources import (DatasetInfo, find_cifar10, find_fashion_mnist, load_cifar10, load_digits,
                       load_fashion_mnist, load_fashion_mnist_6k, read_idx)
 
@@ -21,6 +24,8 @@ __all__ = [
     "load_dataset",
     "available_datasets",
     "default_dataset",
+    "default_model",
+    "TOKEN_DATASETS",
     "find_fashion_mnist",
     "find_cifar10",
     "read_idx",
@@ -28,7 +33,10 @@ __all__ = [
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "digits", "fashion-mnist-6k", "fashion-mnist-coarse",
-                                  "fashion-mnist-mixed3", "fashion-mnist-mixed2", "cifar20")
+                                  "fashion-mnist-mixed3", "fashion-mnist-mixed2", "cifar20", "topics")
+
+#: Data sets of token ids (dict samples), whose default model is the transformer.
+TOKEN_DATASETS = ("topics",)
 
 _ALIASES = {
     "fashion-mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
@@ -39,6 +47,7 @@ _ALIASES = {
     "fashion-mnist-mixed2": "fashion-mnist-mixed2", "fmnist-mixed2": "fashion-mnist-mixed2",
     "fashion-mnist-coarse": "fashion-mnist-coarse", "fmnist-coarse": "fashion-mnist-coarse",
     "cifar20": "cifar20", "cifar-20": "cifar20",
+    "topics": "topics", "text": "topics",
 }
 
 
@@ -77,6 +86,8 @@ def load_dataset(name: str, root: str | os.PathLike | None = None,
         return coarse.load_cifar20(root, download_hint)
     if key == "fashion-mnist-6k":
         return load_fashion_mnist_6k(root, download_hint)
+    if key == "topics":
+        return text.load_topics()
     return load_digits()
 
 
@@ -88,9 +99,15 @@ def available_datasets() -> list[str]:
     if find_cifar10() is not None:
         out.append("cifar10")
     out.append("digits")
+    out.append("topics")
     return out
 
 
 def default_dataset() -> str:
     """"fashion-mnist" when its files are present, else the always-available "digits"."""
     return "fashion-mnist" if find_fashion_mnist() is not None else "digits"
+
+
+def default_model(dataset: str | None) -> str:
+    """The zoo model a data set is trained with by default: "transformer" for token data sets, else "cnn"."""
+    return "transformer" if dataset is not None and canonical_name(dataset) in TOKEN_DATASETS else "cnn"

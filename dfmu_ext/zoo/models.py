@@ -19,7 +19,7 @@ from torch import nn
 __all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "canonical_model_name",
            "model_name_of", "init_weights"]
 
-MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp")
+MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp", "transformer")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -152,15 +152,18 @@ def canonical_model_name(name: str) -> str:
 
 def model_name_of(model: nn.Module) -> str | None:
     """The ``MODEL_NAMES`` entry of a package model, None for any other module."""
-    return {SmallCNN: "cnn", ResNet18: "resnet18", MLP: "mlp"}.get(type(model))
+    from .text import TokenTransformer
+    return {SmallCNN: "cnn", ResNet18: "resnet18", MLP: "mlp", TokenTransformer: "transformer"}.get(type(model))
 
 
 def build_model(name: str, in_channels: int, num_classes: int,
                 image_size: int | tuple[int, int] = (28, 28), **kw) -> nn.Module:
     """Build ``name`` (one of ``MODEL_NAMES``) for inputs of ``in_channels`` x ``image_size``.
 
-    Extra keywords go to the model (``width`` for cnn/resnet18, ``hidden`` for mlp). The image
-    size only matters to the MLP (its input width); the convolutional models pool globally.
+    Extra keywords go to the model (``width`` for cnn/resnet18, ``hidden`` for mlp, ``dim``,
+    ``depth``, ``heads``, ``mlp_dim`` for transformer). The image size only matters to the MLP (its
+    input width); the convolutional models pool globally. For the transformer (token data sets,
+    :mod:`.text`) ``in_channels`` is the vocabulary size and ``image_size[0]`` the sequence length.
     """
     key = canonical_model_name(name)
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -170,4 +173,7 @@ def build_model(name: str, in_channels: int, num_classes: int,
         return ResNet18(in_channels, num_classes, **kw)
     if key == "mlp":
         return MLP(in_channels * h * w, num_classes, **kw)
+    if key == "transformer":
+        from .text import TokenTransformer
+        return TokenTransformer(in_channels, num_classes, max_len=h, **kw)
     raise AssertionError(key)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..model_io import model_entry
 from .._common import TrainBatches, seeded, synchronize, train_mode
 from ..eval.predict import accuracy
 from ..steps import StepEngine, StepOptions
@@ -84,6 +85,7 @@ def default_train_config(model_name: str, device_type: str = "cpu", dataset: str
 
     * cnn: 3 epochs, SGD lr 0.05, batch 128, cosine (same on every device: it is cheap).
     * mlp: 5 epochs, SGD lr 0.05, batch 128, cosine.
+    * transformer (the token data sets' model): 6 epochs, AdamW lr 1e-3, weight decay 0.01, batch 64, cosine.
     * resnet18 on cuda: the standard network (width 64), 10 epochs, SGD lr 0.1, batch 128, cosine.
     * resnet18 on cpu: a reduced recipe, since the full network takes hours per epoch on two
       cores: width 16 (0.7M parameters instead of 11.2M), 2 epochs, lr 0.1, batch 128.
@@ -101,6 +103,8 @@ def _model_train_config(model_name: str, device_type: str) -> TrainConfig:
         return TrainConfig(epochs=3, lr=0.05, batch_size=128)
     if key == "mlp":
         return TrainConfig(epochs=5, lr=0.05, batch_size=128)
+    if key == "transformer":
+        return TrainConfig(epochs=6, lr=1e-3, batch_size=64, optimizer="adamw", weight_decay=0.01)
     if key == "resnet18":
         if dev == "cuda":
             return TrainConfig(epochs=10, lr=0.1, batch_size=128, model_kwargs={"width": 64})
@@ -128,6 +132,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
 
+@model_entry
 def train_model(model: nn.Module, train_set: Dataset, config: TrainConfig,
                 device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
                 desc: str = "train", *, eval_set: Dataset | None = None,
