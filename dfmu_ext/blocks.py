@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._common import eval_mode
-from .model_io import explicit_classifier
+from .model_io import adapted, explicit_classifier
 
 SCORABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -233,6 +233,6 @@ def discover_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
     A layer called more than once per forward (weight sharing) is skipped: its units have no single
     output to score. Raises ValueError when no prunable block exists.
     """
-    with eval_mode(model), BlockTracer(model) as tracer, torch.enable_grad():
+    with adapted(model), eval_mode(model), BlockTracer(model) as tracer, torch.enable_grad():
         model(example)
     return tracer.blocks()
