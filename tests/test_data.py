@@ -151,7 +151,7 @@ def test_default_dataset_falls_back_to_digits(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(sources, "_FMNIST_SYSTEM_DIR", str(tmp_path / "absent"))
     assert default_dataset() == "digits"
-    assert available_datasets() == ["digits"]
+    assert available_datasets() == ["digits", "topics"]  # both are generated or bundled: always there
 
 
 # ---------------------------------------------------------------- CIFAR-10

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dfmu_ext.blocks import classifier_of
-from dfmu_ext.zoo.models import MLP, MODEL_NAMES, ResNet18, SmallCNN, build_model
+from dfmu_ext.zoo.models import IMAGE_MODEL_NAMES, MLP, ResNet18, SmallCNN, build_model
 
 SHAPES = [(1, 28), (3, 32), (1, 8), (3, 8)]
 SMALL = {"cnn": {"width": 8}, "resnet18": {"width": 8}, "mlp": {}}
@@ -22,7 +22,7 @@ def _build(name, c, s, classes=7, **kw):
     return build_model(name, c, classes, image_size=(s, s), **{**SMALL[name], **kw})
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODEL_NAMES)  # the token transformer: test_text_and_norms.py
 @pytest.mark.parametrize("c,s", SHAPES)
 def test_output_shape(name, c, s):
     model = _build(name, c, s)
@@ -32,7 +32,7 @@ def test_output_shape(name, c, s):
     assert model(x[:1]).shape == (1, 7)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODEL_NAMES)  # the token transformer: test_text_and_norms.py
 def test_last_linear_is_the_head(name):
     model = _build(name, 1, 28).eval()
     head = classifier_of(model)[1]
@@ -47,7 +47,7 @@ def test_last_linear_is_the_head(name):
     assert feats["x"].dim() == 2 and feats["x"].shape[1] == head.in_features
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODEL_NAMES)  # the token transformer: test_text_and_norms.py
 def test_gradient_reaches_every_parameter(name):
     model = _build(name, 3, 32)
     loss = nn.functional.cross_entropy(model(torch.randn(6, 3, 32, 32)), torch.arange(6))
@@ -58,7 +58,7 @@ def test_gradient_reaches_every_parameter(name):
         assert p.grad.abs().sum() > 0, pname
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODEL_NAMES)  # the token transformer: test_text_and_norms.py
 def test_only_visible_layers_and_no_inplace_relu(name):
     model = _build(name, 1, 28)
     for m in model.modules():

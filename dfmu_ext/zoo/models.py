@@ -16,10 +16,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "canonical_model_name",
+__all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "IMAGE_MODEL_NAMES", "canonical_model_name",
            "model_name_of", "init_weights"]
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp", "transformer")
+#: The models of image data sets (the transformer reads token ids: :mod:`.text`).
+IMAGE_MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
