@@ -11,31 +11,17 @@ from dfmu_ext import cli
 from dfmu_ext.cli.checks import read_forget_indices
 from dfmu_ext.record import indices_sha256, record_path_for
 
+from _own_mlp import write_own_mlp
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-ARCH = """
-from torch import nn
-def build(hidden=16, classes=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, digits):
     """A small MLP trained on 400 digits, its weights, and the data as a .pt file (fast end to end)."""
-    from dfmu_ext.zoo import training
-
     d = tmp_path_factory.mktemp("tiny")
-    (d / "arch.py").write_text(ARCH)
-    ns = {}
-    exec(ARCH, ns)
     tr, te, _ = digits
     x, y, tx, ty = tr.tensors[0][:400], tr.tensors[1][:400], te.tensors[0][:150], te.tensors[1][:150]
-    torch.manual_seed(0)
-    model = ns["build"]()
-    training.train_model(model, torch.utils.data.TensorDataset(x, y), training.TrainConfig(epochs=4), progress=False)
-    torch.save(model.state_dict(), d / "w.pt")
-    torch.save({"train_x": x, "train_y": y, "test_x": tx, "test_y": ty}, d / "data.pt")
+    write_own_mlp(d, {"train_x": x, "train_y": y, "test_x": tx, "test_y": ty})
     return {"dir": d, "arch": f"{d / 'arch.py'}:build", "weights": str(d / "w.pt"), "data": str(d / "data.pt"),
             "y": y}
 

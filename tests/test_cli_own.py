@@ -11,31 +11,20 @@ import torch
 from dfmu_ext import cli
 from dfmu_ext.record import record_path_for
 
+from _own_mlp import arch_source, write_own_mlp
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCH = """
-from torch import nn
-def build(hidden=32, classes=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-"""
+ARCH = arch_source(hidden=32)
 
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory, digits):
     """An architecture file, trained weights (bare state_dict) and digits as a .pt data file."""
-    from dfmu_ext.zoo import training
-
     d = tmp_path_factory.mktemp("own")
-    (d / "my_arch.py").write_text(ARCH)
-    ns = {}
-    exec(ARCH, ns)
     tr, te, _ = digits
-    torch.manual_seed(0)
-    model = ns["build"]()
-    training.train_model(model, tr, training.TrainConfig(epochs=3), progress=False)
-    torch.save(model.state_dict(), d / "w.pt")
-    torch.save({"train_x": tr.tensors[0], "train_y": tr.tensors[1], "test_x": te.tensors[0],
-                "test_y": te.tensors[1]}, d / "data.pt")
+    model = write_own_mlp(d, {"train_x": tr.tensors[0], "train_y": tr.tensors[1], "test_x": te.tensors[0],
+                              "test_y": te.tensors[1]}, arch_file="my_arch.py", default_hidden=32, epochs=3)
     return {"dir": d, "arch": f"{d / 'my_arch.py'}:build", "weights": str(d / "w.pt"), "data": str(d / "data.pt"),
             "state": model.state_dict(), "tr": tr, "te": te}
 
@@ -423,19 +412,9 @@ def _coarse_blob(digits, n_train=400, n_test=150):
 @pytest.fixture(scope="module")
 def fine_own(tmp_path_factory, digits):
     """A 3-class MLP trained on the coarse labels, and the data with fine labels as .pt and .npz."""
-    from dfmu_ext.zoo import training
-
     d = tmp_path_factory.mktemp("fine")
-    (d / "my_arch.py").write_text(ARCH)
-    ns = {}
-    exec(ARCH, ns)
     blob = _coarse_blob(digits)
-    torch.manual_seed(0)
-    model = ns["build"](hidden=16, classes=3)
-    train = torch.utils.data.TensorDataset(blob["train_x"], blob["train_y"])
-    training.train_model(model, train, training.TrainConfig(epochs=4), progress=False)
-    torch.save(model.state_dict(), d / "w.pt")
-    torch.save(blob, d / "data.pt")
+    write_own_mlp(d, blob, arch_file="my_arch.py", default_hidden=32, hidden=16, classes=3)
     np.savez(d / "data.npz", **{k: np.asarray(v) for k, v in blob.items()})
     return {"dir": d, "blob": blob, "args": ["--arch", f"{d / 'my_arch.py'}:build", "--arch-kwargs",
                                              '{"hidden": 16, "classes": 3}', "--weights", str(d / "w.pt"),

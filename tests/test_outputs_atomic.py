@@ -11,39 +11,23 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dfmu_ext import _io, cli
 from dfmu_ext._io import OutputBatch, OutputError, remove_stale_temps
 from dfmu_ext.record import record_path_for
 
+from _own_mlp import write_own_mlp
+
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd (Linux)")]
-
-ARCH = """
-from torch import nn
-def build(hidden=16, classes=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, digits):
     """A small MLP trained on 400 digits, its weights and the data (inputs, in their own folder)."""
-    from dfmu_ext.zoo import training
-
     d = tmp_path_factory.mktemp("inputs")
-    (d / "arch.py").write_text(ARCH)
-    ns = {}
-    exec(ARCH, ns)
     tr, te, _ = digits
-    x, y = tr.tensors[0][:400], tr.tensors[1][:400]
-    torch.manual_seed(0)
-    model = ns["build"]()
-    training.train_model(model, torch.utils.data.TensorDataset(x, y), training.TrainConfig(epochs=4), progress=False)
-    torch.save(model.state_dict(), d / "w.pt")
-    torch.save({"train_x": x, "train_y": y, "test_x": te.tensors[0][:150], "test_y": te.tensors[1][:150]},
-               d / "data.pt")
+    write_own_mlp(d, {"train_x": tr.tensors[0][:400], "train_y": tr.tensors[1][:400], "test_x": te.tensors[0][:150],
+                      "test_y": te.tensors[1][:150]})
     return ["--arch", f"{d / 'arch.py'}:build", "--weights", str(d / "w.pt"), "--data", str(d / "data.pt"),
             "--device", "cpu", "--quiet"]
 

@@ -20,7 +20,6 @@ one-line ``ValueError`` / ``TypeError`` for bad inputs.
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -144,9 +143,12 @@ def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
     if all(f"layer{i}" in children for i in range(1, 5)):
         return [f"layer{i}" for i in range(1, 5)]
     names = {m: n for n, m in model.named_modules()}
+    leaves = [m for m in model.modules() if not list(m.children())]
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+    prefix, layers = max(lists, key=lambda nm: len(nm[1])) if lists else ("", nn.ModuleList())
+    # one forward records the calls of the leaves (the conv rule) and of the longest list's members
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-             for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(lambda mod, _i, _o: order.append(mod)) for m in {*leaves, *layers}]
     try:
         with eval_mode(model), torch.no_grad():
             model(example)
@@ -154,6 +156,8 @@ def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in hooks:
             h.remove()
     calls = {m: order.count(m) for m in order}
+    leaf_set = set(leaves)
+    order = [m for m in order if m in leaf_set]
     stages = []
     for i, m in enumerate(order):
         if not isinstance(m, _NONLINS) or calls[m] != 1 or i == 0:
@@ -162,28 +166,8 @@ def default_stages(model: nn.Module, example: torch.Tensor) -> list[str]:
         if isinstance(prev, _CONVS) or (isinstance(prev, _NORMS) and isinstance(prev2, _CONVS)):
             stages.append(names[m])
     if not stages:
-        lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
-        if lists:
-            prefix, layers = max(lists, key=lambda nm: len(nm[1]))
-            once = _called_once(model, list(layers), example)
-            stages = [f"{prefix}.{i}" for i, layer in enumerate(layers) if once[layer]]
+        stages = [f"{prefix}.{i}" for i, layer in enumerate(layers) if calls.get(layer) == 1]
     return stages
-
-
-def _called_once(model: nn.Module, modules: list[nn.Module], example) -> dict[nn.Module, bool]:
-    calls = {m: 0 for m in modules}
-
-    def count(mod, _i, _o):
-        calls[mod] += 1
-
-    hooks = [m.register_forward_hook(count) for m in modules]
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {m: c == 1 for m, c in calls.items()}
 
 
 @torch.no_grad()
