@@ -93,6 +93,46 @@ class MomentumSGD:
                 p.grad.zero_()
 
 
+class AdamW(MomentumSGD):
+    r"""AdamW (decoupled weight decay; Loshchilov & Hutter) on ``torch._foreach_*`` ops, for the same
+    reason as :class:`MomentumSGD` (no ``torch.optim`` import on the unlearning path):
+
+    .. math:: m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\quad
+              \theta \leftarrow \theta(1 - \eta\lambda) - \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+
+    ``state[p]`` holds ``exp_avg`` and ``exp_avg_sq`` (``torch.optim``'s names and shapes), so
+    :meth:`dfmu_ext.pruning.MaskPlan.apply` masks the moments too. ``lr`` may be changed between steps.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, lr, 0.0, weight_decay)
+        self.betas, self.eps, self.t = betas, float(eps), 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        self.t += 1
+        b1, b2 = self.betas
+        for p in params:
+            if p not in self.state:
+                self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        grads = [p.grad for p in params]
+        m = [self.state[p]["exp_avg"] for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        if self.weight_decay:
+            torch._foreach_mul_(params, 1 - self.lr * self.weight_decay)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - b2 ** self.t) ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, m, denom, value=-self.lr / (1 - b1 ** self.t))
+
+
 def _epochs(config: FinetuneConfig, n: int, batch_size: int, extra_steps: int = 0) -> int:
     """``config.epochs``, raised to reach ``config.min_steps + extra_steps`` optimizer steps when the
     budget is small."""

@@ -77,7 +77,7 @@ def _folded_batchnorm(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
     return scale, shift
 
 
-class _EmbeddingCut:
+class EmbeddingCut:
     """Forward hooks that replace every ``nn.Embedding`` output by a detached copy that requires a
     gradient: the points the backward of a token batch is taken at."""
 
@@ -93,7 +93,7 @@ class _EmbeddingCut:
             return output
         return None
 
-    def __enter__(self) -> "_EmbeddingCut":
+    def __enter__(self) -> "EmbeddingCut":
         for m in self.model.modules():
             if isinstance(m, nn.Embedding):
                 self._handles.append(m.register_forward_hook(self._cut))
@@ -186,7 +186,7 @@ def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_clas
         try:
             tokens = is_token_batch(x)
             x_in = _grad_inputs(x)
-            cut = _EmbeddingCut(model) if tokens else contextlib.nullcontext()
+            cut = EmbeddingCut(model) if tokens else contextlib.nullcontext()
             with cut, BlockTracer(model, on_output=on_output) as tracer:
                 try:
                     logits = model(x_in)

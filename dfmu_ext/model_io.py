@@ -351,6 +351,17 @@ def as_pairs(dataset, label_key: str | None = None):
     if n == 0:
         return dataset
     first = dataset[0]
+    if isinstance(first, Mapping) and _per_token_labels(first, label_key):
+        return dataset  # causal-LM samples: the labels are a sequence, read by dfmu_ext.lm
     if isinstance(first, Mapping):
         return LabeledDataset(dataset, _label_key(first, label_key))
     return dataset
+
+
+def _per_token_labels(sample: Mapping, label_key: str | None) -> bool:
+    """Whether a dict sample's labels are one per input token (a causal-LM sample)."""
+    key = label_key or "labels"
+    if key not in sample or "input_ids" not in sample:
+        return False
+    labels, ids = torch.as_tensor(sample[key]), torch.as_tensor(sample["input_ids"])
+    return labels.dim() >= 1 and labels.shape == ids.shape

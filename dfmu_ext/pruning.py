@@ -26,10 +26,17 @@ class MaskPlan:
 
     params: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)   # the dim of each tensor that indexes its units
 
-    def add(self, tensor: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, tensor: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> None:
+        """Mask ``tensor`` along ``dim`` (0: output units; 1: a Linear's input features, e.g. an MLP's
+        neurons as its down projection reads them)."""
+        if mask.dim() != 1 or mask.numel() != tensor.shape[dim]:
+            raise ValueError(f"a mask of {mask.numel()} values does not fit dim {dim} of a tensor of shape "
+                             f"{tuple(tensor.shape)}")
         self.params.append(tensor)
         self.masks.append(mask)
+        self.dims.append(dim)
 
     def tensors_and_masks(self, optimizer=None):
         """The parameters and, with ``optimizer``, every state tensor of the same shape (momentum, Adam moments).
@@ -37,13 +44,16 @@ class MaskPlan:
         ``optimizer``: anything with a ``torch.optim``-style ``state`` dict (``{param: {name: tensor}}``),
         e.g. a ``torch.optim.Optimizer`` or the fine-tune's ``MomentumSGD``."""
         tensors, masks = [], []
-        for p, m in zip(self.params, self.masks):
-            tensors.append(p.data)
+        dims = self.dims if len(self.dims) == len(self.params) else [0] * len(self.params)
+        for p, m, dim in zip(self.params, self.masks, dims):
+            # the op scales dim 0: another unit dim is read through a transposed view (masked in place)
+            units_first = (lambda t: t) if dim == 0 else (lambda t, d=dim: t.transpose(0, d))
+            tensors.append(units_first(p.data))
             masks.append(m)
             if optimizer is not None:
                 for value in optimizer.state.get(p, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == p.shape and value.is_floating_point():
-                        tensors.append(value)
+                        tensors.append(units_first(value))
                         masks.append(m)
         return tensors, masks
 

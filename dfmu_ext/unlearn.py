@@ -15,6 +15,8 @@ from .blocks import classifier_of, discover_blocks
 from .distributed import Comm, current_comm
 from .finetune import FinetuneConfig, masked_finetune
 from .importance import score_blocks
+from .lm.task import detect_task
+from .lm.unlearn import LMFinetuneConfig, unlearn_causal_lm
 from .model_io import cat, model_entry
 from .pruning import build_mask_plan, head_mask_for, suppress_head
 from .result import PruneResult, UnlearnResult
@@ -160,7 +162,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             finetune: FinetuneConfig | None = None,
             score_samples: int = 512, device=None, seed: int = 0, progress: bool = False,
             comm: Comm | None = None, steps: StepOptions | None = None, record=None,
-            forget_term: ForgetTargetConfig | None = None) -> UnlearnResult:
+            forget_term: ForgetTargetConfig | None = None, task: str | None = None) -> UnlearnResult:
     r"""Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data — every
     other sample; the budget is stratified by label either way.
@@ -207,7 +209,23 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     token inputs are scored at the output of the model's embeddings. ``classifier=`` names the
     classifier module when it is not found (timm's ``get_classifier()``, a ``classifier`` or
     ``score`` attribute, else the last ``nn.Linear``).
+
+    Causal language models (``task="causal-lm"``, or detected from samples
+    ``{"input_ids", "attention_mask"?, "labels"}`` whose ``labels`` are per token, -100 where
+    nothing is scored): ``forget_indices`` name the sequences to forget, the units are the MLP
+    neurons, the loss is the next-token loss of the scored tokens, and ``finetune`` is a
+    :class:`dfmu_ext.lm.unlearn.LMFinetuneConfig` — see :func:`dfmu_ext.lm.unlearn.unlearn_causal_lm`.
     """
+    if detect_task(train_set, task) == "causal-lm":
+        if forget_classes is not None:
+            raise ValueError("a causal LM forgets sequences, not classes: give forget_indices")
+        unused = [n for n, v in (("comm", comm), ("steps", steps), ("forget_term", forget_term)) if v is not None]
+        if unused or (finetune is not None and not isinstance(finetune, LMFinetuneConfig)):
+            raise ValueError(f"for a causal LM, {', '.join(unused) or 'finetune'} is not supported "
+                             f"(finetune takes an LMFinetuneConfig)")
+        return unlearn_causal_lm(model, train_set, forget_indices, retain_fraction, mode=mode, selection=selection,
+                                 finetune=finetune, score_samples=score_samples, device=device, seed=seed,
+                                 progress=progress, record=record)
     input_sha256 = deletion_record.state_dict_sha256(model) if record is not None else None
     total_start = time.perf_counter()
     if not 0.0 < retain_fraction <= 1.0:
