@@ -38,6 +38,11 @@ class SelectionConfig:
     min_ratio: float = 1.0         # candidates need rho > min_ratio
     protect_top: float = 0.10      # the top 10% of units by retain importance are never touched
     rescale_lambda: float = 1.0
+    # How a group's importance is made comparable with the other's: "count" divides by its samples
+    # (per-sample means); "total" by its summed importance over the block (each group's share of the
+    # block's importance), so a group whose loss is simply larger (an LM's retain text vs memorised
+    # facts) does not outweigh the other everywhere.
+    normalize: str = "count"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -46,6 +51,8 @@ class SelectionConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1), got {v}")
+        if self.normalize not in ("count", "total"):
+            raise ValueError(f"normalize must be 'count' or 'total', got {self.normalize!r}")
         if self.min_ratio < 0 or self.rescale_lambda <= 0:
             raise ValueError("min_ratio must be >= 0 and rescale_lambda > 0")
 
@@ -72,7 +79,10 @@ def select_units(blocks: list[Block], scores: dict[str, torch.Tensor], counts: t
     masks: dict[str, torch.Tensor] = {}
     for b in blocks:
         s = scores[b.name].double().cpu()
-        i_r, i_f = s[0] / n_r, s[1] / n_f
+        if config.normalize == "total":
+            i_r, i_f = s[0] / s[0].sum().clamp_min(1e-30), s[1] / s[1].sum().clamp_min(1e-30)
+        else:
+            i_r, i_f = s[0] / n_r, s[1] / n_f
         eps = 1e-12 + 1e-6 * float(i_r.mean())
         rho = i_f / (i_r + eps)
         mask = torch.ones(b.units, dtype=torch.float64)

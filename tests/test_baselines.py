@@ -60,21 +60,29 @@ def _params(model):
 
 def test_registry_names():
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
-                                       "head-mask", "DFMU", "DeepUnlearning"]
+                                       "head-mask", "DFMU", "DeepUnlearning", "GradDiff", "NPO", "SelectivePruning"]
+    assert baselines.methods_for("classification") == CLASSIFIER_METHODS
+    assert baselines.methods_for("causal-lm") == ["Retrain", "GA", "DFMU", "GradDiff", "NPO", "SelectivePruning"]
     assert list(baselines.SPECS) == list(baselines.METHODS)
     assert {n for n, s in baselines.SPECS.items() if not s.budgeted} == {"Retrain", "GA", "head-mask"}
     for name, spec in baselines.SPECS.items():  # the registry's epochs are the functions' own defaults
         epochs = inspect.signature(spec.fn).parameters.get("epochs")
         assert spec.default_epochs == (epochs.default if epochs is not None else None), name
     # `trains` says which methods take the step engine's options; the functions agree.
-    assert {n for n, s in baselines.SPECS.items() if not s.trains} == {"SSD", "head-mask", "DeepUnlearning"}
+    assert {n for n, s in baselines.SPECS.items() if not s.trains} == {"SSD", "head-mask", "DeepUnlearning",
+                                                                        "SelectivePruning"}
     takes_steps = {n for n, s in baselines.SPECS.items()
                    if "steps" in inspect.signature(s.fn).parameters}
     assert takes_steps == {n for n, s in baselines.SPECS.items() if s.trains} - {"DFMU"}  # DFMU: **kwargs
     assert "steps" in inspect.signature(dfmu_ext.unlearn).parameters
 
 
-@pytest.mark.parametrize("name", list(baselines.METHODS))
+#: The classifier methods (the registry also holds methods for causal LMs only: tests/test_lm_baselines.py).
+CLASSIFIER_METHODS = ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB", "head-mask", "DFMU",
+                      "DeepUnlearning"]
+
+
+@pytest.mark.parametrize("name", CLASSIFIER_METHODS)
 def test_budget_result_and_reproducible(name, original, digits, split):
     train = digits[0]
     forget, _, budget = split
@@ -239,7 +247,10 @@ def test_compare_smoke(tmp_path, monkeypatch, capsys):
     from dfmu_ext.experiments import run_comparison
 
     monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
-    assert resolve_methods("all") == list(baselines.METHODS)
+    assert resolve_methods("all") == CLASSIFIER_METHODS
+    assert resolve_methods("all", task="causal-lm") == baselines.methods_for("causal-lm")
+    with pytest.raises(ValueError, match="does not run on classification"):
+        resolve_methods("NPO")
     assert resolve_methods("dfmu,HEAD-MASK") == ["DFMU", "head-mask"]
     with pytest.raises(ValueError):
         resolve_methods("nope")

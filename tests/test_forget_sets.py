@@ -106,7 +106,7 @@ def test_score_and_prune_with_a_mask(digits, original):
         dfmu_ext.score_and_prune(copy.deepcopy(original), (x, y), forget_mask=mask[:10])
 
 
-@pytest.mark.parametrize("name", [n for n in baselines.METHODS if n != "head-mask"])
+@pytest.mark.parametrize("name", [n for n in baselines.methods_for("classification") if n != "head-mask"])
 def test_every_baseline_forgets_samples(digits, original, random_indices, name):
     train = digits[0]
     fast = {"FT": {"epochs": 1}, "GA": {"epochs": 1}, "RL": {"epochs": 1}, "l1-sparse": {"epochs": 1},

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dfmu_ext
-from dfmu_ext.lm.neurons import mlp_neuron_layers, neuron_mask_plan, score_neurons
+from dfmu_ext.lm.neurons import mlp_neuron_layers, score_neurons
 from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences, sequence_nll, split_forget
 from dfmu_ext.model_io import Inputs, adapted
 

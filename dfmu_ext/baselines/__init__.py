@@ -44,11 +44,11 @@ from .dampening import squared_grad_importance, ssd
 from .distill import scrub
 from .finetuning import finetune, l1_sparse
 from .headmask import head_mask
-from .registry import METHODS, SPECS, MethodSpec, dfmu, resolve_methods
+from .registry import METHODS, SPECS, MethodSpec, dfmu, methods_for, resolve_methods
 from .relabel import random_label, saliency_mask, salun
 from .scratch import reinitialize, retrain
 from .subspace import deep_unlearning
 
-__all__ = ["METHODS", "SPECS", "MethodSpec", "resolve_methods", "retrain", "finetune", "gradient_ascent",
+__all__ = ["METHODS", "SPECS", "MethodSpec", "methods_for", "resolve_methods", "retrain", "finetune", "gradient_ascent",
            "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu", "reinitialize",
            "saliency_mask", "squared_grad_importance", "deep_unlearning"]

@@ -10,6 +10,7 @@ import os
 import torch
 
 from .. import distributed
+from . import lm_commands
 from .._io import OutputBatch, atomic_write_bytes
 from ..baselines import resolve_methods
 from ..experiments import run_comparison, run_forget
@@ -63,6 +64,8 @@ def _byo_train_config(args) -> TrainConfig:
 # --------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    if args.task == "lm":
+        return lm_commands.cmd_lm_train(args)
     device = parse_device(args.device)
     log = logger_for(args)
     check_outputs([args.out], [])
@@ -79,6 +82,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_forget(args) -> int:
+    if args.task == "lm":
+        return lm_commands.cmd_lm_forget(args)
     device = parse_device(args.device)
     steps = _steps(args, device)
     byo = _byo_given(args)
@@ -164,6 +169,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    if args.task == "lm":
+        return lm_commands.cmd_lm_demo(args)
     device = parse_device(args.device)
     steps = _steps(args, device)
     dataset = parse_dataset(args.dataset)
@@ -227,6 +234,8 @@ def _steps(args, device) -> StepOptions:
 
 
 def cmd_compare(args) -> int:
+    if args.task == "lm":
+        return lm_commands.cmd_lm_compare(args)
     device = parse_device(args.device)
     steps = _steps(args, device)
     fractions = parse_fractions(args.fractions)

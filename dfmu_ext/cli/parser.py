@@ -63,12 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--forget-random", type=float, default=None, metavar="FRACTION",
                        help="forget a seeded random share of the training samples instead of --classes, e.g. 0.1 "
                             "(on fashion-mnist-6k the original memorises its samples)")
+        g.add_argument("--forget-people", type=float, default=None, metavar="FRACTION",
+                       help="with --task lm: forget a seeded share of the people corpus's people (every sequence "
+                            "about them), e.g. 0.05 (default for --task lm: 0.05)")
         g.add_argument("--forget-indices", default=None, metavar="FILE",
                        help="forget the training samples a file names instead of --classes: .txt (integers "
                             "separated by spaces, commas or newlines; # comments), .npy (1-D integer array) or "
                             ".json (a list, or {\"indices\": [...]}); indices into the training set, 0-based")
 
+    def task(sp):
+        sp.add_argument("--task", choices=["classification", "lm"], default="classification",
+                        help="classification (default) or lm: a causal language model on the generated people "
+                             "corpus (fictitious people and their facts), forgetting people")
+
     def dataset_and_model(sp, own=False):
+        task(sp)
         sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | fashion-mnist-6k | "
                                                           "fashion-mnist-mixed3 | fashion-mnist-mixed2 | "
                                                           "fashion-mnist-coarse | cifar20 | topics (generated text) | auto (default: auto, "
@@ -119,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-dir", default=None, help="where report.json/png go (default: <out stem>-report)")
     f.add_argument("--record", default=None, help="where the deletion record goes (default: <out stem>.record.json)")
     f.add_argument("--epochs", type=int, default=None, help="with --arch and --retrain: Retrain's epochs (default: 3)")
+    task(f)
     forgetting(f)
     own_model(f)
     common(f)
@@ -144,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fractions", default="0.01,0.05,0.13,0.25,1.0",
                    help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    c.add_argument("--forget-shares", default="0.01,0.05,0.1",
+                   help="with --task lm: comma-separated shares of the people to forget (default: 0.01,0.05,0.1)")
     c.add_argument("--methods", default="all", help="'all' or comma-separated: " + ",".join(SPECS))
     c.add_argument("--out-dir", default="runs/compare",
                    help="where comparison.json and the plots go (default: runs/compare; created when missing)")

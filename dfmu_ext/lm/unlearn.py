@@ -20,15 +20,18 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from .. import record as deletion_record
-from .._common import model_device, seeded, synchronize, train_mode
-from ..finetune import AdamW
+from .._common import eval_mode, model_device, seeded, synchronize, train_mode
+from ..finetune import AdamW, MomentumSGD
 from ..result import FinetuneHistory, UnlearnResult
 from ..selection import SelectionConfig, select_units
-from .neurons import mlp_neuron_layers, neuron_mask_plan, score_neurons
+from .neurons import NeuronLayer, mlp_neuron_layers, neuron_mask_plan, score_neurons
+from .edit import EditConfig, ProjectedUpdates, retain_projectors
+from .targets import LMForgetTermConfig, forget_targets, soft_target_loss
 from .task import batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take
 
 #: The default neuron selection for language models (see benchmarks/RESULTS.md, "Entity unlearning").
-LM_SELECTION = SelectionConfig(fraction_first=0.10, fraction_last=0.10, min_ratio=1.0, protect_top=0.10)
+LM_SELECTION = SelectionConfig(fraction_first=0.10, fraction_last=0.10, min_ratio=1.0, protect_top=0.10,
+                               normalize="total")
 
 
 @dataclass
@@ -40,6 +43,9 @@ class LMFinetuneConfig:
     batch_size: int = 32
     weight_decay: float = 0.0
     min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
+    train: str = "all"      # "all" parameters, only the "mlp" layers that hold the neurons, or only the
+                            # "selected" neurons (their rows/columns in the MLP's projections)
+    prune_selected: bool = True
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0:
@@ -50,20 +56,46 @@ class LMFinetuneConfig:
 
 
 def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig, device: torch.device, seed: int,
-                       progress: bool = False) -> FinetuneHistory:
+                       progress: bool = False, forget=None, forget_term: LMForgetTermConfig | None = None,
+                       mlp_layers=(), selected=None) -> FinetuneHistory:
     """Minimise the mean next-token loss on ``budget`` for ``config.epochs`` (raised to reach
-    ``min_steps``), re-applying ``plan`` after every step."""
+    ``min_steps``), re-applying ``plan`` after every step. With ``forget = (inputs, q, scored)``
+    (:func:`dfmu_ext.lm.targets.forget_targets`) each step adds ``forget_term.weight`` times the soft
+    cross-entropy to ``q`` on ``forget_term.batch_size`` forget sequences (cycled)."""
     start = time.perf_counter()
     hist = FinetuneHistory()
     steps_per_epoch = max(1, -(-len(budget) // config.batch_size))
     epochs = config.epochs if config.epochs == 0 else max(config.epochs, -(-config.min_steps // steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
+    hooks = []
+    if config.train in ("mlp", "selected"):
+        owners = {l.layer for l in mlp_layers} | {s for l in mlp_layers for s in _siblings(model, l.layer)}
+        keep = {id(p) for m in owners for p in m.parameters()}
+        params = [p for p in params if id(p) in keep]
+    if config.train == "selected":
+        params = []
+        for l in mlp_layers:
+            chosen = (selected[l.name] < 1).float()
+            for p, dim in _neuron_params(model, l):
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                m = chosen.to(p.device).reshape(shape)
+                hooks.append(p.register_hook(lambda g, m=m: g * m))
+                params.append(p)
     opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", leave=False, unit="step", disable=not progress)
+    cursor = 0
     with seeded(seed, device), train_mode(model):
         for epoch in range(epochs):
             for x, y in batches(budget, config.batch_size, shuffle=True, seed=seed + epoch, device=device):
                 loss = lm_loss(forward_logits(model, x), y)
+                if forget is not None and forget_term.weight > 0 and (forget_term.steps is None
+                                                                      or hist.steps < forget_term.steps):
+                    xf, q, scored = forget
+                    rows = [(cursor + i) % xf.shape[0] for i in range(min(forget_term.batch_size, xf.shape[0]))]
+                    cursor = (cursor + len(rows)) % xf.shape[0]
+                    loss = loss + forget_term.weight * soft_target_loss(
+                        forward_logits(model, xf[rows].to(device)), q[rows], scored[rows])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the fine-tune loss became {loss.item()}")
                 opt.zero_grad(set_to_none=True)
@@ -76,11 +108,36 @@ def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig,
                     hist.loss.append(float(loss.detach()))
                 bar.update(1)
     bar.close()
+    for h in hooks:
+        h.remove()
     opt.zero_grad(set_to_none=True)
     hist.epochs_run = float(epochs)
     synchronize(device)
     hist.seconds = time.perf_counter() - start
     return hist
+
+
+def _siblings(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The modules next to ``layer`` in its parent (an MLP's up and gate projections)."""
+    name = {m: n for n, m in model.named_modules()}[layer]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return [m for m in parent.children() if m is not layer and any(True for _ in m.parameters())]
+
+
+def _neuron_params(model: nn.Module, layer) -> list[tuple[torch.Tensor, int]]:
+    """(parameter, dim indexing the neurons) of one MLP: the down projection's weight along its input,
+    the up/gate projections' weights and biases along their outputs."""
+    out = [(layer.layer.weight, layer.unit_dim)]
+    for s in _siblings(model, layer.layer):
+        w = getattr(s, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            dim = 1 if type(s).__name__ == "Conv1D" else 0
+            if w.shape[dim] == layer.units:
+                out.append((w, dim))
+        b = getattr(s, "bias", None)
+        if isinstance(b, torch.Tensor) and b.shape[0] == layer.units:
+            out.append((b, 0))
+    return out
 
 
 def _scoring_positions(n_forget: int, n_budget: int, samples: int, seed: int) -> tuple[list[int], list[int]]:
@@ -91,10 +148,79 @@ def _scoring_positions(n_forget: int, n_budget: int, samples: int, seed: int) ->
     return f, r
 
 
+def _input_side(model: nn.Module, layers, scope: str) -> list[NeuronLayer]:
+    """The layers whose weights the edit moves, as :class:`NeuronLayer` records of their *input*
+    features: the down projections, and with ``scope="mlp"`` the up (and gate) projections too."""
+    out = []
+    if scope == "mlp":
+        names = {m: n for n, m in model.named_modules()}
+        for l in layers:
+            for sib in _siblings(model, l.layer):
+                w = getattr(sib, "weight", None)
+                if isinstance(w, torch.Tensor) and w.dim() == 2:
+                    dim = 0 if type(sib).__name__ == "Conv1D" else 1
+                    out.append(NeuronLayer(names[sib], sib, int(w.shape[dim]), dim, l.depth))
+    return list(layers) + out
+
+
+def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: EditConfig, device: torch.device,
+                   seed: int) -> int:
+    """``config.steps`` steps on the ``edited`` layers' weights towards the forget targets, every update
+    projected off the retain subspace of its input (:mod:`dfmu_ext.lm.edit`), pruned neurons kept at
+    zero. Returns the steps run."""
+    xf, q, scored = forget
+    params = [l.weight for l in edited]
+    # SGD keeps each update in the span of the forget sequences' own activations (the gradient of
+    # y = W h is g h^T); Adam's per-coordinate steps spread it over every direction.
+    opt = MomentumSGD(params, lr=config.lr, momentum=0.9) if config.optimizer == "sgd" else \
+        AdamW(params, lr=config.lr, weight_decay=0.0)
+    guard = ProjectedUpdates([(l.weight, projectors[l.name], l.unit_dim) for l in edited])
+    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in params)]
+    for p in frozen:
+        p.requires_grad_(False)
+    cursor = 0
+    try:
+        with seeded(seed, device), eval_mode(model):
+            for _ in range(config.steps):
+                rows = [(cursor + i) % xf.shape[0] for i in range(min(config.batch_size, xf.shape[0]))]
+                cursor = (cursor + len(rows)) % xf.shape[0]
+                loss = soft_target_loss(forward_logits(model, xf[rows].to(device)), q[rows], scored[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                guard.before()
+                opt.step()
+                guard.after()
+                plan.apply(opt)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+    return config.steps
+
+
+def _forget_pools(n_forget: int, n_budget: int, scored: list[int], config: LMForgetTermConfig,
+                  seed: int) -> tuple[list[int], list[int]]:
+    """The forget sequences the forget term reads (the scored ones first, then seeded others) and the
+    retain sequences of the budget its neighbours are searched among."""
+    gen = torch.Generator().manual_seed(seed + 15485863)
+    want = n_forget if config.samples is None else min(n_forget, config.samples)
+    taken = set(scored[:want])
+    pool = scored[:want] + [i for i in torch.randperm(n_forget, generator=gen).tolist() if i not in taken]
+    refs = torch.randperm(n_budget, generator=gen)[:config.references].tolist()
+    return pool[:want], refs
+
+
+def _to(batch, device):
+    x, y = batch
+    return x.to(device), y
+
+
 def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fraction: float = 0.13, *,
                       mode: str = "prune", selection: SelectionConfig | None = None,
                       finetune: LMFinetuneConfig | None = None, score_samples: int = 256, device=None,
-                      seed: int = 0, progress: bool = False, record=None) -> UnlearnResult:
+                      seed: int = 0, progress: bool = False, record=None,
+                      forget_term: LMForgetTermConfig | None = None, edit: EditConfig | None = None
+                      ) -> UnlearnResult:
     r"""Make a causal LM forget the sequences at ``forget_indices`` of ``train_set``.
 
     Steps (timed): one scoring pass (:func:`dfmu_ext.lm.neurons.score_neurons`) on up to
@@ -113,6 +239,10 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
     base = selection or LM_SELECTION
     selection = SelectionConfig(**{**base.to_dict(), "mode": mode})
     selection.validate()
+    forget_term = forget_term or LMForgetTermConfig()
+    forget_term.validate()
+    edit = edit or EditConfig()
+    edit.validate()
     forget_set, retain_set, budget = split_forget(train_set, forget_indices, retain_fraction, seed)
     if device is not None:
         model.to(device)
@@ -127,30 +257,57 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
     is_forget = torch.cat([torch.ones(len(f_pos), dtype=torch.bool), torch.zeros(len(r_pos), dtype=torch.bool)])
     x, y = x.to(device), y.to(device)
 
-    t0 = time.perf_counter()
     layers = mlp_neuron_layers(model, x[:1])
+    t_targets = time.perf_counter()
+    forget, forget_read, projectors = None, sorted(f_pos), None
+    if forget_term.weight > 0 or edit.steps > 0:
+        pool, refs = _forget_pools(len(forget_set), len(budget), f_pos, forget_term, seed)
+        xq, yq = take(forget_set, pool)
+        vocab = forward_logits(model, x[:1]).shape[-1]
+        q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), _to(take(budget, refs), device),
+                                  vocab, forget_term.k)
+        forget, forget_read = (xq, q, where), sorted(set(f_pos) | set(pool))
+        if edit.steps > 0:
+            xr_, yr_ = take(budget, refs[:edit.references])
+            at = None
+            if edit.positions == "scored":  # the positions whose next token is scored (the facts' reads)
+                at = torch.zeros_like(yr_, dtype=torch.bool)
+                at[:, :-1] = yr_[:, 1:] != -100
+            edited = _input_side(model, layers, edit.scope)
+            projectors = retain_projectors(model, layers, xr_.to(device), edit.energy, positions=at,
+                                           extra=edited[len(layers):])
+    seconds_targets = time.perf_counter() - t_targets
+    t0 = time.perf_counter()
     scored = score_neurons(model, x, y, is_forget, layers)
     synchronize(device)
     t1 = time.perf_counter()
     masks = select_units(layers, scored.scores, scored.counts, selection)
-    plan = neuron_mask_plan(layers, masks)
+    plan = neuron_mask_plan(layers, masks if finetune.prune_selected else {})
     plan.apply()
     synchronize(device)
     t2 = time.perf_counter()
-    ft = masked_lm_finetune(model, budget, plan, finetune, device, seed, progress=progress)
+    t_edit = time.perf_counter()
+    edit_steps = projected_edit(model, edited, forget, projectors, plan, edit, device, seed) if projectors else 0
+    seconds_edit = time.perf_counter() - t_edit
+    ft = masked_lm_finetune(model, budget, plan, finetune, device, seed, progress=progress,
+                            forget=forget if forget_term.weight > 0 else None,
+                            forget_term=forget_term, mlp_layers=layers, selected=masks)
     total = time.perf_counter() - total_start
-    timings = {"scoring": t1 - t0, "pruning": t2 - t1, "finetune": ft.seconds, "total": total}
+    timings = {"targets": seconds_targets, "scoring": t1 - t0, "pruning": t2 - t1, "edit": seconds_edit,
+               "finetune": ft.seconds, "total": total}
     info = {"task": "causal-lm", "scores": scored.scores, "counts": scored.counts.tolist(), "mode": mode,
             "retain_fraction": retain_fraction, "scoring_forget_samples": len(f_pos),
-            "forget_read": sorted(f_pos), "forget_samples": len(forget_set), "neuron_layers": [l.name for l in layers]}
+            "forget_read": forget_read, "forget_term": forget_term.to_dict(), "edit": edit.to_dict(),
+            "edit_steps": edit_steps, "forget_samples": len(forget_set), "neuron_layers": [l.name for l in layers]}
     result = UnlearnResult(model=model, masks=masks, timings=timings, retain_samples_used=len(budget),
-                           forget_samples_used=len(f_pos), method="DFMU",
+                           forget_samples_used=len(forget_read), method="DFMU",
                            pruned_units={k: int((m < 1).sum()) for k, m in masks.items()},
                            total_units={l.name: l.units for l in layers}, finetune=ft, info=info)
     if record is not None:
         config = {"task": "causal-lm", "forget_classes": None, "retain_fraction": retain_fraction, "mode": mode,
-                  "score_samples": score_samples, "selection": selection.to_dict(), "finetune": finetune.to_dict()}
+                  "score_samples": score_samples, "selection": selection.to_dict(), "finetune": finetune.to_dict(),
+                  "forget_term": forget_term.to_dict(), "edit": edit.to_dict()}
         deletion_record.write_record(record, deletion_record.unlearn_record(
             result, input_sha256=input_sha256, train_set=train_set, forget_set=forget_set, retain_set=retain_set,
-            retain_used=budget, config=config, seed=seed, forget_read=Subset(forget_set, sorted(f_pos))))
+            retain_used=budget, config=config, seed=seed, forget_read=Subset(forget_set, forget_read)))
     return result

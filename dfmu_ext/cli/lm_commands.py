@@ -1,0 +1,159 @@
+"""The ``--task lm`` side of ``dfmu train / forget / demo / compare``: causal LMs on the generated
+``people`` corpus (entity unlearning). Every file a call writes goes through one OutputBatch."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._io import OutputBatch, write_json
+from ..baselines import SPECS, resolve_methods
+from ..experiments import lm as lm_exp
+from ..lm.unlearn import unlearn_causal_lm
+from ..record import record_path_for
+from ..zoo.checkpoints import save_checkpoint
+from ..zoo.lm_training import load_causal_lm, train_people_lm
+from ..zoo.people import PeopleConfig, make_people_corpus
+from ..zoo.checkpoints import CheckpointError
+from .checks import (UsageError, check_outputs, logger_for, parse_device, parse_forget_indices, parse_fractions,
+                     prepare_folder, progress_enabled)
+
+DEFAULT_SHARE = 0.05
+
+
+def _share(args) -> float:
+    share = args.forget_people if args.forget_people is not None else DEFAULT_SHARE
+    if not 0.0 < share < 1.0:
+        raise UsageError(f"--forget-people must be in (0, 1), got {share}")
+    return share
+
+
+def _refuse_classification_flags(args) -> None:
+    for flag in ("classes", "forget_subclass", "forget_random"):
+        if getattr(args, flag, None) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} is for classifiers; with --task lm forget people with "
+                             f"--forget-people FRACTION (or --forget-indices FILE for `forget`)")
+    for flag in ("arch", "hf_config", "weights", "data"):
+        if getattr(args, flag, None):
+            raise UsageError(f"--{flag.replace('_', '-')} is not supported with --task lm yet; use the people "
+                             f"corpus's models (dfmu train --task lm) or the Python API for your own causal LM")
+
+
+def _print_table(summary: dict, log) -> None:
+    for line in lm_exp.format_table(summary).splitlines():
+        log(line)
+
+
+def cmd_lm_train(args) -> int:
+    _refuse_classification_flags(args)
+    device = parse_device(args.device)
+    log = logger_for(args)
+    check_outputs([args.out], [])
+    with OutputBatch() as batch:
+        prepare_folder(os.path.dirname(os.path.abspath(args.out)), "--out", batch)
+        model, meta = train_people_lm(PeopleConfig(), None, args.seed, device, progress=progress_enabled(args), log=log)
+        save_checkpoint(batch.file(args.out), model, meta)
+        batch.publish()
+    log(f"wrote {args.out} (trained in {meta['train_seconds']:.1f} s)")
+    return 0
+
+
+def cmd_lm_forget(args) -> int:
+    _refuse_classification_flags(args)
+    device = parse_device(args.device)
+    log = logger_for(args)
+    if not args.ckpt:
+        raise UsageError("give --ckpt (a `dfmu train --task lm` checkpoint)")
+    out_dir = args.report_dir or os.path.splitext(args.out)[0] + "-report"
+    record = args.record or record_path_for(args.out)
+    inputs = [("--ckpt", args.ckpt), ("--forget-indices", args.forget_indices)]
+    check_outputs([args.out, record, out_dir, os.path.join(out_dir, "report.json")], inputs)
+    if os.path.realpath(args.out) == os.path.realpath(record):
+        raise UsageError("--record must differ from --out")
+    try:
+        model, meta = load_causal_lm(args.ckpt, device)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    if meta.get("dataset") != "people":
+        raise UsageError(f"{args.ckpt!r} is not a causal LM of the people corpus")
+    corpus = make_people_corpus(PeopleConfig.from_dict(meta["corpus"]))
+    if args.forget_indices is not None:
+        if args.forget_people is not None:
+            raise UsageError("give either --forget-people or --forget-indices, not both")
+        indices = parse_forget_indices(args.forget_indices, torch.zeros(len(corpus.train), dtype=torch.long))
+        scenario = None
+    else:
+        scenario = lm_exp.make_scenario(corpus, _share(args), args.seed)
+        indices = scenario.forget_indices
+    with OutputBatch(protect=[p for _, p in inputs]) as batch:
+        for folder, flag in ((os.path.dirname(os.path.abspath(args.out)), "--out"),
+                             (os.path.dirname(os.path.abspath(record)), "--record"), (out_dir, "--report-dir")):
+            prepare_folder(folder, flag, batch)
+        before = lm_exp.measure(model, scenario, args.seed) if scenario is not None else None
+        res = unlearn_causal_lm(model, corpus.train, indices, args.retain_fraction, mode=args.mode, seed=args.seed,
+                                device=device, progress=progress_enabled(args), record=batch.file(record, last=True))
+        report = {"task": "causal-lm", "forget_sequences": int(len(indices)), "timings": res.timings,
+                  "retain_samples_used": res.retain_samples_used, "pruned_units": res.pruned_units,
+                  "total_units": res.total_units}
+        if scenario is not None:
+            report.update(people=scenario.people, original=before, dfmu=lm_exp.measure(model, scenario, args.seed))
+            _print_table(lm_exp.aggregate([{"share": scenario.share, "methods": {
+                "Original": {**before, "seconds": 0.0}, "DFMU": {**report["dfmu"], "seconds": res.timings["total"]}}}]),
+                log)
+        save_checkpoint(batch.file(args.out), model, {**meta, "unlearned": {"method": "DFMU",
+                                                                              "forget_sequences": int(len(indices))}})
+        write_json(batch.file(os.path.join(out_dir, "report.json")), report)
+        batch.publish()
+    log(f"wrote {args.out}, its deletion record {record} and report.json in {out_dir}")
+    return 0
+
+
+def _comparison(args, device, methods: dict, shares, seeds, log) -> dict:
+    return lm_exp.run_lm_comparison(methods, shares=shares, seeds=seeds, retain_fraction=args.retain_fraction,
+                                    device=device, progress=progress_enabled(args), log=log)
+
+
+def _write_comparison(result: dict, out_dir: str, stem: str, batch: OutputBatch, title: str) -> None:
+    write_json(batch.file(os.path.join(out_dir, f"{stem}.json")), result)
+    lm_exp.plot_lm(result["summary"], batch.file(os.path.join(out_dir, f"{stem}.png")), title)
+
+
+def cmd_lm_demo(args) -> int:
+    _refuse_classification_flags(args)
+    device = parse_device(args.device)
+    log = logger_for(args)
+    share = _share(args)
+    check_outputs([args.out_dir], [])
+    with OutputBatch() as batch:
+        prepare_folder(args.out_dir, "--out-dir", batch)
+        result = _comparison(args, device, {"DFMU": SPECS["DFMU"].fn}, [share], [args.seed], log)
+        _write_comparison(result, args.out_dir, "report", batch,
+                          f"people corpus: forget {share:.0%} of the people (seed {args.seed})")
+        batch.publish()
+    _print_table(result["summary"], log)
+    log(f"wrote report.json and report.png in {args.out_dir}")
+    return 0
+
+
+def cmd_lm_compare(args) -> int:
+    _refuse_classification_flags(args)
+    device = parse_device(args.device)
+    log = logger_for(args)
+    try:
+        names = resolve_methods(args.methods, task="causal-lm")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.seeds < 1:
+        raise UsageError("--seeds must be >= 1")
+    shares = parse_fractions(args.forget_shares)
+    check_outputs([args.out_dir], [])
+    methods = {n: SPECS[n].fn for n in names if n != "Retrain"}
+    with OutputBatch() as batch:
+        prepare_folder(args.out_dir, "--out-dir", batch)
+        result = _comparison(args, device, methods, shares, list(range(args.seeds)), log)
+        _write_comparison(result, args.out_dir, "comparison", batch,
+                          f"people corpus: {args.seeds} seed(s), {args.retain_fraction:.0%} of the retain data")
+        batch.publish()
+    _print_table(result["summary"], log)
+    log(f"wrote comparison.json and comparison.png in {args.out_dir}")
+    return 0
