@@ -33,8 +33,10 @@ data:
 		echo "could not install dataset-fashion-mnist; the demo will use scikit-learn's digits"; \
 	fi
 
-demo: build data
+# The classifier demo, then the language-model one (a causal LM forgets people; needs transformers).
+demo: extras build data
 	$(PYTHON) -m dfmu_ext demo
+	$(PYTHON) -m dfmu_ext demo --task lm --out-dir runs/demo-lm
 
 test: extras build data
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

@@ -8,11 +8,13 @@
 #   4. time every case with benchmarks/report.py and write $OUT/gpu_results.md,
 #   5. time the scoring pass against a plain forward+backward (SmallCNN, ResNet-18, ResNet-50),
 #   6. the masked fine-tune's throughput vs a bare training loop per precision / layout, and DFMU end
-#      to end on ResNet-18 (benchmarks/finetune_throughput.py; needs Fashion-MNIST or falls back to digits).
+#      to end on ResNet-18 (benchmarks/finetune_throughput.py; needs Fashion-MNIST or falls back to digits),
+#   7. entity unlearning in a larger causal LM (400 people, Llama 6x256): Original / Retrain / DFMU /
+#      GradDiff / NPO and the neuron scoring pass vs forward+backward (benchmarks/lm_gpu.py; needs transformers).
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
 #      REPORT_ARGS (extra arguments for report.py, e.g. --quick),
-#      GPU_CHECK_PARTS (default "tests report scoring throughput": which of steps 3-6 to run; the build
+#      GPU_CHECK_PARTS (default "tests report scoring throughput lm": which of steps 3-7 to run; the build
 #      always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, witho
 OUT="${OUT:-/tmp}"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-340}"
-PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput} "
+PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput lm} "
 wants() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -153,5 +155,13 @@ timeout "$TL2" "$PY" benchmarks/finetune_throughput.py --device cuda --rounds 2 
   || { STATUS=1; echo "finetune_throughput.py failed or stopped at ${TL2}s"; }
 fi
 
-section "done: status $STATUS, results in $OUT/gpu_results.md, $OUT/scoring_pass.md and $OUT/finetune_throughput.md"
+if wants lm; then
+section "entity unlearning in a larger causal LM (benchmarks/lm_gpu.py)"
+LL=$(( $(left) ))
+[ "$LL" -gt 240 ] && LL=240
+DFMU_CACHE="$OUT/cache" timeout "$LL" "$PY" benchmarks/lm_gpu.py --device cuda --out "$OUT/lm_gpu.md" \
+  || { STATUS=1; echo "lm_gpu.py failed or stopped at ${LL}s"; }
+fi
+
+section "done: status $STATUS, results in $OUT/gpu_results.md, $OUT/scoring_pass.md, $OUT/finetune_throughput.md and $OUT/lm_gpu.md"
 exit "$STATUS"

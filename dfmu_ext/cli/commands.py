@@ -28,6 +28,10 @@ from .checks import (DEFAULT_CLASSES, UsageError, check_outputs, check_subclass,
                      prepare_folder, progress_enabled)
 
 
+#: The retain-data fractions `dfmu compare` runs when --fractions is not given.
+DEFAULT_FRACTIONS = "0.01,0.05,0.13,0.25,1.0"
+
+
 def _byo_given(args) -> bool:
     return any(getattr(args, k, None) for k in ("arch", "hf_config", "weights", "data"))
 
@@ -238,7 +242,7 @@ def cmd_compare(args) -> int:
         return lm_commands.cmd_lm_compare(args)
     device = parse_device(args.device)
     steps = _steps(args, device)
-    fractions = parse_fractions(args.fractions)
+    fractions = parse_fractions(args.fractions or DEFAULT_FRACTIONS)
     try:
         methods = resolve_methods(args.methods)
     except ValueError as exc:

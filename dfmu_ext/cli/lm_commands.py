@@ -12,7 +12,7 @@ from ..experiments import lm as lm_exp
 from ..lm.unlearn import unlearn_causal_lm
 from ..record import record_path_for
 from ..zoo.checkpoints import save_checkpoint
-from ..zoo.lm_training import load_causal_lm, train_people_lm
+from ..zoo.lm_training import LMTrainConfig, load_causal_lm, train_people_lm
 from ..zoo.people import PeopleConfig, make_people_corpus
 from ..zoo.checkpoints import CheckpointError
 from .checks import (UsageError, check_outputs, logger_for, parse_device, parse_forget_indices, parse_fractions,
@@ -39,6 +39,27 @@ def _refuse_classification_flags(args) -> None:
                              f"corpus's models (dfmu train --task lm) or the Python API for your own causal LM")
 
 
+def _corpus_config(args) -> PeopleConfig:
+    """The default corpus, with --people trained people (and as many never-trained ones, up to 50)."""
+    if getattr(args, "people", None) is None:
+        return PeopleConfig()
+    if args.people < 2:
+        raise UsageError(f"--people must be >= 2, got {args.people}")
+    try:
+        return PeopleConfig(num_people=args.people, holdout_people=min(50, args.people))
+    except ValueError as exc:
+        raise UsageError(f"--people {args.people}: {exc}") from None
+
+
+def _train_config(args) -> LMTrainConfig | None:
+    """The recipe with --epochs, or None (the default recipe)."""
+    if getattr(args, "epochs", None) is None:
+        return None
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    return LMTrainConfig(epochs=args.epochs)
+
+
 def _print_table(summary: dict, log) -> None:
     for line in lm_exp.format_table(summary).splitlines():
         log(line)
@@ -51,7 +72,10 @@ def cmd_lm_train(args) -> int:
     check_outputs([args.out], [])
     with OutputBatch() as batch:
         prepare_folder(os.path.dirname(os.path.abspath(args.out)), "--out", batch)
-        model, meta = train_people_lm(PeopleConfig(), None, args.seed, device, progress=progress_enabled(args), log=log)
+        config = _train_config(args)
+        model, meta = train_people_lm(_corpus_config(args), None, args.seed, device, progress=progress_enabled(args),
+                                      log=log, train_config=None if config is None else
+                                      LMTrainConfig(**{**config.to_dict(), "seed": args.seed}))
         save_checkpoint(batch.file(args.out), model, meta)
         batch.publish()
     log(f"wrote {args.out} (trained in {meta['train_seconds']:.1f} s)")
@@ -108,8 +132,19 @@ def cmd_lm_forget(args) -> int:
     return 0
 
 
+def _retain_fraction(args) -> float:
+    """--retain-fraction (forget, demo) or the one value of --fractions (compare); default 0.13."""
+    if getattr(args, "retain_fraction", None) is not None:
+        return args.retain_fraction
+    fractions = parse_fractions(args.fractions) if getattr(args, "fractions", None) else [0.13]
+    if len(fractions) != 1:
+        raise UsageError("with --task lm, --fractions takes one retain fraction (e.g. 0.13)")
+    return fractions[0]
+
+
 def _comparison(args, device, methods: dict, shares, seeds, log) -> dict:
-    return lm_exp.run_lm_comparison(methods, shares=shares, seeds=seeds, retain_fraction=args.retain_fraction,
+    return lm_exp.run_lm_comparison(methods, shares=shares, seeds=seeds, retain_fraction=_retain_fraction(args),
+                                    corpus_config=_corpus_config(args), train_config=_train_config(args),
                                     device=device, progress=progress_enabled(args), log=log)
 
 
@@ -152,7 +187,7 @@ def cmd_lm_compare(args) -> int:
         prepare_folder(args.out_dir, "--out-dir", batch)
         result = _comparison(args, device, methods, shares, list(range(args.seeds)), log)
         _write_comparison(result, args.out_dir, "comparison", batch,
-                          f"people corpus: {args.seeds} seed(s), {args.retain_fraction:.0%} of the retain data")
+                          f"people corpus: {args.seeds} seed(s), {_retain_fraction(args):.0%} of the retain data")
         batch.publish()
     _print_table(result["summary"], log)
     log(f"wrote comparison.json and comparison.png in {args.out_dir}")

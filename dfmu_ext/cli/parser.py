@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "separated by spaces, commas or newlines; # comments), .npy (1-D integer array) or "
                             ".json (a list, or {\"indices\": [...]}); indices into the training set, 0-based")
 
-    def task(sp):
+    def task(sp, corpus=True):
         sp.add_argument("--task", choices=["classification", "lm"], default="classification",
                         help="classification (default) or lm: a causal language model on the generated people "
                              "corpus (fictitious people and their facts), forgetting people")
+        if corpus:
+            sp.add_argument("--people", type=int, default=None, metavar="N",
+                            help="with --task lm: people in the generated corpus (default: 100)")
 
     def dataset_and_model(sp, own=False):
         task(sp)
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report-dir", default=None, help="where report.json/png go (default: <out stem>-report)")
     f.add_argument("--record", default=None, help="where the deletion record goes (default: <out stem>.record.json)")
     f.add_argument("--epochs", type=int, default=None, help="with --arch and --retrain: Retrain's epochs (default: 3)")
-    task(f)
+    task(f, corpus=False)
     forgetting(f)
     own_model(f)
     common(f)
@@ -151,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
     dataset_and_model(c, own=True)
-    c.add_argument("--fractions", default="0.01,0.05,0.13,0.25,1.0",
-                   help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0)")
+    c.add_argument("--fractions", default=None,
+                   help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0; with --task lm one "
+                        "fraction, default 0.13)")
     c.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
     c.add_argument("--forget-shares", default="0.01,0.05,0.1",
                    help="with --task lm: comma-separated shares of the people to forget (default: 0.01,0.05,0.1)")

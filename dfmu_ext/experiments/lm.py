@@ -132,16 +132,21 @@ def format_table(summary: dict) -> str:
 
 def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), retain_fraction: float = 0.13,
                       corpus_config: PeopleConfig | None = None, arch: str | None = None, device="cpu",
-                      progress: bool = False, log=None, retrain: bool = True) -> dict:
+                      progress: bool = False, log=None, retrain: bool = True,
+                      train_config: LMTrainConfig | None = None, size: dict | None = None) -> dict:
     """Every method of ``methods`` (name -> ``fn(model, train_set, forget_indices=..., retain_fraction=...,
     seed=..., device=...)`` returning an UnlearnResult) on every (seed, share), beside Original and
-    Retrain. Returns ``{"runs": [...], "summary": aggregate(runs), "corpus": ..., "config": ...}``."""
+    Retrain. ``train_config`` overrides the originals' recipe (its seed is each run's), ``size`` the
+    model's size (:func:`dfmu_ext.zoo.lm_models.build_causal_lm`). Returns
+    ``{"runs": [...], "summary": aggregate(runs), "corpus": ..., "config": ...}``."""
     log = log or (lambda *_: None)
     corpus_config = corpus_config or PeopleConfig()
     corpus = make_people_corpus(corpus_config)
     runs = []
     for seed in seeds:
-        original, meta = cached_causal_lm(corpus_config, arch, seed, device, progress=progress, log=log)
+        recipe = None if train_config is None else LMTrainConfig(**{**train_config.to_dict(), "seed": seed})
+        original, meta = cached_causal_lm(corpus_config, arch, seed, device, progress=progress, log=log,
+                                          train_config=recipe, size=size)
         for share in shares:
             scenario = make_scenario(corpus, share, seed)
             row = {"share": share, "seed": seed, "people": scenario.people,

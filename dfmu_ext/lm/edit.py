@@ -89,8 +89,8 @@ class EditConfig:
     ``batch_size`` forget sequences (cycled), towards their targets; ``energy`` sets the retain
     subspace kept fixed. ``steps=0`` turns it off."""
 
-    steps: int = 30
-    lr: float = 1e-3
+    steps: int = 0
+    lr: float = 3e-3
     batch_size: int = 16
     energy: float = 0.99
     references: int = 512
@@ -103,6 +103,10 @@ class EditConfig:
             raise ValueError("edit: steps must be >= 0, lr > 0, batch_size and references >= 1")
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"edit: energy must be in (0, 1], got {self.energy}")
+        for name, allowed in (("positions", ("tokens", "scored")), ("optimizer", ("adam", "sgd")),
+                              ("scope", ("down", "mlp"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"edit: {name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

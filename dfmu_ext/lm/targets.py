@@ -46,7 +46,7 @@ class LMForgetTermConfig:
     """
 
     weight: float = 1.0
-    k: int = 16
+    k: int = 200
     batch_size: int = 16
     references: int = 512
     samples: int | None = None

@@ -202,10 +202,35 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
 
 
-def split_forget(train_set, forget_indices, retain_fraction: float, seed: int = 0) -> tuple[Subset, Subset, Subset]:
+def _all_ids(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of every sequence, padded to one length."""
+    x, _ = take(dataset, range(len(dataset)))
+    return x["input_ids"], x.get("attention_mask", torch.ones_like(x["input_ids"]))
+
+
+def nearest_retain(dataset, forget: torch.Tensor, retain: torch.Tensor) -> torch.Tensor:
+    r"""``retain`` ordered from the sequence that shares the most with the forget sequences: by
+    :math:`\max_f \sum_{v \in s \cap f} \mathrm{idf}(v)` over the forget sequences :math:`f`, the
+    inverse document frequency :math:`\log(N / n_v)` weighting rare tokens (a name) over common
+    ones (grammar). The knowledge most at risk when the forget set is unlearned is the one that
+    shares its rare tokens (another person with the same first name)."""
+    ids, mask = _all_ids(dataset)
+    vocab = int(ids.max()) + 1
+    bags = torch.zeros(ids.shape[0], vocab)
+    bags.scatter_(1, ids, mask.float())
+    bags = (bags > 0).float()
+    idf = torch.log(ids.shape[0] / bags.sum(0).clamp_min(1))
+    shared = (bags[retain] * idf) @ bags[forget].T          # (R, F): idf mass of the tokens both hold
+    order = torch.sort(shared.max(1).values, descending=True, stable=True).indices
+    return retain[order]
+
+
+def split_forget(train_set, forget_indices, retain_fraction: float, seed: int = 0, nearest: float = 0.0
+                 ) -> tuple[Subset, Subset, Subset]:
     """``(forget, retain, budget)`` subsets of a causal-LM ``train_set``: the sequences at
-    ``forget_indices``, every other one, and a seeded random ``retain_fraction`` of those (at least
-    one). One-line ValueErrors (nothing is read further) for: forget classes, empty, non-integer,
+    ``forget_indices``, every other one, and a ``retain_fraction`` of those (at least one): a share
+    ``nearest`` of it the retain sequences nearest the forget set (:func:`nearest_retain`), the rest
+    a seeded random choice. One-line ValueErrors (nothing is read further) for: forget classes, empty, non-integer,
     out-of-range or duplicate indices, indices covering every sequence, a fraction outside (0, 1].
     """
     dataset = check_lm_dataset(train_set)
@@ -229,9 +254,14 @@ def split_forget(train_set, forget_indices, retain_fraction: float, seed: int = 
     is_forget = torch.zeros(n, dtype=torch.bool)
     is_forget[idx] = True
     retain = torch.nonzero(~is_forget).flatten()
+    if not 0.0 <= nearest <= 1.0:
+        raise ValueError(f"nearest must be in [0, 1], got {nearest}")
     gen = torch.Generator().manual_seed(int(seed) + 104729)
     k = max(1, int(round(retain_fraction * retain.numel())))
-    budget = torch.sort(retain[torch.randperm(retain.numel(), generator=gen)[:k]]).values
+    k_near = int(round(nearest * k))
+    near = nearest_retain(dataset, idx, retain)[:k_near] if k_near else retain[:0]
+    rest = retain[~torch.isin(retain, near)]
+    budget = torch.sort(torch.cat([near, rest[torch.randperm(rest.numel(), generator=gen)[:k - k_near]]])).values
     return Subset(dataset, idx.tolist()), Subset(dataset, retain.tolist()), Subset(dataset, budget.tolist())
 
 

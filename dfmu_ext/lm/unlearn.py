@@ -30,7 +30,7 @@ from .targets import LMForgetTermConfig, forget_targets, soft_target_loss
 from .task import batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take
 
 #: The default neuron selection for language models (see benchmarks/RESULTS.md, "Entity unlearning").
-LM_SELECTION = SelectionConfig(fraction_first=0.10, fraction_last=0.10, min_ratio=1.0, protect_top=0.10,
+LM_SELECTION = SelectionConfig(fraction_first=0.05, fraction_last=0.05, min_ratio=1.0, protect_top=0.10,
                                normalize="total")
 
 
@@ -39,17 +39,22 @@ class LMFinetuneConfig:
     """The masked fine-tune of a causal LM on the retain budget."""
 
     epochs: int = 1
-    lr: float = 3e-4
+    lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 0.0
     min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
-    train: str = "all"      # "all" parameters, only the "mlp" layers that hold the neurons, or only the
+    nearest: float = 0.5    # share of the retain budget taken nearest the forget set (lm.task.nearest_retain)
+    train: str = "mlp"      # "all" parameters, only the "mlp" layers that hold the neurons, or only the
                             # "selected" neurons (their rows/columns in the MLP's projections)
     prune_selected: bool = True
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0:
             raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1 and min_steps >= 0")
+        if self.train not in ("all", "mlp", "selected"):
+            raise ValueError(f"finetune.train must be 'all', 'mlp' or 'selected', got {self.train!r}")
+        if not 0.0 <= self.nearest <= 1.0:
+            raise ValueError(f"finetune.nearest must be in [0, 1], got {self.nearest}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,7 +248,7 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
     forget_term.validate()
     edit = edit or EditConfig()
     edit.validate()
-    forget_set, retain_set, budget = split_forget(train_set, forget_indices, retain_fraction, seed)
+    forget_set, retain_set, budget = split_forget(train_set, forget_indices, retain_fraction, seed, finetune.nearest)
     if device is not None:
         model.to(device)
     device = model_device(model)
