@@ -39,6 +39,12 @@ def _refuse_classification_flags(args) -> None:
                              f"corpus's models (dfmu train --task lm) or the Python API for your own causal LM")
 
 
+def _start(args):
+    """``(device, log)`` for a --task lm command, after refusing the classifier-only flags."""
+    _refuse_classification_flags(args)
+    return parse_device(args.device), logger_for(args)
+
+
 def _corpus_config(args) -> PeopleConfig:
     """The default corpus, with --people trained people (and as many never-trained ones, up to 50)."""
     if getattr(args, "people", None) is None:
@@ -66,9 +72,7 @@ def _print_table(summary: dict, log) -> None:
 
 
 def cmd_lm_train(args) -> int:
-    _refuse_classification_flags(args)
-    device = parse_device(args.device)
-    log = logger_for(args)
+    device, log = _start(args)
     check_outputs([args.out], [])
     with OutputBatch() as batch:
         prepare_folder(os.path.dirname(os.path.abspath(args.out)), "--out", batch)
@@ -83,9 +87,7 @@ def cmd_lm_train(args) -> int:
 
 
 def cmd_lm_forget(args) -> int:
-    _refuse_classification_flags(args)
-    device = parse_device(args.device)
-    log = logger_for(args)
+    device, log = _start(args)
     if not args.ckpt:
         raise UsageError("give --ckpt (a `dfmu train --task lm` checkpoint)")
     out_dir = args.report_dir or os.path.splitext(args.out)[0] + "-report"
@@ -148,32 +150,29 @@ def _comparison(args, device, methods: dict, shares, seeds, log) -> dict:
                                     device=device, progress=progress_enabled(args), log=log)
 
 
-def _write_comparison(result: dict, out_dir: str, stem: str, batch: OutputBatch, title: str) -> None:
-    write_json(batch.file(os.path.join(out_dir, f"{stem}.json")), result)
-    lm_exp.plot_lm(result["summary"], batch.file(os.path.join(out_dir, f"{stem}.png")), title)
-
-
-def cmd_lm_demo(args) -> int:
-    _refuse_classification_flags(args)
-    device = parse_device(args.device)
-    log = logger_for(args)
-    share = _share(args)
+def _run_and_write(args, device, log, methods: dict, shares, seeds, stem: str, title: str) -> int:
+    """Run the comparison, write ``<stem>.json`` and ``<stem>.png`` in --out-dir (all or nothing), print the table."""
     check_outputs([args.out_dir], [])
     with OutputBatch() as batch:
         prepare_folder(args.out_dir, "--out-dir", batch)
-        result = _comparison(args, device, {"DFMU": SPECS["DFMU"].fn}, [share], [args.seed], log)
-        _write_comparison(result, args.out_dir, "report", batch,
-                          f"people corpus: forget {share:.0%} of the people (seed {args.seed})")
+        result = _comparison(args, device, methods, shares, seeds, log)
+        write_json(batch.file(os.path.join(args.out_dir, f"{stem}.json")), result)
+        lm_exp.plot_lm(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}.png")), title)
         batch.publish()
     _print_table(result["summary"], log)
-    log(f"wrote report.json and report.png in {args.out_dir}")
+    log(f"wrote {stem}.json and {stem}.png in {args.out_dir}")
     return 0
 
 
+def cmd_lm_demo(args) -> int:
+    device, log = _start(args)
+    share = _share(args)
+    return _run_and_write(args, device, log, {"DFMU": SPECS["DFMU"].fn}, [share], [args.seed], "report",
+                          f"people corpus: forget {share:.0%} of the people (seed {args.seed})")
+
+
 def cmd_lm_compare(args) -> int:
-    _refuse_classification_flags(args)
-    device = parse_device(args.device)
-    log = logger_for(args)
+    device, log = _start(args)
     try:
         names = resolve_methods(args.methods, task="causal-lm")
     except ValueError as exc:
@@ -181,14 +180,6 @@ def cmd_lm_compare(args) -> int:
     if args.seeds < 1:
         raise UsageError("--seeds must be >= 1")
     shares = parse_fractions(args.forget_shares)
-    check_outputs([args.out_dir], [])
     methods = {n: SPECS[n].fn for n in names if n != "Retrain"}
-    with OutputBatch() as batch:
-        prepare_folder(args.out_dir, "--out-dir", batch)
-        result = _comparison(args, device, methods, shares, list(range(args.seeds)), log)
-        _write_comparison(result, args.out_dir, "comparison", batch,
+    return _run_and_write(args, device, log, methods, shares, list(range(args.seeds)), "comparison",
                           f"people corpus: {args.seeds} seed(s), {_retain_fraction(args):.0%} of the retain data")
-        batch.publish()
-    _print_table(result["summary"], log)
-    log(f"wrote comparison.json and comparison.png in {args.out_dir}")
-    return 0

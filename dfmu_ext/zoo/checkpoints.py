@@ -29,7 +29,7 @@ from . import data as data_mod
 from . import training
 from .models import build_model
 
-__all__ = ["CKPT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "cache_dir", "cache_path",
+__all__ = ["CKPT_FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint", "cache_dir", "cache_path",
            "train_original", "cached_original", "original_meta"]
 
 CKPT_FORMAT = "dfmu_ext.checkpoint.v1"
@@ -47,12 +47,10 @@ def save_checkpoint(path: str, model: nn.Module, meta: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """``(model on device, meta)`` from a checkpoint written by :func:`save_checkpoint`.
-
-    Raises :class:`CheckpointError` with a one-line reason for a missing, truncated, corrupt or
-    foreign file, or weights that do not fit the architecture its meta names.
-    """
+def read_checkpoint(path: str, build, what: str = "model") -> tuple[nn.Module, dict]:
+    """``(model on the CPU, meta)`` from a checkpoint of :func:`save_checkpoint`, the model made by
+    ``build(meta)`` and the weights fitted strictly; :class:`CheckpointError` (one line) for a missing,
+    truncated, corrupt or foreign file, a meta ``build`` cannot use, or weights that do not fit."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -68,16 +66,24 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.M
             isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path!r} is a damaged dfmu checkpoint (no meta or no state_dict of tensors)")
     try:
-        model = build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
-                            **meta.get("model_kwargs", {}))
+        model = build(meta)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path!r}: its metadata names no model this package can build: "
+        raise CheckpointError(f"{path!r}: its metadata names no {what} this package can build: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
         check_finite(state, f"the weights in {path!r}")
         fit_state_dict(model, state, f"{path!r}: the weights")
     except WeightsError as exc:
         raise CheckpointError(str(exc)) from None
+    return model, meta
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """``(model on device, meta)`` from a checkpoint written by :func:`save_checkpoint` for a
+    package model (:func:`read_checkpoint`'s errors)."""
+    model, meta = read_checkpoint(path, lambda meta: build_model(
+        meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
+        **meta.get("model_kwargs", {})))
     return model.to(device), meta
 
 

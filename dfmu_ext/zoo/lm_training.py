@@ -31,8 +31,7 @@ from .._common import seeded, synchronize, train_mode
 from ..eval.lm import answer_accuracy, perplexity
 from ..lm.task import IGNORE_INDEX, batches, check_lm_dataset, forward_logits, lm_loss
 from ..model_io import Inputs
-from ..weights import WeightsError, check_finite, fit_state_dict
-from .checkpoints import CKPT_FORMAT, CheckpointError, _file_lock, cache_dir, save_checkpoint
+from .checkpoints import CheckpointError, _file_lock, cache_dir, read_checkpoint, save_checkpoint
 from .lm_models import build_causal_lm, default_arch
 from .people import PeopleConfig, PeopleCorpus, make_people_corpus
 
@@ -210,27 +209,8 @@ def lm_cache_path(corpus_config: PeopleConfig | None, arch: str, device: torch.d
 def load_causal_lm(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """``(model on device, meta)`` from a causal-LM checkpoint (rebuilt with :func:`build_causal_lm`
     from the meta, weights read with ``weights_only=True``); :class:`CheckpointError` otherwise."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises zip, pickle and unpickling errors of many kinds
-        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupt?): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT or not isinstance(blob.get("meta"), dict) \
-            or not isinstance(blob.get("state_dict"), dict):
-        raise CheckpointError(f"{path!r} is not a dfmu causal-LM checkpoint")
-    meta, state = blob["meta"], blob["state_dict"]
-    try:
-        model = build_causal_lm(meta["arch"], int(meta["vocab_size"]), int(meta["max_len"]), **meta.get("size", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path!r}: its metadata names no causal LM this package can build: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    try:
-        check_finite(state, f"the weights in {path!r}")
-        fit_state_dict(model, state, f"{path!r}: the weights")
-    except WeightsError as exc:
-        raise CheckpointError(str(exc)) from None
+    model, meta = read_checkpoint(path, lambda meta: build_causal_lm(
+        meta["arch"], int(meta["vocab_size"]), int(meta["max_len"]), **meta.get("size", {})), "causal LM")
     return model.to(device).eval(), meta
 
 
