@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._io import markdown_table
 from ..eval.lm import lm_battery
 from ..lm.task import TokenSequences
 from ..zoo.lm_training import LMTrainConfig, cached_causal_lm, train_causal_lm
@@ -32,7 +33,9 @@ REFERENCE_ROWS = ("Original", "Retrain")
 #: Keys of the battery shown in tables, with their headers.
 COLUMNS = (("forget_acc", "forget acc"), ("forget_para_acc", "para acc"), ("forget_prob", "forget prob"),
            ("retain_acc", "retain acc"), ("perplexity", "ppl"), ("mia_auc", "MIA AUC"),
-           ("relearn_acc", "relearn acc"), ("seconds", "time s"))
+           ("relearn_acc", "relearn acc"), ("gap", "gap to Retrain"), ("seconds", "time s"))
+#: The metrics whose mean absolute difference from Retrain's is a method's "gap to Retrain".
+GAP_KEYS = ("forget_acc", "forget_para_acc", "forget_prob", "retain_acc", "mia_auc")
 #: Retain people whose facts are evaluated (a fixed sample: the metric is a mean over facts).
 RETAIN_EVAL_PEOPLE = 60
 
@@ -99,6 +102,16 @@ def _summary(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std(unbiased=True)) if len(vals) > 1 else 0.0
 
 
+def add_gaps(run: dict) -> dict:
+    r"""Each method's ``gap``: :math:`\frac{1}{|K|}\sum_{k \in K} |m_k - m_k^{Retrain}|` over
+    :data:`GAP_KEYS` (in percentage points: the AUC times 100), against this run's Retrain."""
+    ref = run["methods"].get("Retrain")
+    if ref is not None:
+        for metrics in run["methods"].values():
+            metrics["gap"] = 100.0 * sum(abs(metrics[k] - ref[k]) for k in GAP_KEYS) / len(GAP_KEYS)
+    return run
+
+
 def aggregate(runs: list[dict]) -> dict:
     """``{share: {method: {metric: (mean, std)}}}`` over seeds."""
     out: dict = {}
@@ -121,13 +134,30 @@ def format_table(summary: dict) -> str:
         for method, cells in summary[share].items():
             row = f"{method:<18}"
             for key, _ in COLUMNS:
-                mean, std = cells.get(key, (math.nan, math.nan))
-                scale = 100.0 if key.endswith("_acc") or key == "forget_prob" else 1.0
-                digits = 3 if key == "mia_auc" else (2 if key in ("perplexity", "seconds") else 1)
-                row += f"{mean * scale:>9.{digits}f}±{std * scale:<6.{digits}f}"
+                row += f"{_cell(cells, key):>16}"
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(cells: dict, key: str) -> str:
+    """``mean±std`` of one metric (accuracies and probabilities in %), blank when absent."""
+    if key not in cells:
+        return ""
+    mean, std = cells[key]
+    scale = 100.0 if key.endswith("_acc") or key == "forget_prob" else 1.0
+    digits = 3 if key == "mia_auc" else (2 if key in ("perplexity", "seconds") else 1)
+    return f"{mean * scale:.{digits}f}±{std * scale:.{digits}f}"
+
+
+def format_markdown(summary: dict) -> str:
+    """The same tables in Markdown, one per forget share."""
+    out = []
+    for share in sorted(summary):
+        rows = [[method] + [_cell(cells, key) for key, _ in COLUMNS] for method, cells in summary[share].items()]
+        out += [f"**Forget {share:.0%} of the people**", "",
+                markdown_table(["method"] + [h for _, h in COLUMNS], rows), ""]
+    return "\n".join(out)
 
 
 def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), retain_fraction: float = 0.13,
@@ -164,7 +194,7 @@ def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), r
                                         "retain_used": res.retain_samples_used}
                 log(f"seed {seed}, forget {share:.0%}: {name} {res.timings['total']:.2f} s, forget acc "
                     f"{row['methods'][name]['forget_acc']:.3f}, retain acc {row['methods'][name]['retain_acc']:.3f}")
-            runs.append(row)
+            runs.append(add_gaps(row))
     return {"runs": runs, "summary": aggregate(runs), "corpus": corpus.describe(),
             "config": {"shares": list(shares), "seeds": list(seeds), "retain_fraction": retain_fraction,
                        "arch": arch, "device": str(device)}}
