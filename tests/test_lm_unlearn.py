@@ -249,3 +249,62 @@ def test_task_detection():
     assert detect_task(_train_set()) == "causal-lm"
     assert detect_task([(torch.zeros(3), 1)]) == "classification"
     assert detect_task([{"input_ids": torch.zeros(5, dtype=torch.long), "labels": 1}]) == "classification"
+
+
+def test_neighbour_targets_of_identical_references_are_the_labels():
+    """k=1 and references equal to the forget sequences: every scored position's nearest retain
+    position is itself, so q is one-hot on its own next token, and zero where nothing is scored."""
+    from dfmu_ext.lm.targets import forget_targets
+
+    torch.manual_seed(0)
+    model = PlainCausalLM().eval()
+    x, labels = _batch(seed=2)
+    layer = mlp_neuron_layers(model, x[:1])[0].layer
+    q, scored = forget_targets(model, layer, (x, labels), (x, labels), V, k=1)
+    nxt = labels[:, 1:]
+    assert torch.equal(scored, nxt != IGNORE_INDEX)
+    assert torch.equal(q[scored].argmax(-1), nxt[scored]) and torch.all(q[scored].max(-1).values == 1)
+    assert torch.count_nonzero(q[~scored]) == 0
+
+
+def test_projected_update_leaves_retain_activations_unmoved():
+    """With all of the retain activations' energy kept, any update projected by ProjectedUpdates
+    changes nothing the down projection computes on them."""
+    from dfmu_ext.lm.edit import ProjectedUpdates, retain_projectors
+    from dfmu_ext.lm.neurons import neuron_inputs
+
+    torch.manual_seed(0)
+    model = PlainCausalLM().eval()
+    x, _ = _batch(n=2, t=6, seed=4)  # 12 positions at most: a subspace smaller than the 48 neurons
+    layers = mlp_neuron_layers(model, x[:1])
+    P = retain_projectors(model, layers, x, energy=1.0)
+    guard = ProjectedUpdates([(l.weight, P[l.name], l.unit_dim) for l in layers])
+    with neuron_inputs(layers) as seen, torch.no_grad(), adapted(model):
+        model(x)
+    h = seen[layers[0].name][0][x["attention_mask"].bool()]
+    w = layers[0].weight
+    before = w.detach().clone()
+    guard.before()
+    with torch.no_grad():
+        w.add_(torch.randn_like(w))
+    guard.after()
+    assert not torch.equal(w, before)
+    torch.testing.assert_close((w - before).detach() @ h.T, torch.zeros(w.shape[0], h.shape[0]), atol=1e-4, rtol=0)
+
+
+def test_unlearn_lm_with_the_projected_edit_keeps_pruned_neurons_zero():
+    from dfmu_ext.lm.edit import EditConfig
+
+    torch.manual_seed(0)
+    model = PlainCausalLM()
+    res = dfmu_ext.unlearn(model, _train_set(), forget_indices=list(range(6)), retain_fraction=0.5)
+    assert res.info["edit_steps"] == 0  # off by default
+    model = PlainCausalLM()
+    res = dfmu_ext.lm.unlearn.unlearn_causal_lm(model, _train_set(), list(range(6)), 0.5,
+                                                edit=EditConfig(steps=3, scope="mlp"))
+    assert res.info["edit_steps"] == 3 and res.timings["edit"] > 0
+    for name, mask in res.masks.items():
+        layer = dict(model.named_modules())[name]
+        assert torch.count_nonzero(layer.weight[:, mask == 0]) == 0
+    with pytest.raises(ValueError, match="scope"):
+        EditConfig(scope="all").validate()
