@@ -57,10 +57,11 @@ def main() -> int:
     original, _ = cached_causal_lm(LARGE_CORPUS, None, 0, device, train_config=LMTrainConfig(
         **{**recipe.to_dict(), "seed": 0}), size=LARGE_SIZE)
     corpus = make_people_corpus(LARGE_CORPUS)
-    x, y = take(corpus.train, range(256))
+    n = min(256, len(corpus.train))
+    x, y = take(corpus.train, range(n))
     x, y = x.to(device), y.to(device)
     layers = mlp_neuron_layers(original, x[:1])
-    groups = torch.arange(256) % 2 == 0
+    groups = torch.arange(n) % 2 == 0
 
     def fwd_bwd():
         original.zero_grad(set_to_none=True)
@@ -68,7 +69,7 @@ def main() -> int:
 
     t_plain = _timed(fwd_bwd, device)
     t_score = _timed(lambda: score_neurons(original, x, y, groups, layers), device)
-    lines += ["", f"neuron scoring pass (256 sequences): {1e3 * t_score:.1f} ms vs forward + backward "
+    lines += ["", f"neuron scoring pass ({n} sequences): {1e3 * t_score:.1f} ms vs forward + backward "
                   f"{1e3 * t_plain:.1f} ms (ratio {t_score / t_plain:.2f})"]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
