@@ -94,12 +94,13 @@ def retrain_lm(meta: dict, corpus: PeopleCorpus, scenario: LMScenario, device, p
     return model, time.perf_counter() - start
 
 
-def _summary(values: list[float]) -> tuple[float, float]:
+def _summary(values: list[float]) -> tuple[float, float, int]:
+    """(mean, std, count) of the finite values."""
     vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
     if not vals:
-        return math.nan, math.nan
+        return math.nan, math.nan, 0
     t = torch.tensor(vals, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=True)) if len(vals) > 1 else 0.0
+    return float(t.mean()), float(t.std(unbiased=True)) if len(vals) > 1 else 0.0, len(vals)
 
 
 def add_gaps(run: dict) -> dict:
@@ -113,7 +114,7 @@ def add_gaps(run: dict) -> dict:
 
 
 def aggregate(runs: list[dict]) -> dict:
-    """``{share: {method: {metric: (mean, std)}}}`` over seeds."""
+    """``{share: {method: {metric: (mean, std, count)}}}`` over seeds."""
     out: dict = {}
     for run in runs:
         for method, metrics in run["methods"].items():
@@ -125,7 +126,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    """A plain-text table per forget share: mean ± std over seeds (accuracies in %)."""
+    """A plain-text table per forget share: mean ± std over seeds (accuracies in %; the mean alone for one seed)."""
     lines = []
     for share in sorted(summary):
         lines.append(f"forget {share:.0%} of the people")
@@ -144,10 +145,11 @@ def _cell(cells: dict, key: str) -> str:
     """``mean±std`` of one metric (accuracies and probabilities in %), blank when absent."""
     if key not in cells:
         return ""
-    mean, std = cells[key]
+    mean, std, count = cells[key]
     scale = 100.0 if key.endswith("_acc") or key == "forget_prob" else 1.0
     digits = 3 if key == "mia_auc" else (2 if key in ("perplexity", "seconds") else 1)
-    return f"{mean * scale:.{digits}f}±{std * scale:.{digits}f}"
+    spread = f"±{std * scale:.{digits}f}" if count > 1 else ""  # one seed: no spread to show
+    return f"{mean * scale:.{digits}f}{spread}"
 
 
 def format_markdown(summary: dict) -> str:
