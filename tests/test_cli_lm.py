@@ -76,3 +76,11 @@ def test_lm_usage_errors_are_one_line(cache, argv, message, capsys):
     with pytest.raises(UsageError) as info:
         cli.main([*argv, "--device", "cpu", "--quiet"])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_classifier_command_on_an_lm_checkpoint_says_task_lm(cache):
+    ckpt = cache / "lm.pt"
+    assert cli.main(["train", *SMALL, "--out", str(ckpt)]) == 0
+    with pytest.raises(UsageError, match="--task lm") as info:
+        cli.main(["forget", "--ckpt", str(ckpt), "--classes", "3", "--out", str(cache / "o.pt"), "--device", "cpu"])
+    assert "\n" not in str(info.value)

@@ -292,16 +292,16 @@ def test_projected_update_leaves_retain_activations_unmoved():
     torch.testing.assert_close((w - before).detach() @ h.T, torch.zeros(w.shape[0], h.shape[0]), atol=1e-4, rtol=0)
 
 
-def test_unlearn_lm_with_the_projected_edit_keeps_pruned_neurons_zero():
+def test_unlearn_lm_projected_edit_on_and_off_keeps_pruned_neurons_zero():
     from dfmu_ext.lm.edit import EditConfig
 
     torch.manual_seed(0)
     model = PlainCausalLM()
-    res = dfmu_ext.unlearn(model, _train_set(), forget_indices=list(range(6)), retain_fraction=0.5)
-    assert res.info["edit_steps"] == 0  # off by default
+    res = dfmu_ext.lm.unlearn.unlearn_causal_lm(model, _train_set(), list(range(6)), 0.5, edit=EditConfig(steps=0))
+    assert res.info["edit_steps"] == 0  # steps=0 turns it off
     model = PlainCausalLM()
     res = dfmu_ext.lm.unlearn.unlearn_causal_lm(model, _train_set(), list(range(6)), 0.5,
-                                                edit=EditConfig(steps=3, scope="mlp"))
+                                                edit=EditConfig(steps=3, scope="down"))
     assert res.info["edit_steps"] == 3 and res.timings["edit"] > 0
     for name, mask in res.masks.items():
         layer = dict(model.named_modules())[name]

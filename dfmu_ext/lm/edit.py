@@ -48,10 +48,13 @@ def retain_projectors(model: nn.Module, layers: list[NeuronLayer], references: I
     out = {}
     for l in layers + list(extra):
         H = torch.cat(rows[l.name]).double()
-        _, s, vh = torch.linalg.svd(H, full_matrices=False)
-        share = torch.cumsum(s * s, 0) / (s * s).sum().clamp_min(1e-30)
+        # the right-singular vectors of H are the eigenvectors of H^T H (units x units: far cheaper than
+        # an SVD of the positions x units matrix), its eigenvalues the squared singular values
+        energy_of, vectors = torch.linalg.eigh(H.T @ H)
+        energy_of, vectors = energy_of.flip(0).clamp_min(0), vectors.flip(1)
+        share = torch.cumsum(energy_of, 0) / energy_of.sum().clamp_min(1e-30)
         k = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
-        U = vh[:k].T
+        U = vectors[:, :k]
         out[l.name] = (torch.eye(H.shape[1], dtype=torch.float64) - U @ U.T).float().to(l.weight.device)
     return out
 
@@ -85,18 +88,20 @@ from dataclasses import asdict, dataclass  # noqa: E402
 
 @dataclass
 class EditConfig:
-    """The projected edit: ``steps`` AdamW steps (``lr``) on the down projections only, each on
-    ``batch_size`` forget sequences (cycled), towards their targets; ``energy`` sets the retain
-    subspace kept fixed. ``steps=0`` turns it off."""
+    """The projected edit: ``steps`` AdamW steps (``lr``) on the MLPs' projections only (``scope``:
+    every projection, or the down projections alone), each on ``batch_size`` forget sequences
+    (cycled), towards their targets; ``energy`` sets the retain subspace kept fixed, measured on
+    ``references`` retain sequences of the budget. ``steps=0`` turns it off. The defaults were chosen
+    on development splits (benchmarks/RESULTS.md, "Entity unlearning in causal LMs")."""
 
-    steps: int = 0
+    steps: int = 40
     lr: float = 3e-3
-    batch_size: int = 16
+    batch_size: int = 32
     energy: float = 0.99
     references: int = 512
     positions: str = "tokens"   # the retain activations kept: every real "tokens", or the "scored" reads
     optimizer: str = "adam"     # "adam" or "sgd" (momentum 0.9)
-    scope: str = "down"         # the weights moved: the "down" projections, or every "mlp" projection
+    scope: str = "mlp"          # the weights moved: the "down" projections, or every "mlp" projection
 
     def validate(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or self.references < 1:

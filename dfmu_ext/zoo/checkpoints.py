@@ -81,9 +81,13 @@ def read_checkpoint(path: str, build, what: str = "model") -> tuple[nn.Module, d
 def load_checkpoint(path: str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """``(model on device, meta)`` from a checkpoint written by :func:`save_checkpoint` for a
     package model (:func:`read_checkpoint`'s errors)."""
-    model, meta = read_checkpoint(path, lambda meta: build_model(
-        meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
-        **meta.get("model_kwargs", {})))
+    def build(meta: dict) -> nn.Module:
+        if meta.get("kind") == "causal-lm":
+            raise ValueError("it holds a causal language model (use --task lm, or zoo.lm_training.load_causal_lm)")
+        return build_model(meta["model"], meta["in_channels"], meta["num_classes"], tuple(meta["image_size"]),
+                           **meta.get("model_kwargs", {}))
+
+    model, meta = read_checkpoint(path, build)
     return model.to(device), meta
 
 
