@@ -185,7 +185,8 @@ def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), r
                    "forget_sequences": int(scenario.forget_indices.numel()), "methods": {}}
             row["methods"]["Original"] = {**measure(original, scenario, seed), "seconds": 0.0}
             if retrain:
-                log(f"seed {seed}, forget {share:.0%} ({len(scenario.people)} people, "
+                n = len(scenario.people)
+                log(f"seed {seed}, forget {share:.0%} ({n} {'person' if n == 1 else 'people'}, "
                     f"{row['forget_sequences']} sequences): training Retrain on the rest")
                 model, seconds = retrain_lm(meta, corpus, scenario, device, progress=progress)
                 row["methods"]["Retrain"] = {**measure(model, scenario, seed), "seconds": seconds}

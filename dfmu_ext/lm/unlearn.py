@@ -1,13 +1,19 @@
 r"""DFMU for causal language models: one scoring pass over the MLP neurons, knowledge-preserving
-selection, fused masking of the down projections, and a short masked fine-tune on a slice of the
-retain sequences. :func:`dfmu_ext.unlearn` calls :func:`unlearn_causal_lm` when the samples are
-causal-LM samples (or ``task="causal-lm"``).
+selection, fused masking of the down projections, a retain-projected edit towards the forget
+sequences' targets, and a short masked fine-tune on a slice of the retain sequences.
+:func:`dfmu_ext.unlearn` calls :func:`unlearn_causal_lm` when the samples are causal-LM samples (or
+``task="causal-lm"``).
 
-Selection is :func:`dfmu_ext.selection.select_units` over the neurons' scores (a unit's forget
-specificity :math:`\rho_c = \bar I_{f,c} / \bar I_{r,c}`, the top retain-important neurons protected),
-with :data:`LM_SELECTION` as the default. The fine-tune minimises the mean next-token loss of the
-budget's scored tokens with :class:`dfmu_ext.finetune.AdamW`; after every step the masks are
-re-applied to the weights and both Adam moments, so a removed neuron stays exactly zero.
+1. Selection: :func:`dfmu_ext.selection.select_units` over the neurons' scores, each group's
+   importance taken as its share of the block's (:data:`LM_SELECTION`, ``normalize="total"``).
+2. Targets :math:`q` (:mod:`dfmu_ext.lm.targets`): what a model that never saw the forget sequences
+   would predict at their scored positions, from the retain budget's nearest positions.
+3. The edit (:mod:`dfmu_ext.lm.edit`): Adam steps on the MLP projections towards :math:`q`, every
+   update projected off the subspace the retain activations use, so the retain sequences' MLP
+   outputs do not move.
+4. The fine-tune: the budget's mean next-token loss plus the soft cross-entropy to :math:`q` on the
+   forget sequences, AdamW on the MLP layers (:class:`dfmu_ext.finetune.AdamW`); after every step
+   the masks are re-applied to the weights and both Adam moments, so a removed neuron stays zero.
 """
 from __future__ import annotations
 
