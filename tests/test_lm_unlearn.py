@@ -177,6 +177,7 @@ def test_unlearn_zeroes_pruned_neurons_exactly(arch):
     res = dfmu_ext.unlearn(model, data, forget_indices=list(range(6)), retain_fraction=0.5,
                            finetune=dfmu_ext.lm.unlearn.LMFinetuneConfig(lr=1e-2, min_steps=5))
     assert res.info["task"] == "causal-lm" and res.finetune.steps >= 5
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # nothing left behind
     pruned = 0
     layers = {l.name: l for l in mlp_neuron_layers(model, _batch()[0][:1])}
     x, _ = _batch(seed=5)

@@ -17,6 +17,7 @@ sequences' targets, and a short masked fine-tune on a slice of the retain sequen
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,15 +51,13 @@ class LMFinetuneConfig:
     weight_decay: float = 0.0
     min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
     nearest: float = 0.5    # share of the retain budget taken nearest the forget set (lm.task.nearest_retain)
-    train: str = "mlp"      # "all" parameters, only the "mlp" layers that hold the neurons, or only the
-                            # "selected" neurons (their rows/columns in the MLP's projections)
-    prune_selected: bool = True
+    train: str = "mlp"      # "all" parameters, or only the "mlp" layers that hold the neurons
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0:
             raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1 and min_steps >= 0")
-        if self.train not in ("all", "mlp", "selected"):
-            raise ValueError(f"finetune.train must be 'all', 'mlp' or 'selected', got {self.train!r}")
+        if self.train not in ("all", "mlp"):
+            raise ValueError(f"finetune.train must be 'all' or 'mlp', got {self.train!r}")
         if not 0.0 <= self.nearest <= 1.0:
             raise ValueError(f"finetune.nearest must be in [0, 1], got {self.nearest}")
 
@@ -68,7 +67,7 @@ class LMFinetuneConfig:
 
 def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig, device: torch.device, seed: int,
                        progress: bool = False, forget=None, forget_term: LMForgetTermConfig | None = None,
-                       mlp_layers=(), selected=None) -> FinetuneHistory:
+                       mlp_layers=()) -> FinetuneHistory:
     """Minimise the mean next-token loss on ``budget`` for ``config.epochs`` (raised to reach
     ``min_steps``), re-applying ``plan`` after every step. With ``forget = (inputs, q, scored)``
     (:func:`dfmu_ext.lm.targets.forget_targets`) each step adds ``forget_term.weight`` times the soft
@@ -78,25 +77,14 @@ def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig,
     steps_per_epoch = max(1, -(-len(budget) // config.batch_size))
     epochs = config.epochs if config.epochs == 0 else max(config.epochs, -(-config.min_steps // steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
-    hooks = []
-    if config.train in ("mlp", "selected"):
+    if config.train == "mlp":
         owners = {l.layer for l in mlp_layers} | {s for l in mlp_layers for s in _siblings(model, l.layer)}
         keep = {id(p) for m in owners for p in m.parameters()}
         params = [p for p in params if id(p) in keep]
-    if config.train == "selected":
-        params = []
-        for l in mlp_layers:
-            chosen = (selected[l.name] < 1).float()
-            for p, dim in _neuron_params(model, l):
-                shape = [1] * p.dim()
-                shape[dim] = -1
-                m = chosen.to(p.device).reshape(shape)
-                hooks.append(p.register_hook(lambda g, m=m: g * m))
-                params.append(p)
     opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     bar = tqdm(total=epochs * steps_per_epoch, desc="fine-tune", leave=False, unit="step", disable=not progress)
     cursor = 0
-    with seeded(seed, device), train_mode(model):
+    with seeded(seed, device), train_mode(model), _training_only(model, params):
         for epoch in range(epochs):
             for x, y in batches(budget, config.batch_size, shuffle=True, seed=seed + epoch, device=device):
                 loss = lm_loss(forward_logits(model, x), y)
@@ -119,8 +107,6 @@ def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig,
                     hist.loss.append(float(loss.detach()))
                 bar.update(1)
     bar.close()
-    for h in hooks:
-        h.remove()
     opt.zero_grad(set_to_none=True)
     hist.epochs_run = float(epochs)
     synchronize(device)
@@ -128,27 +114,26 @@ def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig,
     return hist
 
 
+@contextlib.contextmanager
+def _training_only(model: nn.Module, params: list[torch.Tensor]):
+    """Within the block only ``params`` require a gradient (the others get none computed or left
+    behind); every flag is restored on exit, also on error."""
+    keep = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _siblings(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
     """The modules next to ``layer`` in its parent (an MLP's up and gate projections)."""
     name = {m: n for n, m in model.named_modules()}[layer]
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     return [m for m in parent.children() if m is not layer and any(True for _ in m.parameters())]
-
-
-def _neuron_params(model: nn.Module, layer) -> list[tuple[torch.Tensor, int]]:
-    """(parameter, dim indexing the neurons) of one MLP: the down projection's weight along its input,
-    the up/gate projections' weights and biases along their outputs."""
-    out = [(layer.layer.weight, layer.unit_dim)]
-    for s in _siblings(model, layer.layer):
-        w = getattr(s, "weight", None)
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            dim = 1 if type(s).__name__ == "Conv1D" else 0
-            if w.shape[dim] == layer.units:
-                out.append((w, dim))
-        b = getattr(s, "bias", None)
-        if isinstance(b, torch.Tensor) and b.shape[0] == layer.units:
-            out.append((b, 0))
-    return out
 
 
 def _scoring_positions(n_forget: int, n_budget: int, samples: int, seed: int) -> tuple[list[int], list[int]]:
@@ -186,12 +171,9 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
     opt = MomentumSGD(params, lr=config.lr, momentum=0.9) if config.optimizer == "sgd" else \
         AdamW(params, lr=config.lr, weight_decay=0.0)
     guard = ProjectedUpdates([(l.weight, projectors[l.name], l.unit_dim) for l in edited])
-    frozen = [p for p in model.parameters() if p.requires_grad and all(p is not w for w in params)]
-    for p in frozen:
-        p.requires_grad_(False)
     cursor = 0
     try:
-        with seeded(seed, device), eval_mode(model):
+        with seeded(seed, device), eval_mode(model), _training_only(model, params):
             for _ in range(config.steps):
                 rows = [(cursor + i) % xf.shape[0] for i in range(min(config.batch_size, xf.shape[0]))]
                 cursor = (cursor + len(rows)) % xf.shape[0]
@@ -203,8 +185,6 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
                 guard.after()
                 plan.apply(opt)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
         opt.zero_grad(set_to_none=True)
     return config.steps
 
@@ -293,7 +273,7 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
     synchronize(device)
     t1 = time.perf_counter()
     masks = select_units(layers, scored.scores, scored.counts, selection)
-    plan = neuron_mask_plan(layers, masks if finetune.prune_selected else {})
+    plan = neuron_mask_plan(layers, masks)
     plan.apply()
     synchronize(device)
     t2 = time.perf_counter()
@@ -302,7 +282,7 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
     seconds_edit = time.perf_counter() - t_edit
     ft = masked_lm_finetune(model, budget, plan, finetune, device, seed, progress=progress,
                             forget=forget if forget_term.weight > 0 else None,
-                            forget_term=forget_term, mlp_layers=layers, selected=masks)
+                            forget_term=forget_term, mlp_layers=layers)
     total = time.perf_counter() - total_start
     timings = {"targets": seconds_targets, "scoring": t1 - t0, "pruning": t2 - t1, "edit": seconds_edit,
                "finetune": ft.seconds, "total": total}
