@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 __all__ = ["Inputs", "logits_of", "adapted", "copy_model", "model_entry", "explicit_classifier", "as_pairs", "LabeledDataset", "stack", "cat",
-           "DEFAULT_LABEL_KEYS", "is_token_batch", "padding_mask"]
+           "DEFAULT_LABEL_KEYS", "is_token_batch", "padding_mask", "per_token_labels"]
 
 #: Label keys tried, in order, when a dict sample's label key is not given (Hugging Face's conventions:
 #: models take ``labels``, ``datasets`` image sets name the column ``label``).
@@ -351,17 +351,18 @@ def as_pairs(dataset, label_key: str | None = None):
     if n == 0:
         return dataset
     first = dataset[0]
-    if isinstance(first, Mapping) and _per_token_labels(first, label_key):
+    if per_token_labels(first, label_key):
         return dataset  # causal-LM samples: the labels are a sequence, read by dfmu_ext.lm
     if isinstance(first, Mapping):
         return LabeledDataset(dataset, _label_key(first, label_key))
     return dataset
 
 
-def _per_token_labels(sample: Mapping, label_key: str | None) -> bool:
-    """Whether a dict sample's labels are one per input token (a causal-LM sample)."""
+def per_token_labels(sample, label_key: str | None = None) -> bool:
+    """Whether ``sample`` is a dict whose labels (``label_key``, default ``labels``) are one per input
+    token, of the shape of its ``input_ids``: a causal-LM sample."""
     key = label_key or "labels"
-    if key not in sample or "input_ids" not in sample:
+    if not isinstance(sample, Mapping) or key not in sample or "input_ids" not in sample:
         return False
     labels, ids = torch.as_tensor(sample[key]), torch.as_tensor(sample["input_ids"])
     return labels.dim() >= 1 and labels.shape == ids.shape

@@ -11,6 +11,7 @@ from dfmu_ext import cli
 from dfmu_ext.cli.checks import read_forget_indices
 from dfmu_ext.record import indices_sha256, record_path_for
 
+from _cli_errors import assert_one_line_error
 from _own_mlp import write_own_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,24 +35,6 @@ def _own(tiny, *extra):
 def _some_indices(labels, per_class=3):
     """A few samples of every class (never a whole class)."""
     return sorted(int(i) for c in range(10) for i in torch.nonzero(labels == c).flatten()[:per_class])
-
-
-def _files(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def _assert_one_line_error(capsys, argv, root, match):
-    before = _files(root)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    assert _files(root) == before, "an error must leave nothing written"
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +168,7 @@ BAD = [("missing", "does not exist"), ("folder", "cannot be read"), ("csv", "unk
 @pytest.mark.parametrize("kind,match", BAD)
 def test_bad_index_files_are_one_line(tiny, tmp_path, capsys, kind, match):
     path = _write_bad(tmp_path, kind, tiny["y"])
-    line = _assert_one_line_error(capsys, ["forget", *_own(tiny, "--forget-indices", path,
+    line = assert_one_line_error(capsys, ["forget", *_own(tiny, "--forget-indices", path,
                                                            "--out", str(tmp_path / "o" / "f.pt"))], tmp_path, match)
     assert line.startswith(f"error: --forget-indices {path!r}: ")
 
@@ -193,7 +176,7 @@ def test_bad_index_files_are_one_line(tiny, tmp_path, capsys, kind, match):
 @pytest.mark.parametrize("kind,match", [("duplicate", "appears more than once"), ("csv", "unknown file type")])
 def test_compare_checks_the_file_before_any_work(tiny, tmp_path, capsys, kind, match):
     path = _write_bad(tmp_path, kind, tiny["y"])
-    _assert_one_line_error(capsys, ["compare", *_own(tiny, "--forget-indices", path, "--out-dir",
+    assert_one_line_error(capsys, ["compare", *_own(tiny, "--forget-indices", path, "--out-dir",
                                                      str(tmp_path / "cmp"))], tmp_path, match)
 
 
@@ -205,10 +188,10 @@ def test_package_data_is_checked_too(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(commands, "load_ckpt", lambda path, device: (torch.nn.Linear(64, 10),
                                                                      {"dataset": "digits", "num_classes": 10}))
     (tmp_path / "i.txt").write_text("0 1437")
-    _assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "c.pt"), "--forget-indices",
+    assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "c.pt"), "--forget-indices",
                                     str(tmp_path / "i.txt"), "--out", str(tmp_path / "o" / "f.pt"), "--device",
                                     "cpu"], tmp_path, "index 1437 is out of range: the training set has 1437")
-    _assert_one_line_error(capsys, ["compare", "--dataset", "digits", "--forget-indices", str(tmp_path / "i.txt"),
+    assert_one_line_error(capsys, ["compare", "--dataset", "digits", "--forget-indices", str(tmp_path / "i.txt"),
                                     "--out-dir", str(tmp_path / "cmp"), "--device", "cpu"], tmp_path,
                            "index 1437 is out of range")
 
@@ -218,6 +201,6 @@ def test_indices_exclude_the_other_forget_options(tiny, tmp_path, capsys, other)
     (tmp_path / "i.txt").write_text("1 2 3")
     outputs = {"forget": ["--out", str(tmp_path / "f.pt")], "compare": ["--out-dir", str(tmp_path / "c")]}
     for command, out in outputs.items():
-        _assert_one_line_error(capsys, [command, *_own(tiny, "--forget-indices", str(tmp_path / "i.txt"), *other,
+        assert_one_line_error(capsys, [command, *_own(tiny, "--forget-indices", str(tmp_path / "i.txt"), *other,
                                                        *out)], tmp_path,
                                f"argument {other[0]}: not allowed with argument --forget-indices")

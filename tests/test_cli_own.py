@@ -11,6 +11,7 @@ import torch
 from dfmu_ext import cli
 from dfmu_ext.record import record_path_for
 
+from _cli_errors import assert_one_line_error
 from _own_mlp import arch_source, write_own_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,24 +140,6 @@ def test_compare_runs_every_trained_method_on_one_step_setting(own, tmp_path):
 # errors: one line, exit status 2, nothing written
 # --------------------------------------------------------------------------------------------
 
-def _files(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def _assert_one_line_error(capsys, argv, root, match):
-    before = _files(root)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    assert _files(root) == before, "an error must leave nothing written"
-    return lines[0]
-
-
 def _bad_weights(tmp_path, own, kind):
     p = tmp_path / f"{kind}.pt"
     if kind == "missing":
@@ -191,17 +174,17 @@ def _bad_weights(tmp_path, own, kind):
 ])
 def test_bad_weights_are_one_line(own, tmp_path, capsys, kind, match):
     w = _bad_weights(tmp_path, own, kind)
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "out" / "f.pt", weights=w), tmp_path, match)
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "out" / "f.pt", weights=w), tmp_path, match)
 
 
 def test_weights_that_do_not_fit_the_architecture(own, tmp_path, capsys):
-    line = _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--arch-kwargs", '{"hidden": 16}'),
+    line = assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--arch-kwargs", '{"hidden": 16}'),
                                   tmp_path, "do not fit the architecture")
     assert "wrong shape" in line and "1.weight (32, 64) vs model (16, 64)" in line
     sd = dict(own["state"])
     del sd["3.bias"]
     torch.save(sd, tmp_path / "short.pt")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", weights=str(tmp_path / "short.pt")),
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", weights=str(tmp_path / "short.pt")),
                            tmp_path, "1 missing: 3.bias")
 
 
@@ -218,7 +201,7 @@ def test_bad_ckpt_is_one_line(tmp_path, capsys, kind, own):
         (tmp_path / "full.pt").unlink()
     elif kind == "foreign":
         torch.save(own["state"], p)
-    _assert_one_line_error(capsys, ["forget", "--ckpt", str(p), "--out", str(tmp_path / "o" / "f.pt"),
+    assert_one_line_error(capsys, ["forget", "--ckpt", str(p), "--out", str(tmp_path / "o" / "f.pt"),
                                     "--device", "cpu"], tmp_path, "")
 
 
@@ -249,61 +232,61 @@ def test_bad_data_is_one_line(own, tmp_path, capsys):
     ]
     for change, match in cases:
         path = _data_file(tmp_path, own, **change)
-        _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=path), tmp_path, match)
+        assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=path), tmp_path, match)
         os.unlink(path)
     bad = tmp_path / "d.npz"
     np.savez(bad, train_x=np.zeros((3, 64), np.float32))
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=str(bad)), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=str(bad)), tmp_path,
                            "lacks train_y")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=str(tmp_path / "junk.npz")),
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=str(tmp_path / "junk.npz")),
                            tmp_path, "not a readable data file")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", "--normalize", "0.5,0.2"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", "--normalize", "0.5,0.2"), tmp_path,
                            "image folders only")
 
 
 def test_empty_forget_set(own, tmp_path, capsys):
     keep = own["tr"].tensors[1] != 3
     path = _data_file(tmp_path, own, train_x=own["tr"].tensors[0][keep], train_y=own["tr"].tensors[1][keep])
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=path), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt", data=path), tmp_path,
                            "forget set is empty")
 
 
 def test_unwritable_output_folder(own, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "a_file" / "sub" / "f.pt"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "a_file" / "sub" / "f.pt"), tmp_path,
                            "cannot write to the --out folder")
 
 
 def test_output_that_is_a_folder(own, tmp_path, capsys):
     (tmp_path / "adir").mkdir()
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "adir"), tmp_path, "is a folder")
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "adir"), tmp_path, "is a folder")
 
 
 def test_output_would_overwrite_an_input(own, tmp_path, capsys):
-    _assert_one_line_error(capsys, _forget_args(own, own["weights"]), own["dir"], "would overwrite the input --weights")
-    _assert_one_line_error(capsys, _forget_args(own, own["data"]), own["dir"], "would overwrite the input --data")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--record", own["weights"]), own["dir"],
+    assert_one_line_error(capsys, _forget_args(own, own["weights"]), own["dir"], "would overwrite the input --weights")
+    assert_one_line_error(capsys, _forget_args(own, own["data"]), own["dir"], "would overwrite the input --data")
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--record", own["weights"]), own["dir"],
                            "would overwrite the input --weights")
 
 
 def test_usage_errors_are_one_line(own, tmp_path, capsys):
-    _assert_one_line_error(capsys, ["forget", "--out", "x.pt", "--bogus-flag"], tmp_path, "unrecognized arguments")
-    _assert_one_line_error(capsys, ["nonsense"], tmp_path, "invalid choice")
-    _assert_one_line_error(capsys, ["forget", "--out", str(tmp_path / "f.pt")], tmp_path, "give --ckpt")
-    _assert_one_line_error(capsys, ["forget", "--arch", own["arch"], "--out", str(tmp_path / "f.pt")], tmp_path,
+    assert_one_line_error(capsys, ["forget", "--out", "x.pt", "--bogus-flag"], tmp_path, "unrecognized arguments")
+    assert_one_line_error(capsys, ["nonsense"], tmp_path, "invalid choice")
+    assert_one_line_error(capsys, ["forget", "--out", str(tmp_path / "f.pt")], tmp_path, "give --ckpt")
+    assert_one_line_error(capsys, ["forget", "--arch", own["arch"], "--out", str(tmp_path / "f.pt")], tmp_path,
                            "missing --weights, --data")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", arch="no_such_module_x:build"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", arch="no_such_module_x:build"), tmp_path,
                            "cannot be imported")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", arch=own["arch"] + "_nope"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", arch=own["arch"] + "_nope"), tmp_path,
                            "has no callable")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--arch-kwargs", "{bad"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--arch-kwargs", "{bad"), tmp_path,
                            "not valid JSON")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--classes", "10"), tmp_path,
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--classes", "10"), tmp_path,
                            "[0, 10)")
-    _assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--precision", "fp16", "--device", "cpu"),
+    assert_one_line_error(capsys, _forget_args(own, tmp_path / "f.pt", "--precision", "fp16", "--device", "cpu"),
                            tmp_path, "fp16 needs a CUDA device")
-    _assert_one_line_error(capsys, ["compare", "--dataset", "digits", "--precision", "fp16", "--device", "cpu",
+    assert_one_line_error(capsys, ["compare", "--dataset", "digits", "--precision", "fp16", "--device", "cpu",
                                     "--out-dir", str(tmp_path / "c")], tmp_path, "fp16 needs a CUDA device")
 
 
@@ -312,7 +295,7 @@ def test_library_input_errors_are_one_line_but_bugs_keep_their_traceback(own, tm
         raise ValueError("score_samples must be >= 2\n(second line)")
 
     monkeypatch.setattr(cli.commands, "run_forget", input_error)
-    line = _assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt"), tmp_path, "score_samples")
+    line = assert_one_line_error(capsys, _forget_args(own, tmp_path / "o" / "f.pt"), tmp_path, "score_samples")
     assert "second line" in line  # folded into the one line
 
     def bug(*a, **k):
@@ -389,7 +372,7 @@ def test_ckpt_with_bad_weights_is_one_line(package_ckpt, tmp_path, capsys, kind,
     else:
         del blob["state_dict"]
     torch.save(blob, tmp_path / "bad.pt")
-    _assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o" / "f.pt"),
+    assert_one_line_error(capsys, ["forget", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "o" / "f.pt"),
                                     "--device", "cpu"], tmp_path, match)
 
 
@@ -476,7 +459,7 @@ def _fine_case(blob, kind):
 ])
 def test_bad_fine_labels_are_one_line(fine_own, tmp_path, capsys, kind, match):
     torch.save(_fine_case(fine_own["blob"], kind), tmp_path / "d.pt")
-    _assert_one_line_error(capsys, ["forget", *fine_own["args"], "--data", str(tmp_path / "d.pt"), "--forget-subclass",
+    assert_one_line_error(capsys, ["forget", *fine_own["args"], "--data", str(tmp_path / "d.pt"), "--forget-subclass",
                                     "seven", "--out", str(tmp_path / "o" / "f.pt")], tmp_path, match)
 
 
@@ -485,17 +468,17 @@ def test_bad_subclass_requests_are_one_line(fine_own, tmp_path, capsys):
     blob = fine_own["blob"]
     no_fine = {k: v for k, v in blob.items() if k not in ("train_fine", "test_fine", "fine_names")}
     torch.save(no_fine, tmp_path / "plain.pt")
-    _assert_one_line_error(capsys, run + [str(tmp_path / "plain.pt"), "--forget-subclass", "seven"], tmp_path,
+    assert_one_line_error(capsys, run + [str(tmp_path / "plain.pt"), "--forget-subclass", "seven"], tmp_path,
                            "no sub-classes")
     data = str(fine_own["dir"] / "data.pt")
-    _assert_one_line_error(capsys, run + [data, "--forget-subclass", "eleven"], tmp_path, "unknown sub-class 'eleven'")
+    assert_one_line_error(capsys, run + [data, "--forget-subclass", "eleven"], tmp_path, "unknown sub-class 'eleven'")
     torch.save({**blob, "fine_names": FINE_NAMES + ["ten"]}, tmp_path / "unused.pt")  # fine id 10 has no sample
-    _assert_one_line_error(capsys, run + [str(tmp_path / "unused.pt"), "--forget-subclass", "ten"], tmp_path,
+    assert_one_line_error(capsys, run + [str(tmp_path / "unused.pt"), "--forget-subclass", "ten"], tmp_path,
                            "no training sample has that fine label")
     def only_zero_in_c0(y, fine):  # c0 held 0, 3, 6, 9: move 3, 6, 9 to c1
         return torch.where((fine % 3 == 0) & (fine != 0), 1, y)
 
     torch.save({**blob, "train_y": only_zero_in_c0(blob["train_y"], blob["train_fine"]),
                 "test_y": only_zero_in_c0(blob["test_y"], blob["test_fine"])}, tmp_path / "lone.pt")
-    _assert_one_line_error(capsys, run + [str(tmp_path / "lone.pt"), "--forget-subclass", "zero"], tmp_path,
+    assert_one_line_error(capsys, run + [str(tmp_path / "lone.pt"), "--forget-subclass", "zero"], tmp_path,
                            "is every training sample of class 0 (c0): forget the class with --classes 0 instead")

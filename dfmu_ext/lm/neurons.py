@@ -106,6 +106,25 @@ def mlp_neuron_layers(model: nn.Module, example: Inputs) -> list[NeuronLayer]:
     return layers
 
 
+def mlp_projections(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """The modules beside the down projection ``layer`` in its MLP (its up and gate projections)."""
+    name = {m: n for n, m in model.named_modules()}[layer]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return [m for m in parent.children() if m is not layer and any(True for _ in m.parameters())]
+
+
+def mlp_input_layers(model: nn.Module, layers: list[NeuronLayer]) -> list[NeuronLayer]:
+    """The MLPs' other projections (up, gate) as :class:`NeuronLayer` records of their *input*
+    features (the hidden state they read): ``unit_dim`` is the weight's input dim."""
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for l in layers:
+        for m in mlp_projections(model, l.layer):
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
+                out.append(NeuronLayer(names[m], m, _widths(m)[0], 0 if _is_conv1d(m) else 1, l.depth))
+    return out
+
+
 @dataclass
 class NeuronScores:
     layers: list[NeuronLayer]

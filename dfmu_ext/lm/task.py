@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..model_io import Inputs, adapted
+from ..model_io import Inputs, adapted, per_token_labels
 
 IGNORE_INDEX = -100
 TASKS = ("classification", "causal-lm")
@@ -62,11 +62,9 @@ def _raw(dataset):
 
 
 def is_lm_sample(sample) -> bool:
-    """A dict with ``input_ids`` and a per-token ``labels`` sequence of the same length."""
-    if not isinstance(sample, Mapping) or "input_ids" not in sample or "labels" not in sample:
-        return False
-    ids, labels = torch.as_tensor(sample["input_ids"]), torch.as_tensor(sample["labels"])
-    return labels.dim() >= 1 and labels.shape == ids.shape
+    """A dict with ``input_ids`` and a per-token ``labels`` sequence of the same length
+    (:func:`dfmu_ext.model_io.per_token_labels`, the check ``as_pairs`` uses to leave such data sets as they are)."""
+    return per_token_labels(sample)
 
 
 def detect_task(dataset, task: str | None = None) -> str:

@@ -31,7 +31,7 @@ from .._common import eval_mode, model_device, seeded, synchronize, train_mode
 from ..finetune import AdamW, MomentumSGD
 from ..result import FinetuneHistory, UnlearnResult
 from ..selection import SelectionConfig, select_units
-from .neurons import NeuronLayer, mlp_neuron_layers, neuron_mask_plan, score_neurons
+from .neurons import mlp_input_layers, mlp_neuron_layers, mlp_projections, neuron_mask_plan, score_neurons
 from .edit import EditConfig, ProjectedUpdates, retain_projectors
 from .targets import LMForgetTermConfig, forget_targets, soft_target_loss
 from .task import batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take
@@ -78,7 +78,7 @@ def masked_lm_finetune(model: nn.Module, budget, plan, config: LMFinetuneConfig,
     epochs = config.epochs if config.epochs == 0 else max(config.epochs, -(-config.min_steps // steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     if config.train == "mlp":
-        owners = {l.layer for l in mlp_layers} | {s for l in mlp_layers for s in _siblings(model, l.layer)}
+        owners = {l.layer for l in mlp_layers} | {m for l in mlp_layers for m in mlp_projections(model, l.layer)}
         keep = {id(p) for m in owners for p in m.parameters()}
         params = [p for p in params if id(p) in keep]
     opt = AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -129,34 +129,12 @@ def _training_only(model: nn.Module, params: list[torch.Tensor]):
             p.requires_grad_(True)
 
 
-def _siblings(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
-    """The modules next to ``layer`` in its parent (an MLP's up and gate projections)."""
-    name = {m: n for n, m in model.named_modules()}[layer]
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    return [m for m in parent.children() if m is not layer and any(True for _ in m.parameters())]
-
-
 def _scoring_positions(n_forget: int, n_budget: int, samples: int, seed: int) -> tuple[list[int], list[int]]:
     gen = torch.Generator().manual_seed(seed + 7919)
     half = max(1, samples // 2)
     f = torch.randperm(n_forget, generator=gen)[:half].tolist()
     r = torch.randperm(n_budget, generator=gen)[:max(1, samples - len(f))].tolist()
     return f, r
-
-
-def _input_side(model: nn.Module, layers, scope: str) -> list[NeuronLayer]:
-    """The layers whose weights the edit moves, as :class:`NeuronLayer` records of their *input*
-    features: the down projections, and with ``scope="mlp"`` the up (and gate) projections too."""
-    out = []
-    if scope == "mlp":
-        names = {m: n for n, m in model.named_modules()}
-        for l in layers:
-            for sib in _siblings(model, l.layer):
-                w = getattr(sib, "weight", None)
-                if isinstance(w, torch.Tensor) and w.dim() == 2:
-                    dim = 0 if type(sib).__name__ == "Conv1D" else 1
-                    out.append(NeuronLayer(names[sib], sib, int(w.shape[dim]), dim, l.depth))
-    return list(layers) + out
 
 
 def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: EditConfig, device: torch.device,
@@ -264,7 +242,7 @@ def unlearn_causal_lm(model: nn.Module, train_set, forget_indices, retain_fracti
             if edit.positions == "scored":  # the positions whose next token is scored (the facts' reads)
                 at = torch.zeros_like(yr_, dtype=torch.bool)
                 at[:, :-1] = yr_[:, 1:] != -100
-            edited = _input_side(model, layers, edit.scope)
+            edited = layers + (mlp_input_layers(model, layers) if edit.scope == "mlp" else [])
             projectors = retain_projectors(model, layers, xr_.to(device), edit.energy, positions=at,
                                            extra=edited[len(layers):])
     seconds_targets = time.perf_counter() - t_targets
