@@ -109,10 +109,13 @@ class EmbeddingCut:
 
 
 def _grad_inputs(x):
-    """``x`` with every floating-point tensor detached and made to require a gradient."""
-    if isinstance(x, Inputs):
-        return x.map(lambda t: t.detach().clone().requires_grad_(True) if t.is_floating_point() else t)
-    return x.detach().clone().requires_grad_(True)
+    """``x`` with every floating-point tensor detached and made to require a gradient; integer
+    tensors (token ids, masks) are passed as they are: the backward of a token batch is taken at the
+    embedding outputs (:class:`EmbeddingCut`), for a plain ``LongTensor`` batch as for dict samples."""
+    def grad_leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(True) if t.is_floating_point() else t
+
+    return x.map(grad_leaf) if isinstance(x, Inputs) else grad_leaf(x)
 
 
 def score_blocks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forget_classes=None, *,
