@@ -10,6 +10,10 @@ for every entry of the state_dict in sorted key order::
 It depends only on names, dtypes, shapes and values — not on the file's container (a bare
 state_dict, a ``{"state_dict": ...}`` checkpoint and a ``dfmu`` checkpoint of the same weights
 hash alike), the device, or the pickling. Every entry must be a tensor.
+
+A Hugging Face ``save_pretrained`` folder (or a ``.safetensors`` file) is read as the tensors its
+``*.safetensors`` files hold (all shards together; :func:`safetensors_state_dict`): its hash is over
+the saved tensors, equal to the loaded model's ``state_dict`` hash when no weights are tied.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["HASH_FORMAT", "WeightsError", "state_dict_sha256", "load_state_dict_file", "fit_state_dict",
-           "check_finite"]
+           "check_finite", "safetensors_state_dict"]
 
 HASH_FORMAT = "state_dict-sha256-v1"
 
@@ -61,10 +65,37 @@ def state_dict_sha256(weights) -> str:
     return h.hexdigest()
 
 
+def safetensors_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file, or of every ``*.safetensors`` file of a folder (the
+    shards of a ``save_pretrained`` folder), as one ``{name: tensor}`` dict on the CPU. Raises
+    :class:`WeightsError` for a folder without one, an unreadable file or a name in two shards."""
+    from safetensors.torch import load_file
+
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise WeightsError(f"{path!r} holds no .safetensors weights (a save_pretrained folder has model.safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(f, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsError(f"{f!r} is not a readable .safetensors file: {first}") from None
+        twice = sorted(set(part) & set(state))
+        if twice:
+            raise WeightsError(f"{path!r}: tensor {twice[0]!r} is stored in two .safetensors files")
+        state.update(part)
+    return state
+
+
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """The state_dict in ``path``, loaded with ``weights_only=True``: a bare ``{name: tensor}`` dict or
-    a checkpoint dict holding one under ``"state_dict"`` (as ``dfmu train`` writes). Raises
-    :class:`WeightsError` with a one-line reason for a missing, truncated, corrupt or foreign file."""
+    a checkpoint dict holding one under ``"state_dict"`` (as ``dfmu train`` writes); a ``.safetensors``
+    file or a folder of them (:func:`safetensors_state_dict`). Raises :class:`WeightsError` with a
+    one-line reason for a missing, truncated, corrupt or foreign file."""
+    if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".safetensors")):
+        return safetensors_state_dict(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path!r} does not exist")
     try:
