@@ -12,3 +12,5 @@ __all__ = ["evaluate", "battery_metrics", "BATTERY_KEYS", "METRIC_KEYS", "MIA_MA
            "linear_probe_accuracy", "mia_efficacy", "penultimate_features", "svc_mia_from_probs", "true_label_probs",
            "accuracy", "forward_collect", "per_class_accuracy", "predict_logits", "probe_by_depth",
            "relearn_attack", "prototype_attack", "tv_distance", "collateral"]
+from .field import *  # noqa: E402,F401,F403  the field's LM-unlearning metrics (TOFU, MUSE, OpenUnlearning)
+__all__ += field.__all__  # noqa: F405
