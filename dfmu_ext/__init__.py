@@ -15,8 +15,10 @@ from .eval import evaluate
 from .result import FinetuneHistory, PruneResult, UnlearnResult
 from .selection import SelectionConfig
 from .targets import ForgetTargetConfig
-from .unlearn import score_and_prune, unlearn
+from .guard import GuardConfig, RetentionWarning
+from .tasks.classification import score_and_prune
+from .unlearn import unlearn
 
 __all__ = ["ops", "build_info", "score_and_prune", "unlearn", "evaluate", "SelectionConfig", "FinetuneConfig",
-           "ForgetTargetConfig", "UnlearnResult", "PruneResult", "FinetuneHistory"]
+           "ForgetTargetConfig", "GuardConfig", "RetentionWarning", "UnlearnResult", "PruneResult", "FinetuneHistory"]
 __version__ = "0.1.0"

@@ -1,10 +1,18 @@
-"""The short masked fine-tune on the retain budget, with early stopping once accuracy has recovered.
+r"""The short masked fine-tune on the retain budget: one loop for every task.
 
-After every optimizer step the masks are re-applied (one fused op call) to the weights *and* the
-optimizer's momentum, so pruned units stay exactly zero and never regrow.
+The task supplies an :class:`Objective` (its batches, optimizer and loss); :func:`run_finetune` runs
+the steps, re-applies the masks after every optimizer step (one fused op call) to the weights *and*
+the optimizer's state, so pruned units stay exactly zero and never regrow, and stops early once the
+retain accuracy has recovered (when the task measures one).
+
+Distillation from the original (:func:`distill_loss`) is the knowledge-preserving part of the loss:
+on the budget's samples the fine-tuned model is pulled towards the original's outputs, not only the
+labels, so what the original knew beyond the labels (its confidence over the other classes, the
+other facts a token distribution carries) is kept for data the budget does not hold.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -12,15 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
-from ._common import TrainBatches, model_device, train_mode
 from .distributed import Comm
-from .model_io import cat
 from .pruning import MaskPlan
 from .result import FinetuneHistory
-from .steps import StepEngine, StepOptions
-from .targets import ForgetTargetConfig
 
 
 @dataclass
@@ -38,10 +41,11 @@ class FinetuneConfig:
                                         # overstates recovery (measured: stopping at 0.8 epoch cost 2 points of TA)
     min_steps: int = 50                 # run whole epochs until at least this many optimizer steps: a
                                         # tiny budget (160 samples: 2 steps an epoch) cannot recover otherwise
+    distill: float = 0.0                # weight of the KL to the original's outputs on the budget batch
 
     def validate(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0:
-            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1 and min_steps >= 0")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0:
+            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps >= 0 and distill >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,16 +137,6 @@ class AdamW(MomentumSGD):
         torch._foreach_addcdiv_(params, m, denom, value=-self.lr / (1 - b1 ** self.t))
 
 
-def _epochs(config: FinetuneConfig, n: int, batch_size: int, extra_steps: int = 0) -> int:
-    """``config.epochs``, raised to reach ``config.min_steps + extra_steps`` optimizer steps when the
-    budget is small."""
-    steps = (config.min_steps or 0) + extra_steps
-    if config.epochs == 0 or not steps:
-        return config.epochs
-    per_epoch = max(1, -(-n // batch_size))
-    return max(config.epochs, -(-steps // per_epoch))
-
-
 class ForgetBatches:
     """The forget term's inputs: ``(x, t)`` pairs of forget samples and their soft targets, served
     ``batch_size`` at a time in a seeded order that reshuffles after every pass."""
@@ -165,98 +159,129 @@ class ForgetBatches:
         return (self.engine.batch(x) if self.engine is not None else x), self.targets[idx].to(self.device)
 
 
-def masked_finetune(model: nn.Module, dataset: Dataset, plan: MaskPlan, config: FinetuneConfig | None = None, *,
-                    target_accuracy: float | None = None, device=None, seed: int = 0,
-                    progress: bool = False, comm: Comm | None = None,
-                    steps: StepOptions | None = None, forget: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    forget_term: ForgetTargetConfig | None = None) -> FinetuneHistory:
-    """SGD on ``dataset`` with ``plan`` re-applied after each step; returns what it did.
+def epochs_for(config, n: int, batch_size: int, extra_steps: int = 0) -> int:
+    """``config.epochs``, raised to reach ``config.min_steps + extra_steps`` optimizer steps when the
+    budget is small."""
+    steps = (config.min_steps or 0) + extra_steps
+    if config.epochs == 0 or not steps:
+        return config.epochs
+    per_epoch = max(1, -(-n // batch_size))
+    return max(config.epochs, -(-steps // per_epoch))
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The mean KL divergence from the original's output distribution to the model's,
+
+    .. math:: \mathrm{mean}_i \sum_c p^{\mathrm{orig}}_{ic}\,(\log p^{\mathrm{orig}}_{ic} - \log p_{ic}),
+
+    over the rows of ``(..., C)`` logits (every row, or those where the boolean ``where`` is true:
+    a causal LM's real positions)."""
+    s = F.log_softmax(student.float(), dim=-1)
+    t = F.log_softmax(teacher.float(), dim=-1)
+    per_row = (t.exp() * (t - s)).sum(-1)
+    if where is None:
+        return per_row.mean()
+    where = where.to(per_row.device)
+    return per_row[where].sum() / where.sum().clamp_min(1)
+
+
+class Objective:
+    """One task's fine-tune: its optimizer, its batches and its loss (the task builds it).
+
+    Attributes:
+        optimizer: a :class:`MomentumSGD`/:class:`AdamW` over the trained parameters.
+        epochs: how many passes over the budget the fine-tune runs (before any early stop).
+        comm: the process group's :class:`dfmu_ext.distributed.Comm` (counts summed over ranks).
+    """
+
+    optimizer = None
+    epochs: int = 0
+    comm: Comm = Comm()
+
+    def context(self):
+        """The context the steps run in (train mode, frozen parameters, seeding)."""
+        raise NotImplementedError
+
+    def batches(self, epoch: int, progress: bool):
+        """The budget's batches of one epoch (a sized iterable)."""
+        raise NotImplementedError
+
+    def loss(self, batch, forget_phase: bool) -> tuple[torch.Tensor, int | None, int]:
+        """``(loss, correct, seen)`` of one batch; the forget term is added while ``forget_phase``."""
+        raise NotImplementedError
+
+    forget_steps: int | None = 0    # how many first steps carry the forget term (None: all)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.optimizer.step()
+
+
+def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accuracy: float | None = None,
+                 progress: bool = False, max_steps: int | None = None, forget: bool = True,
+                 history: FinetuneHistory | None = None) -> FinetuneHistory:
+    """Run ``objective`` for its epochs with ``plan`` re-applied after every step; returns what it did.
 
     ``target_accuracy`` (the model's accuracy on retain samples before pruning) enables the early
-    stop: once the running train accuracy over the last ``window`` samples reaches it (minus the
-    tolerance), fine-tuning ends. Under a process-group ``comm`` each rank trains on its sampler's
-    share with a per-rank batch of ``comm.local_batch_size(batch_size)``, through ``comm.wrap(model)``
-    (DDP), and the early-stop window sees each step's (correct, seen) summed over ranks, so every
-    rank stops at the same step. ``steps`` sets precision and memory layout (:mod:`dfmu_ext.steps`).
-
-    ``forget = (x_f, t)`` adds the forget term (``forget_term``, default ``ForgetTargetConfig()``) to
-    the first ``forget_term.steps`` steps (the forget phase): each also runs ``forget_term.batch_size``
-    of the forget samples ``x_f`` (in the same forward as the retain batch, so BatchNorm sees one
-    batch) and adds ``forget_term.weight * mean_i(-sum_c t_ic log p_ic)``, the cross-entropy to their
-    soft targets ``t`` (:mod:`dfmu_ext.targets`). The steps after it are retain-only (the recovery
-    phase), and the run may take ``forget_term.steps`` more steps than
-    ``min_steps`` asks, so that the early stop can wait for the retain accuracy to come back (measured:
-    the forget term on every step cost the siblings of a forgotten sub-class 1-2.5 points more). Only
-    the samples in ``x_f`` are read from the forget set.
+    stop of ``config`` (``early_stop``, ``window``, ``recovery_tolerance``, ``min_fraction``): once
+    the running train accuracy over the last ``window`` samples reaches it (minus the tolerance),
+    fine-tuning ends. Under a process group every rank sees each step's (correct, seen) summed over
+    ranks, so every rank stops at the same step. ``max_steps`` ends the run after that many steps
+    (the retention guard's recovery), ``forget=False`` leaves the forget term out, and ``history``
+    is continued when given.
     """
-    config = config or FinetuneConfig()
-    config.validate()
-    comm = comm or Comm()
-    device = torch.device(device) if device is not None else model_device(model)
-    start = time.perf_counter()
-    history = FinetuneHistory()
-    if config.epochs == 0 or len(dataset) == 0:
-        return history
-    engine = StepEngine(model, device, steps)
-    engine.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = MomentumSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    sampler = comm.sampler(dataset, seed)
-    net = comm.wrap(model)
-    term = forget_term or ForgetTargetConfig()
-    forget_batches = (ForgetBatches(forget[0], forget[1], term.batch_size, seed, device, engine)
-                      if forget is not None and term.weight > 0 and term.steps > 0 else None)
-    extra_steps = term.steps if forget_batches is not None else 0
+    history = history or FinetuneHistory()
+    start = time.perf_counter() - history.seconds
+    comm, optimizer = objective.comm, objective.optimizer
+    stop_early = bool(getattr(config, "early_stop", False)) and target_accuracy is not None
     recent: deque = deque()
-    recent_correct = 0
-    recent_total = 0
+    recent_correct = recent_total = done = 0
+    first_step = history.steps
     try:
-        with train_mode(model):
-            for epoch in range(_epochs(config, len(dataset), config.batch_size, extra_steps)):  # global batch: same on every rank
-                if sampler is not None:
-                    sampler.set_epoch(epoch)
-                batches = TrainBatches(dataset, comm.local_batch_size(config.batch_size), seed + epoch, device,
-                                       sampler=sampler, desc=f"fine-tune {epoch + 1}",
-                                       progress=progress, engine=engine)
+        with objective.context():
+            for epoch in (range(objective.epochs) if max_steps is None else itertools.count()):
+                batches = objective.batches(epoch, progress)
                 steps_per_epoch = len(batches)
-                for step, (x, y) in enumerate(batches):
-                    with engine.autocast():
-                        if forget_batches is None or history.steps >= term.steps:
-                            logits = net(x)
-                            loss = F.cross_entropy(logits, y)
-                        else:  # one forward: BatchNorm normalises retain and forget samples together
-                            xf, tf = forget_batches.next()
-                            both = net(cat([x, xf]))
-                            logits = both[:x.shape[0]]
-                            soft = -(tf * F.log_softmax(both[x.shape[0]:].float(), dim=1)).sum(1).mean()
-                            loss = F.cross_entropy(logits, y) + term.weight * soft
+                for step, batch in enumerate(batches):
+                    phase = forget and (objective.forget_steps is None or history.steps < objective.forget_steps)
+                    loss, correct, seen = objective.loss(batch, phase)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")
                     optimizer.zero_grad(set_to_none=True)
-                    engine.backward_step(loss, optimizer)
+                    objective.backward_step(loss)
                     plan.apply(optimizer)
                     history.steps += 1
-                    correct, seen = comm.reduce_counts(int((logits.detach().argmax(1) == y).sum()), int(x.shape[0]))
-                    history.samples += seen
-                    recent.append((correct, seen))
-                    recent_correct += correct
-                    recent_total += seen
-                    while recent and recent_total - recent[0][1] >= config.window:
-                        c, n = recent.popleft()
-                        recent_correct -= c
-                        recent_total -= n
+                    done += 1
                     if history.steps % 10 == 0:
                         history.loss.append(float(loss.item()))
-                    warm = epoch > 0 or step + 1 >= config.min_fraction * steps_per_epoch
-                    if (config.early_stop and target_accuracy is not None and warm and recent_total >= config.window
+                    if correct is None:
+                        history.samples += seen
+                    else:
+                        correct, seen = comm.reduce_counts(correct, seen)
+                        history.samples += seen
+                        recent.append((correct, seen))
+                        recent_correct += correct
+                        recent_total += seen
+                        while recent and recent_total - recent[0][1] >= config.window:
+                            c, n = recent.popleft()
+                            recent_correct -= c
+                            recent_total -= n
+                    warm = epoch > 0 or step + 1 >= getattr(config, "min_fraction", 1.0) * steps_per_epoch
+                    if (stop_early and warm and recent_total >= config.window
                             and recent_correct / recent_total >= target_accuracy - config.recovery_tolerance):
                         history.stopped_early = True
                         break
-                if history.stopped_early:
-                    history.epochs_run = epoch + (step + 1) / max(steps_per_epoch, 1)
+                    if max_steps is not None and done >= max_steps:
+                        break
+                if history.stopped_early or (max_steps is not None and done >= max_steps):
+                    if max_steps is None:
+                        history.epochs_run = epoch + (step + 1) / max(steps_per_epoch, 1)
                     break
-                history.epochs_run = float(epoch + 1)
+                if max_steps is None:
+                    history.epochs_run = float(epoch + 1)
     finally:
         optimizer.zero_grad(set_to_none=True)
+    if max_steps is not None:
+        history.recovery_steps += history.steps - first_step
     history.seconds = time.perf_counter() - start
     return history

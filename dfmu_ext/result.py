@@ -13,7 +13,8 @@ __all__ = ["UnlearnResult", "PruneResult", "FinetuneHistory"]
 @dataclass
 class FinetuneHistory:
     """What the masked fine-tune did: optimizer steps, samples seen (over all ranks), epochs run
-    (fractional when it stopped early), whether the early stop fired, the loss every 10 steps, seconds."""
+    (fractional when it stopped early), whether the early stop fired, the loss every 10 steps, seconds,
+    and the retain-only steps the retention guard added (included in ``steps``)."""
 
     steps: int = 0
     samples: int = 0
@@ -21,6 +22,7 @@ class FinetuneHistory:
     stopped_early: bool = False
     loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    recovery_steps: int = 0     # steps the retention guard added after the fine-tune (dfmu_ext.guard)
 
     def to_dict(self) -> dict:
         return asdict(self)

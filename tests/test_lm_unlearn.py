@@ -175,7 +175,7 @@ def test_unlearn_zeroes_pruned_neurons_exactly(arch):
     model = BUILDERS[arch]()
     data = _train_set()
     res = dfmu_ext.unlearn(model, data, forget_indices=list(range(6)), retain_fraction=0.5,
-                           finetune=dfmu_ext.lm.unlearn.LMFinetuneConfig(lr=1e-2, min_steps=5))
+                           finetune=dfmu_ext.tasks.LMFinetuneConfig(lr=1e-2, min_steps=5))
     assert res.info["task"] == "causal-lm" and res.finetune.steps >= 5
     assert all(p.grad is None and p.requires_grad for p in model.parameters())  # nothing left behind
     pruned = 0
@@ -298,11 +298,11 @@ def test_unlearn_lm_projected_edit_on_and_off_keeps_pruned_neurons_zero():
 
     torch.manual_seed(0)
     model = PlainCausalLM()
-    res = dfmu_ext.lm.unlearn.unlearn_causal_lm(model, _train_set(), list(range(6)), 0.5, edit=EditConfig(steps=0))
+    res = dfmu_ext.unlearn(model, _train_set(), forget_indices=list(range(6)), retain_fraction=0.5, edit=EditConfig(steps=0))
     assert res.info["edit_steps"] == 0  # steps=0 turns it off
     model = PlainCausalLM()
-    res = dfmu_ext.lm.unlearn.unlearn_causal_lm(model, _train_set(), list(range(6)), 0.5,
-                                                edit=EditConfig(steps=3, scope="down"))
+    res = dfmu_ext.unlearn(model, _train_set(), forget_indices=list(range(6)), retain_fraction=0.5,
+                           edit=EditConfig(steps=3, scope="down"))
     assert res.info["edit_steps"] == 3 and res.timings["edit"] > 0
     for name, mask in res.masks.items():
         layer = dict(model.named_modules())[name]

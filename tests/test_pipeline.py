@@ -7,7 +7,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import dfmu_ext
-from dfmu_ext.zoo import models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import models
 from dfmu_ext.blocks import discover_blocks
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain, take_batch
@@ -241,7 +242,7 @@ def test_unlearn_forgets_and_keeps_retain(trained_cnn, digits):
     assert res.model is model
     assert accuracy(model, forget_train) <= 0.01
     assert accuracy(model, retain_test) >= before - 0.03
-    assert set(res.timings) == {"scoring", "targets", "pruning", "finetune", "total"}
+    assert set(res.timings) == {"scoring", "targets", "pruning", "finetune", "guard", "total"}
     _, retain_train = split_forget_retain(train, [3])
     assert res.retain_samples_used <= round(0.3 * len(retain_train)) + 10
 
@@ -323,7 +324,7 @@ def test_momentum_sgd_matches_torch_optim_sgd(momentum, weight_decay):
 
 
 def test_small_budgets_get_a_minimum_of_steps():
-    from dfmu_ext.finetune import FinetuneConfig, _epochs
+    from dfmu_ext.finetune import FinetuneConfig, epochs_for as _epochs
 
     cfg = FinetuneConfig()
     assert cfg.min_steps == 50

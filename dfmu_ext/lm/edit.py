@@ -53,7 +53,9 @@ def retain_projectors(model: nn.Module, layers: list[NeuronLayer], references: I
         energy_of, vectors = torch.linalg.eigh(H.T @ H)
         energy_of, vectors = energy_of.flip(0).clamp_min(0), vectors.flip(1)
         share = torch.cumsum(energy_of, 0) / energy_of.sum().clamp_min(1e-30)
-        k = int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
+        # (energy=1.0 keeps the rank of H: the cumulative share reaches 1 only up to rounding, so the
+        # directions past the rank, with ~1e-16 of the energy, must not count as needed)
+        k = int(torch.searchsorted(share, torch.tensor(energy - 1e-9, dtype=share.dtype)).item()) + 1
         U = vectors[:, :k]
         out[l.name] = (torch.eye(H.shape[1], dtype=torch.float64) - U @ U.T).float().to(l.weight.device)
     return out
