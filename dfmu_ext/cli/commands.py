@@ -19,6 +19,7 @@ from ..record import read_record, record_path_for, verify, write_record
 from ..splits import dataset_labels
 from ..steps import StepOptions
 from ..weights import state_dict_sha256
+from ..lm import folders as hf_folders
 from ..zoo import custom
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original, save_checkpoint, train_original
@@ -33,11 +34,18 @@ DEFAULT_FRACTIONS = "0.01,0.05,0.13,0.25,1.0"
 
 
 def _byo_given(args) -> bool:
-    return any(getattr(args, k, None) for k in ("arch", "hf_config", "weights", "data"))
+    return any(getattr(args, k, None) for k in ("arch", "hf_config", "hf_model", "weights", "data"))
 
 
 def _load_byo(args, device):
     """``(model, meta, (train, test, info))`` from --arch/--arch-kwargs (or --hf-config)/--weights/--data/--normalize."""
+    if getattr(args, "hf_model", None):  # a save_pretrained folder: its config.json builds, its safetensors fill
+        if args.hf_config or args.weights or args.arch:
+            raise UsageError("give either --hf-model or --hf-config/--arch with --weights, not both")
+        hf_folders.read_config(args.hf_model)
+        if getattr(args, "out", None):
+            hf_folders.check_new_folder(args.out, [args.hf_model])
+        args.hf_config = args.weights = args.hf_model
     if getattr(args, "hf_config", None):
         if args.arch or args.arch_kwargs:
             raise UsageError("give either --hf-config or --arch/--arch-kwargs, not both")
@@ -141,7 +149,10 @@ def _write_forget_outputs(args, model, meta, classes, byo, partial, batch: Outpu
     """Stage the unlearned model for --out, then complete its deletion record (``partial``, staged for
     --record). ``batch.publish`` moves both into place."""
     out = batch.file(args.out)
-    if byo:  # a bare state_dict, loadable into the user's architecture
+    hf = getattr(args, "hf_model", None)
+    if hf:  # a save_pretrained folder as the input was, its tokenizer (if any) copied; hashed as saved
+        folder_sha = hf_folders.save_folder(model, hf_folders.read_tokenizer(hf, required=False), out)
+    elif byo:  # a bare state_dict, loadable into the user's architecture
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
         atomic_write_bytes(out, buf.getvalue())
@@ -150,6 +161,8 @@ def _write_forget_outputs(args, model, meta, classes, byo, partial, batch: Outpu
     rec = read_record(partial)
     if rec["output"]["weights_sha256"] != state_dict_sha256(model):
         raise RuntimeError("the model changed after unlearning: the record would not describe --out")
+    if hf:
+        rec["output"].update(model_state_sha256=rec["output"]["weights_sha256"], weights_sha256=folder_sha)
     rec["input"]["path"] = os.path.abspath(args.weights if byo else args.ckpt)
     rec["output"]["path"] = os.path.abspath(args.out)
     if args.forget_indices is not None:

@@ -33,7 +33,7 @@ def _refuse_classification_flags(args) -> None:
         if getattr(args, flag, None) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} is for classifiers; with --task lm forget people with "
                              f"--forget-people FRACTION (or --forget-indices FILE for `forget`)")
-    for flag in ("arch", "hf_config", "weights", "data"):
+    for flag in ("arch", "hf_config", "hf_model", "weights", "data"):
         if getattr(args, flag, None):
             raise UsageError(f"--{flag.replace('_', '-')} is not supported with --task lm yet; use the people "
                              f"corpus's models (dfmu train --task lm) or the Python API for your own causal LM")
@@ -87,6 +87,10 @@ def cmd_lm_train(args) -> int:
 
 
 def cmd_lm_forget(args) -> int:
+    if any(getattr(args, k, None) for k in ("hf_model", "forget_data", "retain_data")):
+        from .hf_commands import cmd_lm_forget_hf  # a Hugging Face folder and TOFU-format data
+
+        return cmd_lm_forget_hf(args)
     device, log = _start(args)
     if not args.ckpt:
         raise UsageError("give --ckpt (a `dfmu train --task lm` checkpoint)")

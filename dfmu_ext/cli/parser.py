@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--hf-config", default=None, metavar="PATH",
                        help="instead of --arch: a Hugging Face transformers config (config.json or its folder); "
                             "the classification model it names is built, then --weights loaded into it")
+        g.add_argument("--hf-model", default=None, metavar="DIR",
+                       help="instead of --arch/--weights: a Hugging Face save_pretrained folder (config.json, "
+                            "*.safetensors, a tokenizer), read with local_files_only; --out is then a folder too. "
+                            "With --task lm a causal LM (AutoModelForCausalLM), else a classifier")
         g.add_argument("--arch-kwargs", default=None, metavar="JSON",
                        help="keyword arguments for the --arch callable, a JSON object, e.g. '{\"width\": 16}'")
         g.add_argument("--weights", default=None, metavar="PATH",
@@ -132,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--record", default=None, help="where the deletion record goes (default: <out stem>.record.json)")
     f.add_argument("--epochs", type=int, default=None, help="with --arch and --retrain: Retrain's epochs (default: 3)")
     task(f, corpus=False)
+    lm = f.add_argument_group("with --task lm --hf-model: the data, as TOFU ships it or one file with --forget-indices")
+    lm.add_argument("--forget-data", default=None, metavar="PATH",
+                    help="rows to forget: TOFU JSON/JSON lines ({question, answer[, paraphrased_answer, "
+                         "perturbed_answer]}) or {text} rows, or a saved datasets folder; e.g. forget10.json")
+    lm.add_argument("--retain-data", default=None, metavar="PATH", help="rows to keep, same formats; e.g. retain90.json")
+    lm.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the dtype the model is read, unlearned and saved in (default: fp32)")
+    lm.add_argument("--max-length", type=int, default=512,
+                    help="tokens per sequence, longer rows are cut (default: 512)")
     forgetting(f)
     own_model(f)
     common(f)
@@ -142,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--record", required=True, help="the deletion record (JSON) written by `dfmu forget` or "
                                                    "unlearn(record=...)")
     v.add_argument("--weights", required=True, help="the weights file to check (a state_dict or a checkpoint "
-                                                    "holding one)")
+                                                    "holding one, a .safetensors file, or a save_pretrained folder)")
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="train (or reuse) the default model, forget one class, print the table")
