@@ -148,9 +148,14 @@ def check_causal(model: nn.Module, vocab_size: int, what: str = "the model") -> 
     logits = getattr(out, "logits", out)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise FolderError(f"{what} does not return (N, T, vocab) logits: not a causal language model")
-    early = logits[:, :-1].float()
-    scale = float(early.abs().max().clamp_min(1.0))
-    if not torch.allclose(early[0], early[1], atol=1e-3 * scale, rtol=0):
+    # A causal model computes each position from its prefix alone: the earlier rows come out
+    # identical, bit for bit in practice (same kernels, same values). An encoder's change there is
+    # small but proportional to the change at the last position (measured ~1e-3 of it for a random
+    # BERT), so the bound is relative to that change, with a floor for rounding.
+    lg = logits.float()
+    early = float((lg[0, :-1] - lg[1, :-1]).abs().max())
+    last = float((lg[0, -1] - lg[1, -1]).abs().max())
+    if early > max(1e-4 * last, 1e-6 * float(lg.abs().max())):
         raise FolderError(f"{what} is not a causal language model: its earlier positions' logits depend on a later "
                           f"token (bidirectional attention)")
 
