@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from dfmu_ext import baselines, evaluate
-from dfmu_ext.zoo import data, models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import data, models
 
 FRACTION = 0.13
 CLASSES = [3]
@@ -39,7 +40,7 @@ def one_thread():
 def setup(one_thread):
     train, test, info = data.load_dataset("digits")
     torch.manual_seed(SEED)
-    config = training.default_train_config("cnn", "cpu")
+    config = models.default_train_config("cnn", "cpu")
     model = models.build_model("cnn", info.in_channels, info.num_classes, info.image_size, width=8)
     training.train_model(model, train, config, seed=SEED, progress=False)
     return model.eval(), train, test, config

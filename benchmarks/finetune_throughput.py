@@ -28,7 +28,8 @@ from dfmu_ext.finetune import FinetuneConfig, masked_finetune
 from dfmu_ext.splits import split_forget_retain, stratified_fraction, take_batch
 from dfmu_ext.steps import StepEngine, StepOptions
 from dfmu_ext.zoo import data as data_mod
-from dfmu_ext.zoo import models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import models
 
 CLASSES = [3]
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     model_name = args.model or ("resnet18" if device.type == "cuda" else "cnn")
     train_set, _, info = data_mod.load_dataset(data_mod.canonical_name(args.dataset))
-    config = training.default_train_config(model_name, device.type)
+    config = models.default_train_config(model_name, device.type)
     torch.manual_seed(0)
     original = models.build_model(model_name, info.in_channels, info.num_classes, info.image_size,
                                   **config.model_kwargs).to(device)

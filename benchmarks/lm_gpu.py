@@ -19,7 +19,8 @@ from dfmu_ext.baselines import SPECS  # noqa: E402
 from dfmu_ext.experiments import lm as lm_exp  # noqa: E402
 from dfmu_ext.lm.neurons import mlp_neuron_layers, score_neurons  # noqa: E402
 from dfmu_ext.lm.task import forward_logits, lm_loss, take  # noqa: E402
-from dfmu_ext.zoo.lm_training import LMTrainConfig, cached_causal_lm  # noqa: E402
+from dfmu_ext.training import LMTrainConfig  # noqa: E402
+from dfmu_ext.zoo.lm_training import cached_causal_lm  # noqa: E402
 from dfmu_ext.zoo.people import PeopleConfig, make_people_corpus  # noqa: E402
 
 LARGE_CORPUS = PeopleConfig(num_people=400, holdout_people=100, first_names=60, last_names=60, filler_train=1500,

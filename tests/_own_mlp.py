@@ -19,7 +19,7 @@ def write_own_mlp(folder, blob: dict, *, arch_file: str = "arch.py", default_hid
                   **build_kwargs) -> torch.nn.Module:
     """Write ``folder/arch_file``, train ``build(**build_kwargs)`` (seed 0) on ``blob``'s train split for
     ``epochs``, save its state_dict as ``folder/w.pt`` and ``blob`` as ``folder/data.pt``; return the model."""
-    from dfmu_ext.zoo import training
+    from dfmu_ext import training
 
     source = arch_source(default_hidden)
     (folder / arch_file).write_text(source)

@@ -118,5 +118,5 @@ MODELS = {
 
 
 def train_config(name: str):
-    from dfmu_ext.zoo.training import TrainConfig
+    from dfmu_ext.training import TrainConfig
     return TrainConfig(epochs=MODELS[name][3], lr=3e-3, optimizer="adamw", batch_size=32, weight_decay=0.01)

@@ -34,7 +34,8 @@ def pytest_collection_modifyitems(config, items):
 def original(digits):
     """A SmallCNN (width 8) trained 3 epochs on digits, in eval mode: the model the unlearning tests
     start from. Shared by the whole session: deep-copy it before changing it."""
-    from dfmu_ext.zoo import models, training
+    from dfmu_ext import training
+    from dfmu_ext.zoo import models
 
     train, _, info = digits
     before = torch.get_num_threads()

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import dfmu_ext
 from dfmu_ext import baselines
-from dfmu_ext.zoo import models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import models
 from dfmu_ext.blocks import classifier_of
 from dfmu_ext.eval import accuracy
 from dfmu_ext.splits import split_forget_retain, stratified_fraction
@@ -59,9 +60,12 @@ def _params(model):
 
 
 def test_registry_names():
+    # the public registry's names and table order (dfmu_ext.baselines.METHODS is public API)
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
                                        "head-mask", "DFMU", "DeepUnlearning", "GradDiff", "NPO", "SelectivePruning"]
-    assert baselines.methods_for("classification") == CLASSIFIER_METHODS
+    assert baselines.methods_for("classification") == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD",
+                                                       "SCRUB", "head-mask", "DFMU", "DeepUnlearning"]
+    assert set(FAST) == set(CLASSIFIER_METHODS)  # every classifier method has a quick setting here
     assert baselines.methods_for("causal-lm") == ["Retrain", "GA", "DFMU", "GradDiff", "NPO", "SelectivePruning"]
     assert list(baselines.SPECS) == list(baselines.METHODS)
     assert {n for n, s in baselines.SPECS.items() if not s.budgeted} == {"Retrain", "GA", "head-mask"}
@@ -77,9 +81,9 @@ def test_registry_names():
     assert "steps" in inspect.signature(dfmu_ext.unlearn).parameters
 
 
-#: The classifier methods (the registry also holds methods for causal LMs only: tests/test_lm_baselines.py).
-CLASSIFIER_METHODS = ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB", "head-mask", "DFMU",
-                      "DeepUnlearning"]
+#: The classifier methods, read from the registry (which also holds methods for causal LMs only:
+#: tests/test_lm_baselines.py); test_registry_names pins them.
+CLASSIFIER_METHODS = baselines.methods_for("classification")
 
 
 @pytest.mark.parametrize("name", CLASSIFIER_METHODS)
@@ -230,6 +234,70 @@ def test_retrain_fresh_and_default_recipe(original, digits):
     with pytest.raises(ValueError, match="recipe"):
         baselines.retrain(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), train, CLASSES,
                           progress=False)
+
+
+def test_retrain_with_a_recipe_of_one_s_own(original, digits):
+    """train_fn= and model_factory=: a user's recipe serves as Retrain. The package recipe passed as
+    a train_fn gives the same weights as the default path (same seed, same fresh start)."""
+    train = digits[0]
+    config = training.TrainConfig(epochs=1, lr=0.05)
+    a = copy.deepcopy(original)
+    ra = baselines.retrain(a, train, CLASSES, 0.2, seed=1, config=config)
+    seen = []
+
+    def recipe(model, retain):
+        seen.append(len(retain))
+        return training.train_model(model, retain, config, seed=1)
+
+    b = copy.deepcopy(original)
+    rb = baselines.retrain(b, train, CLASSES, 0.2, seed=1, train_fn=recipe)
+    assert seen == [rb.retain_samples_used] == [ra.retain_samples_used]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert rb.info["train_fn"] == "recipe" and rb.info["config"] is None and rb.info["loss"] == ra.info["loss"]
+    # a factory with a train_fn of another kind (a few plain SGD steps): the factory's start, run under the seed
+    made = []
+
+    def factory():
+        made.append(1)
+        return models.build_model("cnn", 1, 10, (8, 8), width=8)
+
+    def few_steps(model, retain):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = zip(*(retain[i] for i in range(16)))
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.stack(x)), torch.as_tensor(y)).backward()
+            opt.step()
+
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(original)
+        res = baselines.retrain(m, train, CLASSES, 0.2, seed=2, model_factory=factory, train_fn=few_steps)
+        assert res.model is m and res.info["loss"] is None
+        runs.append(m.state_dict())
+    assert made == [1, 1] and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    # the default recipe comes from the model's family (the zoo registers its models)
+    family = dfmu_ext.training.family_of(original)
+    assert family is not None and family.name == "cnn" and family.recipe("cpu") == models.default_train_config("cnn")
+
+
+def test_the_registry_registers_and_dispatches():
+    from dfmu_ext.baselines import registry
+
+    spec = baselines.SPECS["Retrain"]
+    assert spec.tasks == ("classification", "causal-lm") and spec.fns["classification"] is baselines.retrain
+    assert spec.fns["causal-lm"] is baselines.lm_retrain and baselines.SPECS["DFMU"].tasks == ("classification",
+                                                                                                "causal-lm")
+    with pytest.raises(ValueError, match="already has a function for classification"):
+        registry.register("GA", budgeted=False)(baselines.finetune)
+    with pytest.raises(ValueError, match="budgeted differ"):
+        registry.register("FT", "causal-lm", budgeted=False)(baselines.finetune)
+    assert baselines.SPECS["FT"].tasks == ("classification",)  # a refused registration changes nothing
+    with pytest.raises(ValueError, match="not registered: nope"):
+        registry.set_table_order(["Retrain", "nope"])
+    with pytest.raises(ValueError, match="first registration"):
+        registry.register("brand-new")(baselines.finetune)
+    assert "brand-new" not in baselines.SPECS and list(baselines.METHODS) == list(baselines.SPECS)
 
 
 def test_errors(original, digits):

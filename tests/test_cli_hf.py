@@ -28,7 +28,7 @@ def hf_files(tmp_path_factory):
     import datasets
     from transformers import BertConfig, BertForSequenceClassification
 
-    from dfmu_ext.zoo.training import train_model
+    from dfmu_ext.training import train_model
 
     root = tmp_path_factory.mktemp("hf")
     train, test, vocab = text_data()

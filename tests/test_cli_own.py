@@ -96,7 +96,7 @@ def test_forget_image_folder(own, tmp_path, digits):
 
 
 def _three_class_weights(tmp_path, tr):
-    from dfmu_ext.zoo import training
+    from dfmu_ext import training
 
     ns = {}
     exec(ARCH, ns)

@@ -23,7 +23,8 @@ import torch
 
 import dfmu_ext
 from dfmu_ext import cli
-from dfmu_ext.zoo import data, models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import data, models
 from dfmu_ext import distributed as dd
 from dfmu_ext.splits import split_forget_retain, take_batch
 from dfmu_ext.finetune import FinetuneConfig

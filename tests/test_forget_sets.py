@@ -13,7 +13,8 @@ from dfmu_ext.blocks import classifier_of
 from dfmu_ext.experiments.scenarios import average_gap, run_scenario, scenario_forget_set
 from dfmu_ext.pruning import SUPPRESSED_LOGIT
 from dfmu_ext.splits import dataset_labels
-from dfmu_ext.zoo import coarse, training
+from dfmu_ext import training
+from dfmu_ext.zoo import coarse
 from dfmu_ext.zoo.data import DatasetInfo, find_fashion_mnist, load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,7 +253,7 @@ def test_fashion_mnist_mixed_and_6k():
     assert len(a) == 6000 and len(t6) == 10000 and i6.name == "fashion-mnist-6k"
     assert torch.equal(a.tensors[0], b.tensors[0])  # the same subset every time
     assert torch.bincount(a.tensors[1]).tolist() == [600] * 10
-    from dfmu_ext.zoo.training import default_train_config
+    from dfmu_ext.zoo.models import default_train_config
     assert default_train_config("cnn", "cpu", dataset="fashion-mnist-6k").epochs == 40
     assert default_train_config("cnn", "cpu", dataset="fashion-mnist").epochs == 3
 

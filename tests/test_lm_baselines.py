@@ -1,4 +1,5 @@
-"""Causal-LM unlearning baselines (dfmu_ext.baselines.lm) on a tiny plain-torch causal LM."""
+"""Causal-LM unlearning baselines (dfmu_ext.baselines: scratch, lm_ascent, lm_npo, lm_pruning) on a
+tiny plain-torch causal LM."""
 import copy
 import math
 
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from _lm_tiny import TinyLM, make_model, qa_set, same_state, state, train
-from dfmu_ext.baselines import lm as B
+from dfmu_ext import baselines as B
+from dfmu_ext.baselines import lm_pruning as SP
 from dfmu_ext.eval import lm as E
 from dfmu_ext.lm.task import TokenSequences, batches, forward_logits, sequence_nll
 from dfmu_ext.model_io import model_entry
@@ -35,13 +37,18 @@ def fresh(original):
 
 
 FAST = {"epochs": 2, "batch_size": 2}
-METHODS = {
-    "GA": (B.lm_gradient_ascent, FAST),
-    "GradDiff": (B.lm_graddiff, FAST),
-    "NPO": (B.npo, FAST),
-    "Retrain": (B.lm_retrain, {"epochs": 2}),
-    "SelectivePruning": (B.selective_pruning, {"rounds": 2, "ffn_frac": 0.05}),
-}
+#: Short settings per method; the methods themselves come from the registry (every causal-LM method
+#: but DFMU, whose own tests are tests/test_lm_unlearn.py): name -> (its causal-LM function, keywords).
+QUICK = {"Retrain": {"epochs": 2}, "SelectivePruning": {"rounds": 2, "ffn_frac": 0.05}}
+METHODS = {name: (B.SPECS[name].fns["causal-lm"], QUICK.get(name, FAST))
+           for name in B.methods_for("causal-lm") if name != "DFMU"}
+
+
+def test_the_registry_holds_the_lm_functions():
+    assert set(METHODS) == {"GA", "GradDiff", "NPO", "Retrain", "SelectivePruning"}
+    assert METHODS["GA"][0] is B.lm_gradient_ascent and METHODS["GradDiff"][0] is B.lm_graddiff
+    assert METHODS["NPO"][0] is B.npo and METHODS["Retrain"][0] is B.lm_retrain
+    assert METHODS["SelectivePruning"][0] is B.selective_pruning
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -99,6 +106,20 @@ def test_through_model_entry_like_the_registry(original, data):
     model = fresh(original)
     r = model_entry(B.lm_graddiff)(model, data, forget_indices=FORGET, **FAST)
     assert r.method == "GradDiff" and not same_state(state(original), state(model))
+
+
+def test_the_registry_dispatches_on_the_task_with_the_task_s_own_keywords(original, data):
+    # Retrain and GA hold one function per task; the LM one runs on causal-LM data, its keywords bind
+    a, b = fresh(original), fresh(original)
+    ra = B.METHODS["Retrain"](a, data, forget_indices=FORGET, epochs=1, seed=2)
+    B.lm_retrain(b, data, forget_indices=FORGET, epochs=1, seed=2)
+    assert ra.method == "Retrain" and ra.info["task"] == "causal-lm" and same_state(state(a), state(b))
+    a, b = fresh(original), fresh(original)
+    B.METHODS["GA"](a, data, forget_indices=FORGET, warmup_epochs=0.5, **FAST)
+    B.lm_gradient_ascent(b, data, forget_indices=FORGET, warmup_epochs=0.5, **FAST)
+    assert same_state(state(a), state(b)) and not same_state(state(a), state(original))
+    with pytest.raises(ValueError, match="does not run on causal-lm"):
+        B.METHODS["FT"](fresh(original), data, forget_indices=FORGET)
 
 
 def test_lm_split(data):
@@ -251,8 +272,8 @@ def test_selective_pruning_zeroes_the_top_neurons(original, data):
     # round 1 removes the neurons with the largest forget / retain activation ratio
     _, _, budget = B.lm_split(data, FORGET, 0.13, 0)
     layers = [type("L", (), {"name": "mlp.2", "layer": original.mlp[2], "units": 32})()]
-    i_f = B._mean_abs_activation(original, data.subset(FORGET), layers, 32, torch.device("cpu"), "tokens")["mlp.2"]
-    i_r = B._mean_abs_activation(original, budget, layers, 32, torch.device("cpu"), "tokens")["mlp.2"]
+    i_f = SP._mean_abs_activation(original, data.subset(FORGET), layers, 32, torch.device("cpu"), "tokens")["mlp.2"]
+    i_r = SP._mean_abs_activation(original, budget, layers, 32, torch.device("cpu"), "tokens")["mlp.2"]
     first = set(torch.sort(i_f / (i_r + 1e-8), descending=True).indices[:per_round].tolist())
     assert first <= set((mask == 0).nonzero().flatten().tolist())
     with pytest.raises(ValueError, match="ffn_frac"):
@@ -267,6 +288,6 @@ def test_mean_abs_activation_ignores_padding(original, data):
     n = int(one[0]["attention_mask"].sum())
     short = TokenSequences(one[0]["input_ids"][None, :n], one[0]["labels"][None, :n])
     dev = torch.device("cpu")
-    a = B._mean_abs_activation(original, one, layers, 4, dev, "tokens")["mlp.2"]
-    b = B._mean_abs_activation(original, short, layers, 4, dev, "tokens")["mlp.2"]
+    a = SP._mean_abs_activation(original, one, layers, 4, dev, "tokens")["mlp.2"]
+    b = SP._mean_abs_activation(original, short, layers, 4, dev, "tokens")["mlp.2"]
     assert torch.allclose(a, b, atol=1e-6)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences, forward_logits, take
+from dfmu_ext import training
 from dfmu_ext.zoo import lm_models, lm_training
 from dfmu_ext.zoo.checkpoints import CheckpointError
 from dfmu_ext.zoo.people import ATTRIBUTES, PeopleConfig, WordTokenizer, make_people_corpus
@@ -171,13 +172,13 @@ def test_unknown_arch_and_size():
 
 
 def test_train_runs_on_a_subset_and_is_seeded(corpus):
-    cfg = lm_training.LMTrainConfig(epochs=1, batch_size=8, warmup_steps=2)
+    cfg = training.LMTrainConfig(epochs=1, batch_size=8, warmup_steps=2)
     sub = torch.utils.data.Subset(corpus.train, corpus.indices_of([0, 1, 2]).tolist())
     states = []
     for _ in range(2):
         torch.manual_seed(0)
         model = lm_models.build_causal_lm("plain", corpus.tokenizer.vocab_size, TINY.max_len, **TINY_SIZE)
-        hist = lm_training.train_causal_lm(model, sub, cfg)
+        hist = training.train_causal_lm(model, sub, cfg)
         states.append(model.state_dict())
     assert hist["steps"] == 4 and len(hist["loss"]) == 1 and hist["samples"] == len(sub)
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -189,7 +190,7 @@ def test_train_runs_on_a_subset_and_is_seeded(corpus):
 def test_cached_causal_lm_roundtrip(tmp_path, monkeypatch):
     monkeypatch.setenv("DFMU_CACHE", str(tmp_path))
     cfg = PeopleConfig(**{**TINY.to_dict(), "filler_train": 4, "filler_test": 2})
-    tc = lm_training.LMTrainConfig(epochs=1, batch_size=64, warmup_steps=1, seed=0)
+    tc = training.LMTrainConfig(epochs=1, batch_size=64, warmup_steps=1, seed=0)
     messages = []
     model, meta = lm_training.cached_causal_lm(cfg, "plain", 0, "cpu", log=messages.append, train_config=tc,
                                                size=TINY_SIZE)

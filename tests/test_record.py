@@ -61,7 +61,8 @@ def test_fit_state_dict_diff():
 
 
 def test_unlearn_writes_a_record(tmp_path, digits):
-    from dfmu_ext.zoo import models, training
+    from dfmu_ext import training
+    from dfmu_ext.zoo import models
 
     tr, te, info = digits
     torch.manual_seed(0)

@@ -140,10 +140,11 @@ def coarse_digits(digits):
 @pytest.fixture(scope="module")
 def coarse_original(coarse_digits):
     """An MLP trained 2 epochs on the coarse labels, with its checkpoint meta."""
-    from dfmu_ext.zoo import checkpoints, models, training
+    from dfmu_ext import training
+    from dfmu_ext.zoo import checkpoints, models
 
     train, _, info = coarse_digits
-    config = training.default_train_config("mlp", "cpu")
+    config = models.default_train_config("mlp", "cpu")
     config.epochs = 2
     torch.manual_seed(0)
     model = models.build_model("mlp", info.in_channels, info.num_classes, info.image_size, **config.model_kwargs)

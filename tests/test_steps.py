@@ -9,7 +9,8 @@ import dfmu_ext
 from dfmu_ext import baselines
 from dfmu_ext.finetune import FinetuneConfig
 from dfmu_ext.steps import StepEngine, StepOptions
-from dfmu_ext.zoo import models, training
+from dfmu_ext import training
+from dfmu_ext.zoo import models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

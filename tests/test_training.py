@@ -7,7 +7,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from dfmu_ext.eval import accuracy
 from dfmu_ext.zoo.models import build_model
-from dfmu_ext.zoo.training import TrainConfig, default_train_config, train_model
+from dfmu_ext.training import TrainConfig, train_model
+from dfmu_ext.zoo.models import default_train_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

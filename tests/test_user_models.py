@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 import dfmu_ext
 from dfmu_ext.eval import per_class_accuracy
-from dfmu_ext.zoo.training import train_model
+from dfmu_ext.training import train_model
 
 from _user_models import MODELS, NUM_CLASSES, have, image_data, text_data, train_config
 

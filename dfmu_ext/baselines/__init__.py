@@ -38,17 +38,37 @@ DeepUnlearning  gradient-free removal of the forget-specific activation subspace
 
 Optimisers are SGD with momentum 0.9 and weight decay 5e-4 at a constant learning rate unless a
 recipe says otherwise. Batches of a single sample are skipped when training (BatchNorm).
+
+Causal LMs (``forget_indices``, no classes): Retrain and GA have one function per task (the
+registry calls the one of the data's task), GradDiff and NPO (:mod:`.lm_ascent`, :mod:`.lm_npo`, on
+the recipe of :mod:`._lm_recipe`) and SelectivePruning (:mod:`.lm_pruning`) run on causal LMs only.
+Each method module registers its own spec (:func:`.registry.register`); ``_plumbing`` holds what
+methods of both tasks share.
 """
+# Importing a method module registers its method(s) (registry.register); the classifier modules come
+# first, so that a method of both tasks has the classifier's function first (its signature, its docs).
+from .scratch import lm_retrain, reinitialize, retrain
+from .finetuning import finetune, l1_sparse
 from .ascent import gradient_ascent
+from .relabel import random_label, saliency_mask, salun
 from .dampening import squared_grad_importance, ssd
 from .distill import scrub
-from .finetuning import finetune, l1_sparse
 from .headmask import head_mask
-from .registry import METHODS, SPECS, MethodSpec, dfmu, methods_for, resolve_methods
-from .relabel import random_label, saliency_mask, salun
-from .scratch import reinitialize, retrain
+from .dfmu_method import dfmu
 from .subspace import deep_unlearning
+from .lm_ascent import lm_graddiff, lm_gradient_ascent
+from .lm_npo import NPO_BETA, npo, npo_loss
+from .lm_pruning import selective_pruning
+from ._lm_recipe import GRADDIFF_LR, UNLEARN_LR
+from ._plumbing import lm_split
+from .registry import METHODS, SPECS, MethodSpec, methods_for, register, resolve_methods, set_table_order, task_of
 
-__all__ = ["METHODS", "SPECS", "MethodSpec", "methods_for", "resolve_methods", "retrain", "finetune", "gradient_ascent",
-           "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu", "reinitialize",
-           "saliency_mask", "squared_grad_importance", "deep_unlearning"]
+#: The tables' column order (a method registered later, e.g. one of the user's, follows these).
+set_table_order(["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB", "head-mask", "DFMU",
+                 "DeepUnlearning", "GradDiff", "NPO", "SelectivePruning"])
+
+__all__ = ["METHODS", "SPECS", "MethodSpec", "methods_for", "resolve_methods", "register", "task_of", "retrain",
+           "finetune", "gradient_ascent", "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu",
+           "reinitialize", "saliency_mask", "squared_grad_importance", "deep_unlearning", "lm_retrain",
+           "lm_gradient_ascent", "lm_graddiff", "npo", "npo_loss", "selective_pruning", "lm_split", "UNLEARN_LR",
+           "GRADDIFF_LR", "NPO_BETA"]

@@ -1,7 +1,9 @@
-"""What every baseline shares: validated inputs and the retain budget (:class:`Setup`), the
-recipes' optimiser, per-epoch loss bookkeeping, the rollback for runaway ascent, the result."""
+"""What every baseline shares, for both tasks: validated inputs and the retain budget
+(:class:`Setup` for classifiers, :class:`LMSetup` for causal LMs, one result and timing in their
+base), the recipes' optimiser, per-epoch loss bookkeeping, the rollback for runaway ascent."""
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -12,13 +14,40 @@ from torch.utils.data import Dataset
 
 from .._common import check_classes_in_head, model_device, resolve_forget_set, synchronize
 from ..blocks import classifier_of
+from ..lm.task import split_forget
 from ..result import UnlearnResult
 from ..splits import stratified_fraction
 from ..steps import StepEngine, StepOptions
 
 
-class Setup:
-    """Validated inputs shared by every method."""
+class _SetupBase:
+    """The clock, the device and the result every method's setup shares; a task's setup sets
+    ``start`` first, then ``device``, ``seed``, ``retain_fraction`` and defines :meth:`describe`."""
+
+    start: float
+    device: torch.device
+
+    def describe(self) -> dict:
+        """The result's ``info`` entries that say what was forgotten and with which budget."""
+        raise NotImplementedError
+
+    def elapsed(self) -> float:
+        """Wall seconds since the call started, queued GPU work included."""
+        synchronize(self.device)
+        return time.perf_counter() - self.start
+
+    def result(self, model: nn.Module, method: str, retain_used: int, forget_used: int, info: dict,
+               timings: dict | None = None, **fields) -> UnlearnResult:
+        """The method's :class:`UnlearnResult`, its total time taken now; ``fields`` go to the result
+        (``masks``, ``pruned_units``, ...)."""
+        timings = {**(timings or {}), "total": self.elapsed()}
+        return UnlearnResult(model=model, timings=timings, retain_samples_used=int(retain_used),
+                             forget_samples_used=int(forget_used), method=method, info={**self.describe(), **info},
+                             **fields)
+
+
+class Setup(_SetupBase):
+    """Validated inputs shared by every classifier method."""
 
     def __init__(self, model: nn.Module, train_set: Dataset, forget_classes, retain_fraction: float, device,
                  seed: int, forget_indices=None, steps: StepOptions | None = None):
@@ -48,10 +77,45 @@ class Setup:
             self._budget = stratified_fraction(self.retain_set, self.retain_fraction, seed=self.seed)
         return self._budget
 
-    def elapsed(self) -> float:
-        """Wall seconds since the call started, queued GPU work included."""
-        synchronize(self.device)
-        return time.perf_counter() - self.start
+    def describe(self) -> dict:
+        return {"retain_fraction": self.retain_fraction, **self.forget.describe(), "seed": self.seed}
+
+
+def lm_split(train_set, forget_indices, retain_fraction: float, seed: int = 0):
+    """``(forget, retain, budget)`` subsets of a causal-LM ``train_set``: the sequences at
+    ``forget_indices``, every other one, and a seeded random ``retain_fraction`` of those (at least
+    one, sorted). One-line ValueErrors for empty, non-integer, out-of-range or duplicate indices,
+    indices covering every sequence, or a fraction outside (0, 1].
+
+    The same split as DFMU's (:func:`dfmu_ext.lm.task.split_forget`), so that for one seed every
+    method reads the same budget.
+    """
+    return split_forget(train_set, forget_indices, retain_fraction, seed)
+
+
+class LMSetup(_SetupBase):
+    """Validated inputs shared by the causal-LM methods (nothing is changed before they pass): a
+    causal LM forgets sequences (``forget_indices``), never classes."""
+
+    def __init__(self, model: nn.Module, train_set, forget_classes, retain_fraction: float, forget_indices,
+                 device, seed: int, steps: StepOptions | None = None):
+        self.start = time.perf_counter()
+        if forget_classes is not None:
+            raise ValueError("forget_classes is for classifiers: a causal LM forgets sequences, give forget_indices= "
+                             "(positions in train_set)")
+        self.retain_fraction = float(retain_fraction)
+        self.seed = int(seed)
+        self.forget_set, self.retain_set, self.budget = lm_split(train_set, forget_indices, retain_fraction, seed)
+        if device is not None:
+            model.to(device)
+        self.device = model_device(model)
+        self.engine = StepEngine(model, self.device, steps)
+
+    def describe(self) -> dict:
+        idx = torch.as_tensor(self.forget_set.indices, dtype=torch.long)
+        digest = hashlib.sha256(idx.numpy().astype("<i8").tobytes()).hexdigest()
+        return {"task": "causal-lm", "retain_fraction": self.retain_fraction, "forget_samples": int(idx.numel()),
+                "forget_indices_sha256": digest, "seed": self.seed}
 
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -123,12 +187,8 @@ class LastFinite:
 
 def make_result(setup: Setup, model: nn.Module, method: str, retain_used: int, forget_used: int,
                 info: dict, timings: dict | None = None, masks: dict | None = None) -> UnlearnResult:
-    """The method's :class:`UnlearnResult`, its total time taken now."""
-    timings = dict(timings or {})
-    timings["total"] = setup.elapsed()
-    info = {"retain_fraction": setup.retain_fraction, **setup.forget.describe(), "seed": setup.seed, **info}
-    return UnlearnResult(model=model, masks=masks or {}, timings=timings, retain_samples_used=int(retain_used),
-                         forget_samples_used=int(forget_used), method=method, info=info)
+    """The method's :class:`UnlearnResult`, its total time taken now (:meth:`Setup.result`)."""
+    return setup.result(model, method, retain_used, forget_used, info, timings, masks=masks or {})
 
 
 def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:

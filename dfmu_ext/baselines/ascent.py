@@ -9,8 +9,10 @@ from .._common import TrainBatches, seeded, train_mode
 from ..result import UnlearnResult
 from ..steps import StepOptions
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, make_result, sgd
+from .registry import register
 
 
+@register("GA", budgeted=False, default_epochs=5)
 def gradient_ascent(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
                     forget_indices=None, epochs: int = 5, lr: float = 5e-4, batch_size: int = 128,
                     momentum: float = 0.9,

@@ -13,6 +13,7 @@ from .._common import TrainBatches, eval_mode, model_device, seeded
 from ..result import UnlearnResult
 from ..splits import stratified_fraction
 from ._plumbing import Setup, make_result
+from .registry import register
 
 
 def squared_grad_importance(model: nn.Module, dataset: Dataset, *, batch_size: int = 128, device=None,
@@ -41,6 +42,7 @@ def squared_grad_importance(model: nn.Module, dataset: Dataset, *, batch_size: i
     return [a / max(batches, 1) for a in acc]
 
 
+@register("SSD", budgeted=True, trains=False)
 def ssd(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
         forget_indices=None, alpha: float = 10.0, lam: float = 1.0, batch_size: int = 8, device=None, seed: int = 0,
         progress: bool = False) -> UnlearnResult:

@@ -12,8 +12,10 @@ from ..model_io import copy_model
 from ..result import UnlearnResult
 from ..steps import StepOptions
 from ._plumbing import LastFinite, LossLog, Setup, check_epochs, kl_distill, make_result, sgd
+from .registry import register
 
 
+@register("SCRUB", budgeted=True, default_epochs=3)
 def scrub(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
           forget_indices=None, epochs: int = 3, msteps: int = 2, lr: float = 5e-4, T: float = 4.0, gamma: float = 0.99,
           kd_alpha: float = 0.001, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,

@@ -10,6 +10,7 @@ from .._common import TrainBatches, seeded, train_mode
 from ..result import UnlearnResult
 from ..steps import StepOptions
 from ._plumbing import LossLog, Setup, check_epochs, make_result, sgd, steps_per_epoch
+from .registry import register
 
 
 def _retain_finetune(method: str, model, train_set, forget_classes, retain_fraction, *, forget_indices, epochs, lr,
@@ -45,6 +46,7 @@ def _retain_finetune(method: str, model, train_set, forget_classes, retain_fract
     return make_result(setup, model, method, len(budget), 0, info)
 
 
+@register("FT", budgeted=True, default_epochs=10)
 def finetune(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
              forget_indices=None, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
              weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False,
@@ -56,6 +58,7 @@ def finetune(model: nn.Module, train_set: Dataset, forget_classes=None, retain_f
                             device=device, seed=seed, progress=progress, steps=steps)
 
 
+@register("l1-sparse", budgeted=True, default_epochs=10)
 def l1_sparse(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
               forget_indices=None, alpha: float = 5e-4, epochs: int = 10, lr: float = 0.01, batch_size: int = 128,
               momentum: float = 0.9, weight_decay: float = 5e-4, device=None, seed: int = 0,

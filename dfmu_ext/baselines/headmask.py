@@ -7,8 +7,10 @@ from torch.utils.data import Dataset
 from ..pruning import build_mask_plan, head_mask_for, suppress_head
 from ..result import UnlearnResult
 from ._plumbing import Setup, make_result
+from .registry import register
 
 
+@register("head-mask", budgeted=False, trains=False)
 def head_mask(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
               forget_indices=None, device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """Head-mask: zero the classifier's forget-class rows and pin their bias to

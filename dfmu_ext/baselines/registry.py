@@ -1,46 +1,31 @@
 """The registry of unlearning methods: one :class:`MethodSpec` per method, read by the comparison
-runner instead of parallel name sets or signature inspection."""
+runner instead of parallel name sets or signature inspection.
+
+Every method module registers its own spec(s) with :func:`register` when it is imported; this module
+imports none of them (:mod:`dfmu_ext.baselines` imports them all and fixes the table order). A method
+that runs on several tasks holds one function per task (:attr:`MethodSpec.fns`); calling the spec's
+:attr:`~MethodSpec.fn` picks the function of the data's task (:func:`task_of`).
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Callable
-
-from torch import nn
-from torch.utils.data import Dataset
 
 from ..lm.task import TASKS, detect_task
 from ..model_io import model_entry
 from ..result import UnlearnResult
-from ..unlearn import unlearn
-from .ascent import gradient_ascent
-from .finetuning import finetune, l1_sparse
-from .headmask import head_mask
-from .relabel import random_label, salun
-from .scratch import retrain
-from .subspace import deep_unlearning
-from .distill import scrub
-from .dampening import ssd
-from .lm import lm_gradient_ascent, lm_graddiff, lm_retrain, npo, selective_pruning
+
+__all__ = ["MethodSpec", "SPECS", "METHODS", "register", "set_table_order", "task_of", "methods_for",
+           "resolve_methods"]
 
 
-def dfmu(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
-         forget_indices=None, device=None, seed: int = 0, progress: bool = False, **kwargs) -> UnlearnResult:
-    """DFMU (:func:`dfmu_ext.unlearn`), under the baselines' calling convention."""
-    return unlearn(model, train_set, forget_classes, retain_fraction, forget_indices=forget_indices, device=device,
-                   seed=seed, progress=progress, **kwargs)
-
-
-def _per_task(classifier_fn: Callable, lm_fn: Callable) -> Callable:
-    """One registry entry for both tasks: ``lm_fn`` on causal-LM data sets, ``classifier_fn`` otherwise."""
-
-    @functools.wraps(classifier_fn)
-    def fn(model, train_set, *args, **kwargs):
-        target = lm_fn if detect_task(train_set) == "causal-lm" else classifier_fn
-        return target(model, train_set, *args, **kwargs)
-
-    fn.__doc__ = (classifier_fn.__doc__ or "") + f"\n\n    On causal-LM data: :func:`{lm_fn.__module__}.{lm_fn.__name__}`."
-    return fn
+def task_of(train_set) -> str:
+    """The task of a method's data (one of :data:`dfmu_ext.lm.task.TASKS`): the one place the
+    registry decides which of a method's functions runs."""
+    return detect_task(train_set)
 
 
 @dataclass(frozen=True)
@@ -49,8 +34,8 @@ class MethodSpec:
 
     Attributes:
         name: the name in tables and on the command line.
-        fn: ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``,
-            wrapped by :func:`dfmu_ext.model_io.model_entry` (``logits_fn=``, ``classifier=``, ``label_key=``).
+        fns: task -> ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``
+            (:data:`dfmu_ext.lm.task.TASKS`), in registration order.
         budgeted: its result depends on ``retain_fraction`` (it reads the budgeted retain slice), so
             a comparison runs it at every fraction; otherwise once per seed.
         fixed_fraction: the fraction a non-budgeted method runs at when that is meaningful
@@ -58,42 +43,111 @@ class MethodSpec:
         default_epochs: the default of its ``epochs`` keyword (None: it has no epochs).
         trains: it runs training steps and takes ``steps=`` (:class:`dfmu_ext.steps.StepOptions`:
             precision and memory layout), so a comparison can run every trained method on one engine.
-        tasks: the tasks it runs on (:data:`dfmu_ext.lm.task.TASKS`): classifiers, causal LMs or both.
+        fn: the entry point (derived): the function of the data's task (:func:`task_of`), wrapped by
+            :func:`dfmu_ext.model_io.model_entry` (``logits_fn=``, ``classifier=``, ``label_key=``);
+            its signature and docstring are the first task's.
     """
 
     name: str
-    fn: Callable[..., UnlearnResult]
+    fns: dict[str, Callable[..., UnlearnResult]]
     budgeted: bool
     fixed_fraction: float | None = None
     default_epochs: int | None = None
     trains: bool = True
-    tasks: tuple[str, ...] = ("classification",)
+    fn: Callable[..., UnlearnResult] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        # every method takes any model and dict data sets (logits_fn=, classifier=, label_key=)
-        object.__setattr__(self, "fn", model_entry(self.fn))
+        unknown = [t for t in self.fns if t not in TASKS]
+        if not self.fns or unknown:
+            raise ValueError(f"{self.name}: tasks must be some of {', '.join(TASKS)}, got {list(self.fns)}")
+        object.__setattr__(self, "fns", dict(self.fns))
+        object.__setattr__(self, "fn", _entry(self.name, self.fns))
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks it runs on, in registration order."""
+        return tuple(self.fns)
 
 
-SPECS: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("Retrain", _per_task(retrain, lm_retrain), budgeted=False, fixed_fraction=1.0, tasks=TASKS),
-    MethodSpec("FT", finetune, budgeted=True, default_epochs=10),
-    MethodSpec("GA", _per_task(gradient_ascent, lm_gradient_ascent), budgeted=False, default_epochs=5, tasks=TASKS),
-    MethodSpec("RL", random_label, budgeted=True, default_epochs=10),
-    MethodSpec("l1-sparse", l1_sparse, budgeted=True, default_epochs=10),
-    MethodSpec("SalUn", salun, budgeted=True, default_epochs=10),
-    MethodSpec("SSD", ssd, budgeted=True, trains=False),
-    MethodSpec("SCRUB", scrub, budgeted=True, default_epochs=3),
-    MethodSpec("head-mask", head_mask, budgeted=False, trains=False),
-    MethodSpec("DFMU", dfmu, budgeted=True, tasks=TASKS),
-    MethodSpec("DeepUnlearning", deep_unlearning, budgeted=True, trains=False),
-    # causal language models only (dfmu_ext.baselines.lm)
-    MethodSpec("GradDiff", lm_graddiff, budgeted=True, default_epochs=10, tasks=("causal-lm",)),
-    MethodSpec("NPO", npo, budgeted=True, default_epochs=10, tasks=("causal-lm",)),
-    MethodSpec("SelectivePruning", selective_pruning, budgeted=True, trains=False, tasks=("causal-lm",)),
-)}
+def _entry(name: str, fns: dict[str, Callable]) -> Callable[..., UnlearnResult]:
+    """One callable for every task of ``fns``: each task's function is wrapped by ``model_entry`` (so
+    its own keywords bind), and the task is read from the data before the call (a one-line
+    ValueError for data of a task the method does not run on)."""
+    if set(fns) == set(TASKS) and len(set(fns.values())) == 1:  # one function reads every task (DFMU)
+        return model_entry(next(iter(fns.values())))
+    entries = {task: model_entry(fn) for task, fn in fns.items()}
+    first_task = next(iter(fns))
+    first = entries[first_task]
 
-#: Table name -> method function (the public registry).
-METHODS: dict[str, Callable[..., UnlearnResult]] = {name: spec.fn for name, spec in SPECS.items()}
+    @functools.wraps(first)
+    def fn(*args, **kwargs):
+        train_set = args[1] if len(args) > 1 else kwargs.get("train_set")
+        task = task_of(train_set)
+        if task not in entries:
+            raise ValueError(f"{name} does not run on {task} data; it runs on {', '.join(entries)}")
+        return entries[task](*args, **kwargs)
+
+    fn.__signature__ = inspect.signature(first)  # type: ignore[attr-defined]
+    others = "; ".join(f"on {t} data: :func:`{f.__module__}.{f.__name__}`" for t, f in fns.items() if t != first_task)
+    if others:
+        fn.__doc__ = (first.__doc__ or "") + f"\n\n    {others[0].upper()}{others[1:]}."
+    return fn
+
+
+#: Table name -> spec, in table order (filled by the method modules, ordered by :func:`set_table_order`).
+SPECS: dict[str, MethodSpec] = {}
+#: Table name -> method function (the public registry), the same order.
+METHODS: dict[str, Callable[..., UnlearnResult]] = {}
+
+
+def register(name: str, tasks: str | tuple[str, ...] = "classification", *, budgeted: bool | None = None,
+             **attrs) -> Callable[[Callable], Callable]:
+    """Decorator: register the decorated function as method ``name`` on ``tasks`` (one task or a tuple:
+    the same function for each), e.g. ``@register("GA", budgeted=False, default_epochs=5)``.
+
+    The first registration of a name creates its :class:`MethodSpec` (``budgeted`` is required then,
+    ``attrs`` are its other fields); a later one adds the function of another task and may repeat
+    only the same fields. One-line ValueError for a task registered twice or fields that disagree.
+    """
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+
+    def decorate(fn: Callable) -> Callable:
+        spec = SPECS.get(name)
+        if spec is None:
+            if budgeted is None:
+                raise ValueError(f"{name}: the first registration must say whether it is budgeted")
+            new = MethodSpec(name, {t: fn for t in tasks}, budgeted=budgeted, **attrs)
+        else:
+            taken = [t for t in tasks if t in spec.fns]
+            if taken:
+                raise ValueError(f"{name} already has a function for {taken[0]}")
+            fields = {"budgeted": budgeted, **attrs} if budgeted is not None else attrs
+            differ = [k for k, v in fields.items() if getattr(spec, k) != v]
+            if differ:
+                raise ValueError(f"{name}: {', '.join(differ)} differ from its first registration")
+            new = dataclasses.replace(spec, fns={**spec.fns, **{t: fn for t in tasks}})
+        SPECS[name] = new
+        METHODS[name] = new.fn
+        return fn
+
+    return decorate
+
+
+def set_table_order(names) -> None:
+    """Put ``names`` first in :data:`SPECS` and :data:`METHODS`, in that order (the tables' column
+    order); methods registered but not named follow in registration order. ValueError for a name
+    that is not registered."""
+    names = list(names)
+    missing = [n for n in names if n not in SPECS]
+    if missing:
+        raise ValueError(f"not registered: {', '.join(missing)}")
+    order = names + [n for n in SPECS if n not in names]
+    specs = {n: SPECS[n] for n in order}
+    SPECS.clear()
+    SPECS.update(specs)
+    METHODS.clear()
+    METHODS.update({n: s.fn for n, s in specs.items()})
+
 
 _ALIASES = {"l1": "l1-sparse", "l1sparse": "l1-sparse", "headmask": "head-mask", "deep-unlearning": "DeepUnlearning",
             "svd": "DeepUnlearning", "selective-pruning": "SelectivePruning", "graddiff": "GradDiff"}

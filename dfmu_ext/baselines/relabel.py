@@ -13,6 +13,7 @@ from .._common import TrainBatches, eval_mode, model_device, seeded, train_mode
 from ..result import UnlearnResult
 from ..steps import StepOptions
 from ._plumbing import LossLog, Setup, check_epochs, make_result, sgd
+from .registry import register
 
 
 class _TaggedForget(Dataset):
@@ -76,6 +77,7 @@ def _relabel_loop(method: str, setup: Setup, model: nn.Module, *, epochs, lr, ba
             "weight_decay": weight_decay, "steps": steps, "loss": log.epochs}
 
 
+@register("RL", budgeted=True, default_epochs=10)
 def random_label(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
                  forget_indices=None, epochs: int = 10, lr: float = 0.01, batch_size: int = 128, momentum: float = 0.9,
                  weight_decay: float = 5e-4, device=None, seed: int = 0, progress: bool = False,
@@ -122,6 +124,7 @@ def saliency_mask(model: nn.Module, forget_set: Dataset, keep: float = 0.5, *, b
     return out
 
 
+@register("SalUn", budgeted=True, default_epochs=10)
 def salun(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
           forget_indices=None, keep: float = 0.5, epochs: int = 10, lr: float = 0.01, batch_size: int = 128,
           momentum: float = 0.9,

@@ -43,6 +43,7 @@ from ..pruning import build_mask_plan, head_mask_for, suppress_head
 from ..result import UnlearnResult
 from ..splits import take_batch
 from ._plumbing import Setup, make_result
+from .registry import register
 
 PROJECTABLE = (nn.Conv2d, nn.Linear)
 
@@ -154,6 +155,7 @@ def project_weights_(modules: dict[str, nn.Module], projections: dict[str, torch
         w.copy_((w.reshape(w.shape[0], -1) @ q).reshape(w.shape))
 
 
+@register("DeepUnlearning", budgeted=True, trains=False)
 def deep_unlearning(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fraction: float = 0.13, *,
                     forget_indices=None, retain_samples: int = 1000, forget_samples: int = 500,
                     alpha_r: float = 30.0, alpha_f: float = 3.0, head: bool = False, max_columns: int = 20000,

@@ -23,7 +23,7 @@ from ..lm import folders as hf_folders
 from ..zoo import custom
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original, save_checkpoint, train_original
-from ..zoo.training import TrainConfig
+from ..training.classifier import TrainConfig
 from .checks import (DEFAULT_CLASSES, UsageError, check_outputs, check_subclass, load_ckpt, load_named_dataset,
                      logger_for, parse_classes, parse_dataset, parse_device, parse_forget_indices, parse_fractions,
                      prepare_folder, progress_enabled)

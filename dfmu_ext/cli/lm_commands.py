@@ -12,7 +12,8 @@ from ..experiments import lm as lm_exp
 from ..lm.unlearn import unlearn_causal_lm
 from ..record import record_path_for
 from ..zoo.checkpoints import save_checkpoint
-from ..zoo.lm_training import LMTrainConfig, load_causal_lm, train_people_lm
+from ..training.causal_lm import LMTrainConfig
+from ..zoo.lm_training import load_causal_lm, train_people_lm
 from ..zoo.people import PeopleConfig, make_people_corpus
 from ..zoo.checkpoints import CheckpointError
 from .checks import (UsageError, check_outputs, logger_for, parse_device, parse_forget_indices, parse_fractions,

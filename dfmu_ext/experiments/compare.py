@@ -28,7 +28,7 @@ from ..eval import BATTERY_KEYS, battery_metrics, evaluate
 from ..splits import split_forget_retain, stratified_fraction
 from ..steps import StepOptions
 from ..zoo import data as data_mod
-from ..zoo import training
+from .. import training
 from ..zoo.checkpoints import cached_original
 from .meta import separation_table
 from .plots import plot_comparison, plot_frontier

@@ -21,7 +21,7 @@ from ..steps import StepOptions
 from ..unlearn import unlearn
 from ..zoo import data as data_mod
 from ..zoo.models import build_model
-from ..zoo.training import TrainConfig
+from ..training.classifier import TrainConfig
 from .plots import plot_summary
 from .scenarios import scenario_forget_set
 

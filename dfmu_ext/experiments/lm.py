@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .._io import markdown_table
-from ..baselines.lm import lm_retrain
+from ..baselines.scratch import lm_retrain
 from ..eval.lm import lm_battery
 from ..lm.task import TokenSequences
-from ..zoo.lm_training import LMTrainConfig, cached_causal_lm, train_causal_lm
+from ..training.causal_lm import LMTrainConfig, train_causal_lm
+from ..zoo.lm_training import cached_causal_lm
 from ..zoo.lm_models import build_causal_lm
 from ..zoo.people import PeopleConfig, PeopleCorpus, make_people_corpus
 
@@ -81,7 +82,7 @@ def measure(model, scenario: LMScenario, seed: int = 0) -> dict[str, float]:
 
 
 def retrain_lm(meta: dict, corpus: PeopleCorpus, scenario: LMScenario, device, progress: bool = False):
-    """The gold standard (:func:`dfmu_ext.baselines.lm.lm_retrain`): the original's recipe and initial
+    """The gold standard (:func:`dfmu_ext.baselines.scratch.lm_retrain`): the original's recipe and initial
     seed on every sequence but the forget ones. Returns ``(model, seconds)``."""
     def build():
         return build_causal_lm(meta["arch"], int(meta["vocab_size"]), int(meta["max_len"]), **meta.get("size", {}))

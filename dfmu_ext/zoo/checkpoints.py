@@ -26,8 +26,8 @@ from torch import nn
 from .._io import atomic_write_bytes
 from ..weights import WeightsError, check_finite, fit_state_dict
 from . import data as data_mod
-from . import training
-from .models import build_model
+from ..training.classifier import TrainConfig, train_model
+from .models import build_model, default_train_config
 
 __all__ = ["CKPT_FORMAT", "CheckpointError", "save_checkpoint", "read_checkpoint", "load_checkpoint", "cache_dir", "cache_path",
            "train_original", "cached_original", "original_meta"]
@@ -102,7 +102,7 @@ def cache_path(dataset: str, model_name: str, device: torch.device, seed: int, e
     return os.path.join(cache_dir(), f"{dataset}-{model_name}-{torch.device(device).type}-seed{seed}{suffix}.pt")
 
 
-def original_meta(model_name: str, info: data_mod.DatasetInfo, seed: int, config: training.TrainConfig,
+def original_meta(model_name: str, info: data_mod.DatasetInfo, seed: int, config: TrainConfig,
                   train_seconds: float) -> dict:
     """The checkpoint meta of an original trained with ``config`` on the data set ``info`` describes."""
     return {"model": model_name, "model_kwargs": dict(config.model_kwargs), "dataset": info.name,
@@ -114,7 +114,7 @@ def train_original(dataset: str, model_name: str, device: torch.device, seed: in
                    progress: bool = False, log=None) -> tuple[nn.Module, dict]:
     """Train ``model_name`` on ``dataset`` with the package recipe (``epochs`` overrides its epochs)."""
     train_set, _, info = data_mod.load_dataset(dataset)
-    config = training.default_train_config(model_name, device.type, dataset=info.name)
+    config = default_train_config(model_name, device.type, dataset=info.name)
     if epochs:
         config.epochs = int(epochs)
     torch.manual_seed(seed)
@@ -122,7 +122,7 @@ def train_original(dataset: str, model_name: str, device: torch.device, seed: in
                         **config.model_kwargs).to(device)
     if log is not None:
         log(f"training {model_name} on {info.name} ({len(train_set)} samples, {config.epochs} epochs, {device})")
-    hist = training.train_model(model, train_set, config, device=device, seed=seed, progress=progress)
+    hist = train_model(model, train_set, config, device=device, seed=seed, progress=progress)
     return model, original_meta(model_name, info, seed, config, hist["total_seconds"])
 
 

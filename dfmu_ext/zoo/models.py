@@ -11,13 +11,17 @@ sees every layer through ``named_modules()``. Two conventions the unlearning pip
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..training.classifier import TrainConfig
+from ..training.families import ModelFamily, family_of, register_family
+
 __all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "IMAGE_MODEL_NAMES", "canonical_model_name",
-           "model_name_of", "init_weights"]
+           "model_name_of", "init_weights", "default_train_config", "model_train_config", "DATASET_EPOCHS"]
 
 MODEL_NAMES: tuple[str, ...] = ("cnn", "resnet18", "mlp", "transformer")
 #: The models of image data sets (the transformer reads token ids: :mod:`.text`).
@@ -153,9 +157,10 @@ def canonical_model_name(name: str) -> str:
 
 
 def model_name_of(model: nn.Module) -> str | None:
-    """The ``MODEL_NAMES`` entry of a package model, None for any other module."""
-    from .text import TokenTransformer
-    return {SmallCNN: "cnn", ResNet18: "resnet18", MLP: "mlp", TokenTransformer: "transformer"}.get(type(model))
+    """The ``MODEL_NAMES`` entry of a package model (its registered family,
+    :func:`dfmu_ext.training.families.family_of`), None for any other module."""
+    family = family_of(model)
+    return family.name if family is not None and family.name in MODEL_NAMES else None
 
 
 def build_model(name: str, in_channels: int, num_classes: int,
@@ -179,3 +184,58 @@ def build_model(name: str, in_channels: int, num_classes: int,
         from .text import TokenTransformer
         return TokenTransformer(in_channels, num_classes, max_len=h, **kw)
     raise AssertionError(key)
+
+
+# --------------------------------------------------------------------------------------------
+# the default training recipes of the package's models
+# --------------------------------------------------------------------------------------------
+
+#: Data sets whose recipe differs from the model's: ``fashion-mnist-6k`` exists to give an original
+#: that memorised its training samples (train accuracy ~100%, a clear train-test gap), which takes
+#: many epochs on 6,000 images (the random-sample scenario that can fail; benchmarks/RESULTS.md).
+DATASET_EPOCHS = {"fashion-mnist-6k": 40}
+
+
+def default_train_config(model_name: str, device_type: str = "cpu", dataset: str | None = None) -> TrainConfig:
+    """The recipe for ``model_name`` ("cnn", "resnet18", "mlp") on ``device_type`` ("cpu"/"cuda"),
+    with the epochs of :data:`DATASET_EPOCHS` when ``dataset`` is one of them.
+
+    * cnn: 3 epochs, SGD lr 0.05, batch 128, cosine (same on every device: it is cheap).
+    * mlp: 5 epochs, SGD lr 0.05, batch 128, cosine.
+    * transformer (the token data sets' model): 6 epochs, AdamW lr 1e-3, weight decay 0.01, batch 64, cosine.
+    * resnet18 on cuda: the standard network (width 64), 10 epochs, SGD lr 0.1, batch 128, cosine.
+    * resnet18 on cpu: a reduced recipe, since the full network takes hours per epoch on two
+      cores: width 16 (0.7M parameters instead of 11.2M), 2 epochs, lr 0.1, batch 128.
+    """
+    config = model_train_config(model_name, device_type)
+    if dataset in DATASET_EPOCHS:
+        config.epochs = DATASET_EPOCHS[dataset]
+    return config
+
+
+def model_train_config(model_name: str, device_type: str = "cpu") -> TrainConfig:
+    """The recipe of the model ``model_name`` on ``device_type`` (:func:`default_train_config`
+    without a data set); the registered families' recipe (:mod:`dfmu_ext.training.families`)."""
+    key = canonical_model_name(model_name)
+    dev = str(device_type).split(":")[0]
+    if key == "cnn":
+        return TrainConfig(epochs=3, lr=0.05, batch_size=128)
+    if key == "mlp":
+        return TrainConfig(epochs=5, lr=0.05, batch_size=128)
+    if key == "transformer":
+        return TrainConfig(epochs=6, lr=1e-3, batch_size=64, optimizer="adamw", weight_decay=0.01)
+    if key == "resnet18":
+        if dev == "cuda":
+            return TrainConfig(epochs=10, lr=0.1, batch_size=128, model_kwargs={"width": 64})
+        return TrainConfig(epochs=2, lr=0.1, batch_size=128, model_kwargs={"width": 16})
+    raise ValueError(f"no default training recipe for model {model_name!r}")
+
+
+def _register(name: str, cls: type) -> None:
+    """The model family of ``cls`` (:mod:`dfmu_ext.training.families`): Retrain reads its recipe and
+    its constructor's initialisation from there."""
+    register_family(ModelFamily(name, functools.partial(model_train_config, name), init_weights), cls)
+
+
+for _name, _cls in (("cnn", SmallCNN), ("resnet18", ResNet18), ("mlp", MLP)):
+    _register(_name, _cls)

@@ -187,7 +187,7 @@ FASHION_MNIST_6K_PER_CLASS = 600
 def load_fashion_mnist_6k(root=None, download_hint: bool = True):
     """A fixed class-stratified 6,000-image subset of Fashion-MNIST's training split (600 per class,
     the same for every seed) and the whole test split: small enough that the CNN recipe for it
-    (:func:`dfmu_ext.zoo.training.default_train_config`) memorises its training samples, so that a
+    (:func:`dfmu_ext.zoo.models.default_train_config`) memorises its training samples, so that a
     model retrained without a random share of them really differs from the original on that share."""
     train, test, info = load_fashion_mnist(root, download_hint)
     x, y = train.tensors

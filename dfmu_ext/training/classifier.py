@@ -1,8 +1,10 @@
-"""The original training recipe: used to train the model to unlearn from, and by the Retrain baseline.
+"""The classifier training recipe: used to train the model to unlearn from, and by the Retrain baseline.
 
 Retrain is the gold standard every unlearning number is compared with, so it must be *the same*
 recipe as the original model's (same optimiser, schedule, epochs, model keywords), only on the
-retain set. Keeping the recipe in one dataclass (``TrainConfig``) makes that explicit.
+retain set. Keeping the recipe in one dataclass (``TrainConfig``) makes that explicit. The recipe
+of each model of the zoo (which ``TrainConfig`` a ``cnn`` gets on a CPU) is the zoo's
+(:func:`dfmu_ext.zoo.models.default_train_config`), known here through :mod:`.families`.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..model_io import model_entry
 from .._common import TrainBatches, seeded, synchronize, train_mode
 from ..eval.predict import accuracy
+from ..model_io import model_entry
 from ..steps import StepEngine, StepOptions
-from .models import canonical_model_name
 
-__all__ = ["TrainConfig", "default_train_config", "train_model", "make_optimizer", "make_scheduler"]
+__all__ = ["TrainConfig", "train_model", "make_optimizer", "make_scheduler"]
 
 _OPTIMIZERS = ("sgd", "adamw")
 _SCHEDULES = ("cosine", "onecycle", "constant")
@@ -71,45 +72,6 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Plain dict for reports and JSON."""
         return asdict(self)
-
-
-#: Data sets whose recipe differs from the model's: ``fashion-mnist-6k`` exists to give an original
-#: that memorised its training samples (train accuracy ~100%, a clear train-test gap), which takes
-#: many epochs on 6,000 images (the random-sample scenario that can fail; benchmarks/RESULTS.md).
-DATASET_EPOCHS = {"fashion-mnist-6k": 40}
-
-
-def default_train_config(model_name: str, device_type: str = "cpu", dataset: str | None = None) -> TrainConfig:
-    """The recipe for ``model_name`` ("cnn", "resnet18", "mlp") on ``device_type`` ("cpu"/"cuda"),
-    with the epochs of :data:`DATASET_EPOCHS` when ``dataset`` is one of them.
-
-    * cnn: 3 epochs, SGD lr 0.05, batch 128, cosine (same on every device: it is cheap).
-    * mlp: 5 epochs, SGD lr 0.05, batch 128, cosine.
-    * transformer (the token data sets' model): 6 epochs, AdamW lr 1e-3, weight decay 0.01, batch 64, cosine.
-    * resnet18 on cuda: the standard network (width 64), 10 epochs, SGD lr 0.1, batch 128, cosine.
-    * resnet18 on cpu: a reduced recipe, since the full network takes hours per epoch on two
-      cores: width 16 (0.7M parameters instead of 11.2M), 2 epochs, lr 0.1, batch 128.
-    """
-    config = _model_train_config(model_name, device_type)
-    if dataset in DATASET_EPOCHS:
-        config.epochs = DATASET_EPOCHS[dataset]
-    return config
-
-
-def _model_train_config(model_name: str, device_type: str) -> TrainConfig:
-    key = canonical_model_name(model_name)
-    dev = str(device_type).split(":")[0]
-    if key == "cnn":
-        return TrainConfig(epochs=3, lr=0.05, batch_size=128)
-    if key == "mlp":
-        return TrainConfig(epochs=5, lr=0.05, batch_size=128)
-    if key == "transformer":
-        return TrainConfig(epochs=6, lr=1e-3, batch_size=64, optimizer="adamw", weight_decay=0.01)
-    if key == "resnet18":
-        if dev == "cuda":
-            return TrainConfig(epochs=10, lr=0.1, batch_size=128, model_kwargs={"width": 64})
-        return TrainConfig(epochs=2, lr=0.1, batch_size=128, model_kwargs={"width": 16})
-    raise ValueError(f"no default training recipe for model {model_name!r}")
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
