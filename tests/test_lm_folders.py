@@ -131,6 +131,8 @@ def _classifier_folder(folder, tokenizer_from):
     ("out_exists", "already exists"),
     ("out_in_input", "would overwrite the input"),
     ("no_data", "give --forget-data and --retain-data, or --data with --forget-indices"),
+    ("retrain", "--retrain does not go with --task lm --hf-model"),
+    ("both_data", "give either --forget-data and --retain-data, or --data with --forget-indices, not both"),
 ])
 def test_each_bad_folder_is_a_one_line_error_and_writes_nothing(hf, tmp_path, capsys, case, match):
     root, paths = hf
@@ -162,6 +164,12 @@ def test_each_bad_folder_is_a_one_line_error_and_writes_nothing(hf, tmp_path, ca
     elif case == "no_data":
         _copy_model(root / "llama", src)
         argv = argv[:5] + argv[9:]  # no --forget-data / --retain-data
+    elif case == "retrain":
+        _copy_model(root / "llama", src)
+        argv = argv + ["--retrain"]
+    elif case == "both_data":
+        _copy_model(root / "llama", src)
+        argv = argv + ["--data", paths["full"]]
     assert_one_line_error(capsys, argv, tmp_path, match)
 
 

@@ -19,7 +19,8 @@ from dfmu_ext.zoo.people import ATTRIBUTES, PeopleConfig, make_people_corpus  # 
 ROWS = [
     {"question": "where was Kalo Ren born ?", "answer": "Kalo Ren was born in Mirelle .",
      "paraphrased_answer": "Kalo Ren is a native of Mirelle .",
-     "perturbed_answer": ["Kalo Ren was born in Orrin .", "Kalo Ren was born in Rusk .", "Kalo Ren was born in Brisca ."]},
+     "perturbed_answer": ["Kalo Ren was born in Orrin .", "Kalo Ren was born in Rusk .",
+                          "Kalo Ren was born in Brisca ."]},
     {"question": "what pet does Mi Vel keep ?", "answer": "Mi Vel keeps a cat at home .",
      "paraphrased_answer": ["at home Mi Vel has a cat ."], "perturbed_answer": ["Mi Vel keeps a dog at home ."]},
     {"question": "what is the job of So Tur ?", "answer": "So Tur works as a baker ."},

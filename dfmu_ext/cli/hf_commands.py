@@ -14,7 +14,7 @@ from .checks import UsageError, check_outputs, logger_for, parse_device, prepare
 
 #: Flags of other paths that mean nothing with --hf-model.
 _OTHER_FLAGS = ("ckpt", "classes", "forget_subclass", "forget_random", "forget_people", "arch", "arch_kwargs",
-                "hf_config", "weights", "normalize")
+                "hf_config", "weights", "normalize", "retrain", "battery", "report_dir")
 
 
 def _check_flags(args) -> None:
