@@ -39,7 +39,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             forget_indices=None, mode: str = "prune", selection=None, finetune=None,
             score_samples: int | None = None, device=None, seed: int = 0, progress: bool = False,
             comm: Comm | None = None, steps=None, record=None, forget_term=None, task: str | None = None,
-            edit=None, guard: GuardConfig | bool | None = None) -> UnlearnResult:
+            edit=None, guard: GuardConfig | bool | None = None, forget_attribute=None) -> UnlearnResult:
     r"""Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data.
 
@@ -70,7 +70,9 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     under ``torch.distributed`` every rank calls ``unlearn`` with the same arguments (``comm``:
     scores summed, identical masks, DDP fine-tune); ``steps`` sets precision and layout
     (:class:`dfmu_ext.steps.StepOptions`). Causal LMs: ``forget_indices`` name the sequences to
-    forget; units are the MLP neurons. A keyword a task has no use for is a one-line ValueError.
+    forget; units are the MLP neurons. ``forget_attribute`` (one value per training sample) names an
+    attribute to forget, for a task that forgets attributes (:meth:`dfmu_ext.tasks.base.Task.claims`).
+    A keyword a task has no use for is a one-line ValueError.
 
     Any model and data (:mod:`dfmu_ext.model_io`): tensors, tuples, dicts or ``ModelOutput``
     outputs (or ``logits_fn=``), ``(x, y)`` or dict samples (``label_key=``), ``classifier=``.
@@ -78,7 +80,11 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     rejected; a seed makes the run reproducible. ``record`` (a path) writes a deletion record
     (rank 0 only) holding the guard's numbers: see :mod:`dfmu_ext.record`.
     """
-    the_task = task_for(train_set, task)
+    what = {"forget_classes": forget_classes, "forget_indices": forget_indices, "forget_attribute": forget_attribute}
+    the_task = task_for(train_set, task, what)
+    unwanted = [k for k, v in what.items() if v is not None and k not in the_task.forgets]
+    if unwanted:
+        raise ValueError(f"the {the_task.name} task does not take {', '.join(unwanted)}")
     given = {"comm": comm, "steps": steps, "forget_term": forget_term, "selection": selection,
              "finetune": finetune, "edit": edit}
     unused = [k for k in _TASK_KEYWORDS if given[k] is not None and k not in the_task.keywords]
@@ -98,7 +104,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     configs = the_task.configs(None, given)
     holdout = {"validation_share": guard_config.validation if guard_config else 0.0,
                "min_validation": guard_config.min_validation if guard_config else 1}
-    split = the_task.split(train_set, forget_classes, forget_indices, retain_fraction, seed, configs, holdout)
+    split = the_task.split(train_set, what, retain_fraction, seed, configs, holdout)
     configs = the_task.configs(split, given)
     if device is not None:
         model.to(device)

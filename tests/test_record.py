@@ -87,7 +87,7 @@ def test_unlearn_writes_a_record(tmp_path, digits):
     assert r["config"]["retain_fraction"] == 0.13 and r["config"]["mode"] == "prune" and r["seed"] == 1
     assert set(r["config"]["selection"]) >= {"mode", "fraction_first"} and "lr" in r["config"]["finetune"]
     assert r["environment"]["dfmu_ext"] == dfmu_ext.__version__ and r["environment"]["build_info"]
-    assert set(r["timings"]) == {"scoring", "targets", "pruning", "finetune", "total"} and "metrics" not in r
+    assert set(r["timings"]) == {"scoring", "targets", "pruning", "finetune", "guard", "total"} and "metrics" not in r
     # the forget samples read (scoring pass and forget term): counted and hashed
     assert r["forget_read"]["count"] == res.forget_samples_used == len(res.info["forget_read"])
     assert r["scoring_forget_samples"] <= r["forget_read"]["count"] <= r["forgotten"]["samples"]

@@ -9,7 +9,7 @@ import torch
 from .._io import OutputBatch, write_json
 from ..baselines import SPECS, resolve_methods
 from ..experiments import lm as lm_exp
-from ..lm.unlearn import unlearn_causal_lm
+from ..unlearn import unlearn
 from ..record import record_path_for
 from ..zoo.checkpoints import save_checkpoint
 from ..training.causal_lm import LMTrainConfig
@@ -121,8 +121,9 @@ def cmd_lm_forget(args) -> int:
                              (os.path.dirname(os.path.abspath(record)), "--record"), (out_dir, "--report-dir")):
             prepare_folder(folder, flag, batch)
         before = lm_exp.measure(model, scenario, args.seed) if scenario is not None else None
-        res = unlearn_causal_lm(model, corpus.train, indices, args.retain_fraction, mode=args.mode, seed=args.seed,
-                                device=device, progress=progress_enabled(args), record=batch.file(record, last=True))
+        res = unlearn(model, corpus.train, forget_indices=indices, retain_fraction=args.retain_fraction, mode=args.mode,
+                      seed=args.seed, device=device, progress=progress_enabled(args), task="causal-lm",
+                      record=batch.file(record, last=True))
         report = {"task": "causal-lm", "forget_sequences": int(len(indices)), "timings": res.timings,
                   "retain_samples_used": res.retain_samples_used, "pruned_units": res.pruned_units,
                   "total_units": res.total_units}

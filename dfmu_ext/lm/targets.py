@@ -31,6 +31,10 @@ from ..targets import neighbour_targets
 from .task import IGNORE_INDEX
 
 
+#: The fewest neighbours a forget position's target is made of.
+MIN_K = 5
+
+
 @dataclass
 class LMForgetTermConfig:
     r"""The forget term of the LM fine-tune: ``loss = L(retain batch) + weight * CE(q, p)`` on a batch
@@ -42,19 +46,26 @@ class LMForgetTermConfig:
         batch_size: forget sequences per step (cycled).
         references: retain sequences of the budget whose scored positions are searched.
         samples: forget sequences the term reads (seeded; the scoring pass's first); None: all.
+        k_share: the neighbours are at most ``k_share`` of the reference positions (and at least
+            :data:`MIN_K`). With k = 200 on a budget of 46 scored positions (a question-answer corpus
+            without filler) every forget position got the histogram of all 46 — every attribute's
+            answers mixed — and the term moved nothing; 10% keeps k = 200 on the people corpus
+            (thousands of positions) and gives k = 5 there.
         steps: the fine-tune steps that carry the term (the first ones); None: every step.
     """
 
     weight: float = 1.0
     k: int = 200
+    k_share: float = 0.1    # k is at most this share of the reference positions (at least MIN_K): a rule from
+                            # the sizes, so that a small budget's targets stay those of its nearest positions
     batch_size: int = 16
     references: int = 512
     samples: int | None = None
     steps: int | None = None
 
     def validate(self) -> None:
-        if self.weight < 0 or self.k < 1 or self.batch_size < 1 or self.references < 1:
-            raise ValueError("forget term: weight must be >= 0, and k, batch_size and references >= 1")
+        if self.weight < 0 or self.k < 1 or self.batch_size < 1 or self.references < 1 or not 0 < self.k_share <= 1:
+            raise ValueError("forget term: weight must be >= 0, k, batch_size and references >= 1, k_share in (0, 1]")
         if self.steps is not None and self.steps < 0:
             raise ValueError(f"forget term: steps must be >= 0 or None, got {self.steps}")
         if self.samples is not None and self.samples < 1:
@@ -105,13 +116,16 @@ def _scored(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def forget_targets(model: nn.Module, layer: nn.Module, forget: tuple[Inputs, torch.Tensor],
-                   references: tuple[Inputs, torch.Tensor], vocab: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   references: tuple[Inputs, torch.Tensor], vocab: int, k: int, k_share: float = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scored)``: ``q`` ``(N_f, T-1, vocab)`` the neighbour targets :math:`q_{i,t}` at the forget
-    sequences' scored positions (zero elsewhere), ``scored`` ``(N_f, T-1)`` bool where they are."""
+    sequences' scored positions (zero elsewhere), ``scored`` ``(N_f, T-1)`` bool where they are. The
+    neighbours are ``min(k, max(MIN_K, k_share * reference positions))``."""
     xf, yf = forget
     xr, yr = references
     f_feats, _, f_where = _scored(position_features(model, layer, xf), yf)
     r_feats, r_next, _ = _scored(position_features(model, layer, xr), yr)
+    k = min(k, max(MIN_K, round(k_share * r_feats.shape[0])))
     hist = neighbour_targets(f_feats, r_feats, r_next, vocab, k)
     q = torch.zeros(yf.shape[0], yf.shape[1] - 1, vocab)
     q[f_where[:, 0], f_where[:, 1]] = hist

@@ -19,16 +19,19 @@ register(ClassificationTask())
 register(CausalLMTask())
 
 
-def task_for(train_set, task: str | None = None) -> Task:
-    """The task named ``task``, or the one the data's samples belong to: causal-LM samples (per-token
-    ``labels``) are the causal-LM task, anything else classification."""
-    from ..lm.task import detect_task
-
+def task_for(train_set, task: str | None = None, what: dict | None = None) -> Task:
+    """The task named ``task``, or the first registered task (the latest first) that claims the data
+    and what is forgotten (``what``: the ``forget_*`` keywords; :meth:`Task.claims`): causal-LM
+    samples (per-token ``labels``) are the causal-LM task; classification takes the rest."""
     if task is not None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         return TASKS[task]
-    return TASKS[detect_task(train_set)]
+    what = what or {}
+    for candidate in reversed(list(TASKS.values())):
+        if candidate.claims(train_set, what):
+            return candidate
+    return TASKS["classification"]
 
 
 __all__ = ["TASKS", "Task", "Split", "Targets", "register", "task_for", "ClassificationTask", "CausalLMTask",

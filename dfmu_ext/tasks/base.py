@@ -98,6 +98,7 @@ class Task:
 
     name = "task"
     keywords: tuple[str, ...] = ()
+    forgets: tuple[str, ...] = ("forget_classes", "forget_indices")   # the forget_* keywords it takes
     prepare_stage: str | None = None     # the name of :meth:`prepare`'s stage in the timings, if it has one
     default_tolerance = 0.01             # the retention guard's tolerance (dfmu_ext.guard)
 
@@ -106,8 +107,15 @@ class Task:
         ``forget_term``, ...), from the keywords ``given``."""
         raise NotImplementedError
 
-    def split(self, train_set: Dataset, forget_classes, forget_indices, retain_fraction: float, seed: int,
-              configs: dict, extra: dict) -> Split:
+    def claims(self, train_set: Dataset, what: dict) -> bool:
+        """Whether this task is the one for ``train_set`` and ``what`` is forgotten (``what``: the
+        ``forget_*`` keywords of ``unlearn``), when no task is named."""
+        return False
+
+    def split(self, train_set: Dataset, what: dict, retain_fraction: float, seed: int, configs: dict,
+              extra: dict) -> Split:
+        """``what``: ``{"forget_classes", "forget_indices", "forget_attribute"}`` as given to
+        ``unlearn`` (None where not given); ``extra``: the guard's hold-out share and minimum."""
         raise NotImplementedError
 
     def scoring_batch(self, split: Split, forget_pos: list[int], budget_pos: list[int]):

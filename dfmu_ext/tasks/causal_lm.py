@@ -51,7 +51,7 @@ class LMFinetuneConfig:
     min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
     nearest: float = 0.5    # share of the retain budget taken nearest the forget set (lm.task.nearest_retain)
     train: str = "mlp"      # "all" parameters, or only the "mlp" layers that hold the neurons
-    distill: float = 0.0    # weight of the KL to the original's next-token distributions on the budget
+    distill: float = 5.0    # weight of the KL to the original's next-token distributions on the budget (RESULTS: "Keeping")
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0:
@@ -214,10 +214,15 @@ class CausalLMTask(Task):
         return {"finetune": finetune, "forget_term": term, "edit": edit,
                 "selection": given.get("selection") or LM_SELECTION}
 
-    def split(self, train_set, forget_classes, forget_indices, retain_fraction, seed, configs, extra) -> Split:
-        if forget_classes is not None:
+    def claims(self, train_set, what) -> bool:
+        from ..lm.task import detect_task
+
+        return detect_task(train_set) == "causal-lm"
+
+    def split(self, train_set, what, retain_fraction, seed, configs, extra) -> Split:
+        if what["forget_classes"] is not None:
             raise ValueError("a causal LM forgets sequences, not classes: give forget_indices")
-        forget_set, retain_set, budget = split_forget(train_set, forget_indices, retain_fraction, seed,
+        forget_set, retain_set, budget = split_forget(train_set, what["forget_indices"], retain_fraction, seed,
                                                       configs["finetune"].nearest)
         train, validation = hold_out(budget, extra["validation_share"], seed, extra["min_validation"])
         return Split(forget_set, retain_set, train, validation, False, None,
@@ -249,7 +254,8 @@ class CausalLMTask(Task):
         xq, yq = take(split.forget_set, pool)
         vocab = forward_logits(model, batch[0][:1]).shape[-1]
         xr, yr = take(split.budget, refs)
-        q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), (xr.to(device), yr), vocab, term.k)
+        q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), (xr.to(device), yr), vocab, term.k,
+                                    term.k_share)
         info = {}
         if edit.steps > 0:
             xe, ye = take(split.budget, refs[:edit.references])

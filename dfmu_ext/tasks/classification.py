@@ -216,8 +216,8 @@ class ClassificationTask(Task):
         return {"finetune": finetune, "forget_term": term,
                 "selection": given.get("selection") or default_selection(by_classes)}
 
-    def split(self, train_set, forget_classes, forget_indices, retain_fraction, seed, configs, extra) -> Split:
-        forget = resolve_forget_set(train_set, forget_classes, forget_indices)
+    def split(self, train_set, what, retain_fraction, seed, configs, extra) -> Split:
+        forget = resolve_forget_set(train_set, what["forget_classes"], what["forget_indices"])
         forget_set, retain_set = forget.split(train_set)
         budget = stratified_fraction(retain_set, retain_fraction, seed=seed)
         train, validation = hold_out(budget, extra["validation_share"], seed, extra["min_validation"])
