@@ -42,8 +42,10 @@ test: extras build data
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 	$(MAKE) cpp-test
 
+# Without the tests marked slow (subprocess and torchrun runs, the README/docs blocks, anything over ~20 s),
+# against what is already installed and built; `make test` runs them all.
 test-fast:
-	$(PYTHON) -m pytest -q -x -p no:cacheprovider tests
+	$(PYTHON) -m pytest -q -x -p no:cacheprovider -m "not slow" tests
 
 bench: build
 	$(PYTHON) -m pytest -q -p no:cacheprovider benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name

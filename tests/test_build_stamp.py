@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the build script in a bash subprocess
+
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "build-if-changed.sh")
 
 

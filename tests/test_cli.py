@@ -46,6 +46,7 @@ def test_cli_errors(tmp_path):
         cli.main(["forget", "--ckpt", str(bogus), "--out", str(tmp_path / "o.pt"), "--retain-fraction", "0"])
 
 
+@pytest.mark.slow  # a fresh interpreter: `python -m dfmu_ext` in a subprocess
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "dfmu_ext", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "forget" in out.stdout

@@ -16,6 +16,8 @@ pytest.importorskip("datasets", reason="datasets is not installed (pip install .
 
 from _user_models import NUM_CLASSES, text_data, train_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test runs the CLI in a subprocess (23 s for the file, measured)
+
 
 def _cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}

@@ -211,6 +211,7 @@ def ddp_run(tmp_path_factory):
     }
 
 
+@pytest.mark.slow  # two worker processes (the ddp_run fixture: 29 s, measured)
 def test_scores_and_masks_equal_single_process(ddp_run):
     ref = ddp_run["single_prune"]
     for got in ddp_run["prune"]:  # every rank holds the whole batch's scores and the same masks
@@ -225,6 +226,7 @@ def test_scores_and_masks_equal_single_process(ddp_run):
     assert sum(int((m == 0).sum()) for m in ref.masks.values()) > 0, "nothing was pruned: the test is vacuous"
 
 
+@pytest.mark.slow  # two worker processes (the ddp_run fixture: 29 s, measured)
 def test_unlearn_ddp_keeps_replicas_identical(ddp_run):
     r0, r1 = ddp_run["unlearn"]
     assert r0["identical"] and r1["identical"]
@@ -241,6 +243,7 @@ def test_unlearn_ddp_keeps_replicas_identical(ddp_run):
         assert torch.equal(r0["masks"][name], m), name
 
 
+@pytest.mark.slow  # two worker processes (the ddp_run fixture: 29 s, measured)
 def test_unlearn_ddp_matches_single_process_accuracy(ddp_run):
     info = ddp_run["info"]
     model = _model(info)
@@ -259,6 +262,7 @@ def test_unlearn_ddp_matches_single_process_accuracy(ddp_run):
     assert abs(ddp_ft["samples"] / ddp_ft["steps"] - single_ft["samples"] / single_ft["steps"]) <= 8
 
 
+@pytest.mark.slow  # two worker processes
 def test_failing_rank_surfaces_a_clear_error(tmp_path):
     start = time.monotonic()
     codes = _spawn(_raising_worker, (_free_port(), str(tmp_path)), timeout_s=60)
@@ -272,6 +276,7 @@ def test_failing_rank_surfaces_a_clear_error(tmp_path):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow  # two worker processes
 def test_stuck_rank_times_out(tmp_path):
     start = time.monotonic()
     codes = _spawn(_stuck_worker, (_free_port(), str(tmp_path)), timeout_s=60)
@@ -282,6 +287,7 @@ def test_stuck_rank_times_out(tmp_path):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow  # two worker processes (the ddp_run fixture: 29 s, measured)
 def test_cli_under_ddp_rank0_alone_prints_and_writes(ddp_run):
     out = ddp_run["out"]
     printed0 = open(os.path.join(out, "stdout0.txt")).read()

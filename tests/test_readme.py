@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each block runs in a fresh process (100 s for the file, measured)
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 README = os.path.join(ROOT, "README.md")
 DOCS = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
