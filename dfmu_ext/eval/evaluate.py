@@ -12,20 +12,27 @@ from torch.utils.data import Dataset
 from .._common import resolve_device, resolve_forget_set
 from ..splits import dataset_labels
 from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
-from .metrics import (METRIC_KEYS, _accuracy, last_linear, linear_probe_accuracy, svc_mia_from_probs,
+from .metrics import (METRIC_KEYS, Metric, _accuracy, last_linear, linear_probe_accuracy, svc_mia_from_probs,
                       true_label_probs)
 from ..model_io import model_entry
 from .predict import check_batch_size, forward_collect
 
-__all__ = ["evaluate", "battery_metrics", "BATTERY_KEYS"]
+__all__ = ["evaluate", "battery_metrics", "BATTERY", "BATTERY_KEYS"]
 
 # --------------------------------------------------------------------------------------------
 # all of it, as flat metrics
 # --------------------------------------------------------------------------------------------
 
-#: Keys :func:`battery_metrics` adds to a metrics dict (probe-by-depth adds ``probe@<stage>`` too).
-BATTERY_KEYS = ("relearn_k5", "relearn_k5_auc", "relearn_k20", "prototype_forget_acc", "prototype_retain_acc",
-                "collateral", "tv_to_reference")
+#: The entries :func:`battery_metrics` adds to a metrics dict (probe-by-depth adds ``probe@<stage>`` too);
+#: tables show those with ``table`` set, in this order.
+BATTERY = (Metric("relearn_k5", "relearn", label="relearning attack, K=5"),
+           Metric("relearn_k5_auc", "relearn AUC@30"),
+           Metric("relearn_k20", "relearn K=20", table=False),
+           Metric("prototype_forget_acc", "proto UA", table=False),  # ~1 for every model: tells nothing
+           Metric("prototype_retain_acc", "proto RA"),
+           Metric("tv_to_reference", "TV to Retrain"),
+           Metric("collateral", "collateral"))
+BATTERY_KEYS = tuple(m.key for m in BATTERY)
 
 
 @model_entry

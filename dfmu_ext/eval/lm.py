@@ -32,14 +32,23 @@ from ..finetune import AdamW
 from ..lm.task import IGNORE_INDEX, batches, check_lm_dataset, check_scored, forward_logits, lm_loss, \
     scored_tokens, sequence_nll
 from ..model_io import copy_model
+from .metrics import Metric
 
 __all__ = ["answer_correct", "answer_accuracy", "answer_probability", "perplexity", "sequence_losses",
-           "membership_auc", "auc_from_scores", "relearn_attack", "lm_battery", "LM_BATTERY_KEYS",
+           "membership_auc", "auc_from_scores", "relearn_attack", "lm_battery", "LM_BATTERY", "LM_BATTERY_KEYS",
            "RELEARN_LR", "RELEARN_STEPS"]
 
-#: The keys of :func:`lm_battery`'s result, in report order.
-LM_BATTERY_KEYS = ("forget_acc", "forget_para_acc", "forget_prob", "forget_para_prob", "retain_acc",
-                   "retain_para_acc", "perplexity", "mia_auc", "relearn_acc")
+#: The entries of :func:`lm_battery`'s result, in report order (accuracies and probabilities shown in %).
+LM_BATTERY = (Metric("forget_acc", "forget acc", label="forget-fact accuracy"),
+              Metric("forget_para_acc", "para acc", label="paraphrased forget accuracy"),
+              Metric("forget_prob", "forget prob"),
+              Metric("forget_para_prob", "para prob", table=False),
+              Metric("retain_acc", "retain acc", label="retain-fact accuracy"),
+              Metric("retain_para_acc", "retain para acc", table=False),
+              Metric("perplexity", "ppl", scale=1.0, fmt=".2f", label="filler perplexity"),
+              Metric("mia_auc", "MIA AUC", scale=1.0, fmt=".3f", label="membership AUC"),
+              Metric("relearn_acc", "relearn acc", label="after relearning attack"))
+LM_BATTERY_KEYS = tuple(m.key for m in LM_BATTERY)
 
 #: :func:`relearn_attack`'s defaults (see its docstring for how they were chosen).
 RELEARN_STEPS = 10

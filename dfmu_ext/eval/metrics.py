@@ -21,6 +21,8 @@ afterwards, also on error.
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -41,6 +43,9 @@ __all__ = [
     "svc_mia_from_probs",
     "linear_probe_accuracy",
     "MIA_MAX_PER_SIDE",
+    "Metric",
+    "METRICS",
+    "METRIC_KEYS",
 ]
 
 #: Cap on each side ("in" / "out") of the MIA shadow training set. An RBF SVC costs O(n²) or more
@@ -51,8 +56,51 @@ MIA_MAX_PER_SIDE = 5000
 #: iterations on a small Fashion-MNIST CNN's 128-d features; the budget leaves ample room.
 PROBE_MAX_ITER = 2000
 
-METRIC_KEYS = ("forget_acc", "forget_test_acc", "retain_acc", "test_acc", "mia_efficacy",
-               "probe_forget_acc")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one metric is reported, declared once beside it and read by every table and plot.
+
+    ``key``: its name in a metrics dict; ``header``: its table column; ``label``: its longer name on a
+    plot axis (default the header); a value ``v`` is shown as ``scale * v`` (``scale * (1 - v)`` when
+    ``invert``: UA = 1 - forget accuracy) with the format ``fmt`` (a ``+`` in it signs the mean, never
+    the spread); ``table``: whether tables show it (some keys are kept in the data only).
+    """
+
+    key: str
+    header: str
+    scale: float = 100.0
+    fmt: str = ".1f"
+    invert: bool = False
+    label: str = ""
+    table: bool = True
+
+    def shown(self, value: float) -> float:
+        """The value as the table shows it before scaling: ``1 - value`` for an inverted metric."""
+        return 1.0 - value if self.invert else value
+
+    @property
+    def axis(self) -> str:
+        """The plot-axis name: the label (or header), with "(%)" for a metric shown in per cent."""
+        return (self.label or self.header) + (" (%)" if self.scale == 100.0 else "")
+
+    def cell(self, mean: float, std: float, n: int) -> str:
+        """``scale*mean ± scale*std`` in ``fmt`` ("-" when no finite value; no spread for one value)."""
+        if n == 0 or not math.isfinite(mean):
+            return "-"
+        text = format(self.scale * mean, self.fmt)
+        return text + (f" ± {format(self.scale * std, self.fmt.lstrip('+'))}" if n > 1 else "")
+
+
+#: The protocol's six metrics (:func:`dfmu_ext.eval.evaluate`), in the order it returns them.
+METRICS = (Metric("forget_acc", "UA", invert=True),
+           Metric("forget_test_acc", "forget-test"),
+           Metric("retain_acc", "RA", label="retain accuracy RA"),
+           Metric("test_acc", "TA"),
+           Metric("mia_efficacy", "MIA-efficacy"),
+           Metric("probe_forget_acc", "probe", label="forget-class linear probe"))
+METRIC_KEYS = tuple(m.key for m in METRICS)
 
 
 # --------------------------------------------------------------------------------------------
