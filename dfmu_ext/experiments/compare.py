@@ -13,18 +13,14 @@ fraction), printed as a Markdown table, written as JSON and as two PNG plots (al
 from __future__ import annotations
 
 import copy
-import math
-import os
 import time
-import traceback
-
-import numpy as np
-import torch
 
 from .._common import normalise_classes
-from .._io import markdown_table, write_json
+from .._io import markdown_table
 from ..baselines import SPECS, resolve_methods
 from ..eval import BATTERY_KEYS, battery_metrics, evaluate
+from ..eval.evaluate import BATTERY
+from ..eval.metrics import METRICS, Metric
 from ..splits import split_forget_retain, stratified_fraction
 from ..steps import StepOptions
 from ..zoo import data as data_mod
@@ -32,17 +28,17 @@ from .. import training
 from ..zoo.checkpoints import cached_original
 from .meta import separation_table
 from .plots import plot_comparison, plot_frontier
+from .runner import (TIME, Call, column_stats, finish_report, group, mean_std, output_folder, quiet_log,
+                     resolve_device, resolve_seeds, run_seeds, stat)
 
 __all__ = ["run_comparison", "format_comparison_table", "aggregate", "mean_std", "table_note", "method_kwargs_for",
-           "own_original", "TABLE_METRICS"]
+           "own_original", "original_for", "load_data", "TABLE_METRICS"]
 
-#: (column, metric key, shown as 1 - value)
-TABLE_METRICS = [("UA", "forget_acc", True), ("RA", "retain_acc", False), ("TA", "test_acc", False),
-                 ("MIA-efficacy", "mia_efficacy", False), ("probe", "probe_forget_acc", False)]
+#: The protocol's metrics as the comparison shows them; with whole classes the forget classes' test
+#: accuracy is left out (UA on their training samples already reads the forgetting).
+TABLE_METRICS = tuple(m for m in METRICS if m.key != "forget_test_acc")
 #: The battery's columns, shown when it ran (see dfmu_ext.eval.battery_metrics).
-BATTERY_COLUMNS = [("relearn", "relearn_k5", False), ("relearn AUC@30", "relearn_k5_auc", False),
-                   ("proto RA", "prototype_retain_acc", False), ("TV to Retrain", "tv_to_reference", False),
-                   ("collateral", "collateral", False)]
+BATTERY_COLUMNS = tuple(m for m in BATTERY if m.table)
 
 
 def method_kwargs_for(spec, meta: dict, max_epochs: int | None, given: dict | None = None,
@@ -70,41 +66,43 @@ def own_original(given, device, train_config: training.TrainConfig | None = None
     return copy.deepcopy(given).to(device), {"train_config": (train_config or training.TrainConfig()).to_dict()}
 
 
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+def original_for(seed: int, given, device, train_config, load) -> tuple:
+    """``(original, meta)`` of one seed: a copy of the caller's own model ``given`` (:func:`own_original`),
+    else ``load(seed)`` (the cache of originals)."""
+    return own_original(given, device, train_config) if given is not None else load(seed)
+
+
+def load_data(dataset, data, original, source=data_mod) -> tuple:
+    """``(canonical dataset name or None, (train_set, test_set, info))``: ``data`` when given, else the
+    named data set read through ``source`` (the :mod:`dfmu_ext.zoo.data` module). ``original`` (a
+    model of one's own) needs ``data``: the data it was trained on."""
+    if original is not None and data is None:
+        raise ValueError("original= needs data=(train_set, test_set, info): the data it was trained on")
+    if data is not None:
+        return None, data
+    dataset = source.canonical_name(dataset)
+    return dataset, source.load_dataset(dataset)
+
+
+#: The per-call numbers a comparison row summarises beside the metrics.
+_COSTS = ("time_s", "retain_samples", "forget_samples")
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        if r.get("error"):
-            continue
-        groups.setdefault((r["method"], r["fraction"]), []).append(r)
+    """One row per (method, fraction) over its successful runs: every metric and cost as
+    ``{"mean", "std", "n"}`` over seeds (:func:`dfmu_ext.experiments.runner.mean_std`)."""
     out = []
-    for (method, fraction), rs in groups.items():
+    for (method, fraction), rs in group(runs, lambda r: (r["method"], r["fraction"])).items():
         row = {"method": method, "fraction": fraction, "once": rs[0]["once"], "seeds": [r["seed"] for r in rs]}
-        for key in list(rs[0]["metrics"]):
-            m, s, n = mean_std([r["metrics"][key] for r in rs])
-            row[key] = {"mean": m, "std": s, "n": n}
-        for key in ("time_s", "retain_samples", "forget_samples"):
-            m, s, n = mean_std([r[key] for r in rs])
-            row[key] = {"mean": m, "std": s, "n": n}
+        row.update(column_stats([r["metrics"] for r in rs], stat))
+        row.update(column_stats([{k: r[k] for k in _COSTS} for r in rs], stat))
         out.append(row)
     return out
 
 
-def _pm(stat: dict, pct: bool = True, invert: bool = False) -> str:
-    m, s, n = stat["mean"], stat["std"], stat["n"]
-    if n == 0 or not math.isfinite(m):
-        return "-"
-    if invert:
-        m = 1.0 - m
-    if pct:
-        return f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if n > 1 else "")
-    return f"{m:.3g}" + (f" ± {s:.2g}" if n > 1 else "")
+def _pm(st: dict | None, metric: Metric) -> str:
+    """One row's ``{"mean", "std", "n"}`` of ``metric`` as its table cell ("-" when absent)."""
+    return "-" if st is None else metric.cell(metric.shown(st["mean"]), st["std"], st["n"])
 
 
 def _fraction_label(row: dict) -> str:
@@ -117,17 +115,15 @@ def _fraction_label(row: dict) -> str:
 
 def format_comparison_table(rows: list[dict]) -> str:
     """Markdown: one row per (method, fraction); metrics in %, mean ± std over seeds."""
-    columns = TABLE_METRICS + [c for c in BATTERY_COLUMNS if any(c[1] in r for r in rows)]
-    header = (["method", "retain data"] + [c for c, _, _ in columns]
-              + ["time (s)", "retain samples", "forget samples"])
+    columns = list(TABLE_METRICS) + [m for m in BATTERY_COLUMNS if any(m.key in r for r in rows)]
+    header = ["method", "retain data"] + [m.header for m in columns] + [TIME.header, "retain samples", "forget samples"]
     lines = []
     for r in rows:
-        cells = [r["method"], _fraction_label(r)]
-        cells += [_pm(r[k], invert=inv) if k in r else "-" for _, k, inv in columns]
+        cells = [r["method"], _fraction_label(r)] + [_pm(r.get(m.key), m) for m in columns]
         if r["method"] == "Original":
             cells += ["-", "-", "-"]
         else:
-            cells += [_pm(r["time_s"], pct=False), f"{r['retain_samples']['mean']:.0f}",
+            cells += [_pm(r["time_s"], TIME), f"{r['retain_samples']['mean']:.0f}",
                       f"{r['forget_samples']['mean']:.0f}"]
         lines.append(cells)
     return markdown_table(header, lines)
@@ -188,23 +184,13 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     Returns the report dict (also written as JSON): ``config``, ``original`` (per seed), ``runs``
     (one per method call, failures recorded with ``error``), ``rows`` (aggregates) and ``table``.
     """
-    def log(*msg):
-        if not quiet:
-            print(*msg, flush=True)
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if original is not None and data is None:
-        raise ValueError("original= needs data=(train_set, test_set, info): the data it was trained on")
-    dataset = data_mod.canonical_name(dataset) if data is None else None
+    log = quiet_log(quiet)
+    device = resolve_device(device)
     classes = normalise_classes(classes)
     fractions = sorted({float(f) for f in fractions})
     if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
         raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
-    seeds = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("no seed to run")
+    seeds = resolve_seeds(seeds)
     names = resolve_methods(methods)
     if battery and "Retrain" in names:  # Retrain first: the other rows' TV distance is measured to it
         names = ["Retrain"] + [n for n in names if n != "Retrain"]
@@ -215,7 +201,7 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         raise ValueError(f"method_kwargs names unknown methods {sorted(unknown)}")
     eval_kwargs = dict(eval_kwargs or {})
 
-    train_set, test_set, info = data if data is not None else data_mod.load_dataset(dataset)
+    dataset, (train_set, test_set, info) = load_data(dataset, data, original)
     if min(classes) < 0 or max(classes) >= info.num_classes:
         raise ValueError(f"classes must lie in [0, {info.num_classes}), got {classes}")
     _, retain_set = split_forget_retain(train_set, classes)
@@ -223,62 +209,53 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         raise ValueError(f"eval_fraction must be in (0, 1], got {eval_fraction}")
     eval_train = train_set if eval_fraction == 1.0 else stratified_fraction(train_set, eval_fraction, seed=12345)
     start = time.perf_counter()
-    runs: list[dict] = []
     originals: dict[int, dict] = {}
-    given = original
-    for seed in seeds:
-        if given is not None:
-            original, meta = own_original(given, device, train_config)
-        else:
-            original, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
-                                             use_cache=use_cache, progress=progress, log=log)
-        original.eval()
+
+    def calls_of(seed: int):
+        """The seed's calls: every method on every fraction (once for the unbudgeted ones), each on a
+        copy of the seed's original; then the original's battery, against that seed's Retrain."""
+        start_model, meta = original_for(seed, original, device, train_config, lambda s: cached_original(
+            dataset, model_name, device, s, epochs=train_epochs, use_cache=use_cache, progress=progress, log=log))
+        start_model.eval()
         battery_kw = {}
-        if battery:  # Retrain runs first (see below): its model is the reference of the TV distance
-            battery_kw = {"battery": True, "original": original, "reference": None}
-        originals[seed] = evaluate(original, eval_train, test_set, classes, device=device, seed=seed, **eval_kwargs)
+        if battery:  # Retrain runs first (see above): its model is the reference of the TV distance
+            battery_kw = {"battery": True, "original": start_model, "reference": None}
+        originals[seed] = evaluate(start_model, eval_train, test_set, classes, device=device, seed=seed,
+                                   **eval_kwargs)
         log(f"seed {seed}: original RA {100 * originals[seed]['retain_acc']:.1f}%, "
             f"forget acc {100 * originals[seed]['forget_acc']:.1f}%")
         for name in names:
             spec = SPECS[name]
-            once = not spec.budgeted
-            run_fracs = [spec.fixed_fraction] if once else fractions
-            for frac in run_fracs:
+            for frac in [spec.fixed_fraction] if not spec.budgeted else fractions:
                 kwargs = method_kwargs_for(spec, meta, max_epochs, method_kwargs.get(name), model_factory, steps)
-                model = copy.deepcopy(original)
-                rec = {"method": name, "fraction": frac, "seed": seed, "once": once,
-                       "kwargs": _plain(kwargs)}
-                label = f"{name} @ {'once' if frac is None else f'{100 * frac:g}%'} seed {seed}"
-                try:
-                    res = spec.fn(model, train_set, classes, frac if frac is not None else 1.0,
+
+                def run(spec=spec, frac=frac, kwargs=kwargs) -> dict:
+                    res = spec.fn(copy.deepcopy(start_model), train_set, classes, frac if frac is not None else 1.0,
                                   device=device, seed=seed, progress=progress, **kwargs)
-                    rec["metrics"] = evaluate(res.model, eval_train, test_set, classes, device=device, seed=seed,
-                                              **eval_kwargs, **battery_kw)
-                    if battery and name == "Retrain":
+                    metrics = evaluate(res.model, eval_train, test_set, classes, device=device, seed=seed,
+                                       **eval_kwargs, **battery_kw)
+                    if battery and spec.name == "Retrain":
                         battery_kw["reference"] = res.model
-                        rec["metrics"]["tv_to_reference"] = 0.0
-                    rec.update(time_s=res.timings["total"], retain_samples=res.retain_samples_used,
-                               forget_samples=res.forget_samples_used,
-                               timings={k: float(v) for k, v in res.timings.items()})
-                    log(f"{label}: RA {100 * rec['metrics']['retain_acc']:.1f}%, "
-                        f"UA {100 * (1 - rec['metrics']['forget_acc']):.1f}%, {res.timings['total']:.2f} s")
-                except Exception as exc:  # one failing method must not lose the others' results
-                    rec["error"] = f"{type(exc).__name__}: {exc}"
-                    rec["traceback"] = traceback.format_exc()
-                    log(f"{label}: FAILED ({rec['error']})")
-                runs.append(rec)
-                del model
+                        metrics["tv_to_reference"] = 0.0
+                    return {"metrics": metrics, "time_s": res.timings["total"],
+                            "retain_samples": res.retain_samples_used, "forget_samples": res.forget_samples_used,
+                            "timings": {k: float(v) for k, v in res.timings.items()}}
+
+                yield Call({"method": name, "fraction": frac, "seed": seed, "once": not spec.budgeted,
+                            "kwargs": _plain(kwargs)}, run,
+                           f"{name} @ {'once' if frac is None else f'{100 * frac:g}%'} seed {seed}",
+                           lambda rec: (f"RA {100 * rec['metrics']['retain_acc']:.1f}%, "
+                                        f"UA {100 * (1 - rec['metrics']['forget_acc']):.1f}%, {rec['time_s']:.2f} s"))
         if battery:
-            originals[seed].update(battery_metrics(original, eval_train, test_set, classes, original=original,
+            originals[seed].update(battery_metrics(start_model, eval_train, test_set, classes, original=start_model,
                                                    reference=battery_kw["reference"], seed=seed, device=device))
 
+    runs = run_seeds(seeds, calls_of, log)
     rows = aggregate(runs)
     order = {n: i for i, n in enumerate(names)}
     rows.sort(key=lambda r: (order[r["method"]], r["fraction"] if r["fraction"] is not None else -1))
     orig_row = {"method": "Original", "fraction": None, "once": True, "seeds": seeds}
-    for key in originals[seeds[0]]:
-        m, s, n = mean_std([originals[sd][key] for sd in seeds])
-        orig_row[key] = {"mean": m, "std": s, "n": n}
+    orig_row.update(column_stats([originals[sd] for sd in seeds], stat))
     table_rows = [orig_row] + rows
     table = format_comparison_table(table_rows)
     note = table_note(names)
@@ -294,14 +271,12 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
     if battery:
         # The TV distance is left out: Retrain's own is 0 by definition (its floor is another Retrain
         # seed's distance), so "separates" would say nothing there.
-        keys = ["forget_acc", "retain_acc", "test_acc", "mia_efficacy", "probe_forget_acc"] + \
-            [k for k in originals[seeds[0]] if k.startswith("probe@")] + \
+        keys = [m.key for m in TABLE_METRICS] + [k for k in originals[seeds[0]] if k.startswith("probe@")] + \
             [k for k in BATTERY_KEYS if k != "tv_to_reference"]
         meta_table, verdicts = separation_table(runs, originals, keys)
         print("\nWhich metrics tell hiding (Original, head-mask) from forgetting (Retrain):")
         print(meta_table)
-    folder = outputs.folder(out_dir) if outputs is not None else out_dir
-    os.makedirs(folder, exist_ok=True)
+    folder = output_folder(out_dir, outputs)
     report = {
         "config": {"dataset": info.name, "source": info.source, "model": model_name, "forget_classes": classes,
                    "fractions": fractions, "seeds": seeds, "methods": names, "device": str(device),
@@ -314,19 +289,11 @@ def run_comparison(dataset: str, model_name: str, classes, fractions=(0.13,), se
         "hiding_vs_forgetting": meta_table,
         "total_seconds": time.perf_counter() - start,
     }
-    json_path = os.path.join(folder, "comparison.json")
     if plots and rows:
         report["plots"] = plot_comparison(table_rows, fractions, folder, title)
         if battery:
             report["plots"].update(plot_frontier(table_rows, fractions, folder, title))
-        if outputs is not None:  # the report names where the plots will be, not their staging place
-            report["plots"] = {k: outputs.final_path(p) for k, p in report["plots"].items()}
-    write_json(json_path, report)
-    report["json"] = os.path.join(out_dir, "comparison.json")
-    if outputs is None:  # staged files are announced by whoever publishes them
-        log(f"wrote {json_path}" + (" and " + ", ".join(os.path.basename(p) for p in report.get("plots", {}).values())
-                                    if report.get("plots") else ""))
-    return report
+    return finish_report(report, folder, out_dir, "comparison.json", outputs, log)
 
 
 def _plain(kwargs: dict) -> dict:

@@ -22,36 +22,33 @@ from ..unlearn import unlearn
 from ..zoo import data as data_mod
 from ..zoo.models import build_model
 from ..training.classifier import TrainConfig
+from ..eval.evaluate import BATTERY
+from ..eval.metrics import METRICS, Metric
 from .plots import plot_summary
 from .scenarios import scenario_forget_set
 
 __all__ = ["run_forget", "format_table", "ROW_KEYS"]
 
-#: (column, metric key) of the report's table; UA is shown as 1 - forget accuracy.
-ROW_KEYS = [("UA", "forget_acc"), ("forget-test", "forget_test_acc"), ("RA", "retain_acc"), ("TA", "test_acc"),
-            ("MIA", "mia_efficacy"), ("probe", "probe_forget_acc")]
-#: The battery's columns, shown when it ran.
-BATTERY_ROW_KEYS = [("relearn", "relearn_k5"), ("relearn AUC@30", "relearn_k5_auc"),
-                    ("proto RA", "prototype_retain_acc"), ("TV to Retrain", "tv_to_reference"),
-                    ("collateral", "collateral")]
+#: The report's columns: the protocol's metrics (as declared in dfmu_ext.eval.metrics), then the
+#: battery's shown ones when it ran.
+ROW_KEYS = METRICS
+BATTERY_ROW_KEYS = tuple(m for m in BATTERY if m.table)
 
 
-def _fmt(v) -> str:
+def _fmt(metric: Metric, v) -> str:
+    """One model's value of ``metric`` as shown (e.g. UA = 1 - forget accuracy), "-" when absent."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    return f"{100 * v:.1f}%"
+    return format(metric.scale * metric.shown(v), metric.fmt) + ("%" if metric.scale == 100.0 else "")
 
 
 def format_table(rows: dict[str, dict]) -> str:
     """A Markdown table, one row per model: the metrics in %, then time and retain samples used."""
-    keys = ROW_KEYS + [(h, k) for h, k in BATTERY_ROW_KEYS if any(k in m for m in rows.values())]
-    header = ["model"] + [h for h, _ in keys] + ["time", "retain samples"]
+    keys = list(ROW_KEYS) + [b for b in BATTERY_ROW_KEYS if any(b.key in m for m in rows.values())]
+    header = ["model"] + [k.header for k in keys] + ["time", "retain samples"]
     cells = []
     for name, m in rows.items():
-        row = [name]
-        for h, k in keys:
-            v = m.get(k)
-            row.append(_fmt(1.0 - v if h == "UA" and v is not None else v))
+        row = [name] + [_fmt(k, m.get(k.key)) for k in keys]
         row.append("-" if m.get("time_s") is None else f"{m['time_s']:.2f} s")
         row.append("-" if m.get("retain_samples") is None else str(m["retain_samples"]))
         cells.append(row)

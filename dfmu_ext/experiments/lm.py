@@ -20,23 +20,27 @@ import torch
 
 from .._io import markdown_table
 from ..baselines.scratch import lm_retrain
-from ..eval.lm import lm_battery
+from ..eval.lm import LM_BATTERY, lm_battery
+from ..eval.metrics import Metric
 from ..lm.task import TokenSequences
 from ..training.causal_lm import LMTrainConfig, train_causal_lm
 from ..zoo.lm_training import cached_causal_lm
 from ..zoo.lm_models import build_causal_lm
 from ..zoo.people import PeopleConfig, PeopleCorpus, make_people_corpus
+from .runner import Call, column_stats, gap_to_reference, reference_pairs, run_seeds
 
 #: The forget shares of the issue: 1%, 5% and 10% of the people.
 FORGET_SHARES = (0.01, 0.05, 0.10)
 #: The rows every table shows: doing nothing and the gold standard first.
 REFERENCE_ROWS = ("Original", "Retrain")
-#: Keys of the battery shown in tables, with their headers.
-COLUMNS = (("forget_acc", "forget acc"), ("forget_para_acc", "para acc"), ("forget_prob", "forget prob"),
-           ("retain_acc", "retain acc"), ("perplexity", "ppl"), ("mia_auc", "MIA AUC"),
-           ("relearn_acc", "relearn acc"), ("gap", "gap to Retrain"), ("seconds", "time s"))
 #: The metrics whose mean absolute difference from Retrain's is a method's "gap to Retrain".
 GAP_KEYS = ("forget_acc", "forget_para_acc", "forget_prob", "retain_acc", "mia_auc")
+_GAP_METRICS = tuple(m for m in LM_BATTERY if m.key in GAP_KEYS)
+#: A method's gap to Retrain (in points) and its wall time, beside the battery in its metrics.
+GAP = Metric("gap", "gap to Retrain", scale=1.0)
+SECONDS = Metric("seconds", "time s", scale=1.0, fmt=".2f")
+#: The tables' columns: the battery's shown entries, the gap and the time.
+COLUMNS = tuple(m for m in LM_BATTERY if m.table) + (GAP, SECONDS)
 #: Retain people whose facts are evaluated (a fixed sample: the metric is a mean over facts).
 RETAIN_EVAL_PEOPLE = 60
 
@@ -94,35 +98,14 @@ def retrain_lm(meta: dict, corpus: PeopleCorpus, scenario: LMScenario, device, p
     return res.model.eval(), res.timings["total"]
 
 
-def _summary(values: list[float]) -> tuple[float, float, int]:
-    """(mean, std, count) of the finite values."""
-    vals = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
-    if not vals:
-        return math.nan, math.nan, 0
-    t = torch.tensor(vals, dtype=torch.float64)
-    return float(t.mean()), float(t.std(unbiased=True)) if len(vals) > 1 else 0.0, len(vals)
-
-
-def add_gaps(run: dict) -> dict:
-    r"""Each method's ``gap``: :math:`\frac{1}{|K|}\sum_{k \in K} |m_k - m_k^{Retrain}|` over
-    :data:`GAP_KEYS` (in percentage points: the AUC times 100), against this run's Retrain."""
-    ref = run["methods"].get("Retrain")
-    if ref is not None:
-        for metrics in run["methods"].values():
-            metrics["gap"] = 100.0 * sum(abs(metrics[k] - ref[k]) for k in GAP_KEYS) / len(GAP_KEYS)
-    return run
-
-
 def aggregate(runs: list[dict]) -> dict:
-    """``{share: {method: {metric: (mean, std, count)}}}`` over seeds."""
+    """``{share: {method: {metric: (mean, std, count)}}}`` over seeds
+    (:func:`dfmu_ext.experiments.runner.mean_std`)."""
     out: dict = {}
     for run in runs:
         for method, metrics in run["methods"].items():
-            cell = out.setdefault(run["share"], {}).setdefault(method, {})
-            for k, v in metrics.items():
-                cell.setdefault(k, []).append(v)
-    return {share: {m: {k: _summary(v) for k, v in cells.items()} for m, cells in methods.items()}
-            for share, methods in out.items()}
+            out.setdefault(run["share"], {}).setdefault(method, []).append(metrics)
+    return {share: {m: column_stats(ms) for m, ms in methods.items()} for share, methods in out.items()}
 
 
 def format_table(summary: dict) -> str:
@@ -130,35 +113,29 @@ def format_table(summary: dict) -> str:
     lines = []
     for share in sorted(summary):
         lines.append(f"forget {share:.0%} of the people")
-        header = f"{'method':<18}" + "".join(f"{h:>16}" for _, h in COLUMNS)
+        header = f"{'method':<18}" + "".join(f"{m.header:>16}" for m in COLUMNS)
         lines.append(header)
         for method, cells in summary[share].items():
             row = f"{method:<18}"
-            for key, _ in COLUMNS:
-                row += f"{_cell(cells, key):>16}"
+            for metric in COLUMNS:
+                row += f"{_cell(cells, metric):>16}"
             lines.append(row)
         lines.append("")
     return "\n".join(lines)
 
 
-def _cell(cells: dict, key: str) -> str:
-    """``mean±std`` of one metric (accuracies and probabilities in %), blank when absent."""
-    if key not in cells:
-        return ""
-    mean, std, count = cells[key]
-    scale = 100.0 if key.endswith("_acc") or key == "forget_prob" else 1.0
-    digits = 3 if key == "mia_auc" else (2 if key in ("perplexity", "seconds") else 1)
-    spread = f"±{std * scale:.{digits}f}" if count > 1 else ""  # one seed: no spread to show
-    return f"{mean * scale:.{digits}f}{spread}"
+def _cell(cells: dict, metric: Metric) -> str:
+    """``mean ± std`` of one metric as declared (:class:`dfmu_ext.eval.metrics.Metric`), blank when absent."""
+    return metric.cell(*cells[metric.key]) if metric.key in cells else ""
 
 
 def format_markdown(summary: dict) -> str:
     """The same tables in Markdown, one per forget share."""
     out = []
     for share in sorted(summary):
-        rows = [[method] + [_cell(cells, key) for key, _ in COLUMNS] for method, cells in summary[share].items()]
+        rows = [[method] + [_cell(cells, m) for m in COLUMNS] for method, cells in summary[share].items()]
         out += [f"**Forget {share:.0%} of the people**", "",
-                markdown_table(["method"] + [h for _, h in COLUMNS], rows), ""]
+                markdown_table(["method"] + [m.header for m in COLUMNS], rows), ""]
     return "\n".join(out)
 
 
@@ -170,45 +147,63 @@ def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), r
     seed=..., device=...)`` returning an UnlearnResult) on every (seed, share), beside Original and
     Retrain. ``train_config`` overrides the originals' recipe (its seed is each run's), ``size`` the
     model's size (:func:`dfmu_ext.zoo.lm_models.build_causal_lm`). Returns
-    ``{"runs": [...], "summary": aggregate(runs), "corpus": ..., "config": ...}``."""
+    ``{"runs": [...], "summary": aggregate(runs), "corpus": ..., "config": ...}``; a method that failed on a
+    (seed, share) is left out of its run's ``methods`` and named with its error under the run's ``failed``."""
     log = log or (lambda *_: None)
     corpus_config = corpus_config or PeopleConfig()
     corpus = make_people_corpus(corpus_config)
-    runs = []
-    for seed in seeds:
+    settings: dict = {}  # (seed, share) -> the run's own fields
+
+    def calls_of(seed: int):
+        """The seed's calls, per forget share: doing nothing, Retrain, then every method on a copy of the original."""
         recipe = None if train_config is None else LMTrainConfig(**{**train_config.to_dict(), "seed": seed})
         original, meta = cached_causal_lm(corpus_config, arch, seed, device, progress=progress, log=log,
                                           train_config=recipe, size=size)
         for share in shares:
             scenario = make_scenario(corpus, share, seed)
-            row = {"share": share, "seed": seed, "people": scenario.people,
-                   "forget_sequences": int(scenario.forget_indices.numel()), "methods": {}}
-            row["methods"]["Original"] = {**measure(original, scenario, seed), "seconds": 0.0}
+            n, tag = len(scenario.people), f"seed {seed}, forget {share:.0%}"
+            settings[seed, share] = {"share": share, "seed": seed, "people": scenario.people,
+                                     "forget_sequences": int(scenario.forget_indices.numel())}
+            yield Call({"method": "Original", "seed": seed, "share": share},
+                       lambda: {"metrics": {**measure(original, scenario, seed), "seconds": 0.0}}, f"{tag}: Original")
             if retrain:
-                n = len(scenario.people)
-                log(f"seed {seed}, forget {share:.0%} ({n} {'person' if n == 1 else 'people'}, "
-                    f"{row['forget_sequences']} sequences): training Retrain on the rest")
-                model, seconds = retrain_lm(meta, corpus, scenario, device, progress=progress)
-                row["methods"]["Retrain"] = {**measure(model, scenario, seed), "seconds": seconds}
-                log(f"seed {seed}, forget {share:.0%}: Retrain {seconds:.1f} s")
+                def run_retrain() -> dict:
+                    model, seconds = retrain_lm(meta, corpus, scenario, device, progress=progress)
+                    return {"metrics": {**measure(model, scenario, seed), "seconds": seconds}}
+
+                yield Call({"method": "Retrain", "seed": seed, "share": share}, run_retrain, f"{tag}: Retrain",
+                           lambda rec: f"{rec['metrics']['seconds']:.1f} s",
+                           start=f"{tag} ({n} {'person' if n == 1 else 'people'}, "
+                                 f"{settings[seed, share]['forget_sequences']} sequences): training Retrain on the rest")
             for name, fn in methods.items():
-                model = copy.deepcopy(original)
-                res = fn(model, corpus.train, forget_indices=scenario.forget_indices, retain_fraction=retain_fraction,
-                         seed=seed, device=device)
-                row["methods"][name] = {**measure(res.model, scenario, seed), "seconds": res.timings["total"],
-                                        "retain_used": res.retain_samples_used}
-                log(f"seed {seed}, forget {share:.0%}: {name} {res.timings['total']:.2f} s, forget acc "
-                    f"{row['methods'][name]['forget_acc']:.3f}, retain acc {row['methods'][name]['retain_acc']:.3f}")
-            runs.append(add_gaps(row))
+                def run(fn=fn) -> dict:
+                    res = fn(copy.deepcopy(original), corpus.train, forget_indices=scenario.forget_indices,
+                             retain_fraction=retain_fraction, seed=seed, device=device)
+                    return {"metrics": {**measure(res.model, scenario, seed), "seconds": res.timings["total"],
+                                        "retain_used": res.retain_samples_used}}
+
+                yield Call({"method": name, "seed": seed, "share": share}, run, f"{tag}: {name}",
+                           lambda rec: (f"{rec['metrics']['seconds']:.2f} s, forget acc "
+                                        f"{rec['metrics']['forget_acc']:.3f}, retain acc "
+                                        f"{rec['metrics']['retain_acc']:.3f}"))
+
+    records = run_seeds(seeds, calls_of, log)
+    for rec, ref in reference_pairs(records, by=("seed", "share")):  # in points: the AUC times 100
+        rec["metrics"][GAP.key] = gap_to_reference(rec["metrics"], ref["metrics"], _GAP_METRICS, scale=100.0)
+    runs = []
+    for key, fields in settings.items():
+        mine = [r for r in records if (r["seed"], r["share"]) == key]
+        run = {**fields, "methods": {r["method"]: r["metrics"] for r in mine if "metrics" in r}}
+        failed = {r["method"]: r["error"] for r in mine if "error" in r}
+        runs.append({**run, "failed": failed} if failed else run)
     return {"runs": runs, "summary": aggregate(runs), "corpus": corpus.describe(),
             "config": {"shares": list(shares), "seeds": list(seeds), "retain_fraction": retain_fraction,
                        "arch": arch, "device": str(device)}}
 
 
-#: The panels of the LM plot: (battery key, title, higher is closer to "forgotten").
-PLOT_PANELS = (("forget_acc", "forget-fact accuracy (%)"), ("forget_para_acc", "paraphrased forget accuracy (%)"),
-               ("retain_acc", "retain-fact accuracy (%)"), ("mia_auc", "membership AUC"),
-               ("relearn_acc", "after relearning attack (%)"), ("perplexity", "filler perplexity"))
+#: The panels of the LM plot, in order (their titles and scales as declared in dfmu_ext.eval.lm).
+PLOT_PANELS = tuple({m.key: m for m in LM_BATTERY}[k] for k in ("forget_acc", "forget_para_acc", "retain_acc",
+                                                                "mia_auc", "relearn_acc", "perplexity"))
 
 
 def plot_lm(summary: dict, path: str, title: str = "") -> None:
@@ -226,8 +221,8 @@ def plot_lm(summary: dict, path: str, title: str = "") -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
     width = 0.8 / max(1, len(methods))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, label) in zip(axes.flat, PLOT_PANELS):
-        scale = 100.0 if key.endswith("_acc") else 1.0
+    for ax, metric in zip(axes.flat, PLOT_PANELS):
+        key, scale = metric.key, metric.scale
         for i, m in enumerate(methods):
             xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(shares))]
             means = [summary[s][m].get(key, (math.nan, math.nan))[0] * scale for s in shares]
@@ -239,7 +234,7 @@ def plot_lm(summary: dict, path: str, title: str = "") -> None:
                           linestyles="dashed", linewidth=1)
         ax.set_xticks(range(len(shares)))
         ax.set_xticklabels([f"forget {s:.0%}" for s in shares], fontsize=8)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(metric.axis, fontsize=10)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False, fontsize=9)
     fig.suptitle(title or "entity unlearning (dashed: Retrain)")

@@ -8,8 +8,17 @@ import os
 import textwrap
 
 from .._io import save_figure_atomic
+from ..eval.evaluate import BATTERY
+from ..eval.metrics import METRICS
+from .runner import mean_std
 
 __all__ = ["plot_summary", "plot_comparison", "plot_frontier", "plot_scenario_frontier", "scenario_frontier_rows"]
+
+#: The declared metrics the comparison plots read (their axis names from the declarations).
+_DECLARED = {m.key: m for m in (*METRICS, *BATTERY)}
+_RA = _DECLARED["retain_acc"]
+#: The frontier's two x axes: a forget-class read-out each, lower is more forgotten.
+_FRONTIER = (_DECLARED["probe_forget_acc"], _DECLARED["relearn_k5"])
 
 
 def plot_summary(path: str, class_names: list[str], per_class: dict[str, list[float]], forget_classes: list[int],
@@ -90,7 +99,7 @@ def plot_comparison(rows: list[dict], fractions: list[float], out_dir: str, titl
     ax.set_xticks(xs_all)
     ax.set_xticklabels([f"{100 * f:g}%" for f in xs_all])
     ax.set_xlabel("retain data used (stratified fraction)")
-    ax.set_ylabel("retain accuracy RA (%)")
+    ax.set_ylabel(_RA.axis)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best", ncol=2)
     fig.tight_layout()
@@ -112,7 +121,7 @@ def plot_comparison(rows: list[dict], fractions: list[float], out_dir: str, titl
         ax.annotate(m, (t, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("wall time of the unlearning call (s, log scale)")
-    ax.set_ylabel("retain accuracy RA (%)")
+    ax.set_ylabel(_RA.axis)
     ax.set_title(f"{title}\nper-fraction methods at {100 * head:g}% of the retain data", fontsize=10)
     fig.tight_layout()
     save_figure_atomic(fig, paths["time_vs_retain"])
@@ -130,8 +139,8 @@ def plot_frontier(rows: list[dict], fractions: list[float], out_dir: str, title:
 
     head = _headline_fraction(fractions)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, label in ((axes[0], "probe_forget_acc", "forget-class linear probe (%)"),
-                           (axes[1], "relearn_k5", "relearning attack, K=5 (%)")):
+    for ax, metric in zip(axes, _FRONTIER):
+        key = metric.key
         for i, r in enumerate(rows):
             if r["method"] != "Original" and not r["once"] and r["fraction"] != head:
                 continue
@@ -143,8 +152,8 @@ def plot_frontier(rows: list[dict], fractions: list[float], out_dir: str, title:
             ax.errorbar([x], [y], xerr=[100 * r[key]["std"]], yerr=[100 * r["retain_acc"]["std"]], marker="o",
                         ms=6, capsize=3, color=plt.cm.tab20(i % 20))
             ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4 - 12 * (i % 2)), fontsize=8)
-        ax.set_xlabel(label + " — lower is more forgotten")
-        ax.set_ylabel("retain accuracy RA (%)")
+        ax.set_xlabel(metric.axis + " — lower is more forgotten")
+        ax.set_ylabel(_RA.axis)
     fig.suptitle(f"{title}\nbudgeted methods at {100 * head:g}% of the retain data", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "frontier.png")
@@ -163,15 +172,6 @@ _SCENARIO_AXES = {
 _METHOD_MARKERS = "osD^vP<>phd8H"
 
 
-def _mean_std(values: list[float]) -> tuple[float, float, int]:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    m = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return m, sd, len(vals)
-
-
 def scenario_frontier_rows(runs: list[dict], kind: str) -> list[dict]:
     """Per-seed scenario runs (records with ``"method"`` and ``"gaps_to_retrain"``, as
     :func:`dfmu_ext.experiments.scenarios.run_scenario` stores them) -> one row per method, in order of
@@ -184,8 +184,8 @@ def scenario_frontier_rows(runs: list[dict], kind: str) -> list[dict]:
     out = []
     for method in dict.fromkeys(r["method"] for r in runs):
         gs = [r["gaps_to_retrain"] for r in runs if r["method"] == method and r.get("gaps_to_retrain")]
-        x, sx, n = _mean_std([abs(g["forget"]) for g in gs if g.get("forget") is not None])
-        y, sy, _ = _mean_std([abs(g[cost_key]) for g in gs if g.get(cost_key) is not None])
+        x, sx, n = mean_std([abs(g["forget"]) for g in gs if g.get("forget") is not None])
+        y, sy, _ = mean_std([abs(g[cost_key]) for g in gs if g.get(cost_key) is not None])
         if n:
             out.append({"method": method, "seeds": n, "forget_gap": {"mean": x, "std": sx},
                         "cost": {"mean": y, "std": sy}})

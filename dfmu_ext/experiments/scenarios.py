@@ -32,26 +32,33 @@ import copy
 import math
 import os
 import time
-import traceback
 
 import torch
 
 from .._common import resolve_forget_set
-from .._io import markdown_table, write_json
+from .._io import markdown_table
 from ..baselines import SPECS, resolve_methods
 from ..eval import evaluate, predict_logits
+from ..eval.metrics import METRICS, Metric
 from ..steps import StepOptions
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original
 from ..zoo.coarse import subclass_indices
-from .compare import mean_std, method_kwargs_for, own_original
+from .compare import load_data, method_kwargs_for, original_for
 from .plots import plot_scenario_frontier
+from .runner import (TIME, Call, finish_report, gap_to_reference, group, mean_std, output_folder, quiet_log,
+                     reference_pairs, resolve_device, resolve_seeds, run_seeds)
 
 __all__ = ["scenario_forget_set", "run_scenario", "average_gap", "GAP_KEYS", "discrimination", "signed_gaps",
            "SUBCLASS_MIN_GAP", "RANDOM_MIN_GAP", "DISCRIMINATION_METRICS", "SIGNED_GAPS", "KINDS"]
 
-#: (metric, shown as 1 - value) entering the average gap to Retrain.
-GAP_KEYS = (("forget_acc", True), ("retain_acc", False), ("test_acc", False), ("mia_efficacy", False))
+#: The metrics entering the average gap to Retrain (UA, RA, TA, MIA-efficacy: the field's summary number).
+GAP_KEYS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy")
+_GAP_METRICS = tuple(m for m in METRICS if m.key in GAP_KEYS)
+#: The average gap to Retrain (a run's ``gap_to_retrain``, a fraction) as the table shows it.
+GAP = Metric("gap_to_retrain", "avg gap to Retrain", fmt=".2f")
+#: The siblings' test accuracy (a run's ``metrics["sibling_test_acc"]``, :func:`_sibling_accuracy`).
+SIBLINGS = Metric("sibling_test_acc", "siblings")
 
 #: The two scenario kinds.
 KINDS = ("subclass", "random")
@@ -76,12 +83,15 @@ DISCRIMINATION_METRICS = {
     "random": (("forget_acc", "forget-set accuracy", RANDOM_MIN_GAP),
                ("mia_efficacy", "MIA-efficacy", RANDOM_MIN_GAP)),
 }
-#: kind -> (table column, key in a run's "gaps_to_retrain", metric or None for |forget|+|sibling|).
+#: kind -> (the gap, keyed in a run's "gaps_to_retrain", in points; the metric it is taken on, or None
+#: for |forget|+|sibling|).
 SIGNED_GAPS = {
-    "subclass": (("forget gap", "forget", "forget_test_acc"), ("sibling gap", "sibling", "sibling_test_acc"),
-                 (r"\|forget\|+\|sibling\|", "forget_plus_sibling", None)),  # "|" escaped for Markdown
-    "random": (("forget gap", "forget", "forget_acc"), ("MIA gap", "mia", "mia_efficacy"),
-               ("TA gap", "test", "test_acc")),
+    "subclass": ((Metric("forget", "forget gap", 1.0, "+.1f"), "forget_test_acc"),
+                 (Metric("sibling", "sibling gap", 1.0, "+.1f"), "sibling_test_acc"),
+                 (Metric("forget_plus_sibling", r"\|forget\|+\|sibling\|", 1.0), None)),  # "|" escaped: Markdown
+    "random": ((Metric("forget", "forget gap", 1.0, "+.1f"), "forget_acc"),
+               (Metric("mia", "MIA gap", 1.0, "+.1f"), "mia_efficacy"),
+               (Metric("test", "TA gap", 1.0, "+.1f"), "test_acc")),
 }
 _EPS = 1e-9  # a gap of exactly the threshold counts (10.0 points computed as 9.999999999 in floats)
 
@@ -105,13 +115,13 @@ def signed_gaps(metrics: dict, reference: dict, kind: str) -> dict:
     |forget| + |sibling|); random ``{"forget", "mia", "test"}`` (forget accuracy, MIA-efficacy and TA
     minus Retrain's). NaN where a metric is missing."""
     out = {}
-    for _, key, metric in SIGNED_GAPS[_check_kind(kind)]:
+    for gap, metric in SIGNED_GAPS[_check_kind(kind)]:
         if metric is None:
             f, s = out.get("forget", float("nan")), out.get("sibling", float("nan"))
-            out[key] = abs(f) + abs(s)
+            out[gap.key] = abs(f) + abs(s)
             continue
         m, r = metrics.get(metric), reference.get(metric)
-        out[key] = 100 * (m - r) if _finite(m) and _finite(r) else float("nan")
+        out[gap.key] = 100 * (m - r) if _finite(m) and _finite(r) else float("nan")
     return out
 
 
@@ -225,14 +235,9 @@ def scenario_forget_set(info, train_set, *, subclass=None, random_fraction=None,
 
 
 def average_gap(metrics: dict, reference: dict) -> float:
-    """Mean of |m - r| over UA, RA, TA and MIA-efficacy (the field's summary number)."""
-    gaps = []
-    for key, invert in GAP_KEYS:
-        m, r = metrics.get(key), reference.get(key)
-        if m is None or r is None or not (math.isfinite(m) and math.isfinite(r)):
-            continue
-        gaps.append(abs((1 - m if invert else m) - (1 - r if invert else r)))
-    return sum(gaps) / len(gaps) if gaps else float("nan")
+    """Mean of |m - r| over UA, RA, TA and MIA-efficacy (the field's summary number; the runner's
+    :func:`dfmu_ext.experiments.runner.gap_to_reference` over :data:`GAP_KEYS`)."""
+    return gap_to_reference(metrics, reference, _GAP_METRICS)
 
 
 def _sibling_accuracy(model, test_set, indices, device) -> float:
@@ -240,15 +245,6 @@ def _sibling_accuracy(model, test_set, indices, device) -> float:
         return float("nan")
     logits, labels = predict_logits(model, torch.utils.data.Subset(test_set, indices.tolist()), device=device)
     return (logits.argmax(1) == labels).float().mean().item()
-
-
-def _cell(values, signed: bool = False, scale: float = 100.0, digits: int = 1) -> str:
-    """``mean ± std`` over seeds ("-" when no finite value; no ± for a single seed)."""
-    m, sd, n = mean_std(values)
-    if n == 0:
-        return "-"
-    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
-    return fmt.format(scale * m) + (f" ± {scale * sd:.{digits}f}" if n > 1 else "")
 
 
 def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_fraction=None, forget_indices=None,
@@ -276,62 +272,48 @@ def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_
     :class:`dfmu_ext._io.OutputBatch`) stages the files for the caller to publish with its others.
     """
     _one_scenario(subclass, random_fraction, forget_indices)
-    if original is not None and data is None:
-        raise ValueError("original= needs data=(train_set, test_set, info): the data it was trained on")
     kind = "subclass" if subclass is not None else "random"
-    log = (lambda *m: None) if quiet else (lambda *m: print(*m, flush=True))
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
-    if data is None:
-        dataset = data_mod.canonical_name(dataset)
-        train_set, test_set, info = data_mod.load_dataset(dataset)
-    else:
-        dataset, (train_set, test_set, info) = None, data
-    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    log = quiet_log(quiet)
+    device = resolve_device(device)
+    dataset, (train_set, test_set, info) = load_data(dataset, data, original, data_mod)
+    seeds = resolve_seeds(seeds)
     names = [n for n in resolve_methods(methods) if n != "head-mask"]
     skipped = ["head-mask"] if "head-mask" in resolve_methods(methods) else []
     eval_kwargs = dict(eval_kwargs or {})
-    runs, start = [], time.perf_counter()
-    label = None
-    for seed in seeds:
+    start, labels = time.perf_counter(), []
+
+    def calls_of(seed: int):
+        """The seed's calls: doing nothing ("Original"), then every method, each on a copy of the original."""
         scen = scenario_forget_set(info, train_set, subclass=subclass, random_fraction=random_fraction,
                                    forget_indices=forget_indices, seed=seed)
-        label = scen["label"]
-        if original is not None:
-            start_model, meta = own_original(original, device, train_config)
-        else:
-            start_model, meta = cached_original(dataset, model_name, device, seed, epochs=train_epochs,
-                                                use_cache=use_cache, progress=progress, log=log)
+        labels.append(scen["label"])
+        start_model, meta = original_for(seed, original, device, train_config, lambda s: cached_original(
+            dataset, model_name, device, s, epochs=train_epochs, use_cache=use_cache, progress=progress, log=log))
         for name in ["Original"] + names:
-            spec = SPECS.get(name)
-            rec = {"method": name, "seed": seed}
-            try:
-                model = copy.deepcopy(start_model)
+            def run(spec=SPECS.get(name)) -> dict:
+                model, out = copy.deepcopy(start_model), {}
                 if spec is not None:
                     kwargs = method_kwargs_for(spec, meta, max_epochs, model_factory=model_factory, steps=steps)
                     frac = spec.fixed_fraction if not spec.budgeted and spec.fixed_fraction else fraction
                     res = spec.fn(model, train_set, None, frac, forget_indices=scen["forget_indices"], device=device,
                                   seed=seed, progress=progress, **kwargs)
                     model = res.model
-                    rec.update(time_s=res.timings["total"], retain_samples=res.retain_samples_used)
-                rec["metrics"] = evaluate(model, train_set, test_set, forget_indices=scen["forget_indices"],
+                    out.update(time_s=res.timings["total"], retain_samples=res.retain_samples_used)
+                out["metrics"] = evaluate(model, train_set, test_set, forget_indices=scen["forget_indices"],
                                           test_forget_indices=scen["test_forget_indices"], device=device, seed=seed,
                                           **eval_kwargs)
-                rec["metrics"]["sibling_test_acc"] = _sibling_accuracy(model, test_set, scen["sibling_test_indices"],
-                                                                       device)
-                log(f"{name} seed {seed}: UA {100 * (1 - rec['metrics']['forget_acc']):.1f}%, "
-                    f"RA {100 * rec['metrics']['retain_acc']:.1f}%")
-            except Exception as exc:  # one failing method must not lose the others' results
-                rec["error"] = f"{type(exc).__name__}: {exc}"
-                rec["traceback"] = traceback.format_exc()
-                log(f"{name} seed {seed}: FAILED ({rec['error']})")
-            runs.append(rec)
-        ref = next((r for r in runs if r["method"] == "Retrain" and r["seed"] == seed and "metrics" in r), None)
-        for r in runs:
-            if r["seed"] == seed and "metrics" in r and ref is not None:
-                r["gap_to_retrain"] = average_gap(r["metrics"], ref["metrics"])
-                r["gaps_to_retrain"] = signed_gaps(r["metrics"], ref["metrics"], kind)
+                out["metrics"][SIBLINGS.key] = _sibling_accuracy(model, test_set, scen["sibling_test_indices"], device)
+                return out
 
+            yield Call({"method": name, "seed": seed}, run, f"{name} seed {seed}",
+                       lambda rec: (f"UA {100 * (1 - rec['metrics']['forget_acc']):.1f}%, "
+                                    f"RA {100 * rec['metrics']['retain_acc']:.1f}%"))
+
+    runs = run_seeds(seeds, calls_of, log)
+    for r, ref in reference_pairs(runs):
+        r["gap_to_retrain"] = average_gap(r["metrics"], ref["metrics"])
+        r["gaps_to_retrain"] = signed_gaps(r["metrics"], ref["metrics"], kind)
+    label = labels[-1]
     by_seed = {name: {r["seed"]: r["metrics"] for r in runs if r["method"] == name and "metrics" in r}
                for name in ("Original", "Retrain")}
     paired = [s for s in seeds if s in by_seed["Original"] and s in by_seed["Retrain"]]
@@ -339,27 +321,16 @@ def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_
                           seeds=paired, missing="Retrain was not run" if "Retrain" not in names else
                           "Retrain (or Original) failed on every seed")
 
-    columns = [("UA", "forget_acc", True), ("forget-test", "forget_test_acc", False),
-               ("siblings", "sibling_test_acc", False), ("RA", "retain_acc", False), ("TA", "test_acc", False),
-               ("MIA", "mia_efficacy", False), ("probe", "probe_forget_acc", False)]
-    gap_columns = SIGNED_GAPS[kind]
-    rows = []
-    for name in ["Original"] + names:
-        rs = [r for r in runs if r["method"] == name and "metrics" in r]
-        if not rs:
-            continue
-        cells = ["Original (doing nothing)" if name == "Original" else name]
-        for _, key, inv in columns:
-            cells.append(_cell([(1 - r["metrics"][key]) if inv else r["metrics"][key] for r in rs]))
-        cells.append(_cell([r.get("gap_to_retrain") for r in rs], digits=2))
-        for _, key, metric in gap_columns:
-            cells.append(_cell([r.get("gaps_to_retrain", {}).get(key) for r in rs], signed=metric is not None,
-                               scale=1.0))
-        t, ts, tn = mean_std([r.get("time_s") for r in rs])
-        cells.append("-" if tn == 0 else f"{t:.2f}")
-        rows.append(cells)
-    header = (["method"] + [c for c, _, _ in columns] + ["avg gap to Retrain"] + [c for c, _, _ in gap_columns]
-              + ["time (s)"])
+    columns, gap_columns = METRICS + (SIBLINGS,), [g for g, _ in SIGNED_GAPS[kind]]
+    groups, rows = group(runs, lambda r: r["method"]), []
+    for name in [n for n in ["Original"] + names if n in groups]:
+        rs = groups[name]
+        rows.append(["Original (doing nothing)" if name == "Original" else name]
+                    + [m.cell(*mean_std([m.shown(r["metrics"][m.key]) for r in rs])) for m in columns]
+                    + [GAP.cell(*mean_std([r.get(GAP.key) for r in rs]))]
+                    + [g.cell(*mean_std([r.get("gaps_to_retrain", {}).get(g.key) for r in rs])) for g in gap_columns]
+                    + [TIME.cell(*mean_std([r.get(TIME.key) for r in rs]))])
+    header = ["method"] + [m.header for m in (*columns, GAP, *gap_columns, TIME)]
     table = markdown_table(header, rows)
     title = f"{info.name} / {model_name}: forget {label}, {len(seeds)} seed(s), {100 * fraction:g}% retain data"
     print(f"\n{title}")
@@ -367,8 +338,7 @@ def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_
     print(table)
     if skipped:
         print("head-mask skipped: it removes whole classes' rows, not samples")
-    folder = outputs.folder(out_dir) if outputs is not None else out_dir
-    os.makedirs(folder, exist_ok=True)
+    folder = output_folder(out_dir, outputs)
     report = {"title": title, "dataset": info.name, "model": model_name, "scenario": label, "kind": kind,
               "fraction": fraction, "seeds": seeds, "methods": names, "steps": (steps or StepOptions()).to_dict(),
               "discrimination": disc, "runs": runs, "table": table, "skipped": skipped, "plots": {},
@@ -382,15 +352,9 @@ def run_scenario(dataset: str | None, model_name: str, *, subclass=None, random_
                    f"CANNOT tell forgetting from doing nothing (gap {disc['gap_points']:.1f} points "
                    f"< {disc['threshold_points']:g}): a sanity check only")
         try:
-            plot_scenario_frontier(runs, kind, path, f"{title}\nthis scenario {verdict}")
-            report["plots"]["scenario_frontier"] = outputs.final_path(path) if outputs is not None else path
+            report["plots"]["scenario_frontier"] = plot_scenario_frontier(runs, kind, path,
+                                                                          f"{title}\nthis scenario {verdict}")
         except Exception as exc:  # a plot must never lose the measured results
             report["plot_error"] = f"{type(exc).__name__}: {exc}"
             log(f"scenario_frontier.png not written ({report['plot_error']})")
-    json_path = os.path.join(folder, "scenario.json")
-    write_json(json_path, report)
-    report["json"] = os.path.join(out_dir, "scenario.json")
-    if outputs is None:  # staged files are announced by whoever publishes them
-        log(f"wrote {json_path}" + (f" and {os.path.basename(report['plots']['scenario_frontier'])}"
-                                    if report["plots"] else ""))
-    return report
+    return finish_report(report, folder, out_dir, "scenario.json", outputs, log)
