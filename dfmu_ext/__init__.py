@@ -9,7 +9,7 @@ fine-tune on a small stratified slice of the retain data; then measure it with t
     metrics = dfmu_ext.evaluate(model, train_set, test_set, forget_classes=[3])
 """
 from . import ops
-from ._loader import build_info
+from ._loader import __version__, build_info
 from .finetune import FinetuneConfig
 from .eval import evaluate
 from .result import FinetuneHistory, PruneResult, UnlearnResult
@@ -21,4 +21,3 @@ from .unlearn import unlearn
 
 __all__ = ["ops", "build_info", "score_and_prune", "unlearn", "evaluate", "SelectionConfig", "FinetuneConfig",
            "ForgetTargetConfig", "GuardConfig", "RetentionWarning", "UnlearnResult", "PruneResult", "FinetuneHistory"]
-__version__ = "0.1.0"

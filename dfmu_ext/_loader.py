@@ -53,6 +53,10 @@ def warn_if_static_cxx_runtime(path: str) -> bool:
 warn_if_static_cxx_runtime(_C.__file__)
 
 
+#: the package version (read by the package root and the deletion record)
+__version__ = "0.1.0"
+
+
 def build_info() -> dict:
     """What the compiled kernels were built with: ``with_cuda``, torch and CUDA versions, arch list,
     the C++ compiler (``compiler``) and the one torch was built with (``torch_compiler``)."""

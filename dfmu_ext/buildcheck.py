@@ -104,7 +104,8 @@ def check(devices: list[str] | None = None) -> dict:
     """Both checks; ``{"ok", "library", "needed", "build", "problems"}``."""
     import torch
 
-    from . import _C, build_info
+    from . import _C
+    from ._loader import build_info
 
     if devices is None:
         devices = ["cpu"] + (["cuda"] if build_info()["with_cuda"] and torch.cuda.is_available() else [])

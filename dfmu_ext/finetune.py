@@ -41,10 +41,11 @@ class FinetuneConfig:
                                         # overstates recovery (measured: stopping at 0.8 epoch cost 2 points of TA)
     min_steps: int = 50                 # run whole epochs until at least this many optimizer steps: a
                                         # tiny budget (160 samples: 2 steps an epoch) cannot recover otherwise
-    distill: float = 0.0                # weight of the KL to the original's outputs on the budget batch
+    distill: float | None = None        # weight of the KL to the original's outputs on the budget batch;
+                                        # None: the task's (classifiers: 0 for whole classes, 1 for samples)
 
     def validate(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or (self.distill or 0) < 0:
             raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps >= 0 and distill >= 0")
 
     def to_dict(self) -> dict:

@@ -1,10 +1,11 @@
 r"""The retention guard: DFMU watches what it must keep while it runs, without a Retrain model.
 
-A share of the retain budget is set aside (never trained on; no extra data is read) and the task's
-retention score :math:`s` (an accuracy: a classifier's, or a causal LM's next-token accuracy on the
-scored tokens) is measured on it for the original model, before anything changes, and after each
-stage. The drop :math:`\Delta = s_{\mathrm{orig}} - s` is kept within the tolerance :math:`\tau`
-(1 point for classifiers, 2 for causal LMs) by the method's own means:
+A share of the retain budget is set aside (never trained on; no extra data is read) and, on each of
+its :math:`n` units (a classifier's samples, a causal LM's scored tokens), the probability the model
+gives the right answer, :math:`p_i` (the soft accuracy; its accuracy is reported beside it), is
+measured for the original model, before anything changes, and after each stage. The drop is the mean
+paired difference :math:`\Delta = \frac1n \sum_i (p^{\mathrm{orig}}_i - p_i)`, and it is kept within
+the tolerance :math:`\tau` (1 point for classifiers, 2 for causal LMs) by the method's own means:
 
 * stages that push forgetting stop early when they cost more than :math:`\tau` beyond where they
   started (the causal-LM edit is rolled back to its last checked state within it);
@@ -12,10 +13,12 @@ stage. The drop :math:`\Delta = s_{\mathrm{orig}} - s` is kept within the tolera
   distillation on) run in chunks of ``check_every`` up to ``recovery_steps``;
 * when it still is, a ``RetentionWarning`` says so with the measured trade; never silently.
 
-A validation part of :math:`n` samples resolves accuracy only to :math:`1/n`, so a drop counts as
-beyond the tolerance when :math:`\Delta > \tau + 1/n` (the allowance; :math:`n` is the number of
-scored units: samples, or an LM's scored tokens). The guard's numbers go into the result's
-``info["guard"]`` and into the deletion record.
+Why the soft accuracy: a validation part of :math:`n` units resolves accuracy only to :math:`1/n`
+(8 facts of a small LM's budget: 12.5 points), so erosion spread over many facts stays invisible
+until it is large; the paired probability drop sees it while it is small. A drop counts as beyond
+the tolerance when :math:`\Delta > \tau + \mathrm{SE}(\Delta)` (the allowance; SE the standard
+error of the paired differences), so that which units were set aside does not decide alone. The
+guard's numbers go into the result's ``info["guard"]`` and into the deletion record.
 """
 from __future__ import annotations
 
@@ -66,8 +69,9 @@ class GuardConfig:
 
 @dataclass
 class RetentionGuard:
-    """Measures ``measure(model) -> {"score": s, "units": n, ...}`` on the validation part and keeps
-    each stage's numbers (``stages``), relative to the original's (``reference``)."""
+    """Measures ``measure(model) -> {"p": (n,) right-answer probabilities, "accuracy": a, ...}`` on the
+    validation part and keeps each stage's numbers (``stages``), relative to the original's
+    (``reference``)."""
 
     measure: Callable[[nn.Module], dict]
     tolerance: float
@@ -75,45 +79,51 @@ class RetentionGuard:
     reference: dict | None = None
     stages: dict[str, dict] = field(default_factory=dict)
 
+    def _measure(self, model: nn.Module) -> dict:
+        out = self.measure(model)
+        p = out.pop("p").double()
+        out["units"] = int(p.numel())
+        out["score"] = float(p.mean()) if p.numel() else float("nan")
+        if self.reference is not None:
+            d = self._p - p
+            out["drop"] = float(d.mean())
+            out["se"] = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+            out["within"] = out["drop"] <= self.tolerance + out["se"]
+        return out, p
+
     def start(self, model: nn.Module) -> dict:
-        self.reference = self.measure(model)
+        self.reference, self._p = self._measure(model)
         self.stages["original"] = self.reference
         return self.reference
 
-    @property
-    def allowance(self) -> float:
-        """:math:`\\tau + 1/n`: the drop beyond which the guard acts."""
-        return self.tolerance + 1.0 / max(1, int(self.reference.get("units", 1)))
-
-    def drop(self, measured: dict) -> float:
-        return float(self.reference["score"] - measured["score"])
-
     def check(self, model: nn.Module, stage: str | None = None) -> dict:
-        """Measure now; record it under ``stage`` (when given); return it with its ``drop``."""
-        now = self.measure(model)
-        now["drop"] = self.drop(now)
-        now["within"] = now["drop"] <= self.allowance
+        """Measure now; record it under ``stage`` (when given); return it with its ``drop``, the
+        drop's standard error ``se`` and whether it is ``within`` :math:`\\tau + \\mathrm{SE}`."""
+        now, _ = self._measure(model)
         if stage is not None:
             self.stages[stage] = now
         return now
 
-    def within(self, measured: dict) -> bool:
-        return self.drop(measured) <= self.allowance
+    def exceeds(self, measured: dict, since: dict) -> bool:
+        """Whether ``measured`` lost more than the allowance against an earlier measurement ``since``
+        (the LM edit's own cost: the drop since it started)."""
+        return measured["drop"] - since["drop"] > self.tolerance + measured["se"]
 
     def report(self, warned: bool) -> dict:
         final = self.stages.get("final") or next(reversed(self.stages.values()))
-        return {"tolerance": self.tolerance, "allowance": self.allowance,
-                "validation_units": int(self.reference.get("units", 0)),
+        return {"tolerance": self.tolerance, "validation_units": int(self.reference.get("units", 0)),
                 "validation_samples": int(self.reference.get("samples", 0)),
-                "original": self.reference["score"], "final": final["score"], "drop": self.drop(final),
-                "within": self.within(final), "warned": warned,
+                "original": self.reference["score"], "final": final["score"], "drop": final.get("drop", 0.0),
+                "se": final.get("se", 0.0), "original_accuracy": self.reference.get("accuracy"),
+                "final_accuracy": final.get("accuracy"), "within": final.get("within", True), "warned": warned,
                 "stages": {k: {kk: v for kk, v in s.items() if not isinstance(v, (list, dict))}
                            for k, s in self.stages.items()}}
 
     def warn(self, what: str, extra: str = "") -> None:
         final = self.stages.get("final") or next(reversed(self.stages.values()))
         warnings.warn(
-            f"DFMU kept {what} at {100 * final['score']:.1f}% on its validation part vs the original's "
-            f"{100 * self.reference['score']:.1f}% (-{100 * self.drop(final):.1f} points; tolerance "
-            f"{100 * self.tolerance:.1f} + resolution {100 * (self.allowance - self.tolerance):.1f}): it could not "
-            f"forget inside the tolerance{extra}", RetentionWarning, stacklevel=3)
+            f"DFMU kept {what} at a right-answer probability of {100 * final['score']:.1f}% on its validation "
+            f"part vs the original's {100 * self.reference['score']:.1f}% (-{100 * final['drop']:.1f} points, "
+            f"tolerance {100 * self.tolerance:.1f} + SE {100 * final['se']:.1f}; accuracy "
+            f"{100 * final['accuracy']:.1f}% vs {100 * self.reference['accuracy']:.1f}%): it could not forget "
+            f"inside the tolerance{extra}", RetentionWarning, stacklevel=3)

@@ -69,11 +69,11 @@ def record_path_for(out_path: str) -> str:
 
 def environment(device=None) -> dict:
     """Versions of everything that shaped the result."""
-    import dfmu_ext
+    from ._loader import __version__, build_info
 
-    env = {"dfmu_ext": dfmu_ext.__version__, "torch": torch.__version__, "cuda": torch.version.cuda,
+    env = {"dfmu_ext": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "platform": platform.platform(),
-           "build_info": dfmu_ext.build_info()}
+           "build_info": build_info()}
     if device is not None and torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env

@@ -163,7 +163,7 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
     opt = MomentumSGD(params, lr=config.lr, momentum=0.9) if config.optimizer == "sgd" else \
         AdamW(params, lr=config.lr, weight_decay=0.0)
     projected = ProjectedUpdates([(l.weight, projectors[l.name], l.unit_dim) for l in edited])
-    start = guard.check(model)["score"] if guard is not None else None
+    start = guard.check(model) if guard is not None else None
     kept, saved = 0, ([p.detach().clone() for p in params] if guard is not None else None)
     cursor = 0
     try:
@@ -180,7 +180,7 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
                 plan.apply(opt)
                 kept = step + 1
                 if guard is not None and (kept % guard.config.check_every == 0 or kept == config.steps):
-                    if start - guard.check(model)["score"] > guard.allowance:
+                    if guard.exceeds(guard.check(model), since=start):
                         with torch.no_grad():
                             for p, s in zip(params, saved):
                                 p.copy_(s)
@@ -307,19 +307,23 @@ class CausalLMTask(Task):
 
     @torch.no_grad()
     def retention(self, model: nn.Module, dataset, device, watch=None) -> dict:
-        """Next-token accuracy and mean loss over the scored tokens of ``dataset``."""
-        hits = tokens = 0
+        """Per scored token of ``dataset``: the probability of the right next token (``p``); the
+        next-token accuracy and mean loss over them."""
+        probs, hits = [], 0
         nll = 0.0
         with eval_mode(model):
             for x, y in batches(dataset, 64, device=device):
                 logits = forward_logits(model, x)
                 nxt = y[:, 1:].to(logits.device)
                 scored = nxt != IGNORE_INDEX
-                hits += int((logits[:, :-1].argmax(-1)[scored] == nxt[scored]).sum())
-                tokens += int(scored.sum())
-                nll += float(lm_loss(logits, y, reduction="sum"))
-        return {"score": hits / max(tokens, 1), "units": tokens, "samples": len(dataset),
-                "loss": nll / max(tokens, 1)}
+                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[scored]
+                right = logp.gather(1, nxt[scored][:, None])[:, 0]
+                probs.append(right.exp().cpu())
+                hits += int((logp.argmax(-1) == nxt[scored]).sum())
+                nll -= float(right.sum())
+        p = torch.cat(probs) if probs else torch.zeros(0)
+        n = max(int(p.numel()), 1)
+        return {"p": p, "accuracy": hits / n, "samples": len(dataset), "loss": nll / n}
 
     def describe_record(self, split: Split) -> dict:
         return {"task": "causal-lm", "forget_classes": None}

@@ -1,0 +1,194 @@
+"""What DFMU keeps, on setups no default was chosen on: small causal LMs of several shapes on a
+question-answer-only corpus (no filler), and classifiers forgetting a sub-class under coarse labels.
+Each setup prints the original, Retrain and DFMU variants side by side (doing nothing = the original).
+
+    python benchmarks/keep_suite.py --out runs/keep_suite [--setups lm-gpt2-30,digits-sub3] [--seeds 0,1,2]
+
+The LM corpus: ``people`` fictitious people x ``facts`` attributes, one sequence per fact
+``<bos> person attribute value <eos>`` with only the value scored; values drawn at random from
+``values`` per attribute (so Retrain answers a forgotten fact at chance, 1/values). Forget
+``forget`` people (all their facts). "other facts" = the retained people's answers (most of them
+outside the budget).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+import dfmu_ext
+from dfmu_ext.eval.lm import answer_accuracy
+from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences
+from dfmu_ext.training.causal_lm import LMTrainConfig, train_causal_lm
+from dfmu_ext.zoo.lm_models import build_causal_lm
+
+LM_SETUPS = {
+    # name: arch, layers, width, mlp, people, facts, values, retain_fraction, forget people
+    "lm-gpt2-30": dict(arch="gpt2", layers=2, hidden=64, mlp=256, people=40, facts=4, values=4, fraction=0.3, forget=2),
+    "lm-llama-13": dict(arch="llama", layers=2, hidden=64, mlp=128, people=40, facts=4, values=4, fraction=0.13,
+                        forget=2),
+    "lm-plain-10": dict(arch="plain", layers=3, hidden=48, mlp=96, people=60, facts=3, values=6, fraction=0.1,
+                        forget=3),
+    "lm-gpt2-wide-5": dict(arch="gpt2", layers=1, hidden=96, mlp=384, people=80, facts=5, values=5, fraction=0.05,
+                           forget=4),
+}
+CLS_SETUPS = {
+    # digits under three coarse classes of our own; forget every training sample of one digit
+    "digits-sub3-cnn": dict(model="cnn", fine=3, fraction=0.13),
+    "digits-sub7-mlp": dict(model="mlp", fine=7, fraction=0.2),
+}
+# three coarse classes chosen so that the forgotten digit's look-alikes sit in ANOTHER coarse class
+# (3 looks like 5/8/9, 7 like 1): Retrain then moves it, doing nothing does not (the scenario can fail)
+COARSE = {0: 0, 3: 0, 4: 0, 7: 0, 1: 1, 2: 1, 6: 1, 5: 2, 8: 2, 9: 2}
+
+
+def people_corpus(people: int, facts: int, values: int, seed: int) -> tuple[TokenSequences, torch.Tensor, int]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    person0, attr0 = 3, 3 + people
+    value0 = attr0 + facts
+    vocab = value0 + facts * values
+    rows, owner = [], []
+    answers = torch.randint(0, values, (people, facts), generator=g)
+    for p in range(people):
+        for a in range(facts):
+            rows.append([1, person0 + p, attr0 + a, value0 + a * values + int(answers[p, a]), 2])
+            owner.append(p)
+    ids = torch.tensor(rows)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 3] = ids[:, 3]
+    return TokenSequences(ids, labels), torch.tensor(owner), vocab
+
+
+def train_lm(arch, vocab, data, seed, **size):
+    torch.manual_seed(seed)
+    model = build_causal_lm(arch, vocab, 5, **size)
+    train_causal_lm(model, data, LMTrainConfig(epochs=150, batch_size=16, lr=3e-3, warmup_steps=20, seed=seed))
+    return model.eval()
+
+
+def lm_variants():
+    from dfmu_ext.lm.targets import LMForgetTermConfig
+
+    tf = dfmu_ext.tasks.LMFinetuneConfig
+    return {
+        "DFMU, previous defaults": dict(guard=False, finetune=tf(distill=0.0), forget_term=LMForgetTermConfig(k_share=1.0)),
+        "DFMU, defaults (guard, distill 5, k rule)": dict(),
+        "DFMU, defaults without guard": dict(guard=False),
+    }
+
+
+def run_lm(name, s, seed):
+    data, owner, vocab = people_corpus(s["people"], s["facts"], s["values"], seed)
+    g = torch.Generator().manual_seed(seed)
+    gone = torch.randperm(s["people"], generator=g)[:s["forget"]]
+    is_forget = torch.isin(owner, gone)
+    forget_idx = torch.nonzero(is_forget).flatten().tolist()
+    keep = torch.nonzero(~is_forget).flatten()
+    size = dict(layers=s["layers"], hidden=s["hidden"], mlp=s["mlp"], heads=4)
+    t0 = time.perf_counter()
+    original = train_lm(s["arch"], vocab, data, seed, **size)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    retrain = train_lm(s["arch"], vocab, data.subset(keep), seed, **size)
+    t_retrain = time.perf_counter() - t0
+    f_set, r_set = data.subset(forget_idx), data.subset(keep)
+
+    def row(model, secs):
+        return {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set), "seconds": secs}
+
+    out = {"Original": row(original, t_train), "Retrain": row(retrain, t_retrain)}
+    for label, kw in lm_variants().items():
+        m = copy.deepcopy(original)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = dfmu_ext.unlearn(m, data, forget_indices=forget_idx, retain_fraction=s["fraction"], seed=seed, **kw)
+        out[label] = row(m, res.timings["total"])
+        out[label]["warned"] = any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught)
+        out[label]["edit_steps"] = res.info.get("edit_steps")
+        out[label]["recovery_steps"] = res.finetune.recovery_steps
+    return out
+
+
+def run_cls(name, s, seed):
+    from dfmu_ext import training
+    from dfmu_ext.zoo import models
+    from dfmu_ext.zoo.data import load_dataset
+    from torch.utils.data import TensorDataset
+
+    train, test, info = load_dataset("digits")
+    xs, ys = train.tensors
+    xt, yt = test.tensors
+    cy, cyt = torch.tensor([COARSE[int(v)] for v in ys]), torch.tensor([COARSE[int(v)] for v in yt])
+    ctrain, ctest = TensorDataset(xs, cy), TensorDataset(xt, cyt)
+    forget_idx = torch.nonzero(ys == s["fine"]).flatten().tolist()
+    keep = torch.nonzero(ys != s["fine"]).flatten()
+    sib = torch.tensor([COARSE[int(v)] == COARSE[s["fine"]] and int(v) != s["fine"] for v in yt])
+    other = torch.tensor([COARSE[int(v)] != COARSE[s["fine"]] for v in yt])
+
+    def build_train(ds):
+        torch.manual_seed(seed)
+        kw = {"width": 8} if s["model"] == "cnn" else {}
+        m = models.build_model(s["model"], info.in_channels, 3, info.image_size, **kw)
+        training.train_model(m, ds, training.TrainConfig(epochs=8, lr=0.05), progress=False)
+        return m.eval()
+
+    def acc(model, mask, target_fn=None):
+        with torch.no_grad():
+            pred = model(xt[mask]).argmax(1)
+        return float((pred == cyt[mask]).float().mean())
+
+    def row(model, secs):
+        return {"forget": acc(model, yt == s["fine"]), "siblings": acc(model, sib), "other": acc(model, other),
+                "seconds": secs}
+
+    t0 = time.perf_counter()
+    original = build_train(ctrain)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    retrain = build_train(torch.utils.data.Subset(ctrain, keep.tolist()))
+    out = {"Original": row(original, t_train), "Retrain": row(retrain, time.perf_counter() - t0)}
+    fc = dfmu_ext.FinetuneConfig
+    for label, kw in {"DFMU, previous defaults": dict(guard=False, finetune=fc(distill=0.0)),
+                      "DFMU + guard": dict(finetune=fc(distill=0.0)),
+                      "DFMU + guard + distill 1": dict(finetune=fc(distill=1.0)),
+                      "DFMU + guard + distill 5": dict(finetune=fc(distill=5.0))}.items():
+        m = copy.deepcopy(original)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = dfmu_ext.unlearn(m, ctrain, forget_indices=forget_idx, retain_fraction=s["fraction"], seed=seed, **kw)
+        out[label] = row(m, res.timings["total"])
+        out[label]["warned"] = any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught)
+        out[label]["recovery_steps"] = res.finetune.recovery_steps
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/keep_suite")
+    ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS]))
+    ap.add_argument("--seeds", default="0")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {}
+    for name in args.setups.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            fn, s = (run_lm, LM_SETUPS[name]) if name in LM_SETUPS else (run_cls, CLS_SETUPS[name])
+            results[f"{name}/seed{seed}"] = r = fn(name, s, seed)
+            cols = [k for k in next(iter(r.values())) if k != "seconds"]
+            print(f"\n## {name} seed {seed}")
+            for label, row in r.items():
+                print(f"{label:38s} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in row.items()), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "keep_suite.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
