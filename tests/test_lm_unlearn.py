@@ -262,6 +262,7 @@ def test_neighbour_targets_of_identical_references_are_the_labels():
     x, labels = _batch(seed=2)
     layer = mlp_neuron_layers(model, x[:1])[0].layer
     q, scored = forget_targets(model, layer, (x, labels), (x, labels), V, k=1)
+    q = q.to_dense()  # stored sparsely (lm.targets.SparseTargets)
     nxt = labels[:, 1:]
     assert torch.equal(scored, nxt != IGNORE_INDEX)
     assert torch.equal(q[scored].argmax(-1), nxt[scored]) and torch.all(q[scored].max(-1).values == 1)

@@ -107,36 +107,152 @@ def position_features(model: nn.Module, layer: nn.Module, inputs: Inputs, batch_
     return torch.cat(out)
 
 
-def _scored(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features, next tokens and (sequence, position) of every scored position (label[t+1] != -100)."""
+def scored_features(model: nn.Module, layer: nn.Module, inputs: Inputs, labels: torch.Tensor,
+                    batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(features, next_tokens, scored)``: the L2-normalised float32 input of ``layer`` at every
+    scored position (label[t+1] != -100, in row-major order), their next tokens, and the ``(N, T-1)``
+    bool mask of those positions. Batch by batch, so only the scored positions' features are kept
+    (never every position's)."""
     nxt = labels[:, 1:].cpu()
-    where = (nxt != IGNORE_INDEX).nonzero()
-    feats = F.normalize(features[:, :-1][where[:, 0], where[:, 1]], dim=1)
-    return feats, nxt[where[:, 0], where[:, 1]], where
+    scored = nxt != IGNORE_INDEX
+    feats: list[torch.Tensor] = []
+    for start in range(0, inputs.shape[0], batch_size):
+        f = position_features(model, layer, inputs[start:start + batch_size], batch_size)
+        feats.append(F.normalize(f[:, :-1][scored[start:start + batch_size]], dim=1))
+    return torch.cat(feats), nxt[scored], scored
+
+
+def nearest_positions(queries: torch.Tensor, keys: torch.Tensor, k: int, max_elements: int = 1 << 24) -> torch.Tensor:
+    r"""``(P_q, k)`` int64: each query's ``k`` keys of the largest dot product (cosine similarity of
+    L2-normalised rows), best first, ties towards the lower key index; ``k`` is capped at the keys.
+
+    The ``(P_q, P_k)`` similarity matrix is never made whole: blocks of at most ``max_elements``
+    similarities (query rows x key columns) are merged into a running best-k per query by a stable
+    descending sort of [running best, block] — the running best holds lower indices than the block
+    and is itself ordered (value desc, index asc), so the stable sort keeps the tie rule."""
+    if keys.shape[0] == 0:
+        raise ValueError("the neighbour search needs at least one reference position")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(f"feature widths differ: queries {queries.shape[1]}, keys {keys.shape[1]}")
+    k = min(int(k), keys.shape[0])
+    cols = min(keys.shape[0], max(1, max_elements))
+    rows = max(1, max_elements // cols)
+    out = torch.empty(queries.shape[0], k, dtype=torch.long)
+    for r0 in range(0, queries.shape[0], rows):
+        q = queries[r0:r0 + rows]
+        best_v = torch.empty(q.shape[0], 0, dtype=q.dtype, device=q.device)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+        for c0 in range(0, keys.shape[0], cols):
+            sim = q @ keys[c0:c0 + cols].T
+            ids = torch.arange(c0, c0 + sim.shape[1], device=q.device).expand(q.shape[0], -1)
+            v = torch.cat([best_v, sim], dim=1)
+            order = v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+            best_v, best_i = v.gather(1, order), torch.cat([best_i, ids], dim=1).gather(1, order)
+        out[r0:r0 + rows] = best_i.cpu()
+    return out
+
+
+class SparseTargets:
+    r"""The targets :math:`q` of forget sequences, ``(N, T-1, vocab)`` in meaning, stored per scored
+    position: the distinct next tokens of its neighbours (``ids``, ``(P, k)`` int64, sorted) and their
+    shares (``weights``, ``(P, k)`` float32, count / k; 0 on the slots a repeated token leaves free),
+    and ``index`` ``(N, T-1)`` int64: the row of ``ids`` of each position, -1 where nothing is scored.
+    :math:`P \cdot k` numbers instead of :math:`N (T-1) V` (TOFU forget10 with a 128k vocabulary:
+    26 GB dense). ``q[rows]`` selects forget sequences as the dense tensor's would."""
+
+    def __init__(self, ids: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, vocab: int):
+        if ids.dim() != 2 or ids.shape != weights.shape:
+            raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be one (P, k) shape")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"target token ids must lie in [0, vocab={vocab})")
+        scored = index >= 0
+        if index.dim() != 2 or not torch.equal(index[scored], torch.arange(ids.shape[0])):
+            raise ValueError("index must be (N, T-1), numbering the P scored positions 0..P-1 in row-major order")
+        self.ids, self.weights, self.index, self.vocab = ids, weights, index, int(vocab)
+
+    @property
+    def scored(self) -> torch.Tensor:
+        return self.index >= 0
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (int(self.index.shape[0]), int(self.index.shape[1]), self.vocab)
+
+    def __len__(self) -> int:
+        return int(self.index.shape[0])
+
+    def __getitem__(self, rows) -> "SparseTargets":
+        sel = self.index[rows]
+        if sel.dim() != 2:  # an int would drop the sequence dim, which these targets always have
+            raise TypeError("select forget rows with a list, a 1-d tensor or a slice")
+        keep = sel >= 0
+        index = torch.full_like(sel, -1)
+        index[keep] = torch.arange(int(keep.sum()))
+        at = sel[keep]
+        return SparseTargets(self.ids[at], self.weights[at], index, self.vocab)
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``(N, T-1, vocab)`` float32 tensor (for tests and small vocabularies only)."""
+        q = torch.zeros(*self.shape)
+        rows = torch.zeros(self.ids.shape[0], self.vocab)
+        rows.scatter_add_(1, self.ids, self.weights)
+        q[self.scored] = rows
+        return q
+
+    @staticmethod
+    def from_neighbours(next_tokens: torch.Tensor, scored: torch.Tensor, vocab: int) -> "SparseTargets":
+        """From each scored position's ``k`` neighbours' next tokens ``(P, k)``: the histogram
+        :math:`q(v) = \\#\\{j : y_j = v\\} / k` as its distinct tokens and shares."""
+        k = next_tokens.shape[1]
+        ids = next_tokens.sort(dim=1).values
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        group = first.long().cumsum(1) - 1                   # which distinct token each slot belongs to
+        counts = torch.zeros(ids.shape, dtype=torch.float32).scatter_add_(1, group, torch.ones(ids.shape))
+        weights = torch.where(first, counts.gather(1, group) / k, torch.zeros(()))  # count / k, rounded once
+        index = torch.full(scored.shape, -1, dtype=torch.long)
+        index[scored] = torch.arange(int(scored.sum()))
+        return SparseTargets(ids, weights, index, vocab)
 
 
 def forget_targets(model: nn.Module, layer: nn.Module, forget: tuple[Inputs, torch.Tensor],
-                   references: tuple[Inputs, torch.Tensor], vocab: int, k: int, k_share: float = 1.0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scored)``: ``q`` ``(N_f, T-1, vocab)`` the neighbour targets :math:`q_{i,t}` at the forget
-    sequences' scored positions (zero elsewhere), ``scored`` ``(N_f, T-1)`` bool where they are. The
-    neighbours are ``min(k, max(MIN_K, k_share * reference positions))``."""
+                   references: tuple[Inputs, torch.Tensor], vocab: int, k: int, k_share: float = 1.0,
+                   max_elements: int = 1 << 24) -> tuple[SparseTargets, torch.Tensor]:
+    """``(q, scored)``: ``q`` the neighbour targets :math:`q_{i,t}` at the forget sequences' scored
+    positions (a :class:`SparseTargets`, ``(N_f, T-1, vocab)`` in meaning, zero elsewhere), ``scored``
+    ``(N_f, T-1)`` bool where they are. The neighbours are ``min(k, max(MIN_K, k_share * reference
+    positions))``, searched in blocks of at most ``max_elements`` similarities
+    (:func:`nearest_positions`)."""
     xf, yf = forget
     xr, yr = references
-    f_feats, _, f_where = _scored(position_features(model, layer, xf), yf)
-    r_feats, r_next, _ = _scored(position_features(model, layer, xr), yr)
+    f_feats, _, scored = scored_features(model, layer, xf, yf)
+    r_feats, r_next, _ = scored_features(model, layer, xr, yr)
     k = min(k, max(MIN_K, round(k_share * r_feats.shape[0])))
-    hist = neighbour_targets(f_feats, r_feats, r_next, vocab, k)
-    q = torch.zeros(yf.shape[0], yf.shape[1] - 1, vocab)
-    q[f_where[:, 0], f_where[:, 1]] = hist
-    scored = torch.zeros(yf.shape[0], yf.shape[1] - 1, dtype=torch.bool)
-    scored[f_where[:, 0], f_where[:, 1]] = True
-    return q, scored
+    idx = nearest_positions(f_feats, r_feats, k, max_elements)
+    return SparseTargets.from_neighbours(r_next[idx], scored, vocab), scored
 
 
-def soft_target_loss(logits: torch.Tensor, q: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    r""":math:`\mathrm{mean}_{(i,t)\ \mathrm{scored}} -\sum_v q_{i,t}(v) \log p_\theta(v \mid x_{i,\le t})`."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    per_position = -(q.to(logp.device) * logp).sum(-1)
-    scored = scored.to(logp.device)
-    return per_position[scored].sum() / scored.sum().clamp_min(1)
+def soft_target_loss(logits: torch.Tensor, q, scored: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathrm{mean}_{(i,t)\ \mathrm{scored}} -\sum_v q_{i,t}(v) \log p_\theta(v \mid x_{i,\le t})`.
+
+    With :class:`SparseTargets` the sum is a gather of the scored positions' log-softmax at the
+    targets' token ids: the one positions x vocab tensor kept is the log-softmax of the scored
+    positions (what the loss needs). A dense ``(N, T-1, vocab)`` ``q`` is still taken."""
+    scored = scored.to(logits.device)
+    if not isinstance(q, SparseTargets):
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        per_position = -(q.to(logp.device) * logp).sum(-1)
+        return per_position[scored].sum() / scored.sum().clamp_min(1)
+    if q.index.shape != scored.shape:
+        raise ValueError(f"targets for {tuple(q.index.shape)} positions, scored mask {tuple(scored.shape)}")
+    row = q.index.to(logits.device)[scored]
+    has = row >= 0                                       # a scored position without a target adds 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    logp = F.log_softmax(logits[:, :-1][scored][has].float(), dim=-1)
+    row = row[has]
+    picked = logp.gather(1, q.ids.to(logits.device)[row])
+    per_position = -(q.weights.to(logits.device)[row] * picked).sum(1)
+    return per_position.sum() / scored.sum().clamp_min(1)
