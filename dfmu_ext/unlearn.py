@@ -141,8 +141,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         comm.sync_buffers_(model)
     t_guard = time.perf_counter()
     warned = False
-    if watch is not None and objective is not None:
-        warned = _keep(watch, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main)
+    if watch is not None:
+        warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main)
         comm.sync_buffers_(model)
     seconds_guard += time.perf_counter() - t_guard
     synchronize(device)
@@ -174,16 +174,16 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     return result
 
 
-def _keep(watch: RetentionGuard, objective, plan, config, history: FinetuneHistory, progress: bool) -> bool:
+def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool) -> bool:
     """After the fine-tune: retain-only recovery steps, ``check_every`` at a time, while the guard's
-    drop is beyond its allowance (at most ``recovery_steps``); warn when it still is. Returns whether
-    it warned."""
-    now = watch.check(objective.model, "fine-tuned")
+    drop is beyond its allowance (at most ``recovery_steps``; none without a fine-tune); warn when it
+    still is. Returns whether it warned."""
+    now = watch.check(model, "fine-tuned")
     limit = watch.config.recovery_steps if watch.config.recovery_steps is not None else max(20, history.steps)
-    while not now["within"] and history.recovery_steps < limit:
+    while not now["within"] and objective is not None and history.recovery_steps < limit:
         run_finetune(objective, plan, config, max_steps=min(watch.config.check_every, limit - history.recovery_steps),
                      forget=False, history=history, progress=progress)
-        now = watch.check(objective.model, "recovered")
+        now = watch.check(model, "recovered")
     watch.stages["final"] = now
     if not now["within"]:
         watch.warn("what it must keep", f" ({history.recovery_steps} recovery steps run)")

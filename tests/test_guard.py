@@ -1,0 +1,185 @@
+"""The retention guard, distillation and the task seam's one-line errors (dfmu_ext.guard,
+dfmu_ext.finetune.distill_loss, dfmu_ext.unlearn)."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+import dfmu_ext
+from dfmu_ext.finetune import distill_loss
+from dfmu_ext.guard import GuardConfig, RetentionGuard, RetentionWarning
+from dfmu_ext.tasks.base import hold_out
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _mlp_data(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 8, generator=g) + 2.0 * F.one_hot(y, 8).float()
+    return TensorDataset(x, y)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = _mlp_data()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(data.tensors[0]), data.tensors[1]).backward()
+        opt.step()
+    return model.eval(), data
+
+
+def test_hold_out_is_a_seeded_disjoint_share():
+    base = Subset(list(range(100)), list(range(10, 60)))
+    train, val = hold_out(base, 0.1, seed=3, minimum=8)
+    assert len(val) == 8 and len(train) == 42                       # max(minimum, round(0.1 * 50))
+    assert not set(train.indices) & set(val.indices) and set(train.indices) | set(val.indices) == set(base.indices)
+    assert hold_out(base, 0.1, seed=3, minimum=8)[1].indices == val.indices
+    assert hold_out(base, 0.1, seed=4, minimum=8)[1].indices != val.indices
+    assert len(hold_out(base, 0.5, 0)[1]) == 25
+    assert len(hold_out(base, 0.0, 0)[1]) == 0 and len(hold_out(base, 0.0, 0)[0]) == 50
+    tiny = Subset(list(range(5)), [1, 2])
+    assert len(hold_out(tiny, 0.1, 0, minimum=8)[0]) == 1           # never all of the budget
+
+
+def test_guard_drop_and_standard_error_by_hand():
+    seq = iter([torch.tensor([0.9, 0.8, 0.7, 1.0]), torch.tensor([0.8, 0.8, 0.5, 0.9])])
+    guard = RetentionGuard(lambda m: {"p": next(seq), "accuracy": 1.0}, 0.05, GuardConfig())
+    guard.start(None)
+    now = guard.check(None, "x")
+    d = torch.tensor([0.1, 0.0, 0.2, 0.1], dtype=torch.float64)
+    assert now["drop"] == pytest.approx(float(d.mean()))
+    assert now["se"] == pytest.approx(float(d.std() / 2))
+    assert now["within"] == (float(d.mean()) <= 0.05 + float(d.std() / 2))
+    assert guard.stages["x"] is now and guard.reference["score"] == pytest.approx(0.85)
+
+
+def test_distill_loss_is_the_kl_from_the_original():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    pt = t.softmax(1)
+    want = (pt * (pt.log() - s.log_softmax(1))).sum(1).mean()
+    assert torch.allclose(distill_loss(s, t).double(), want, atol=1e-6)
+    where = torch.tensor([True, False, True, False, False])
+    want = (pt * (pt.log() - s.log_softmax(1))).sum(1)[where].mean()
+    assert torch.allclose(distill_loss(s, t, where).double(), want, atol=1e-6)
+    assert float(distill_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unlearn_reports_the_guard_and_reads_no_extra_data(trained):
+    model, data = trained
+    res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=list(range(0, 600, 25)), retain_fraction=0.3,
+                           seed=0)
+    g = res.info["guard"]
+    assert g["tolerance"] == 0.01 and g["validation_samples"] >= 8 and g["validation_units"] == g["validation_samples"]
+    assert set(g["stages"]) >= {"original", "pruned", "fine-tuned", "final"}
+    assert "guard" in res.timings and res.timings["guard"] >= 0
+    off = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=list(range(0, 600, 25)), retain_fraction=0.3,
+                           seed=0, guard=False)
+    assert off.info["guard"] is None and off.finetune.recovery_steps == 0
+    assert res.retain_samples_used == off.retain_samples_used        # the validation part is inside the budget
+
+
+def test_the_guard_warns_with_the_trade_when_it_cannot_keep(trained):
+    model, data = trained
+    # a tolerance of 0 with no recovery allowed: the warning must say so, never silently
+    with pytest.warns(RetentionWarning, match="could not forget inside the tolerance"):
+        res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=list(range(0, 600, 7)),
+                               retain_fraction=0.2, seed=0, finetune=dfmu_ext.FinetuneConfig(epochs=0),
+                               selection=dfmu_ext.SelectionConfig(fraction_first=0.9, fraction_last=0.9, min_ratio=0,
+                                                                  protect_top=0.0),
+                               guard=GuardConfig(tolerance=0.0, recovery_steps=0))
+    assert res.info["guard"]["warned"] and not res.info["guard"]["within"]
+
+
+def test_recovery_steps_are_bounded_and_counted(trained):
+    model, data = trained
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RetentionWarning)
+        res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=list(range(0, 600, 7)),
+                               retain_fraction=0.2, seed=0, finetune=dfmu_ext.FinetuneConfig(min_steps=1, lr=1e-4),
+                               selection=dfmu_ext.SelectionConfig(fraction_first=0.9, fraction_last=0.9, min_ratio=0,
+                                                                  protect_top=0.0),
+                               guard=GuardConfig(tolerance=0.0, recovery_steps=7, check_every=3))
+    assert 0 < res.finetune.recovery_steps <= 7
+    assert res.finetune.steps >= res.finetune.recovery_steps
+
+
+def test_the_guard_is_in_the_record(trained, tmp_path):
+    model, data = trained
+    path = tmp_path / "r.json"
+    dfmu_ext.unlearn(copy.deepcopy(model), data, [2], 0.2, seed=0, record=str(path),
+                     guard=GuardConfig(tolerance=0.03))
+    rec = json.loads(path.read_text())
+    assert rec["config"]["guard"]["tolerance"] == 0.03
+
+
+def test_edit_rollback_restores_the_weights_exactly():
+    from dfmu_ext.lm.edit import EditConfig
+    from dfmu_ext.tasks.causal_lm import projected_edit
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    before = lin.weight.detach().clone()
+
+    class Layer:
+        name, weight, unit_dim = "l", lin.weight, 1
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.lin(input_ids)
+
+    class AlwaysWorse:
+        config = GuardConfig(check_every=2)
+
+        def check(self, model):
+            return {"drop": 0.0, "se": 0.0}
+
+        def exceeds(self, now, since):
+            return True
+
+    class Plan:
+        def apply(self, opt=None):
+            pass
+
+    from dfmu_ext.model_io import Inputs
+    xf = Inputs({"input_ids": torch.randn(2, 5, 4)})
+    q = torch.full((2, 4, 3), 1 / 3)
+    scored = torch.ones(2, 4, dtype=torch.bool)
+    kept = projected_edit(Model(), [Layer], (xf, q, scored), {"l": torch.eye(4)}, Plan(), EditConfig(steps=6),
+                          torch.device("cpu"), 0, guard=AlwaysWorse())
+    assert kept == 0 and torch.equal(lin.weight.detach(), before)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guard=GuardConfig(tolerance=2.0)), "tolerance"),
+    (dict(guard=GuardConfig(validation=0.0)), "validation"),
+    (dict(edit=object()), "edit is not supported"),
+    (dict(forget_attribute=[0] * 600), "does not take forget_attribute"),
+    (dict(finetune=dfmu_ext.tasks.LMFinetuneConfig()), "FinetuneConfig"),
+])
+def test_bad_keywords_are_one_line_errors_and_change_nothing(trained, bad, match):
+    model, data = trained
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=match) as err:
+        dfmu_ext.unlearn(m, data, [1], 0.2, **bad)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))
