@@ -5,7 +5,7 @@ layout, and DFMU end to end, for every step setting the device supports.
 
 For each precision / layout: the bare loop is forward, cross-entropy, backward, ``torch.optim.SGD``
 (foreach) over the retain budget, one epoch, through the same :class:`dfmu_ext.steps.StepEngine`;
-the masked fine-tune is ``dfmu_ext.finetune.masked_finetune`` with the masks of a real scoring pass
+the masked fine-tune is ``dfmu_ext.tasks.classification.masked_finetune`` with the masks of a real scoring pass
 (early stop off, so both see the same samples). Samples per second, median of ``--rounds``
 interleaved rounds; the masking overhead is ``1 - masked / bare``. Then ``dfmu_ext.unlearn`` end to
 end (scoring, pruning, fine-tune with early stop), the same rounds. Writes a Markdown table.
@@ -24,7 +24,8 @@ import bench_common as bc  # this script's folder is on sys.path when it runs as
 import dfmu_ext
 from dfmu_ext._common import TrainBatches
 from dfmu_ext._io import atomic_write_bytes, markdown_table
-from dfmu_ext.finetune import FinetuneConfig, masked_finetune
+from dfmu_ext.finetune import FinetuneConfig
+from dfmu_ext.tasks.classification import masked_finetune
 from dfmu_ext.splits import split_forget_retain, stratified_fraction, take_batch
 from dfmu_ext.steps import StepEngine, StepOptions
 from dfmu_ext.zoo import data as data_mod

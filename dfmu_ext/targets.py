@@ -14,7 +14,7 @@ the label histogram of sample :math:`i`'s :math:`k` nearest retain samples by co
 :math:`\phi(x)`, the output of the model's first block (after its norm) average-pooled to at most
 ``grid`` x ``grid`` positions. The neighbours are searched in the retain budget only, so the
 targets read no retain sample beyond it; the forget term of the fine-tune
-(:func:`dfmu_ext.finetune.masked_finetune`) then pulls the forget samples' predictions towards
+(:func:`dfmu_ext.tasks.classification.masked_finetune`) then pulls the forget samples' predictions towards
 :math:`t` (soft-label cross-entropy).
 """
 from __future__ import annotations
