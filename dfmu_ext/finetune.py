@@ -219,7 +219,7 @@ class Objective:
 
 
 def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accuracy: float | None = None,
-                 progress: bool = False, max_steps: int | None = None, forget: bool = True,
+                 progress: bool = False, max_steps: int | None = None, forget: bool | str = True,
                  history: FinetuneHistory | None = None) -> FinetuneHistory:
     """Run ``objective`` for its epochs with ``plan`` re-applied after every step; returns what it did.
 
@@ -228,8 +228,8 @@ def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accurac
     the running train accuracy over the last ``window`` samples reaches it (minus the tolerance),
     fine-tuning ends. Under a process group every rank sees each step's (correct, seen) summed over
     ranks, so every rank stops at the same step. ``max_steps`` ends the run after that many steps
-    (the retention guard's recovery), ``forget=False`` leaves the forget term out, and ``history``
-    is continued when given.
+    (the retention guard's recovery), ``forget=False`` leaves the forget term out (``"always"`` puts
+    it on every step: the forget side's extra steps), and ``history`` is continued when given.
     """
     history = history or FinetuneHistory()
     start = time.perf_counter() - history.seconds
@@ -244,7 +244,8 @@ def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accurac
                 batches = objective.batches(epoch, progress)
                 steps_per_epoch = len(batches)
                 for step, batch in enumerate(batches):
-                    phase = forget and (objective.forget_steps is None or history.steps < objective.forget_steps)
+                    phase = forget == "always" or (forget and (objective.forget_steps is None
+                                                               or history.steps < objective.forget_steps))
                     loss, correct, seen = objective.loss(batch, phase)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"fine-tune loss became {loss.item()} at step {history.steps}")

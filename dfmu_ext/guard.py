@@ -28,7 +28,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["GuardConfig", "RetentionGuard", "RetentionWarning"]
+__all__ = ["GuardConfig", "RetentionGuard", "RetentionWarning", "membership_auc"]
 
 
 class RetentionWarning(UserWarning):
@@ -127,3 +127,17 @@ class RetentionGuard:
             f"tolerance {100 * self.tolerance:.1f} + SE {100 * final['se']:.1f}; accuracy "
             f"{100 * final['accuracy']:.1f}% vs {100 * self.reference['accuracy']:.1f}%): it could not forget "
             f"inside the tolerance{extra}", RetentionWarning, stacklevel=3)
+
+
+def membership_auc(member_losses, nonmember_losses) -> float:
+    r"""The AUC of telling members from non-members by a lower loss,
+    :math:`P(\ell_{\mathrm{non}} > \ell_{\mathrm{mem}}) + \tfrac12 P(=)`: 0.5 when the forget samples'
+    losses are indistinguishable from those of data the model never saw (what Retrain looks like on
+    memorised samples), 1 when every forget sample is fitted better than any non-member."""
+    import torch
+
+    m = torch.as_tensor(member_losses, dtype=torch.float64).reshape(-1, 1)
+    n = torch.as_tensor(nonmember_losses, dtype=torch.float64).reshape(1, -1)
+    if m.numel() == 0 or n.numel() == 0:
+        raise ValueError("membership_auc needs at least one member and one non-member loss")
+    return float(((n > m).double() + 0.5 * (n == m).double()).mean())

@@ -14,7 +14,7 @@ from . import record as deletion_record
 from ._common import model_device, synchronize
 from .distributed import Comm, current_comm
 from .finetune import run_finetune
-from .guard import GuardConfig, RetentionGuard
+from .guard import GuardConfig, RetentionGuard, membership_auc
 from .model_io import copy_model, model_entry
 from .result import FinetuneHistory, UnlearnResult
 from .tasks import task_for
@@ -39,7 +39,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             forget_indices=None, mode: str = "prune", selection=None, finetune=None,
             score_samples: int | None = None, device=None, seed: int = 0, progress: bool = False,
             comm: Comm | None = None, steps=None, record=None, forget_term=None, task: str | None = None,
-            edit=None, guard: GuardConfig | bool | None = None, forget_attribute=None) -> UnlearnResult:
+            edit=None, guard: GuardConfig | bool | None = None, forget_attribute=None, nonmembers=None
+            ) -> UnlearnResult:
     r"""Make ``model`` forget ``forget_classes`` (whole classes) or ``forget_indices`` (samples of
     ``train_set``; exactly one of the two) using a ``retain_fraction`` of the retain data.
 
@@ -70,7 +71,11 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     under ``torch.distributed`` every rank calls ``unlearn`` with the same arguments (``comm``:
     scores summed, identical masks, DDP fine-tune); ``steps`` sets precision and layout
     (:class:`dfmu_ext.steps.StepOptions`). Causal LMs: ``forget_indices`` name the sequences to
-    forget; units are the MLP neurons. ``forget_attribute`` (one value per training sample) names an
+    forget; units are the MLP neurons. ``nonmembers`` (optional; data of the same kind the model
+    never saw: a validation split, text it was not trained on) sets where forgetting stops: forget-term
+    steps continue while the forget samples' losses are still told from the non-members' (membership
+    AUC above 0.55), as long as the guard holds (``info["forget_side"]``); without it the forget
+    term's estimate of Retrain decides. ``forget_attribute`` (one value per training sample) names an
     attribute to forget, for a task that forgets attributes (:meth:`dfmu_ext.tasks.base.Task.claims`).
     A keyword a task has no use for is a one-line ValueError.
 
@@ -95,6 +100,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         guard_config.validate()
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
+    if nonmembers is not None and len(nonmembers) == 0:
+        raise ValueError("nonmembers is empty: give data the model never saw, or leave it out")
     score_samples = score_samples if score_samples is not None else (256 if the_task.name == "causal-lm" else 512)
     if score_samples < 2:
         raise ValueError("score_samples must be >= 2")
@@ -140,6 +147,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             progress=progress and comm.is_main)
         comm.sync_buffers_(model)
     t_guard = time.perf_counter()
+    forget_side = _forget_side(the_task, model, split, targets, objective, pruned.plan, configs["finetune"], ft,
+                               nonmembers, watch, device, progress and comm.is_main)
     warned = False
     if watch is not None:
         warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main)
@@ -154,7 +163,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             "pre_prune_retain_accuracy": pruned.pre_prune_retain_accuracy, "retain_fraction": retain_fraction,
             "mode": mode, "forget_read": targets.read, "scoring_forget_samples": len(f_idx),
             "forget_term_ran": targets.payload is not None, **targets.public(), **prepared, **split.describe,
-            "guard": watch.report(warned) if watch is not None else None}
+            "guard": watch.report(warned) if watch is not None else None, "forget_side": forget_side}
     result = UnlearnResult(model=model, masks=pruned.masks, timings=timings,
                            retain_samples_used=len(split.budget) + len(split.validation),
                            forget_samples_used=len(targets.read), method="DFMU", pruned_units=pruned.pruned_units,
@@ -172,6 +181,32 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             retain_set=split.retain_set, retain_used=split.extra["full_budget"], config=config, seed=seed,
             forget_read=Subset(split.forget_set, targets.read)))
     return result
+
+
+def _forget_side(task, model, split, targets, objective, plan, config, history, nonmembers, watch, device,
+                 progress, margin: float = 0.05, limit: int = 60, chunk: int = 10) -> dict:
+    """The forget side's stop. Without ``nonmembers``: the forget term's own estimate of Retrain's
+    outputs decides (``"estimate"``). With them (data the model never saw, of the task's kind): while
+    the forget samples' losses are still told from the non-members' (:func:`membership_auc` above
+    0.5 + ``margin``), forget-term steps run ``chunk`` at a time (at most ``limit``), each chunk kept
+    only while the retention guard holds; the AUC before and after is reported."""
+    if nonmembers is None:
+        return {"stop": "estimate"}
+    forget_read = Subset(split.forget_set, targets.read)
+    nonmember_losses = task.losses(model, nonmembers, device)
+    auc = before = membership_auc(task.losses(model, forget_read, device), nonmember_losses)
+    steps = 0
+    lever = objective is not None and targets.payload is not None
+    while lever and auc > 0.5 + margin and steps < limit:
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if watch is not None else None
+        run_finetune(objective, plan, config, max_steps=chunk, forget="always", history=history, progress=progress)
+        if watch is not None and not watch.check(model)["within"]:
+            model.load_state_dict(state)       # this chunk cost more than the tolerance: keep the one before
+            break
+        steps += chunk
+        auc = membership_auc(task.losses(model, forget_read, device), nonmember_losses)
+    return {"stop": "nonmembers", "auc_before": before, "auc": auc, "extra_forget_steps": steps,
+            "lever": lever}
 
 
 def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool) -> bool:

@@ -173,7 +173,7 @@ def test_edit_rollback_restores_the_weights_exactly():
     (dict(guard=GuardConfig(tolerance=2.0)), "tolerance"),
     (dict(guard=GuardConfig(validation=0.0)), "validation"),
     (dict(edit=object()), "edit is not supported"),
-    (dict(forget_attribute=[0] * 600), "does not take forget_attribute"),
+    (dict(forget_attribute=[0] * 600), "does not take forget_(attribute|classes)"),
     (dict(finetune=dfmu_ext.tasks.LMFinetuneConfig()), "FinetuneConfig"),
 ])
 def test_bad_keywords_are_one_line_errors_and_change_nothing(trained, bad, match):
@@ -182,4 +182,32 @@ def test_bad_keywords_are_one_line_errors_and_change_nothing(trained, bad, match
     with pytest.raises(ValueError, match=match) as err:
         dfmu_ext.unlearn(m, data, [1], 0.2, **bad)
     assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))
+
+
+def test_membership_auc_by_hand():
+    from dfmu_ext.guard import membership_auc
+
+    assert membership_auc([0.1, 0.2], [0.3, 0.4]) == 1.0          # every member fitted better
+    assert membership_auc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert membership_auc([0.1, 0.3], [0.2, 0.3]) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    with pytest.raises(ValueError, match="at least one"):
+        membership_auc([], [0.1])
+
+
+def test_nonmembers_set_where_forgetting_stops(trained):
+    model, data = trained
+    fresh = _mlp_data(200, seed=9)                                 # never trained on
+    idx = list(range(0, 600, 20))
+    res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=idx, retain_fraction=0.3, seed=0,
+                           nonmembers=fresh)
+    side = res.info["forget_side"]
+    assert side["stop"] == "nonmembers" and 0.0 <= side["auc"] <= 1.0 and side["extra_forget_steps"] <= 60
+    if side["lever"] and side["extra_forget_steps"] == 0:
+        assert side["auc_before"] <= 0.55                          # already indistinguishable
+    assert dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=idx, retain_fraction=0.3,
+                            seed=0).info["forget_side"] == {"stop": "estimate"}
+    m = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="nonmembers is empty"):
+        dfmu_ext.unlearn(m, data, forget_indices=idx, nonmembers=Subset(fresh, []))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))

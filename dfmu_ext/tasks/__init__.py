@@ -3,6 +3,7 @@ name to its task, and :func:`task_for` picks one from the data when none is name
 from __future__ import annotations
 
 from .base import Split, Targets, Task
+from .attribute import AttributeTask
 from .causal_lm import CausalLMTask, LMFinetuneConfig
 from .classification import ClassificationTask, masked_finetune, score_and_prune
 
@@ -17,6 +18,7 @@ def register(task: Task) -> Task:
 
 register(ClassificationTask())
 register(CausalLMTask())
+register(AttributeTask())
 
 
 def task_for(train_set, task: str | None = None, what: dict | None = None) -> Task:

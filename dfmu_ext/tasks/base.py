@@ -141,6 +141,10 @@ class Task:
         """The fine-tune's objective (:class:`dfmu_ext.finetune.Objective`)."""
         raise NotImplementedError
 
+    def losses(self, model: nn.Module, dataset: Dataset, device) -> torch.Tensor:
+        """Each sample's loss on ``dataset`` (the forget side's membership signal)."""
+        raise NotImplementedError
+
     def retention(self, model: nn.Module, dataset: Dataset, device) -> dict:
         """What the guard watches on ``dataset`` (the budget's validation part): ``{"score": s, ...}``
         with ``s`` the quantity kept within the tolerance (an accuracy), plus details."""

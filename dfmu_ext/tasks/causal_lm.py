@@ -30,7 +30,8 @@ from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
 from ..lm.edit import EditConfig, ProjectedUpdates, retain_projectors
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, mlp_projections, neuron_mask_plan, score_neurons
 from ..lm.targets import LMForgetTermConfig, forget_targets, soft_target_loss
-from ..lm.task import IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take
+from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take,
+                       token_nll)
 from ..result import PruneResult
 from ..selection import SelectionConfig, select_units
 from .base import Split, Targets, Task, forget_pool, hold_out
@@ -324,6 +325,16 @@ class CausalLMTask(Task):
         p = torch.cat(probs) if probs else torch.zeros(0)
         n = max(int(p.numel()), 1)
         return {"p": p, "accuracy": hits / n, "samples": len(dataset), "loss": nll / n}
+
+    @torch.no_grad()
+    def losses(self, model: nn.Module, dataset, device) -> torch.Tensor:
+        """Each sequence's mean next-token loss over its scored tokens (the membership signal)."""
+        out = []
+        with eval_mode(model):
+            for x, y in batches(dataset, 64, device=device):
+                nll = token_nll(forward_logits(model, x), y)
+                out.append((nll.sum(1) / (y[:, 1:] != IGNORE_INDEX).sum(1).clamp_min(1).to(nll.device)).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
 
     def describe_record(self, split: Split) -> dict:
         return {"task": "causal-lm", "forget_classes": None}

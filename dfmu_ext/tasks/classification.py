@@ -309,5 +309,14 @@ class ClassificationTask(Task):
             out["siblings"] = float(hit[near].mean()) if bool(near.any()) else None
         return out
 
+    @torch.no_grad()
+    def losses(self, model: nn.Module, dataset: Dataset, device) -> torch.Tensor:
+        """Each sample's cross-entropy (the membership signal)."""
+        out = []
+        with eval_mode(model):
+            for x, y in TrainBatches(dataset, 256, 0, device, shuffle=False, skip_singletons=False):
+                out.append(F.cross_entropy(model(x).float(), y, reduction="none").cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
     def describe_record(self, split: Split) -> dict:
         return {"forget_classes": split.classes, **split.describe}
