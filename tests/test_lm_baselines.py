@@ -45,8 +45,9 @@ METHODS = {name: (B.SPECS[name].fns["causal-lm"], QUICK.get(name, FAST))
 
 
 def test_the_registry_holds_the_lm_functions():
-    assert set(METHODS) == {"GA", "GradDiff", "NPO", "Retrain", "SelectivePruning"}
+    assert set(METHODS) == {"GA", "GradDiff", "NPO", "SimNPO", "RMU", "Retrain", "SelectivePruning"}
     assert METHODS["GA"][0] is B.lm_gradient_ascent and METHODS["GradDiff"][0] is B.lm_graddiff
+    assert METHODS["SimNPO"][0] is B.simnpo and METHODS["RMU"][0] is B.rmu
     assert METHODS["NPO"][0] is B.npo and METHODS["Retrain"][0] is B.lm_retrain
     assert METHODS["SelectivePruning"][0] is B.selective_pruning
 
@@ -291,3 +292,119 @@ def test_mean_abs_activation_ignores_padding(original, data):
     a = SP._mean_abs_activation(original, one, layers, 4, dev, "tokens")["mlp.2"]
     b = SP._mean_abs_activation(original, short, layers, 4, dev, "tokens")["mlp.2"]
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_simnpo_loss_by_hand():
+    # -(2/beta) * mean(log sigmoid(beta * (mean_nll - delta))), beta 2, delta 0.5, mean NLLs 1 and 2
+    got = float(B.simnpo_loss(torch.tensor([1.0, 2.0]), beta=2.0, delta=0.5))
+    assert got == pytest.approx(-(2 / 2) * (_log_sigmoid(1.0) + _log_sigmoid(3.0)) / 2, rel=1e-6)
+    assert float(B.simnpo_loss(torch.tensor([0.7]), beta=4.5, delta=0.7)) == pytest.approx(2 / 4.5 * math.log(2))
+    # the defaults are OpenUnlearning's TOFU config
+    from dfmu_ext.baselines import lm_simnpo
+    assert (lm_simnpo.SIMNPO_BETA, lm_simnpo.SIMNPO_GAMMA, lm_simnpo.SIMNPO_DELTA) == (4.5, 0.125, 0.0)
+
+
+def test_simnpo_first_step_is_the_length_normalised_loss_of_the_original(original, data):
+    # one batch per epoch, no retain term: the logged loss of epoch 1 is gamma * L_SimNPO at theta_0,
+    # with each sequence's mean answer NLL computed here token by token
+    beta, gamma, delta = 4.5, 0.125, 0.3
+    x, y = next(iter(batches(data.subset(FORGET), len(FORGET))))
+    with torch.no_grad():
+        logp = torch.log_softmax(forward_logits(original, x), -1)
+    means = []
+    for n in range(len(FORGET)):
+        terms = [-float(logp[n, t - 1, y[n, t]]) for t in range(1, y.shape[1]) if y[n, t] != -100]
+        means.append(sum(terms) / len(terms))
+    expect = gamma * -(2 / beta) * sum(_log_sigmoid(beta * (m - delta)) for m in means) / len(means)
+    r = B.simnpo(fresh(original), data, forget_indices=FORGET, epochs=1, batch_size=len(FORGET), alpha=0.0,
+                 beta=beta, gamma=gamma, delta=delta)
+    assert r.info["loss"][0] == pytest.approx(expect, rel=1e-5) and r.retain_samples_used == 0
+    with pytest.raises(ValueError, match="beta"):
+        B.simnpo(fresh(original), data, forget_indices=FORGET, beta=0.0)
+
+
+def test_rmu_distance_by_hand():
+    from dfmu_ext.baselines.lm_rmu import rmu_distance
+    a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [2.0, 2.0]]])
+    mask = torch.tensor([[True, False], [True, True]])
+    # sequence 1: position 0 only, ((1-1)^2 + (2-1)^2)/2 = 0.5; sequence 2: (1 + 1)/2 = 1 at both positions
+    assert float(rmu_distance(a, torch.ones(2), mask)) == pytest.approx((0.5 + 1.0) / 2)
+    assert float(rmu_distance(a, a.clone(), mask)) == 0.0
+
+
+def test_rmu_control_vector():
+    from dfmu_ext.baselines.lm_rmu import control_vector
+    v = control_vector(16, 7.0, seed=3)
+    assert float(v.norm()) == pytest.approx(7.0, rel=1e-6) and bool((v >= 0).all())
+    assert torch.equal(v, control_vector(16, 7.0, seed=3)) and not torch.equal(v, control_vector(16, 7.0, seed=4))
+
+
+def test_rmu_layer_rule():
+    from dfmu_ext.baselines.lm_rmu import rmu_layers
+    from dfmu_ext.lm.task import take
+    from dfmu_ext.zoo.lm_models import TinyCausalLM
+    x = take(qa_set(2), [0, 1])[0]
+    for layers, steered, trained in ((4, "blocks.1", ["blocks.0.mlp.2"]), (2, "blocks.0", ["blocks.0.mlp.2"]),
+                                     (8, "blocks.3", ["blocks.1.mlp.2", "blocks.2.mlp.2", "blocks.3.mlp.2"])):
+        torch.manual_seed(0)
+        m = TinyCausalLM(24, 8, hidden=16, layers=layers, heads=2, mlp=32)
+        names = {mod: n for n, mod in m.named_modules()}
+        block, downs, l = rmu_layers(m, x)
+        assert names[block] == steered and [names[d] for d in downs] == (
+            ["blocks.0.mlp.2", "blocks.1.mlp.2"] if layers == 4 else trained)
+    # no list of blocks (the tiny test LM): the MLP's own output
+    block, downs, l = rmu_layers(TinyLM(), x)
+    assert l == 0 and isinstance(block, nn.Sequential) and downs == [block[2]]
+
+
+def test_rmu_first_step_and_what_it_trains(original, data):
+    from dfmu_ext.baselines.lm_rmu import control_vector
+    # the activations RMU steers (the tiny LM has no block list: its MLP's output), read with a hook
+    x, y = next(iter(batches(data.subset(FORGET), len(FORGET))))
+    seen = []
+    h = original.mlp.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        forward_logits(original, x)
+    h.remove()
+    act, u = seen[0], control_vector(16, 5.0, seed=2)
+    mask = y != -100
+    per_seq = [sum(float(((act[n, t] - u) ** 2).mean()) for t in range(y.shape[1]) if mask[n, t]) / int(mask[n].sum())
+               for n in range(len(FORGET))]
+    # epoch 1 is one step at theta_0: the retain term is exactly 0 there (the model is its reference)
+    model = fresh(original)
+    r = B.rmu(model, data, forget_indices=FORGET, epochs=1, batch_size=len(FORGET), steering_coeff=5.0, seed=2,
+              alpha=1000.0)
+    assert r.info["loss"][0] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-5)
+    assert r.info["steered"] == "mlp" and r.info["trained"] == ["mlp.2.weight"] and r.retain_samples_used > 0
+    changed = [k for k, v in state(model).items() if not torch.equal(v, state(original)[k])]
+    assert changed == ["mlp.2.weight"] and all(p.requires_grad for p in model.parameters())
+    # longer: the forget activations move toward c*u, and the retain term holds the retain ones (the
+    # tiny set's forget and retain sequences share their person tokens, so they pull against each other)
+    from dfmu_ext.baselines.lm_rmu import rmu_distance
+    retain = data.subset([i for i in range(N) if i not in FORGET])
+    xr, yr = next(iter(batches(retain, len(retain))))
+
+    def mlp_outputs(m):
+        acts = []
+        h = m.mlp.register_forward_hook(lambda _m, _i, out: acts.append(out.detach()))
+        with torch.no_grad():
+            forward_logits(m, x), forward_logits(m, xr)
+        h.remove()
+        return acts
+
+    f0, r0 = mlp_outputs(original)
+    before = float(rmu_distance(f0, u, mask))
+    moved = {}
+    for alpha in (10.0, 1.0):
+        model = fresh(original)
+        B.rmu(model, data, forget_indices=FORGET, epochs=20, batch_size=2, steering_coeff=5.0, seed=2, lr=1e-2,
+              alpha=alpha)
+        f1, r1 = mlp_outputs(model)
+        moved[alpha] = (float(rmu_distance(f1, u, mask)), float(rmu_distance(r1, r0, yr != -100)))
+    after, drift = moved[10.0]
+    assert after < 0.8 * before and drift < 0.1 * (before - after)
+    assert moved[1.0][0] < after and moved[1.0][1] > 5 * drift  # less retain weight: further, at a cost

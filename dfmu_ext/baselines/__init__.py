@@ -58,6 +58,8 @@ from .dfmu_method import dfmu
 from .subspace import deep_unlearning
 from .lm_ascent import lm_graddiff, lm_gradient_ascent
 from .lm_npo import NPO_BETA, npo, npo_loss
+from .lm_simnpo import simnpo, simnpo_loss
+from .lm_rmu import rmu
 from .lm_pruning import selective_pruning
 from ._lm_recipe import GRADDIFF_LR, UNLEARN_LR
 from ._plumbing import lm_split
@@ -65,10 +67,10 @@ from .registry import METHODS, SPECS, MethodSpec, methods_for, register, resolve
 
 #: The tables' column order (a method registered later, e.g. one of the user's, follows these).
 set_table_order(["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB", "head-mask", "DFMU",
-                 "DeepUnlearning", "GradDiff", "NPO", "SelectivePruning"])
+                 "DeepUnlearning", "GradDiff", "NPO", "SimNPO", "RMU", "SelectivePruning"])
 
 __all__ = ["METHODS", "SPECS", "MethodSpec", "methods_for", "resolve_methods", "register", "task_of", "retrain",
            "finetune", "gradient_ascent", "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu",
            "reinitialize", "saliency_mask", "squared_grad_importance", "deep_unlearning", "lm_retrain",
            "lm_gradient_ascent", "lm_graddiff", "npo", "npo_loss", "selective_pruning", "lm_split", "UNLEARN_LR",
-           "GRADDIFF_LR", "NPO_BETA"]
+           "GRADDIFF_LR", "NPO_BETA", "simnpo", "simnpo_loss", "rmu"]
