@@ -55,12 +55,20 @@ from .._common import eval_mode, model_device
 from ..lm.task import IGNORE_INDEX, collate, forward_logits
 from ..model_io import Inputs
 from .lm import auc_from_scores
+from .metrics import Metric
 
 __all__ = ["QAItem", "probability", "probability_w_options", "truth_ratios", "truth_ratio", "forget_quality",
            "greedy_generate", "rouge_l_recall", "hm_aggregate", "model_utility", "min_k_plus_plus", "mia_auc",
-           "privleak", "extraction_strength", "exact_memorization", "TRUTH_RATIO_AGGREGATORS"]
+           "privleak", "extraction_strength", "exact_memorization", "TRUTH_RATIO_AGGREGATORS", "FORGET_QUALITY",
+           "MODEL_UTILITY"]
 
 TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better")
+#: How tables and plots show :func:`forget_quality` (a p-value: 1 = indistinguishable from Retrain) and
+#: :func:`model_utility`'s ``model_utility`` (declared once, read by the comparisons).
+FORGET_QUALITY = Metric("forget_quality", "forget quality", scale=1.0, fmt=".3g",
+                        label="forget quality (KS p-value vs Retrain)")
+MODEL_UTILITY = Metric("model_utility", "model utility", scale=1.0, fmt=".3f")
+
 _BATCH = 16
 
 
