@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from .._common import resolve_device, resolve_forget_set
 from ..splits import dataset_labels
+from .attribute import attribute_metrics
 from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
 from .metrics import (METRIC_KEYS, Metric, _accuracy, last_linear, linear_probe_accuracy, svc_mia_from_probs,
                       true_label_probs)
@@ -75,7 +76,7 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
              *, forget_indices=None, test_forget_indices=None, device=None, batch_size: int = 512,
              probe_samples: int = 5000, seed: int = 0, mia: bool = True, probe: bool = True,
              battery: bool = False, original: nn.Module | None = None,
-             reference: nn.Module | None = None) -> dict[str, float]:
+             reference: nn.Module | None = None, attribute=None) -> dict[str, float]:
     """All metrics of the evaluation protocol, as ``{name: float}`` with exactly six keys — plus,
     with ``battery=True`` (whole classes only; seconds more), the verification battery of
     :func:`battery_metrics` (``original`` for the collateral, ``reference`` = Retrain for the TV
@@ -108,6 +109,11 @@ def evaluate(model: nn.Module, train_set: Dataset, test_set: Dataset, forget_cla
             remaining classes; ``batch_size`` or ``probe_samples`` is not positive; ``probe=True``
             and the model has no ``nn.Linear``.
     """
+    if attribute is not None:  # an attribute's probes beside the majority rate (dfmu_ext.eval.attribute)
+        if forget_classes is not None or forget_indices is not None or battery:
+            raise ValueError("attribute= is evaluated on its own: give no forget_classes, forget_indices or battery")
+        return attribute_metrics(model, train_set, test_set, attribute, probe_samples=probe_samples, seed=seed,
+                                 device=device, batch_size=batch_size)
     check_batch_size(batch_size)
     if probe and int(probe_samples) <= 0:
         raise ValueError(f"probe_samples must be positive, got {probe_samples}")
