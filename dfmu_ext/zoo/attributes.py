@@ -2,7 +2,7 @@ r"""A generated data set for attribute unlearning: every image carries a nuisanc
 independent of its label.
 
 The attribute is a *stamp*: a bright ``s x s`` square in the image's top-left corner (``s`` = 1/7
-of the side: 4 pixels on 28x28 Fashion-MNIST, 1 on 8x8 digits), set to the data set's brightest
+of the side, at least 2: 4 pixels on 28x28 Fashion-MNIST, 2 on 8x8 digits), set to the data set's brightest
 normalised value. It is drawn **per class, half and half**, from a generator seeded with ``seed``:
 in every class exactly :math:`\lfloor n_c/2 \rfloor` or :math:`\lceil n_c/2 \rceil` images are
 stamped, so :math:`P(a=1 \mid y) = 1/2` for every label (up to one image per class) and the
@@ -57,13 +57,13 @@ def balanced_values(labels: torch.Tensor, seed: int) -> torch.Tensor:
 
 def stamp(x: torch.Tensor, values: torch.Tensor, level: float) -> torch.Tensor:
     """A copy of the images ``x`` (N, C, H, W) with the top-left ``s x s`` square set to ``level``
-    where ``values`` is 1 (``s = max(1, round(min(H, W) / 7))``)."""
+    where ``values`` is 1 (``s = max(2, round(min(H, W) / 7))``)."""
     if x.dim() != 4:
         raise ValueError(f"stamp expects images (N, C, H, W), got shape {tuple(x.shape)}")
     values = torch.as_tensor(values).reshape(-1).bool()
     if values.numel() != x.shape[0]:
         raise ValueError(f"{values.numel()} attribute values for {x.shape[0]} images")
-    s = max(1, round(min(x.shape[2], x.shape[3]) / 7))
+    s = max(2, round(min(x.shape[2], x.shape[3]) / 7))
     out = x.clone()
     out[values, :, :s, :s] = level
     return out
