@@ -15,7 +15,7 @@ deps:
 # The optional extras (pyproject's [hf]): the model and data libraries users bring. `make test` installs them so
 # that CI runs the tests of torchvision, timm and transformers models and `datasets` data; the package imports
 # them lazily, and their tests skip with a reason where they are absent.
-EXTRAS := torchvision timm transformers datasets rouge-score
+EXTRAS := torchvision timm transformers datasets rouge-score concept-erasure
 extras: deps
 	$(PIP) install --quiet $(EXTRAS)
 
