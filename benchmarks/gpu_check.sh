@@ -10,19 +10,22 @@
 #   6. the masked fine-tune's throughput vs a bare training loop per precision / layout, and DFMU end
 #      to end on ResNet-18 (benchmarks/finetune_throughput.py; needs Fashion-MNIST or falls back to digits),
 #   7. entity unlearning in a larger causal LM (400 people, Llama 6x256): Original / Retrain / DFMU /
-#      GradDiff / NPO and the neuron scoring pass vs forward+backward (benchmarks/lm_gpu.py; needs transformers).
+#      GradDiff / NPO and the neuron scoring pass vs forward+backward (benchmarks/lm_gpu.py; needs transformers),
+#   8. the causal-LM path against model size (random-init Llama 100M/400M/1B, bf16/fp32): peak memory and time
+#      of the scoring pass vs a plain forward+backward, whole DFMU vs one fine-tune epoch
+#      (benchmarks/lm_scale.py; needs transformers; LM_SCALE_SIZES, default "100m,400m,1b").
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
 #      REPORT_ARGS (extra arguments for report.py, e.g. --quick),
-#      GPU_CHECK_PARTS (default "tests report scoring throughput lm": which of steps 3-7 to run; the build
-#      always runs).
+#      GPU_CHECK_PARTS (default "tests report scoring throughput lm scale": which of steps 3-8 to run; the
+#      build always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without pip install
 OUT="${OUT:-/tmp}"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-340}"
-PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput lm} "
+PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput lm scale} "
 wants() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -163,5 +166,16 @@ DFMU_CACHE="$OUT/cache" timeout "$LL" "$PY" benchmarks/lm_gpu.py --device cuda -
   || { STATUS=1; echo "lm_gpu.py failed or stopped at ${LL}s"; }
 fi
 
-section "done: status $STATUS, results in $OUT/gpu_results.md, $OUT/scoring_pass.md, $OUT/finetune_throughput.md and $OUT/lm_gpu.md"
+if wants scale; then
+section "causal-LM path against model size (benchmarks/lm_scale.py --device cuda)"
+# each measurement is its own child process (a fresh CUDA context and peak counter); the rows are
+# appended to $OUT/lm_scale.jsonl as they finish, so a stop at the limit keeps the ones done
+SC=$(( $(left) ))
+[ "$SC" -lt 180 ] && SC=180
+timeout "$SC" "$PY" benchmarks/lm_scale.py --device cuda --sizes "${LM_SCALE_SIZES:-100m,400m,1b}" --timeout 240 \
+  --out "$OUT/lm_scale.md" --json "$OUT/lm_scale.jsonl" \
+  || { STATUS=1; echo "lm_scale.py failed or stopped at ${SC}s; rows done:"; cat "$OUT/lm_scale.jsonl" 2>/dev/null; }
+fi
+
+section "done: status $STATUS, results in $OUT/gpu_results.md, $OUT/scoring_pass.md, $OUT/finetune_throughput.md, $OUT/lm_gpu.md and $OUT/lm_scale.md"
 exit "$STATUS"

@@ -160,3 +160,21 @@ def test_sparse_targets_bad_input():
         SparseTargets(torch.full((1, 1), 7), torch.ones(1, 1), torch.tensor([[0, -1]]), 5)
     with pytest.raises(ValueError, match="index"):
         SparseTargets(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), torch.tensor([[0, 3]]), 5)
+
+
+def test_scoring_pass_in_chunks_adds_up_to_the_whole_batch():
+    """score_neurons holds one chunk of sequences at a time; the scores are sums over sequences,
+    so one sequence per chunk gives the whole batch's scores (to float32 summation order: 1e-5)."""
+    from dfmu_ext.lm.neurons import score_neurons
+
+    model, (x, y), _ = _tiny()
+    layers = mlp_neuron_layers(model, x[:1])
+    forget = torch.arange(x.shape[0]) % 2 == 0
+    whole = score_neurons(model, x, y, forget, layers)
+    chunked = score_neurons(model, x, y, forget, layers, max_tokens=1)
+    for name in whole.scores:
+        torch.testing.assert_close(chunked.scores[name], whole.scores[name], rtol=1e-5, atol=1e-7)
+    assert torch.equal(chunked.counts, whole.counts)
+    assert abs(chunked.loss - whole.loss) <= 1e-5 * abs(whole.loss)
+    with pytest.raises(ValueError, match="max_tokens"):
+        score_neurons(model, x, y, forget, layers, max_tokens=0)

@@ -134,10 +134,15 @@ class NeuronScores:
 
 
 def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget_mask: torch.Tensor,
-                  layers: list[NeuronLayer] | None = None, reduce: str = "abs") -> NeuronScores:
+                  layers: list[NeuronLayer] | None = None, reduce: str = "abs", max_tokens: int = 8192) -> NeuronScores:
     """The scoring pass over the MLP neurons (one forward, one backward of the summed next-token
     loss of ``labels``' scored tokens). ``forget_mask`` (N,) marks the forget sequences. The model's
-    parameters, gradients and modes are left as they were."""
+    parameters, gradients and modes are left as they were.
+
+    The sequences go through in chunks of at most ``max_tokens`` positions (at least one sequence):
+    :math:`I_{k,c}` is a sum over sequences of a per-sequence term, so the chunks' scores add up to
+    the whole batch's, while the activations and the ``(n, T, vocab)`` logits are held for one chunk
+    only (a 256-sequence scoring batch of a 1B model otherwise holds 64 fine-tune batches' worth)."""
     if not isinstance(inputs, Inputs) or "input_ids" not in inputs:
         raise ValueError("a causal-LM scoring batch is an Inputs with 'input_ids'")
     n = int(inputs.shape[0])
@@ -146,17 +151,41 @@ def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget
     if labels.shape != inputs["input_ids"].shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids "
                          f"{tuple(inputs['input_ids'].shape)}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     groups = torch.as_tensor(forget_mask, dtype=torch.bool).reshape(-1).long()
     if groups.numel() != n:
         raise ValueError(f"forget_mask has {groups.numel()} entries for a batch of {n} sequences")
     layers = layers if layers is not None else mlp_neuron_layers(model, inputs[:1])
+    per = max(1, max_tokens // max(1, int(labels.shape[1])))
+    scores: dict[str, torch.Tensor] = {}
+    total = 0.0
+    device = None
+    with eval_mode(model), adapted(model):
+        for start in range(0, n, per):
+            part, loss, device = _score_chunk(model, inputs[start:start + per], labels[start:start + per],
+                                              groups[start:start + per], layers, reduce)
+            total += loss
+            for name, s in part.items():
+                scores[name] = s if name not in scores else scores[name] + s
+    for l in layers:
+        if l.name not in scores:  # its output does not reach the loss
+            scores[l.name] = torch.zeros(2, l.units, device=device)
+    counts = torch.stack([(groups == RETAIN).sum(), (groups == FORGET).sum()]).double()
+    return NeuronScores(layers, {l.name: scores[l.name] for l in layers}, counts, total)
+
+
+def _score_chunk(model: nn.Module, inputs: Inputs, labels: torch.Tensor, groups: torch.Tensor,
+                 layers: list[NeuronLayer], reduce: str) -> tuple[dict[str, torch.Tensor], float, torch.device]:
+    """One chunk's forward and backward: each layer's ``(2, units)`` scores, the summed loss, the device."""
     by_module = {l.layer: l for l in layers}
     pad = inputs.get("attention_mask")
     scores: dict[str, torch.Tensor] = {}
     handles: list = []
     group_ids: list[torch.Tensor] = []
 
-    def on_grad(layer: NeuronLayer, h: torch.Tensor, grad: torch.Tensor) -> None:
+    def on_grad(layer: NeuronLayer, box: list, grad: torch.Tensor) -> None:
+        h = box.pop()  # the hook's only reference: the activation is freed once it is scored
         if pad is not None and pad.shape == grad.shape[:2]:
             grad = grad * pad.to(grad.device, grad.dtype).unsqueeze(-1)  # padded positions add nothing
         scores[layer.name] = ops.block_importance(h.detach(), grad.detach(), group_ids[0], 2, -1, reduce,
@@ -165,30 +194,27 @@ def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget
     def on_input(module, args):
         h = args[0] if args else None
         if isinstance(h, torch.Tensor) and h.requires_grad:
-            handles.append(h.register_hook(functools.partial(on_grad, by_module[module], h)))
+            handles.append(h.register_hook(functools.partial(on_grad, by_module[module], [h])))
 
-    with eval_mode(model), adapted(model):
-        hooks = [l.layer.register_forward_pre_hook(on_input) for l in layers]
-        try:
-            with EmbeddingCut(model) as cut, torch.enable_grad():
-                logits = model(inputs)
-                if not cut.outputs:
-                    raise ValueError("the model's nn.Embedding layers were not called on the token inputs")
-                if logits.dim() != 3:
-                    raise ValueError(f"a causal LM must return (N, T, vocab) logits, got {tuple(logits.shape)}")
-                loss = sequence_nll(logits, labels.to(logits.device)).sum()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
-                group_ids.append(groups.to(logits.device))
-                torch.autograd.backward(loss, inputs=cut.outputs)
-        finally:
-            for h in hooks + handles:
-                h.remove()
-    for l in layers:
-        if l.name not in scores:  # its output does not reach the loss
-            scores[l.name] = torch.zeros(2, l.units, device=logits.device)
-    counts = torch.stack([(groups == RETAIN).sum(), (groups == FORGET).sum()]).double()
-    return NeuronScores(layers, {l.name: scores[l.name] for l in layers}, counts, float(loss.item()))
+    hooks = [l.layer.register_forward_pre_hook(on_input) for l in layers]
+    try:
+        with EmbeddingCut(model) as cut, torch.enable_grad():
+            logits = model(inputs)
+            if not cut.outputs:
+                raise ValueError("the model's nn.Embedding layers were not called on the token inputs")
+            if logits.dim() != 3:
+                raise ValueError(f"a causal LM must return (N, T, vocab) logits, got {tuple(logits.shape)}")
+            device = logits.device
+            loss = sequence_nll(logits, labels.to(device)).sum()
+            del logits  # the loss keeps what its backward needs; the logits themselves are not needed again
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the scoring loss is {loss.item()}: the model or the batch has NaN/inf")
+            group_ids.append(groups.to(device))
+            torch.autograd.backward(loss, inputs=cut.outputs)
+    finally:
+        for h in hooks + handles:
+            h.remove()
+    return scores, float(loss.item()), device
 
 
 def neuron_mask_plan(layers: list[NeuronLayer], masks: dict[str, torch.Tensor]) -> MaskPlan:

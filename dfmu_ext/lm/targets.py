@@ -247,12 +247,13 @@ def soft_target_loss(logits: torch.Tensor, q, scored: torch.Tensor) -> torch.Ten
         return per_position[scored].sum() / scored.sum().clamp_min(1)
     if q.index.shape != scored.shape:
         raise ValueError(f"targets for {tuple(q.index.shape)} positions, scored mask {tuple(scored.shape)}")
-    row = q.index.to(logits.device)[scored]
-    has = row >= 0                                       # a scored position without a target adds 0
-    if not bool(has.any()):
+    index = q.index.to(logits.device)
+    at = scored & (index >= 0)                           # a scored position without a target adds 0
+    if not bool(at.any()):
         return logits.sum() * 0.0
-    logp = F.log_softmax(logits[:, :-1][scored][has].float(), dim=-1)
-    row = row[has]
+    row = index[at]
+    # one copy of the positions' logits, cast inside log_softmax (the float32 copy is not kept for backward)
+    logp = F.log_softmax(logits[:, :-1][at], dim=-1, dtype=torch.float32)
     picked = logp.gather(1, q.ids.to(logits.device)[row])
     per_position = -(q.weights.to(logits.device)[row] * picked).sum(1)
     return per_position.sum() / scored.sum().clamp_min(1)
