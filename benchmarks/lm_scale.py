@@ -58,15 +58,14 @@ GRIDS = {
     "small": [
         ("10m-128k", "fp32", 128, 400, ("targets",)),
         ("10m", "fp32", 128, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "finetune")),
-        ("10m", "fp32", 512, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu+ckpt", "finetune")),
+        ("10m", "fp32", 512, 4, ("score", "plain", "plain+ckpt", "dfmu", "finetune")),
         ("10m", "bf16", 256, 4, ("score", "plain", "dfmu", "finetune")),
-        ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "dfmu+ckpt",
-                                  "finetune")),
+        ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "finetune")),
         ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "finetune")),
     ],
     "large": [
-        ("400m", "bf16", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "finetune")),
         ("1b", "bf16", 256, 4, ("score", "plain")),
+        ("400m", "bf16", 256, 4, ("score", "plain", "plain+ckpt", "finetune", "dfmu")),
     ],
 }
 GRIDS["full"] = GRIDS["small"] + GRIDS["large"]
@@ -235,12 +234,14 @@ def _child(spec: dict, timeout: int) -> dict:
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| size | params | dtype | seq x batch | measured | peak above start (MB) | / plain fwd+bwd | process peak (MB) | s |"
+    head = ("| size | params | dtype | seq x batch | measured | peak above start (MB) | / plain fwd+bwd "
+            "| process peak (MB) | s |")
     out = [head, "|---|---|---|---|---|---|---|---|---|"]
     plain = {(r["size"], r["dtype"], r["seq"], r["batch"]): r.get("delta_mb") for r in rows if r["what"] == "plain"}
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['size']} | | {r['dtype']} | {r['seq']} x {r['batch']} | {r['what']} | error: {r['error']} | | | |")
+            out.append(f"| {r['size']} | | {r['dtype']} | {r['seq']} x {r['batch']} | {r['what']} "
+                       f"| error: {r['error']} | | | |")
             continue
         base = plain.get((r["size"], r["dtype"], r["seq"], r["batch"]))
         ratio = f"{r['delta_mb'] / base:.2f}" if base and r["what"] != "plain" else ""
@@ -261,8 +262,9 @@ def _growth(rows: list[dict]) -> str:
              for r in rows if r["what"] == "targets" and "error" not in r]
     for (size, dtype, seq), d in got.items():
         if len(d) == 2:
+            ratio = d['dfmu']['delta_mb'] / d['finetune']['delta_mb']
             lines.append(f"- {size} {dtype} seq {seq}: DFMU {d['dfmu']['delta_mb']:.0f} MB, fine-tune epoch "
-                         f"{d['finetune']['delta_mb']:.0f} MB (ratio {d['dfmu']['delta_mb'] / d['finetune']['delta_mb']:.2f}); "
+                         f"{d['finetune']['delta_mb']:.0f} MB (ratio {ratio:.2f}); "
                          f"time {d['dfmu']['seconds']:.1f} s vs {d['finetune']['seconds']:.1f} s; DFMU stages "
                          f"{d['dfmu'].get('stages')}")
     return "\n".join(lines)

@@ -13,8 +13,10 @@ sequence,
 the histogram of the next tokens of its :math:`k` nearest scored retain positions by cosine similarity
 of :math:`\phi`, the input of the model's first MLP down projection (the first block's neurons, after
 its attention has mixed the context in) — :func:`dfmu_ext.targets.neighbour_targets` over positions
-instead of samples. Grammar positions get their own next token back (every neighbour agrees); fact
-positions get the spread of the other people's answers. The neighbours are searched among the retain
+instead of samples, searched in blocks (:func:`nearest_positions`) and stored sparsely
+(:class:`SparseTargets`: at most k tokens per position, where a dense q is positions x vocabulary).
+Grammar positions get their own next token back (every neighbour agrees); fact positions get the
+spread of the other people's answers. The neighbours are searched among the retain
 budget's positions only.
 """
 from __future__ import annotations
@@ -27,7 +29,6 @@ from torch import nn
 
 from .._common import eval_mode
 from ..model_io import Inputs, adapted
-from ..targets import neighbour_targets
 from .task import IGNORE_INDEX
 
 
