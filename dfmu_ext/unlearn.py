@@ -151,7 +151,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
                                nonmembers, watch, device, progress and comm.is_main)
     warned = False
     if watch is not None:
-        warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main)
+        warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main,
+                       forget="always" if the_task.recovery_forget_term else False)
         comm.sync_buffers_(model)
     seconds_guard += time.perf_counter() - t_guard
     synchronize(device)
@@ -209,15 +210,17 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
             "lever": lever}
 
 
-def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool) -> bool:
-    """After the fine-tune: retain-only recovery steps, ``check_every`` at a time, while the guard's
+def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,
+          forget: bool | str = False) -> bool:
+    """After the fine-tune: recovery steps (retain-only unless the task keeps its forget term there),
+    ``check_every`` at a time, while the guard's
     drop is beyond its allowance (at most ``recovery_steps``; none without a fine-tune); warn when it
     still is. Returns whether it warned."""
     now = watch.check(model, "fine-tuned")
     limit = watch.config.recovery_steps if watch.config.recovery_steps is not None else max(20, history.steps)
     while not now["within"] and objective is not None and history.recovery_steps < limit:
         run_finetune(objective, plan, config, max_steps=min(watch.config.check_every, limit - history.recovery_steps),
-                     forget=False, history=history, progress=progress)
+                     forget=forget, history=history, progress=progress)
         now = watch.check(model, "recovered")
     watch.stages["final"] = now
     if not now["within"]:

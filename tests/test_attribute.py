@@ -79,9 +79,6 @@ def test_unlearn_forget_attribute_end_to_end_keeps_the_task(unlearned):
     assert sum(result.pruned_units.values()) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="measured miss: on stamped digits the probes stay where they were "
-                   "(linear 0.79 -> 0.80, MLP 0.86 -> 0.86); the guard's recovery steps, which run without the "
-                   "attribute term, undo it (benchmarks/RESULTS.md, Attribute unlearning)")
 def test_unlearn_forget_attribute_moves_the_probes_toward_the_majority_rate(unlearned):
     _, before, after = unlearned
     gap = lambda m, k: m[k] - m["attr_majority"]                               # noqa: E731

@@ -245,6 +245,7 @@ class AttributeTask(ClassificationTask):
     penultimate features while its labels are kept (module docs)."""
 
     name = "attribute"
+    recovery_forget_term = True      # the attribute term is every step's point: recovery keeps it
     forgets = ("forget_attribute",)
     keywords = ("forget_term", "selection", "finetune", "steps")
     default_tolerance = 0.01
