@@ -78,7 +78,7 @@ def lm_variants():
     tf = dfmu_ext.tasks.LMFinetuneConfig
     return {
         "DFMU, previous defaults": dict(guard=False, finetune=tf(distill=0.0), forget_term=LMForgetTermConfig(k_share=1.0)),
-        "DFMU, defaults (guard, distill 5, k rule)": dict(),
+        "DFMU, defaults": dict(),
         "DFMU, defaults without guard": dict(guard=False),
     }
 
@@ -155,9 +155,7 @@ def run_cls(name, s, seed):
     out = {"Original": row(original, t_train), "Retrain": row(retrain, time.perf_counter() - t0)}
     fc = dfmu_ext.FinetuneConfig
     for label, kw in {"DFMU, previous defaults": dict(guard=False, finetune=fc(distill=0.0)),
-                      "DFMU + guard": dict(finetune=fc(distill=0.0)),
-                      "DFMU + guard + distill 1": dict(finetune=fc(distill=1.0)),
-                      "DFMU + guard + distill 5": dict(finetune=fc(distill=5.0))}.items():
+                      "DFMU, defaults": {}, "DFMU, defaults without guard": dict(guard=False)}.items():
         m = copy.deepcopy(original)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
