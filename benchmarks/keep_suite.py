@@ -103,15 +103,21 @@ def run_lm(name, s, seed):
         return {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set), "seconds": secs}
 
     out = {"Original": row(original, t_train), "Retrain": row(retrain, t_retrain)}
-    for label, kw in lm_variants().items():
+    return {**out, **run_variants(original, data, forget_idx, s["fraction"], seed, lm_variants(), row)}
+
+
+def run_variants(original, data, forget_idx, fraction, seed, variants, row) -> dict:
+    """Each DFMU variant on a copy of ``original``: ``row``'s metrics, whether the guard warned, the
+    edit's and the recovery's steps."""
+    out = {}
+    for label, kw in variants.items():
         m = copy.deepcopy(original)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = dfmu_ext.unlearn(m, data, forget_indices=forget_idx, retain_fraction=s["fraction"], seed=seed, **kw)
-        out[label] = row(m, res.timings["total"])
-        out[label]["warned"] = any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught)
-        out[label]["edit_steps"] = res.info.get("edit_steps")
-        out[label]["recovery_steps"] = res.finetune.recovery_steps
+            res = dfmu_ext.unlearn(m, data, forget_indices=forget_idx, retain_fraction=fraction, seed=seed, **kw)
+        out[label] = {**row(m, res.timings["total"]),
+                      "warned": any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught),
+                      "edit_steps": res.info.get("edit_steps"), "recovery_steps": res.finetune.recovery_steps}
     return out
 
 
@@ -154,16 +160,9 @@ def run_cls(name, s, seed):
     retrain = build_train(torch.utils.data.Subset(ctrain, keep.tolist()))
     out = {"Original": row(original, t_train), "Retrain": row(retrain, time.perf_counter() - t0)}
     fc = dfmu_ext.FinetuneConfig
-    for label, kw in {"DFMU, previous defaults": dict(guard=False, finetune=fc(distill=0.0)),
-                      "DFMU, defaults": {}, "DFMU, defaults without guard": dict(guard=False)}.items():
-        m = copy.deepcopy(original)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = dfmu_ext.unlearn(m, ctrain, forget_indices=forget_idx, retain_fraction=s["fraction"], seed=seed, **kw)
-        out[label] = row(m, res.timings["total"])
-        out[label]["warned"] = any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught)
-        out[label]["recovery_steps"] = res.finetune.recovery_steps
-    return out
+    variants = {"DFMU, previous defaults": dict(guard=False, finetune=fc(distill=0.0)),
+                "DFMU, defaults": {}, "DFMU, defaults without guard": dict(guard=False)}
+    return {**out, **run_variants(original, ctrain, forget_idx, s["fraction"], seed, variants, row)}
 
 
 def main(argv=None):
