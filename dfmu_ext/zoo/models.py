@@ -19,6 +19,7 @@ from torch import nn
 
 from ..training.classifier import TrainConfig
 from ..training.families import ModelFamily, family_of, register_family
+from .text import TokenTransformer
 
 __all__ = ["SmallCNN", "BasicBlock", "ResNet18", "MLP", "build_model", "MODEL_NAMES", "IMAGE_MODEL_NAMES", "canonical_model_name",
            "model_name_of", "init_weights", "default_train_config", "model_train_config", "DATASET_EPOCHS"]
@@ -181,7 +182,6 @@ def build_model(name: str, in_channels: int, num_classes: int,
     if key == "mlp":
         return MLP(in_channels * h * w, num_classes, **kw)
     if key == "transformer":
-        from .text import TokenTransformer
         return TokenTransformer(in_channels, num_classes, max_len=h, **kw)
     raise AssertionError(key)
 
@@ -237,5 +237,5 @@ def _register(name: str, cls: type) -> None:
     register_family(ModelFamily(name, functools.partial(model_train_config, name), init_weights), cls)
 
 
-for _name, _cls in (("cnn", SmallCNN), ("resnet18", ResNet18), ("mlp", MLP)):
+for _name, _cls in (("cnn", SmallCNN), ("resnet18", ResNet18), ("mlp", MLP), ("transformer", TokenTransformer)):
     _register(_name, _cls)

@@ -25,7 +25,6 @@ from torch import nn
 
 from ..splits import DictDataset
 
-from .models import _register
 from .sources import DatasetInfo
 
 __all__ = ["TopicsConfig", "TokenDataset", "make_topics", "load_topics", "TokenTransformer", "EncoderLayer", "PAD", "CLS"]
@@ -157,5 +156,3 @@ class TokenTransformer(nn.Module):
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.classifier(self.norm(pooled))
 
-
-_register("transformer", TokenTransformer)
