@@ -62,7 +62,8 @@ def _params(model):
 def test_registry_names():
     # the public registry's names and table order (dfmu_ext.baselines.METHODS is public API)
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
-                                       "head-mask", "DFMU", "DeepUnlearning", "GradDiff", "NPO", "SelectivePruning"]
+                                       "head-mask", "DFMU", "DeepUnlearning", "GradDiff", "NPO", "SimNPO", "RMU",
+                                       "SelectivePruning"]
     assert baselines.methods_for("classification") == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD",
                                                        "SCRUB", "head-mask", "DFMU", "DeepUnlearning"]
     assert set(FAST) == set(CLASSIFIER_METHODS)  # every classifier method has a quick setting here
