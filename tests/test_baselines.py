@@ -67,7 +67,8 @@ def test_registry_names():
     assert baselines.methods_for("classification") == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD",
                                                        "SCRUB", "head-mask", "DFMU", "DeepUnlearning"]
     assert set(FAST) == set(CLASSIFIER_METHODS)  # every classifier method has a quick setting here
-    assert baselines.methods_for("causal-lm") == ["Retrain", "GA", "DFMU", "GradDiff", "NPO", "SelectivePruning"]
+    assert baselines.methods_for("causal-lm") == ["Retrain", "GA", "DFMU", "GradDiff", "NPO", "SimNPO", "RMU",
+                                                        "SelectivePruning"]
     assert list(baselines.SPECS) == list(baselines.METHODS)
     assert {n for n, s in baselines.SPECS.items() if not s.budgeted} == {"Retrain", "GA", "head-mask"}
     for name, spec in baselines.SPECS.items():  # the registry's epochs are the functions' own defaults
