@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from dfmu_ext import baselines
-from dfmu_ext.eval.battery import (collateral, default_stages, probe_by_depth, prototype_attack, relearn_attack,
-                              tv_distance)
+from dfmu_ext.eval.attacks import prototype_attack, relearn_attack
+from dfmu_ext.eval.battery import collateral, default_stages, probe_by_depth, tv_distance
 from dfmu_ext.eval import evaluate
 from dfmu_ext.zoo.models import ResNet18, SmallCNN
 

@@ -1,8 +1,9 @@
 """All prediction and every metric: the forward passes (:mod:`.predict`), the field's standard
 metrics (:mod:`.metrics`: UA, RA, TA, MIA-efficacy, linear probe), the verification battery
-(:mod:`.battery`: probe by depth, relearning and prototype attacks, distance to Retrain, collateral)
-and :func:`evaluate`, which computes them for one model (:mod:`.evaluate`)."""
-from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
+(:mod:`.battery`: probe by depth, distance to Retrain, collateral; :mod:`.attacks`: the relearning
+and prototype attacks) and :func:`evaluate`, which computes them for one model (:mod:`.evaluate`)."""
+from .attacks import prototype_attack, relearn_attack
+from .battery import collateral, probe_by_depth, tv_distance
 from .evaluate import BATTERY_KEYS, battery_metrics, evaluate
 from .metrics import (METRIC_KEYS, MIA_MAX_PER_SIDE, last_linear, linear_probe_accuracy, mia_efficacy,
                       penultimate_features, svc_mia_from_probs, true_label_probs)

@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 
 from .._common import resolve_device, resolve_forget_set
 from ..splits import dataset_labels
+from .attacks import prototype_attack, relearn_attack
 from .attribute import attribute_metrics
-from .battery import collateral, probe_by_depth, prototype_attack, relearn_attack, tv_distance
+from .battery import collateral, probe_by_depth, tv_distance
 from .metrics import (METRIC_KEYS, Metric, _accuracy, last_linear, linear_probe_accuracy, svc_mia_from_probs,
                       true_label_probs)
 from ..model_io import model_entry
