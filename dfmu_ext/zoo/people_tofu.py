@@ -31,7 +31,8 @@ import random
 import torch
 
 from .._io import OutputBatch, atomic_write_bytes
-from .people import ATTRIBUTES, BOS, EOS, PAD, UNK, PeopleConfig, PeopleCorpus, WordTokenizer, make_people_corpus
+from .people import PeopleCorpus, make_people_corpus
+from .people_vocab import ATTRIBUTES, BOS, EOS, PAD, UNK, PeopleConfig, WordTokenizer
 
 __all__ = ["PARAPHRASES", "SPLITS", "tofu_rows", "tofu_splits", "write_tofu_files", "people_tokenizer",
            "save_zoo_folder"]
