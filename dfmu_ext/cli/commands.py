@@ -20,7 +20,7 @@ from ..splits import dataset_labels
 from ..steps import StepOptions
 from ..weights import state_dict_sha256
 from ..lm import folders as hf_folders
-from ..zoo import custom
+from ..zoo import custom, custom_data
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import cached_original, save_checkpoint, train_original
 from ..training.classifier import TrainConfig
@@ -58,7 +58,7 @@ def _load_byo(args, device):
     if getattr(args, "ckpt", None):
         raise UsageError("give either --ckpt or --arch/--weights/--data, not both")
     kwargs = custom.parse_arch_kwargs(args.arch_kwargs)
-    data = custom.load_data(args.data, custom.parse_normalize(args.normalize))
+    data = custom_data.load_data(args.data, custom_data.parse_normalize(args.normalize))
     model, _ = custom.load_model(args.arch, kwargs, args.weights, device)
     custom.check_model_fits_data(model, data[0], data[2], device)
     meta = {"model": args.arch, "arch": args.arch, "arch_kwargs": kwargs, "dataset": data[2].name,
