@@ -99,3 +99,55 @@ def test_one_line_errors(trained):
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="on its own"):
         dfmu_ext.evaluate(model, d.train, d.test, [1], attribute=(d.train_values, d.test_values))
+
+
+def test_cli_demo_attribute_writes_its_table_json_and_plot(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from dfmu_ext import cli
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--task", "attribute", "--out-dir", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = ["original", "DFMU"] + (["LEACE"] if importlib.util.find_spec("concept_erasure") else [])
+    assert [r["method"] for r in report["rows"]] == methods
+    assert report["dataset"] == "digits" and report["task"] == "attribute"
+    # the majority rate, independently: the share of test samples whose value is the train set's commonest
+    d = load_attribute_dataset("digits", seed=0)
+    majority = float((d.test_values == torch.bincount(d.train_values).argmax()).double().mean())
+    rows = {r["method"]: r for r in report["rows"]}
+    for r in rows.values():
+        assert r["attr_majority"] == pytest.approx(majority) and r["seconds"] >= 0
+        assert 0.0 <= r["attr_probe_linear"] <= 1.0 and 0.0 <= r["attr_probe_mlp"] <= 1.0
+    assert rows["original"]["test_acc"] > 0.9                     # the stamp does not stop the digits being learnt
+    assert rows["original"]["attr_probe_mlp"] > majority + 0.1     # and the original's features carry the stamp
+    assert rows["DFMU"]["test_acc"] > rows["original"]["test_acc"] - 0.05
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| DFMU |" in printed and "probe MLP" in printed and "wrote report.json and report.png" in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "3"], "--classes does not apply to --task attribute"),
+    (["--forget-random", "0.1"], "--forget-random does not apply"),
+    (["--battery"], "--battery does not apply"),
+    (["--dataset", "topics"], "--task attribute: attribute data needs an image data set"),
+])
+def test_cli_demo_attribute_errors_are_one_line_and_write_nothing(tmp_path, argv, message, capsys):
+    from dfmu_ext import cli
+    from dfmu_ext.cli.checks import UsageError
+
+    out = tmp_path / "demo"
+    with pytest.raises(UsageError) as info:
+        cli.main(["demo", "--task", "attribute", *argv, "--out-dir", str(out), "--device", "cpu", "--quiet"])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_only_demo_takes_task_attribute(capsys):
+    from dfmu_ext import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["forget", "--task", "attribute", "--out", "x.pt"])
+    assert "invalid choice: 'attribute'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from .._io import OutputError
 from ..baselines import SPECS
 from ..zoo.models import MODEL_NAMES
 from .checks import UsageError, parse_device
+from .attribute_commands import attribute_demo_or
 from .commands import cmd_compare, cmd_demo, cmd_forget, cmd_train, cmd_verify
 
 
@@ -71,16 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "separated by spaces, commas or newlines; # comments), .npy (1-D integer array) or "
                             ".json (a list, or {\"indices\": [...]}); indices into the training set, 0-based")
 
-    def task(sp, corpus=True):
-        sp.add_argument("--task", choices=["classification", "lm"], default="classification",
+    def task(sp, corpus=True, extra=()):
+        sp.add_argument("--task", choices=["classification", "lm", *extra], default="classification",
                         help="classification (default) or lm: a causal language model on the generated people "
-                             "corpus (fictitious people and their facts), forgetting people")
+                             "corpus (fictitious people and their facts), forgetting people"
+                             + ("; attribute: forget a stamp from a classifier's features, keep its labels "
+                                "(docs/attribute.md)" if extra else ""))
         if corpus:
             sp.add_argument("--people", type=int, default=None, metavar="N",
                             help="with --task lm: people in the generated corpus (default: 100)")
 
-    def dataset_and_model(sp, own=False):
-        task(sp)
+    def dataset_and_model(sp, own=False, tasks=()):
+        task(sp, extra=tasks)
         sp.add_argument("--dataset", default="auto", help="fashion-mnist | cifar10 | digits | fashion-mnist-6k | "
                                                           "fashion-mnist-mixed3 | fashion-mnist-mixed2 | "
                                                           "fashion-mnist-coarse | cifar20 | topics (generated text) | auto (default: auto, "
@@ -159,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("demo", help="train (or reuse) the default model, forget one class, print the table")
-    dataset_and_model(d)
+    dataset_and_model(d, tasks=("attribute",))
     d.add_argument("--out-dir", default="runs/demo", help="where report.json/png go (default: runs/demo)")
     forgetting(d)
     common(d)
-    d.set_defaults(func=cmd_demo)
+    d.set_defaults(func=attribute_demo_or(cmd_demo))
 
     c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
     dataset_and_model(c, own=True)
