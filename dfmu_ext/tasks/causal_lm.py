@@ -313,11 +313,11 @@ class CausalLMTask(Task):
         probs, hits = [], 0
         nll = 0.0
         with eval_mode(model):
-            for x, y in batches(dataset, 64, device=device):
+            for x, y in batches(dataset, 16, device=device):
                 logits = forward_logits(model, x)
                 nxt = y[:, 1:].to(logits.device)
                 scored = nxt != IGNORE_INDEX
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[scored]
+                logp = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)   # scored positions only
                 right = logp.gather(1, nxt[scored][:, None])[:, 0]
                 probs.append(right.exp().cpu())
                 hits += int((logp.argmax(-1) == nxt[scored]).sum())
