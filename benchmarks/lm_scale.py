@@ -220,7 +220,9 @@ def _runner(what: str, model, seq: int, batch: int, vocab: int, device):
 # ---------------------------------------------------------------------------------------- parent side
 
 def _child(spec: dict, timeout: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(spec.get("threads") or 2)}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
