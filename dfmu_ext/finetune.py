@@ -177,13 +177,14 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tens
 
     over the rows of ``(..., C)`` logits (every row, or those where the boolean ``where`` is true:
     a causal LM's real positions)."""
+    if where is not None:  # the rows that count first: nothing of size positions x vocabulary is kept for the rest
+        where = where.to(student.device)
+        if not bool(where.any()):
+            return student.sum() * 0.0
+        student, teacher = student[where], teacher.to(student.device)[where]
     s = F.log_softmax(student.float(), dim=-1)
     t = F.log_softmax(teacher.float(), dim=-1)
-    per_row = (t.exp() * (t - s)).sum(-1)
-    if where is None:
-        return per_row.mean()
-    where = where.to(per_row.device)
-    return per_row[where].sum() / where.sum().clamp_min(1)
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
 
 
 class Objective:
