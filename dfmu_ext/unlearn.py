@@ -102,7 +102,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
     if nonmembers is not None and len(nonmembers) == 0:
         raise ValueError("nonmembers is empty: give data the model never saw, or leave it out")
-    score_samples = score_samples if score_samples is not None else (256 if the_task.name == "causal-lm" else 512)
+    score_samples = score_samples if score_samples is not None else the_task.default_score_samples
     if score_samples < 2:
         raise ValueError("score_samples must be >= 2")
     input_sha256 = deletion_record.state_dict_sha256(model) if record is not None else None

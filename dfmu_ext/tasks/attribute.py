@@ -248,7 +248,6 @@ class AttributeTask(ClassificationTask):
     recovery_forget_term = True      # the attribute term is every step's point: recovery keeps it
     forgets = ("forget_attribute",)
     keywords = ("forget_term", "selection", "finetune", "steps")
-    default_tolerance = 0.01
 
     def claims(self, train_set, what) -> bool:
         return what.get("forget_attribute") is not None

@@ -101,6 +101,7 @@ class Task:
     forgets: tuple[str, ...] = ("forget_classes", "forget_indices")   # the forget_* keywords it takes
     prepare_stage: str | None = None     # the name of :meth:`prepare`'s stage in the timings, if it has one
     default_tolerance = 0.01             # the retention guard's tolerance (dfmu_ext.guard)
+    default_score_samples = 512          # the scoring batch when unlearn(score_samples=None)
     #: whether the guard's recovery steps keep the forget term: off where the term pushes single forget
     #: samples (a retain-only step is what recovers), on where it is the whole point of every step
     #: (an attribute removed from everyone's features)

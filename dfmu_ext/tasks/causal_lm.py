@@ -165,7 +165,8 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
         AdamW(params, lr=config.lr, weight_decay=0.0)
     projected = ProjectedUpdates([(l.weight, projectors[l.name], l.unit_dim) for l in edited])
     start = guard.check(model) if guard is not None else None
-    kept, saved = 0, ([p.detach().clone() for p in params] if guard is not None else None)
+    kept = kept_ok = 0              # steps run; steps at the last state the guard measured within its allowance
+    saved = [p.detach().clone() for p in params] if guard is not None else None
     cursor = 0
     try:
         with seeded(seed, device), eval_mode(model), _training_only(model, params):
@@ -185,10 +186,9 @@ def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: E
                         with torch.no_grad():
                             for p, s in zip(params, saved):
                                 p.copy_(s)
-                        kept = kept - (guard.config.check_every if kept % guard.config.check_every == 0
-                                       else kept % guard.config.check_every)
+                        kept = kept_ok
                         break
-                    saved = [p.detach().clone() for p in params]
+                    saved, kept_ok = [p.detach().clone() for p in params], kept
     finally:
         opt.zero_grad(set_to_none=True)
     return kept
@@ -201,6 +201,7 @@ class CausalLMTask(Task):
     keywords = ("selection", "finetune", "forget_term", "edit")
     prepare_stage = "edit"
     default_tolerance = 0.02
+    default_score_samples = 256
 
     def configs(self, split, given: dict) -> dict:
         finetune = given.get("finetune") or LMFinetuneConfig()

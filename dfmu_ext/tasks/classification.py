@@ -211,7 +211,6 @@ class ClassificationTask(Task):
 
     name = "classification"
     keywords = ("comm", "steps", "forget_term", "selection", "finetune")
-    default_tolerance = 0.01
 
     def configs(self, split: Split | None, given: dict) -> dict:
         by_classes = split.by_classes if split is not None else True
