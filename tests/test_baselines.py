@@ -63,7 +63,7 @@ def test_registry_names():
     # the public registry's names and table order (dfmu_ext.baselines.METHODS is public API)
     assert list(baselines.METHODS) == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB",
                                        "head-mask", "DFMU", "DeepUnlearning", "GradDiff", "NPO", "SimNPO", "RMU",
-                                       "SelectivePruning"]
+                                       "SelectivePruning", "LEACE", "INLP"]
     assert baselines.methods_for("classification") == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD",
                                                        "SCRUB", "head-mask", "DFMU", "DeepUnlearning"]
     assert set(FAST) == set(CLASSIFIER_METHODS)  # every classifier method has a quick setting here
@@ -76,7 +76,7 @@ def test_registry_names():
         assert spec.default_epochs == (epochs.default if epochs is not None else None), name
     # `trains` says which methods take the step engine's options; the functions agree.
     assert {n for n, s in baselines.SPECS.items() if not s.trains} == {"SSD", "head-mask", "DeepUnlearning",
-                                                                        "SelectivePruning"}
+                                                                        "SelectivePruning", "LEACE", "INLP"}
     takes_steps = {n for n, s in baselines.SPECS.items()
                    if "steps" in inspect.signature(s.fn).parameters}
     assert takes_steps == {n for n, s in baselines.SPECS.items() if s.trains} - {"DFMU"}  # DFMU: **kwargs
@@ -289,7 +289,7 @@ def test_the_registry_registers_and_dispatches():
     spec = baselines.SPECS["Retrain"]
     assert spec.tasks == ("classification", "causal-lm") and spec.fns["classification"] is baselines.retrain
     assert spec.fns["causal-lm"] is baselines.lm_retrain and baselines.SPECS["DFMU"].tasks == ("classification",
-                                                                                                "causal-lm")
+                                                                                                "causal-lm", "attribute")
     with pytest.raises(ValueError, match="already has a function for classification"):
         registry.register("GA", budgeted=False)(baselines.finetune)
     with pytest.raises(ValueError, match="budgeted differ"):

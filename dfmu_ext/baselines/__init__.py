@@ -42,6 +42,8 @@ recipe says otherwise. Batches of a single sample are skipped when training (Bat
 Causal LMs (``forget_indices``, no classes): Retrain and GA have one function per task (the
 registry calls the one of the data's task), GradDiff and NPO (:mod:`.lm_ascent`, :mod:`.lm_npo`, on
 the recipe of :mod:`._lm_recipe`) and SelectivePruning (:mod:`.lm_pruning`) run on causal LMs only.
+Attributes (``forget_attribute=``, one value per training sample): DFMU, and LEACE and INLP
+(:mod:`.attribute`, erasers of the penultimate features) on the ``"attribute"`` task.
 Each method module registers its own spec (:func:`.registry.register`); ``_plumbing`` holds what
 methods of both tasks share.
 """
@@ -61,16 +63,18 @@ from .lm_npo import NPO_BETA, npo, npo_loss
 from .lm_simnpo import simnpo, simnpo_loss
 from .lm_rmu import rmu
 from .lm_pruning import selective_pruning
+from .attribute import inlp, leace
 from ._lm_recipe import GRADDIFF_LR, UNLEARN_LR
 from ._plumbing import lm_split
-from .registry import METHODS, SPECS, MethodSpec, methods_for, register, resolve_methods, set_table_order, task_of
+from .registry import (METHODS, SPECS, MethodSpec, methods_for, register, resolve_methods, set_table_order, task_of,
+                       task_names)
 
 #: The tables' column order (a method registered later, e.g. one of the user's, follows these).
 set_table_order(["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "SSD", "SCRUB", "head-mask", "DFMU",
-                 "DeepUnlearning", "GradDiff", "NPO", "SimNPO", "RMU", "SelectivePruning"])
+                 "DeepUnlearning", "GradDiff", "NPO", "SimNPO", "RMU", "SelectivePruning", "LEACE", "INLP"])
 
 __all__ = ["METHODS", "SPECS", "MethodSpec", "methods_for", "resolve_methods", "register", "task_of", "retrain",
            "finetune", "gradient_ascent", "random_label", "l1_sparse", "salun", "ssd", "scrub", "head_mask", "dfmu",
            "reinitialize", "saliency_mask", "squared_grad_importance", "deep_unlearning", "lm_retrain",
            "lm_gradient_ascent", "lm_graddiff", "npo", "npo_loss", "selective_pruning", "lm_split", "UNLEARN_LR",
-           "GRADDIFF_LR", "NPO_BETA", "simnpo", "simnpo_loss", "rmu"]
+           "GRADDIFF_LR", "NPO_BETA", "simnpo", "simnpo_loss", "rmu", "leace", "inlp", "task_names"]

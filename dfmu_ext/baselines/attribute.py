@@ -15,10 +15,11 @@ classifier's input, sees erased features, and the classifier reads them too):
 Both read ``retain_fraction`` of the training set (the same class-stratified slice DFMU's budget
 uses for the seed) and no labels, and train nothing: the classifier keeps its weights.
 
-The registry (:mod:`.registry`) names a method's tasks from :data:`dfmu_ext.lm.task.TASKS`
-("classification", "causal-lm") and picks a method's function from the data; attribute data are
-classifier data, so these cannot register for an "attribute" task there: :data:`ATTRIBUTE_METHODS`
-names them instead.
+Both register in the method registry (:mod:`.registry`) on the ``"attribute"`` task, which a call
+selects by its ``forget_attribute=`` keyword (:func:`dfmu_ext.tasks.task_for`), so
+``METHODS["LEACE"](model, train_set, forget_attribute=values)`` runs :func:`leace`, and a comparison
+lists them with ``methods_for("attribute")``. Neither trains (``trains=False``); both read the budget
+(``budgeted=True``). :data:`ATTRIBUTE_METHODS` keeps the plain functions by table name.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ..eval.metrics import penultimate_features
 from ..result import UnlearnResult
 from ..splits import stratified_fraction
 from ..tasks.attribute import check_values
+from .registry import register
 
 __all__ = ["leace", "inlp", "insert_before_classifier", "ATTRIBUTE_METHODS"]
 
@@ -67,6 +69,7 @@ def _result(model, name, seconds, used, info) -> UnlearnResult:
                          method=name, info=info)
 
 
+@register("LEACE", "attribute", budgeted=True, trains=False)
 def leace(model: nn.Module, train_set: Dataset, forget_attribute=None, retain_fraction: float = 0.13, *,
           device=None, seed: int = 0, progress: bool = False) -> UnlearnResult:
     """LEACE on the penultimate features (module docs); the model gains the eraser before its classifier."""
@@ -85,6 +88,7 @@ def leace(model: nn.Module, train_set: Dataset, forget_attribute=None, retain_fr
     return _result(model, "LEACE", time.perf_counter() - start, used, {"rank": int(torch.linalg.matrix_rank(p))})
 
 
+@register("INLP", "attribute", budgeted=True, trains=False)
 def inlp(model: nn.Module, train_set: Dataset, forget_attribute=None, retain_fraction: float = 0.13, *,
          iterations: int = 20, stop_margin: float = 0.01, device=None, seed: int = 0,
          progress: bool = False) -> UnlearnResult:
@@ -125,5 +129,5 @@ def inlp(model: nn.Module, train_set: Dataset, forget_attribute=None, retain_fra
                    {"directions": int(removed.shape[0]), "classifier_accuracy": accs})
 
 
-#: The attribute-erasure methods by table name (see the module docs for why not the registry).
+#: The attribute-erasure methods by table name, as plain functions (the registry holds them too: ``METHODS``).
 ATTRIBUTE_METHODS = {"LEACE": leace, "INLP": inlp}

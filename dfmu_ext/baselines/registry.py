@@ -4,7 +4,11 @@ runner instead of parallel name sets or signature inspection.
 Every method module registers its own spec(s) with :func:`register` when it is imported; this module
 imports none of them (:mod:`dfmu_ext.baselines` imports them all and fixes the table order). A method
 that runs on several tasks holds one function per task (:attr:`MethodSpec.fns`); calling the spec's
-:attr:`~MethodSpec.fn` picks the function of the data's task (:func:`task_of`).
+:attr:`~MethodSpec.fn` picks the function of the call's task (:func:`task_of`): the task that
+:func:`dfmu_ext.tasks.task_for` finds from the data and the ``forget_*`` keywords, the same lookup
+:func:`dfmu_ext.unlearn` makes (``forget_attribute=`` -> the attribute task, token samples -> the
+causal-LM task, anything else -> classification). The task names are those of the task registry
+(:data:`dfmu_ext.tasks.TASKS`).
 """
 from __future__ import annotations
 
@@ -14,18 +18,34 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..lm.task import TASKS, detect_task
 from ..model_io import model_entry
 from ..result import UnlearnResult
+from ..tasks import TASKS as _TASK_OBJECTS
+from ..tasks import task_for
 
-__all__ = ["MethodSpec", "SPECS", "METHODS", "register", "set_table_order", "task_of", "methods_for",
+__all__ = ["MethodSpec", "SPECS", "METHODS", "register", "set_table_order", "task_of", "task_names", "methods_for",
            "resolve_methods"]
 
 
-def task_of(train_set) -> str:
-    """The task of a method's data (one of :data:`dfmu_ext.lm.task.TASKS`): the one place the
-    registry decides which of a method's functions runs."""
-    return detect_task(train_set)
+def task_names() -> tuple[str, ...]:
+    """The names of the registered tasks (:data:`dfmu_ext.tasks.TASKS`), in registration order."""
+    return tuple(_TASK_OBJECTS)
+
+
+def task_of(train_set, what: dict | None = None) -> str:
+    """The name of the task of a call on ``train_set`` forgetting ``what`` (the call's ``forget_*``
+    keywords, e.g. ``{"forget_attribute": values}``), as :func:`dfmu_ext.tasks.task_for` finds it:
+    the one place the registry decides which of a method's functions runs."""
+    return task_for(train_set, None, what or {}).name
+
+
+def _call_task(signature: inspect.Signature, args: tuple, kwargs: dict) -> str:
+    """The task of one call: its ``train_set`` and ``forget_*`` arguments, positional ones named by
+    ``signature`` (the method's first function's, which its entry point shows)."""
+    names = [p.name for p in signature.parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    given = {**dict(zip(names, args)), **kwargs}
+    return task_of(given.get("train_set"), {k: v for k, v in given.items() if k.startswith("forget_")})
 
 
 @dataclass(frozen=True)
@@ -35,7 +55,8 @@ class MethodSpec:
     Attributes:
         name: the name in tables and on the command line.
         fns: task -> ``fn(model, train_set, forget_classes, retain_fraction, *, device, seed, progress, **kw)``
-            (:data:`dfmu_ext.lm.task.TASKS`), in registration order.
+            (task names of :data:`dfmu_ext.tasks.TASKS`), in registration order; an attribute method
+            takes ``forget_attribute`` where the others take ``forget_classes``.
         budgeted: its result depends on ``retain_fraction`` (it reads the budgeted retain slice), so
             a comparison runs it at every fraction; otherwise once per seed.
         fixed_fraction: the fraction a non-budgeted method runs at when that is meaningful
@@ -43,7 +64,7 @@ class MethodSpec:
         default_epochs: the default of its ``epochs`` keyword (None: it has no epochs).
         trains: it runs training steps and takes ``steps=`` (:class:`dfmu_ext.steps.StepOptions`:
             precision and memory layout), so a comparison can run every trained method on one engine.
-        fn: the entry point (derived): the function of the data's task (:func:`task_of`), wrapped by
+        fn: the entry point (derived): the function of the call's task (:func:`task_of`), wrapped by
             :func:`dfmu_ext.model_io.model_entry` (``logits_fn=``, ``classifier=``, ``label_key=``);
             its signature and docstring are the first task's.
     """
@@ -57,9 +78,9 @@ class MethodSpec:
     fn: Callable[..., UnlearnResult] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        unknown = [t for t in self.fns if t not in TASKS]
+        unknown = [t for t in self.fns if t not in task_names()]
         if not self.fns or unknown:
-            raise ValueError(f"{self.name}: tasks must be some of {', '.join(TASKS)}, got {list(self.fns)}")
+            raise ValueError(f"{self.name}: tasks must be some of {', '.join(task_names())}, got {list(self.fns)}")
         object.__setattr__(self, "fns", dict(self.fns))
         object.__setattr__(self, "fn", _entry(self.name, self.fns))
 
@@ -71,23 +92,24 @@ class MethodSpec:
 
 def _entry(name: str, fns: dict[str, Callable]) -> Callable[..., UnlearnResult]:
     """One callable for every task of ``fns``: each task's function is wrapped by ``model_entry`` (so
-    its own keywords bind), and the task is read from the data before the call (a one-line
-    ValueError for data of a task the method does not run on)."""
-    if set(fns) == set(TASKS) and len(set(fns.values())) == 1:  # one function reads every task (DFMU)
+    its own keywords bind), and the task is read from the data and the ``forget_*`` arguments before
+    the call (a one-line ValueError for a task the method does not run on)."""
+    if set(fns) == set(task_names()) and len(set(fns.values())) == 1:  # one function reads every task (DFMU)
         return model_entry(next(iter(fns.values())))
     entries = {task: model_entry(fn) for task, fn in fns.items()}
     first_task = next(iter(fns))
     first = entries[first_task]
 
+    signature = inspect.signature(first)
+
     @functools.wraps(first)
     def fn(*args, **kwargs):
-        train_set = args[1] if len(args) > 1 else kwargs.get("train_set")
-        task = task_of(train_set)
+        task = _call_task(signature, args, kwargs)
         if task not in entries:
             raise ValueError(f"{name} does not run on {task} data; it runs on {', '.join(entries)}")
         return entries[task](*args, **kwargs)
 
-    fn.__signature__ = inspect.signature(first)  # type: ignore[attr-defined]
+    fn.__signature__ = signature  # type: ignore[attr-defined]
     others = "; ".join(f"on {t} data: :func:`{f.__module__}.{f.__name__}`" for t, f in fns.items() if t != first_task)
     if others:
         fn.__doc__ = (first.__doc__ or "") + f"\n\n    {others[0].upper()}{others[1:]}."
@@ -154,7 +176,8 @@ _ALIASES = {"l1": "l1-sparse", "l1sparse": "l1-sparse", "headmask": "head-mask",
 
 
 def methods_for(task: str) -> list[str]:
-    """The registry's methods that run on ``task`` ("classification" or "causal-lm"), in table order."""
+    """The registry's methods that run on ``task`` (a name of :func:`task_names`: "classification",
+    "causal-lm", "attribute"), in table order."""
     return [name for name, spec in SPECS.items() if task in spec.tasks]
 
 
