@@ -8,6 +8,9 @@ it; with ``--retrain`` also Retrain, trained on the same images never stamped. E
 test accuracy, the linear and MLP probes' accuracy at reading the attribute from the penultimate
 features, the majority rate a probe that learnt nothing scores, and the method's seconds. ``report.json`` and ``report.png`` are written
 through one :class:`~dfmu_ext._io.OutputBatch`: both or neither.
+
+``--model lm`` runs the causal-LM variant instead, and ``dfmu compare --task attribute`` compares
+methods over seeds (both in :mod:`.attribute_compare`).
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ from ..training.classifier import TrainConfig, train_model
 from ..unlearn import unlearn
 from ..zoo.attributes import load_attribute_dataset
 from ..zoo.models import build_model
+from ..experiments.lm_attribute import LM_ATTRIBUTE_METRICS
+from .attribute_compare import LM_MODEL, cmd_attribute_compare, cmd_attribute_lm_demo
 from .checks import UsageError, check_outputs, logger_for, parse_dataset, parse_device, prepare_folder, progress_enabled
 
-__all__ = ["cmd_attribute_demo", "attribute_demo_or", "plot_attribute_rows"]
+__all__ = ["cmd_attribute_demo", "attribute_demo_or", "attribute_compare_or", "plot_attribute_rows"]
 
 #: The demo's recipe for the original and Retrain (the one tests/test_attribute.py trains digits with):
 #: a few epochs of SGD suffice for the 8x8 digits.
@@ -40,18 +45,47 @@ _REFUSED = (("classes", "--classes"), ("forget_subclass", "--forget-subclass"), 
             ("forget_people", "--forget-people"), ("forget_indices", "--forget-indices"), ("people", "--people"))
 
 
+def _lm_only(args) -> bool:
+    """Whether ``--model lm`` was given; a one-line error when it is given without ``--task attribute``."""
+    lm = getattr(args, "model", None) == LM_MODEL
+    if lm and getattr(args, "task", None) != "attribute":
+        raise UsageError(f"--model {LM_MODEL} is for --task attribute (a causal LM forgets one attribute of every "
+                         "person); to forget people use --task lm")
+    return lm
+
+
 def attribute_demo_or(cmd):
-    """``cmd`` with ``--task attribute`` sent to :func:`cmd_attribute_demo` instead."""
+    """``cmd`` with ``--task attribute`` sent to :func:`cmd_attribute_demo` (``--model lm``:
+    :func:`.attribute_compare.cmd_attribute_lm_demo`) instead."""
     def run(args) -> int:
-        return cmd_attribute_demo(args) if getattr(args, "task", None) == "attribute" else cmd(args)
+        lm = _lm_only(args)
+        if getattr(args, "task", None) != "attribute":
+            return cmd(args)
+        _check_flags(args, lm)
+        return cmd_attribute_lm_demo(args, plot_lm_rows) if lm else cmd_attribute_demo(args)
     return run
 
 
-def _check_flags(args) -> None:
+def attribute_compare_or(cmd):
+    """``cmd`` with ``--task attribute`` sent to :func:`.attribute_compare.cmd_attribute_compare`."""
+    def run(args) -> int:
+        lm = _lm_only(args)
+        if getattr(args, "task", None) != "attribute":
+            return cmd(args)
+        _check_flags(args, lm)
+        return cmd_attribute_compare(args, lambda a: TrainConfig(epochs=a.epochs or DEMO_EPOCHS, lr=DEMO_LR,
+                                                                   batch_size=DEMO_BATCH))
+    return run
+
+
+def _check_flags(args, lm: bool = False) -> None:
+    what = ("one attribute of every person; the people stay" if lm
+            else "the stamp; every sample keeps its label")
     for attr, flag in _REFUSED:
+        if lm and attr == "people":   # the corpus's size: the LM variant reads it
+            continue
         if getattr(args, attr, None) is not None:
-            raise UsageError(f"{flag} does not apply to --task attribute "
-                             "(it forgets the stamp; every sample keeps its label)")
+            raise UsageError(f"{flag} does not apply to --task attribute (it forgets {what})")
     if getattr(args, "battery", False):
         raise UsageError("--battery does not apply to --task attribute (its tests are for whole classes)")
     if args.epochs is not None and args.epochs < 1:
@@ -69,6 +103,8 @@ def _train(model_name: str, train_set, info, epochs: int, device, seed: int, pro
 
 def cmd_attribute_demo(args) -> int:
     _check_flags(args)
+    if getattr(args, "attribute", None) not in (None, "stamp"):
+        raise UsageError(f"--attribute must be stamp for an image model, got {args.attribute!r}")
     device, log, progress = parse_device(args.device), logger_for(args), progress_enabled(args)
     dataset = "digits" if args.dataset == "auto" else parse_dataset(args.dataset)
     check_outputs([args.out_dir, os.path.join(args.out_dir, "report.json"), os.path.join(args.out_dir, "report.png")],
@@ -127,15 +163,23 @@ def format_rows(rows: list[dict]) -> str:
     return markdown_table(header, body)
 
 
-def plot_attribute_rows(rows: list[dict], path: str, title: str) -> None:
-    """Grouped bars (one group per method: task accuracy, linear probe, MLP probe, in %) and the
-    majority rate as a dashed line: a probe at the line reads nothing of the attribute."""
+def plot_lm_rows(rows: list[dict], path: str, title: str) -> None:
+    """:func:`plot_attribute_rows` for the LM variant: the forgotten attribute's accuracy (trained and
+    paraphrased questions, after the relearning attack) and the other attributes', the people's majority line."""
+    keys = ("attr_acc", "attr_para_acc", "attr_relearn_acc", "other_acc")
+    plot_attribute_rows(rows, path, title, bars=[m for m in LM_ATTRIBUTE_METRICS if m.key in keys])
+
+
+def plot_attribute_rows(rows: list[dict], path: str, title: str, bars=None) -> None:
+    """Grouped bars (one group per method; ``bars``: the declared metrics to draw, default task
+    accuracy, linear probe, MLP probe; in %) and the majority rate as a dashed line: a probe (or an
+    answer) at the line reads nothing of the attribute."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [m for m in ATTRIBUTE_METRICS if m.key != "attr_majority"]
+    bars = list(bars) if bars is not None else [m for m in ATTRIBUTE_METRICS if m.key != "attr_majority"]
     width = 0.8 / len(bars)
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(rows), 4.6))

@@ -9,7 +9,7 @@ from .._io import OutputError
 from ..baselines import SPECS
 from ..zoo.models import MODEL_NAMES
 from .checks import UsageError, parse_device
-from .attribute_commands import attribute_demo_or
+from .attribute_commands import attribute_compare_or, attribute_demo_or
 from .commands import cmd_compare, cmd_demo, cmd_forget, cmd_train, cmd_verify
 
 
@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--task", choices=["classification", "lm", *extra], default="classification",
                         help="classification (default) or lm: a causal language model on the generated people "
                              "corpus (fictitious people and their facts), forgetting people"
-                             + ("; attribute: forget a stamp from a classifier's features, keep its labels "
+                             + ("; attribute: forget a stamp from a classifier's features, keep its labels, or "
+                                "with --model lm one attribute of every person from the people corpus's causal LM "
                                 "(docs/attribute.md)" if extra else ""))
         if corpus:
             sp.add_argument("--people", type=int, default=None, metavar="N",
@@ -88,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "fashion-mnist-mixed3 | fashion-mnist-mixed2 | "
                                                           "fashion-mnist-coarse | cifar20 | topics (generated text) | auto (default: auto, "
                                                           "Fashion-MNIST when installed, else digits)")
-        sp.add_argument("--model", default=None, choices=list(MODEL_NAMES),
+        sp.add_argument("--model", default=None, choices=list(MODEL_NAMES) + (["lm"] if "attribute" in tasks else []),
                         help="the package model to train (default: transformer for token data sets such as "
-                             "topics, else cnn)")
+                             "topics, else cnn)" + ("; lm: with --task attribute, the people corpus's causal LM"
+                                                    if "attribute" in tasks else ""))
+        if "attribute" in tasks:
+            sp.add_argument("--attribute", default=None, metavar="NAME",
+                            help="with --task attribute: what to forget (image models: stamp; --model lm: one of "
+                                 "city, profession, birth_year, colour, pet; default birth_year)")
         sp.add_argument("--epochs", type=int, default=None,
                         help="override the training recipe's epochs (of the original and of Retrain"
                              + ("; with --arch: Retrain's epochs, default 3)" if own else ")"))
@@ -169,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=attribute_demo_or(cmd_demo))
 
     c = sub.add_parser("compare", help="compare DFMU with the baselines (table, JSON, plots)")
-    dataset_and_model(c, own=True)
+    dataset_and_model(c, own=True, tasks=("attribute",))
     c.add_argument("--fractions", default=None,
                    help="comma-separated retain-data fractions (default: 0.01,0.05,0.13,0.25,1.0; with --task lm one "
                         "fraction, default 0.13)")
@@ -189,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     step_options(c)
     own_model(c)
     device_quiet(c)
-    c.set_defaults(func=cmd_compare)
+    c.set_defaults(func=attribute_compare_or(cmd_compare))
     return p
 
 
