@@ -165,3 +165,58 @@ def disagreement(targets: torch.Tensor, labels: torch.Tensor) -> float:
     own = torch.zeros(targets.shape[0])
     own[inside] = targets[inside.nonzero().flatten(), y[inside]].float()
     return float((1 - own).mean())
+
+
+def nonmember_targets(forget_features: torch.Tensor, forget_labels: torch.Tensor, nonmember_features: torch.Tensor,
+                      nonmember_probs: torch.Tensor, nonmember_labels: torch.Tensor, k: int = 25) -> torch.Tensor:
+    r"""Targets for forget samples from data the model never saw (``unlearn(nonmembers=)``).
+
+    On samples it memorised, a model is confident and right, so neither its own outputs nor its
+    retain look-alikes' labels say how a model that never saw them would do; its outputs on
+    *non-members* do: a retrained model treats a forgotten sample as the original treats unseen
+    data. With :math:`p_j` the model's output distribution on non-member :math:`j`:
+
+    1. :math:`q_i = \frac1k \sum_{j \in \mathrm{kNN}_k(i)} p_j`, the mean output on forget sample
+       :math:`i`'s ``k`` nearest non-members (cosine similarity of the early features);
+    2. per label :math:`c`, the forget samples of label :math:`c` ranked by :math:`s_i = q_i(c)`
+       (how strongly unseen look-alikes back their label; ties by position) get the quantiles of
+       the non-members' true-label probabilities :math:`u_j = p_j(y_j)` of label :math:`c` (all
+       non-members' where none has label :math:`c`): the :math:`r`-th of :math:`n_c` (from 0) gets
+       :math:`p^*_i = Q_u((r + \frac12) / n_c)` (linear interpolation);
+    3. :math:`t_i(y_i) = p^*_i` and :math:`t_i(c) = (1 - p^*_i)\, q_i(c) / (1 - q_i(y_i))` for
+       :math:`c \ne y_i` (uniform over the other classes where :math:`q_i(y_i) = 1`).
+
+    So the forget samples' true-label probabilities, once fitted, are distributed as the
+    non-members' are, per label (a membership attack on them sees non-members: what Retrain looks
+    like), and the look-alikes decide only which forget sample gets which quantile and where the
+    rest of the mass goes. Returns ``(n_f, C)`` rows summing to 1, ``C = nonmember_probs.shape[1]``.
+    """
+    if nonmember_features.shape[0] == 0:
+        raise ValueError("nonmember targets need at least one non-member")
+    if nonmember_probs.shape[0] != nonmember_features.shape[0] or nonmember_labels.numel() != nonmember_features.shape[0]:
+        raise ValueError("nonmember targets: one output row and one label per non-member")
+    n_f, classes = forget_features.shape[0], nonmember_probs.shape[1]
+    probs = nonmember_probs.float().cpu()
+    y_f, y_n = forget_labels.long().cpu().reshape(-1), nonmember_labels.long().cpu().reshape(-1)
+    k = min(int(k), nonmember_features.shape[0])
+    q = torch.zeros(n_f, classes)
+    for start in range(0, n_f, 1024):
+        idx = (forget_features[start:start + 1024] @ nonmember_features.T).topk(k, dim=1).indices
+        q[start:start + 1024] = probs[idx].mean(dim=1)
+    u = probs.gather(1, y_n[:, None])[:, 0]
+    own = q.gather(1, y_f[:, None])[:, 0]
+    target_own = torch.empty(n_f)
+    for c in torch.unique(y_f).tolist():
+        members = torch.nonzero(y_f == c).flatten()
+        pool = u[y_n == c] if bool((y_n == c).any()) else u
+        # stable ascending order of support: the least-backed forget sample gets the lowest quantile
+        order = members[torch.sort(own[members], stable=True).indices]
+        levels = (torch.arange(order.numel(), dtype=torch.float64) + 0.5) / order.numel()
+        target_own[order] = torch.quantile(pool.double(), levels).float()
+    rest = q.clone()
+    rest.scatter_(1, y_f[:, None], 0.0)
+    mass = rest.sum(1, keepdim=True)
+    uniform = torch.full_like(rest, 1.0 / max(classes - 1, 1)).scatter_(1, y_f[:, None], 0.0)
+    rest = torch.where(mass > 0, rest / mass.clamp_min(1e-30), uniform)
+    t = rest * (1 - target_own)[:, None]
+    return t.scatter_(1, y_f[:, None], target_own[:, None])

@@ -112,6 +112,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     holdout = {"validation_share": guard_config.validation if guard_config else 0.0,
                "min_validation": guard_config.min_validation if guard_config else 1}
     split = the_task.split(train_set, what, retain_fraction, seed, configs, holdout)
+    split.extra["nonmembers"] = nonmembers   # a task may set its defaults and forget targets by them
     configs = the_task.configs(split, given)
     if device is not None:
         model.to(device)
