@@ -43,6 +43,12 @@ CLS_SETUPS = {
     "digits-sub3-cnn": dict(model="cnn", fine=3, fraction=0.13),
     "digits-sub7-mlp": dict(model="mlp", fine=7, fraction=0.2),
 }
+#: random samples of a model that memorised them: a fixed 600-per-class subset of Fashion-MNIST's train
+#: split, the zoo's SmallCNN trained 40 epochs (train accuracy 100%), a random ``share`` forgotten;
+#: ``nonmembers`` per class from the same split, disjoint from the subset (never the test split reported)
+MEMORISED_SETUPS = {
+    "fmnist-memorised-10": dict(per_class=600, nonmembers=100, share=0.10, epochs=40, fraction=0.13),
+}
 # three coarse classes chosen so that the forgotten digit's look-alikes sit in ANOTHER coarse class
 # (3 looks like 5/8/9, 7 like 1): Retrain then moves it, doing nothing does not (the scenario can fail)
 COARSE = {0: 0, 3: 0, 4: 0, 7: 0, 1: 1, 2: 1, 6: 1, 5: 2, 8: 2, 9: 2}
@@ -165,17 +171,74 @@ def run_cls(name, s, seed):
     return {**out, **run_variants(original, ctrain, forget_idx, s["fraction"], seed, variants, row)}
 
 
+def memorised_data(per_class: int, nonmembers: int):
+    """``(members, nonmembers, test)``: ``per_class`` training images per class (the same for every
+    seed) and ``nonmembers`` more per class from the rest of the train split (never trained on)."""
+    from dfmu_ext.zoo.data import load_dataset
+    from torch.utils.data import TensorDataset
+
+    train, test, _ = load_dataset("fashion-mnist")
+    x, y = train.tensors
+    gen = torch.Generator().manual_seed(6000)
+    mem, non = [], []
+    for c in range(10):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        mem.append(idx[:per_class])
+        non.append(idx[per_class:per_class + nonmembers])
+    mem, non = torch.sort(torch.cat(mem)).values, torch.sort(torch.cat(non)).values
+    return TensorDataset(x[mem], y[mem]), TensorDataset(x[non], y[non]), test
+
+
+def run_memorised(name, s, seed):
+    """Original, Retrain and DFMU with and without ``nonmembers=``: forget accuracy, test accuracy and
+    MIA-efficacy (:func:`dfmu_ext.eval.metrics.mia_efficacy`, SalUn's protocol: shadow in = retain
+    samples, out = the test split)."""
+    from dfmu_ext import training
+    from dfmu_ext.eval.metrics import mia_efficacy
+    from dfmu_ext.eval.predict import accuracy
+    from dfmu_ext.zoo import models
+    from torch.utils.data import Subset
+
+    members, nonmembers, test = memorised_data(s["per_class"], s["nonmembers"])
+    gen = torch.Generator().manual_seed(seed)
+    forget_idx = sorted(torch.randperm(len(members), generator=gen)[:int(s["share"] * len(members))].tolist())
+    gone = set(forget_idx)
+    keep = [i for i in range(len(members)) if i not in gone]
+    f_set, r_set = Subset(members, forget_idx), Subset(members, keep)
+
+    def build_train(ds):
+        torch.manual_seed(seed)
+        m = models.build_model("cnn", 1, 10, (28, 28))
+        training.train_model(m, ds, training.TrainConfig(epochs=s["epochs"], lr=0.05), seed=seed, progress=False)
+        return m.eval()
+
+    def row(model, secs):
+        return {"forget": accuracy(model, f_set), "test": accuracy(model, test),
+                "mia": mia_efficacy(model, r_set, f_set, test, seed=seed), "seconds": secs}
+
+    t0 = time.perf_counter()
+    original = build_train(members)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    retrain = build_train(r_set)
+    out = {"Original": row(original, t_train), "Retrain": row(retrain, time.perf_counter() - t0)}
+    variants = {"DFMU, defaults": {}, "DFMU, nonmembers=": dict(nonmembers=nonmembers)}
+    return {**out, **run_variants(original, members, forget_idx, s["fraction"], seed, variants, row)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/keep_suite")
-    ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS]))
+    ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS, *MEMORISED_SETUPS]))
     ap.add_argument("--seeds", default="0")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for name in args.setups.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            fn, s = (run_lm, LM_SETUPS[name]) if name in LM_SETUPS else (run_cls, CLS_SETUPS[name])
+            fn, s = ((run_lm, LM_SETUPS[name]) if name in LM_SETUPS else (run_memorised, MEMORISED_SETUPS[name])
+                     if name in MEMORISED_SETUPS else (run_cls, CLS_SETUPS[name]))
             results[f"{name}/seed{seed}"] = r = fn(name, s, seed)
             cols = [k for k in next(iter(r.values())) if k != "seconds"]
             print(f"\n## {name} seed {seed}")
