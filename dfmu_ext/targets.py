@@ -193,7 +193,8 @@ def nonmember_targets(forget_features: torch.Tensor, forget_labels: torch.Tensor
     """
     if nonmember_features.shape[0] == 0:
         raise ValueError("nonmember targets need at least one non-member")
-    if nonmember_probs.shape[0] != nonmember_features.shape[0] or nonmember_labels.numel() != nonmember_features.shape[0]:
+    n_n = nonmember_features.shape[0]
+    if nonmember_probs.shape[0] != n_n or nonmember_labels.numel() != n_n:
         raise ValueError("nonmember targets: one output row and one label per non-member")
     n_f, classes = forget_features.shape[0], nonmember_probs.shape[1]
     probs = nonmember_probs.float().cpu()

@@ -318,7 +318,8 @@ class ClassificationTask(Task):
         t = nonmember_targets(early_features(model, last, x_f, config.grid), y_f,
                               early_features(model, last, x_n, config.grid), p_n, y_n, config.k)
         return Targets((x_f, t), sorted(set(scored) | set(pool)),
-                       {"forget_excess_disagreement": None, "forget_targets": "nonmembers", "nonmembers_read": len(refs)})
+                       {"forget_excess_disagreement": None, "forget_targets": "nonmembers",
+                        "nonmembers_read": len(refs)})
 
     def prune(self, model, batch, is_forget, split, configs, mode, comm):
         if split.by_classes:
