@@ -79,11 +79,19 @@ def train_lm(arch, vocab, data, seed, **size):
 
 
 def lm_variants():
+    from dfmu_ext.lm.edit import EditConfig
     from dfmu_ext.lm.targets import LMForgetTermConfig
 
     tf = dfmu_ext.tasks.LMFinetuneConfig
+    # the defaults of e9bf022 (before the swapped neighbours): nearest-position targets, the projected
+    # edit, the MLP fine-tune (its guard then measured tokens, now sequences)
+    before = dict(finetune=tf(train="mlp", neighbours=0), forget_term=LMForgetTermConfig(source="positions"),
+                  edit=EditConfig(steps=40))
     return {
-        "DFMU, previous defaults": dict(guard=False, finetune=tf(distill=0.0), forget_term=LMForgetTermConfig(k_share=1.0)),
+        "DFMU, previous defaults": dict(guard=False, finetune=tf(distill=0.0, train="mlp", neighbours=0),
+                                        forget_term=LMForgetTermConfig(k_share=1.0, source="positions"),
+                                        edit=EditConfig(steps=40)),
+        "DFMU, e9bf022 defaults": before,
         "DFMU, defaults": dict(),
         "DFMU, defaults without guard": dict(guard=False),
     }

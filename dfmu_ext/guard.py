@@ -1,8 +1,9 @@
 r"""The retention guard: DFMU watches what it must keep while it runs, without a Retrain model.
 
 A share of the retain budget is set aside (never trained on; no extra data is read) and, on each of
-its :math:`n` units (a classifier's samples, a causal LM's scored tokens), the probability the model
-gives the right answer, :math:`p_i` (the soft accuracy; its accuracy is reported beside it), is
+its :math:`n` units (a classifier's samples, a causal LM's sequences), the probability the model
+gives the right answer, :math:`p_i` (the soft accuracy; its accuracy is reported beside it; for a
+sequence, its least probable right token), is
 measured for the original model, before anything changes, and after each stage. The drop is the mean
 paired difference :math:`\Delta = \frac1n \sum_i (p^{\mathrm{orig}}_i - p_i)`, and it is kept within
 the tolerance :math:`\tau` (1 point for classifiers, 2 for causal LMs) by the method's own means:

@@ -185,30 +185,44 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     return result
 
 
+#: the most forget-side steps after the fine-tune, per stop
+FORGET_SIDE_STEPS = {"nonmembers": 60, "estimate": 300}
+
+
 def _forget_side(task, model, split, targets, objective, plan, config, history, nonmembers, watch, device,
-                 progress, margin: float = 0.05, limit: int = 60, chunk: int = 10) -> dict:
-    """The forget side's stop. Without ``nonmembers``: the forget term's own estimate of Retrain's
-    outputs decides (``"estimate"``). With them (data the model never saw, of the task's kind): while
-    the forget samples' losses are still told from the non-members' (:func:`membership_auc` above
-    0.5 + ``margin``), forget-term steps run ``chunk`` at a time (at most ``limit``), each chunk kept
-    only while the retention guard holds; the AUC before and after is reported."""
-    if nonmembers is None:
-        return {"stop": "estimate"}
-    forget_read = Subset(split.forget_set, targets.read)
-    nonmember_losses = task.losses(model, nonmembers, device)
-    auc = before = membership_auc(task.losses(model, forget_read, device), nonmember_losses)
-    steps = 0
+                 progress, margin: float = 0.05, chunk: int = 10) -> dict:
+    """The forget side's stop: forget-term steps run ``chunk`` at a time (at most ``limit``), each chunk
+    kept only while the retention guard holds, until the forget samples look unseen. With
+    ``nonmembers`` (data the model never saw, of the task's kind): until their losses are no longer
+    told from the non-members' (:func:`membership_auc` at most 0.5 + ``margin``; ``"nonmembers"``).
+    Without: until the task's :meth:`~dfmu_ext.tasks.base.Task.forget_gap` to its targets (its estimate
+    of Retrain's outputs) is at most ``task.forget_gap_stop`` (``"estimate"``; nothing runs for a
+    task without one). The measure before and after is reported."""
     lever = objective is not None and targets.payload is not None
-    while lever and auc > 0.5 + margin and steps < limit:
+    if nonmembers is not None:
+        forget_read = Subset(split.forget_set, targets.read)
+        nonmember_losses = task.losses(model, nonmembers, device)
+        measure = lambda: membership_auc(task.losses(model, forget_read, device), nonmember_losses)  # noqa: E731
+        stop, name, key = 0.5 + margin, "nonmembers", "auc"
+    else:  # (a forward pass of the forget samples per chunk: cheaper than the AUC's, so more chunks may run)
+        measure = lambda: task.forget_gap(model, split, targets, device)  # noqa: E731
+        stop, name, key = task.forget_gap_stop, "estimate", "gap"
+    value = before = measure() if lever else None
+    if value is None or stop is None:
+        return {"stop": name}
+    steps, limit = 0, FORGET_SIDE_STEPS[name]
+    while value > stop and steps < limit:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()} if watch is not None else None
         run_finetune(objective, plan, config, max_steps=chunk, forget="always", history=history, progress=progress)
         if watch is not None and not watch.check(model)["within"]:
-            model.load_state_dict(state)       # this chunk cost more than the tolerance: keep the one before
-            break
+            # a dip the retain side may take back: one chunk of retain-only steps before giving up
+            run_finetune(objective, plan, config, max_steps=chunk, forget=False, history=history, progress=progress)
+            if not watch.check(model)["within"]:
+                model.load_state_dict(state)   # still beyond the tolerance: keep the state before the chunk
+                break
         steps += chunk
-        auc = membership_auc(task.losses(model, forget_read, device), nonmember_losses)
-    return {"stop": "nonmembers", "auc_before": before, "auc": auc, "extra_forget_steps": steps,
-            "lever": lever}
+        value = measure()
+    return {"stop": name, f"{key}_before": before, key: value, "extra_forget_steps": steps, "lever": lever}
 
 
 def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,

@@ -96,7 +96,7 @@ class EditConfig:
     ``references`` retain sequences of the budget. ``steps=0`` turns it off. The defaults were chosen
     on development splits (benchmarks/RESULTS.md, "Entity unlearning in causal LMs")."""
 
-    steps: int = 40
+    steps: int = 0
     lr: float = 3e-3
     batch_size: int = 32
     energy: float = 0.99
@@ -104,6 +104,7 @@ class EditConfig:
     positions: str = "tokens"   # the retain activations kept: every real "tokens", or the "scored" reads
     optimizer: str = "adam"     # "adam" or "sgd" (momentum 0.9)
     scope: str = "mlp"          # the weights moved: the "down" projections, or every "mlp" projection
+    neighbours: bool = True     # the forget sequences' swapped neighbours (lm.neighbours) join the retain subspace
 
     def validate(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or self.references < 1:

@@ -63,8 +63,14 @@ class LMForgetTermConfig:
     references: int = 512
     samples: int | None = None
     steps: int | None = None
+    source: str = "neighbours"  # q from the forget sequences' swapped neighbours (lm.neighbours), or "positions"
+    per_sequence: int = 8       # neighbours per forget sequence that q averages over
 
     def validate(self) -> None:
+        if self.source not in ("neighbours", "positions"):
+            raise ValueError(f"forget term: source must be 'neighbours' or 'positions', got {self.source!r}")
+        if self.per_sequence < 1:
+            raise ValueError(f"forget term: per_sequence must be >= 1, got {self.per_sequence}")
         if self.weight < 0 or self.k < 1 or self.batch_size < 1 or self.references < 1 or not 0 < self.k_share <= 1:
             raise ValueError("forget term: weight must be >= 0, k, batch_size and references >= 1, k_share in (0, 1]")
         if self.steps is not None and self.steps < 0:

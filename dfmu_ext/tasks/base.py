@@ -150,6 +150,14 @@ class Task:
         """Each sample's loss on ``dataset`` (the forget side's membership signal)."""
         raise NotImplementedError
 
+    #: the forget side runs on (without non-members) while :meth:`forget_gap` is above this
+    forget_gap_stop: float | None = None
+
+    def forget_gap(self, model: nn.Module, split: Split, targets: Targets, device) -> float | None:
+        """How far the forget samples still are from the targets' estimate of Retrain (a divergence
+        in nats, 0 once reached), or None when the task has no such estimate."""
+        return None
+
     def retention(self, model: nn.Module, dataset: Dataset, device) -> dict:
         """What the guard watches on ``dataset`` (the budget's validation part): ``{"score": s, ...}``
         with ``s`` the quantity kept within the tolerance (an accuracy), plus details."""

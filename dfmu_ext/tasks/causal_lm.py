@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from .._common import eval_mode, model_device, seeded, synchronize, train_mode
 from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
 from ..lm.edit import EditConfig, ProjectedUpdates, retain_projectors
+from ..lm.neighbours import informative, swapped_neighbours, template_targets
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, mlp_projections, neuron_mask_plan, score_neurons
-from ..lm.targets import LMForgetTermConfig, forget_targets, soft_target_loss
+from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets, soft_target_loss
 from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, lm_loss, split_forget, take,
                        token_nll)
 from ..result import PruneResult
@@ -51,14 +52,16 @@ class LMFinetuneConfig:
     weight_decay: float = 0.0
     min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
     nearest: float = 0.5    # share of the retain budget taken nearest the forget set (lm.task.nearest_retain)
-    train: str = "mlp"      # "all" parameters, or only the "mlp" layers that hold the neurons
-    distill: float = 5.0    # weight of the KL to the original's next-token distributions on the budget (RESULTS: "Keeping")
+    train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
+    distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
+    neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
 
     def validate(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0:
-            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps >= 0 and distill >= 0")
-        if self.train not in ("all", "mlp"):
-            raise ValueError(f"finetune.train must be 'all' or 'mlp', got {self.train!r}")
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0 \
+                or self.neighbours < 0:
+            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill and neighbours >= 0")
+        if self.train not in ("all", "mlp", "mlp+entity"):
+            raise ValueError(f"finetune.train must be 'all', 'mlp' or 'mlp+entity', got {self.train!r}")
         if not 0.0 <= self.nearest <= 1.0:
             raise ValueError(f"finetune.nearest must be in [0, 1], got {self.nearest}")
 
@@ -101,12 +104,26 @@ class LMObjective(Objective):
     with AdamW on the trained parameters (the MLP layers by default)."""
 
     def __init__(self, model: nn.Module, budget, config: LMFinetuneConfig, *, device, seed: int, forget=None,
-                 forget_term: LMForgetTermConfig | None = None, layers=(), teacher: nn.Module | None = None):
+                 forget_term: LMForgetTermConfig | None = None, layers=(), teacher: nn.Module | None = None,
+                 neighbours=None):
         self.model, self.budget, self.config, self.device, self.seed = model, budget, config, device, seed
         self.teacher, self.term = teacher, forget_term or LMForgetTermConfig()
+        self.neighbours = neighbours if teacher is not None and config.distill > 0 else None
+        self.neighbour_cursor = 0
         self.forget = forget if forget is not None and self.term.weight > 0 else None
         self.forget_steps = self.term.steps if self.forget is not None else 0
         self.params = trained_parameters(model, config.train, layers)
+        # "mlp+entity": the input embedding's rows of the forget set's distinctive tokens train too, no other row
+        self.rows = None
+        tokens = getattr(neighbours, "tokens", None)
+        if config.train == "mlp+entity" and tokens is not None and tokens.numel():
+            embedding = input_embedding(model)
+            if embedding is not None and embedding.weight.requires_grad:
+                mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype)
+                mask[tokens] = 1
+                self.rows = (embedding.weight, mask.to(embedding.weight.device))
+                if all(p is not embedding.weight for p in self.params):
+                    self.params.append(embedding.weight)
         self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.epochs = epochs_for(config, len(budget), config.batch_size)
         self.cursor = 0
@@ -116,6 +133,9 @@ class LMObjective(Objective):
         stack.enter_context(seeded(self.seed, self.device))
         stack.enter_context(train_mode(self.model))
         stack.enter_context(_training_only(self.model, self.params))
+        if self.rows is not None:
+            weight, mask = self.rows
+            stack.callback(weight.register_hook(lambda g: g * mask).remove)
         return stack
 
     def batches(self, epoch: int, progress: bool):
@@ -132,18 +152,40 @@ class LMObjective(Objective):
             loss = loss + self.term.weight * soft_target_loss(
                 forward_logits(self.model, xf[rows].to(self.device)), q[rows], scored[rows])
         if self.teacher is not None and self.config.distill > 0:
-            with torch.no_grad():
-                reference = forward_logits(self.teacher, x)
-            real = x["attention_mask"].bool() if "attention_mask" in x else None
-            loss = loss + self.config.distill * distill_loss(logits, reference, real)
+            loss = loss + self.config.distill * self._distill(x, logits)
+            if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
+                n = len(self.neighbours)
+                rows = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
+                self.neighbour_cursor = (self.neighbour_cursor + len(rows)) % n
+                xn = self.neighbours.inputs[rows].to(self.device)
+                loss = loss + self.config.distill * self._distill(xn, forward_logits(self.model, xn),
+                                                                  self.neighbours.where[rows])
         return loss, None, int(x.shape[0])
+
+    def _distill(self, x, logits, where=None):
+        with torch.no_grad():
+            reference = forward_logits(self.teacher, x)
+        if where is None and "attention_mask" in x:
+            where = x["attention_mask"].bool()
+        return distill_loss(logits, reference, where)
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding: ``get_input_embeddings()`` where the model has it (Hugging Face),
+    else its first ``nn.Embedding`` with the most rows."""
+    getter = getattr(model, "get_input_embeddings", None)
+    found = getter() if callable(getter) else None
+    if isinstance(found, nn.Embedding):
+        return found
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(embeddings, key=lambda m: m.num_embeddings) if embeddings else None
 
 
 def trained_parameters(model: nn.Module, train: str, layers) -> list[torch.Tensor]:
-    """The parameters the fine-tune trains: every one, or (``"mlp"``) those of the MLP layers that
-    hold the neurons and of their sibling projections."""
+    """The parameters the fine-tune trains: every one, or (``"mlp"``, ``"mlp+entity"``) those of the
+    MLP layers that hold the neurons and of their sibling projections."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if train == "mlp":
+    if train in ("mlp", "mlp+entity"):
         owners = {l.layer for l in layers} | {m for l in layers for m in mlp_projections(model, l.layer)}
         keep = {id(p) for m in owners for p in m.parameters()}
         params = [p for p in params if id(p) in keep]
@@ -202,6 +244,7 @@ class CausalLMTask(Task):
     prepare_stage = "edit"
     default_tolerance = 0.02
     default_score_samples = 256
+    forget_gap_stop = 0.05
 
     def configs(self, split, given: dict) -> dict:
         finetune = given.get("finetune") or LMFinetuneConfig()
@@ -255,12 +298,29 @@ class CausalLMTask(Task):
         refs = torch.randperm(len(split.budget), generator=gen)[:term.references].tolist()
         xq, yq = take(split.forget_set, pool)
         vocab = forward_logits(model, batch[0][:1]).shape[-1]
-        xr, yr = take(split.budget, refs)
-        q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), (xr.to(device), yr), vocab, term.k,
-                                    term.k_share)
-        info = {}
+        count = configs["finetune"].neighbours
+        near = None
+        if count > 0 or term.source == "neighbours":
+            per = max(term.per_sequence, -(-count // max(len(pool), 1)))
+            near = swapped_neighbours((xq, yq), take(split.budget, range(len(split.budget))), vocab, per, seed)
+        q = template_targets(model, (xq, yq), near) if near is not None and term.source == "neighbours" else None
+        if q is not None:   # only the positions that must change (the stop's threshold: the rest already meet it)
+            q = informative(q, model, xq, self.forget_gap_stop)
+        info = {"forget_targets": "neighbours" if q is not None else "positions",
+                "neighbours": 0 if near is None or count == 0 else min(count, len(near))}
+        if q is not None:
+            where = q.scored
+        else:
+            xr, yr = take(split.budget, refs)
+            q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), (xr.to(device), yr), vocab,
+                                      term.k, term.k_share)
+        near = near.head(info["neighbours"]) if info["neighbours"] else None
+        if near is not None:
+            info["_neighbours"] = near
         if edit.steps > 0:
             xe, ye = take(split.budget, refs[:edit.references])
+            if near is not None and edit.neighbours:   # the neighbours' reads join the subspace kept fixed
+                xe, ye = cat_batches([(xe, ye), (near.inputs, near.labels)])
             at = None
             if edit.positions == "scored":  # the positions whose next token is scored (the facts' reads)
                 at = torch.zeros_like(ye, dtype=torch.bool)
@@ -302,16 +362,18 @@ class CausalLMTask(Task):
             raise ValueError("DFMU for causal LMs runs in one process (torch.distributed is not supported yet)")
         return LMObjective(model, split.budget, configs["finetune"], device=device, seed=seed,
                            forget=targets.payload, forget_term=configs["forget_term"],
-                           layers=split.extra["layers"], teacher=teacher)
+                           layers=split.extra["layers"], teacher=teacher, neighbours=targets.info.get("_neighbours"))
 
     def early_stop_target(self, pruned) -> float | None:
         return None
 
     @torch.no_grad()
     def retention(self, model: nn.Module, dataset, device, watch=None) -> dict:
-        """Per scored token of ``dataset``: the probability of the right next token (``p``); the
-        next-token accuracy and mean loss over them."""
-        probs, hits = [], 0
+        """Per sequence of ``dataset``, the probability of its least probable right next token (``p``:
+        a fact is known when each of its tokens is, and a statement's template words, right for every
+        entity, would otherwise drown its answer); the share of sequences with every scored token
+        right (``accuracy``), and the mean loss per scored token."""
+        probs, hits, tokens = [], 0, 0
         nll = 0.0
         with eval_mode(model):
             for x, y in batches(dataset, 16, device=device):
@@ -320,12 +382,18 @@ class CausalLMTask(Task):
                 scored = nxt != IGNORE_INDEX
                 logp = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)   # scored positions only
                 right = logp.gather(1, nxt[scored][:, None])[:, 0]
-                probs.append(right.exp().cpu())
-                hits += int((logp.argmax(-1) == nxt[scored]).sum())
+                row = scored.nonzero()[:, 0]
+                worst = torch.zeros(nxt.shape[0], device=right.device).scatter_reduce(0, row, right, "amin")
+                wrong = torch.zeros(nxt.shape[0], dtype=torch.long, device=right.device).index_add_(
+                    0, row, (logp.argmax(-1) != nxt[scored]).long())
+                has = scored.any(1)
+                probs.append(worst[has].exp().cpu())
+                hits += int(((wrong == 0) & has).sum())
                 nll -= float(right.sum())
+                tokens += int(scored.sum())
         p = torch.cat(probs) if probs else torch.zeros(0)
-        n = max(int(p.numel()), 1)
-        return {"p": p, "accuracy": hits / n, "samples": len(dataset), "loss": nll / n}
+        return {"p": p, "accuracy": hits / max(int(p.numel()), 1), "samples": len(dataset),
+                "loss": nll / max(tokens, 1)}
 
     @torch.no_grad()
     def losses(self, model: nn.Module, dataset, device) -> torch.Tensor:
@@ -336,6 +404,31 @@ class CausalLMTask(Task):
                 nll = token_nll(forward_logits(model, x), y)
                 out.append((nll.sum(1) / (y[:, 1:] != IGNORE_INDEX).sum(1).clamp_min(1).to(nll.device)).cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def forget_gap(self, model: nn.Module, split: Split, targets: Targets, device) -> float | None:
+        r"""The mean :math:`\mathrm{KL}(q_{i,t} \,\|\, p_\theta(\cdot \mid x_{i,\le t}))` over the forget
+        sequences' scored positions that have targets (nats; :func:`soft_target_loss` minus the
+        targets' entropy): 0 once they are answered as the targets say an unseen entity is."""
+        if targets.payload is None:
+            return None
+        xf, q, scored = targets.payload
+        total, count = 0.0, 0
+        with eval_mode(model):
+            for start in range(0, xf.shape[0], 64):
+                rows = list(range(start, min(start + 64, xf.shape[0])))
+                part = scored[rows]
+                n = int(part.sum())
+                if n == 0:
+                    continue
+                ce = soft_target_loss(forward_logits(model, xf[rows].to(device)), q[rows], part)
+                total += float(ce) * n
+                count += n
+        if count == 0:
+            return None
+        w = q.weights if isinstance(q, SparseTargets) else q[scored]
+        entropy = float(-(w * w.clamp_min(1e-30).log()).sum())
+        return total / count - entropy / count
 
     def describe_record(self, split: Split) -> dict:
         return {"task": "causal-lm", "forget_classes": None}

@@ -1,0 +1,235 @@
+r"""Neighbours of the forget sequences, made from them without any other data: the knowledge most at
+risk when an entity or an attribute is unlearned, and the one the retain budget covers least.
+
+A retain budget of a few percent of the people holds the facts of a few percent of the people, so
+what keeps the rest (distillation, the edit's retain subspace) sees only them; the edit is free to
+move along every direction the other people's facts are read through. The forget sequences
+themselves show where those directions are: a forget sequence with its *distinctive* prompt token
+swapped for another token is the same question about someone (or something) else.
+
+1. **Distinctive tokens.** The swappable positions of a forget sequence are its prompt (the real
+   positions before its first scored label) when it has one beyond its first token, else all of
+   its real positions (a statement scored throughout). A token :math:`v` there is distinctive when
+   the share of forget sequences holding it is more than ``ratio`` times the share of budget
+   sequences holding it anywhere,
+
+   .. math:: r_F(v) > \rho\, r_B(v),
+
+   — a forgotten person's name (held by their sequences, by no retain one), a forgotten attribute's
+   word (held by every forget sequence, by few of the budget), but not the template's words (held by
+   both alike). A forget sequence that holds distinctive tokens which recur (in two forget sequences
+   or more) swaps only those: a name recurs across a person's facts, a one-off answer does not.
+2. **Swaps.** A neighbour is one forget sequence with each of its distinctive tokens (every
+   swappable occurrence) replaced by a substitute of its own: with probability ½ a token the budget
+   holds (another person's name, another attribute), else a token drawn uniformly from the
+   vocabulary — never a distinctive token, nor one that more than half the budget holds (the
+   template's words). All of them: with one name token kept ("Anna <other>") the model may still
+   answer about the forgotten Anna Berg, and that answer would be kept; the people who truly share
+   a name token are retain data, and the budget's nearest half holds them.
+   A neighbour's positions before its first swap read exactly the forget sequence, so only the
+   positions from it on count (:attr:`Neighbours.where`): what is kept there is the original
+   model's distribution, never the forgotten answer.
+
+The neighbours are used where the retain budget is (:mod:`dfmu_ext.tasks.causal_lm`): their
+activations join the edit's retain subspace, and the fine-tune's distillation to the original reads
+them beside the budget. Neighbourhood prompts are how model-editing work measures an edit's
+locality (Meng et al. 2022); here they are what is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._common import eval_mode
+from ..model_io import Inputs
+from .targets import SparseTargets
+from .task import IGNORE_INDEX, forward_logits
+
+
+def swappable_positions(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(N, T)`` bool: each sequence's prompt (the real positions before its first scored label)
+    when that holds more than its first token, else every real position."""
+    scored = labels != IGNORE_INDEX
+    n, t = labels.shape
+    first = torch.where(scored.any(1), scored.float().argmax(1), torch.full((n,), t))
+    prompt = (torch.arange(t)[None, :] < first[:, None]) & mask.bool()
+    whole = (prompt.sum(1) <= 1)[:, None]
+    return torch.where(whole, mask.bool(), prompt)
+
+
+def _presence(ids: torch.Tensor, where: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``(vocab,)`` the share of rows whose ``where`` positions hold each token."""
+    bags = torch.zeros(ids.shape[0], vocab)
+    bags.scatter_(1, ids.clamp(0, vocab - 1), where.float())
+    return (bags > 0).float().mean(0) if ids.shape[0] else torch.zeros(vocab)
+
+
+def _ids_mask(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = x["input_ids"].cpu()
+    return ids, x.get("attention_mask", torch.ones_like(ids)).cpu().bool()
+
+
+def distinctive_tokens(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
+                       ratio: float = 2.0, recurring: bool = False) -> torch.Tensor:
+    r"""The token ids :math:`v` with :math:`r_F(v) > \rho\, r_B(v)` (``ratio`` :math:`\rho`): their share
+    of forget sequences (at :func:`swappable_positions`) against their share of budget sequences;
+    with ``recurring`` only those held by two forget sequences or more (sorted, ``int64``)."""
+    (xf, yf), (xb, _) = forget, budget
+    f_ids, f_mask = _ids_mask(xf)
+    b_ids, b_mask = _ids_mask(xb)
+    r_f = _presence(f_ids, swappable_positions(yf.cpu(), f_mask), vocab)
+    r_b = _presence(b_ids, b_mask, vocab)
+    special = (r_f > 0) & (r_f > ratio * r_b)
+    if recurring:
+        special &= r_f * f_ids.shape[0] >= 1.5
+    return torch.nonzero(special).flatten()
+
+
+@dataclass
+class Neighbours:
+    """Swapped neighbours of forget sequences: ``inputs`` and ``labels`` in the forget batch's shape,
+    ``source`` ``(M,)`` the forget row each came from, ``first`` ``(M,)`` its first swapped position,
+    ``tokens`` the distinctive tokens swapped out."""
+
+    inputs: Inputs
+    labels: torch.Tensor
+    source: torch.Tensor
+    first: torch.Tensor
+    tokens: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
+
+    @property
+    def where(self) -> torch.Tensor:
+        """``(M, T)`` bool: the real positions whose context holds the swap (position ``t`` reads
+        tokens ``<= t``), the only ones where a neighbour differs from its forget sequence."""
+        t = self.labels.shape[1]
+        real = self.inputs.get("attention_mask", torch.ones_like(self.labels)).bool()
+        return (torch.arange(t)[None, :] >= self.first[:, None]) & real
+
+    def head(self, count: int) -> "Neighbours":
+        """The first ``count`` (which cover the forget rows evenly, see :func:`swapped_neighbours`)."""
+        return Neighbours(self.inputs[:count], self.labels[:count], self.source[:count], self.first[:count],
+                          self.tokens)
+
+
+def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
+                       per_sequence: int, seed: int = 0, ratio: float = 2.0) -> Neighbours | None:
+    """``per_sequence`` neighbours of each forget sequence that holds a distinctive token, seeded
+    (neighbour ``j`` of row ``i`` at ``j * rows + i``: any prefix covers the rows evenly). None when
+    no forget sequence holds a distinctive token or no token is left to swap in."""
+    if per_sequence < 1:
+        return None
+    (xf, yf), (xb, _) = forget, budget
+    ids, mask = _ids_mask(xf)
+    special = distinctive_tokens(forget, budget, vocab, ratio)
+    if special.numel() == 0:
+        return None
+    b_ids, b_mask = _ids_mask(xb)
+    allowed = _presence(b_ids, b_mask, vocab) <= 0.5         # not the template's words
+    allowed[special] = False
+    if not bool(allowed.any()):
+        return None
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[b_ids[b_mask].clamp(0, vocab - 1)] = True
+    from_budget = torch.nonzero(allowed & seen).flatten()
+    from_vocab = torch.nonzero(allowed).flatten()
+    swappable = swappable_positions(yf.cpu(), mask)
+    holds = torch.isin(ids, special) & swappable             # (N, T) the positions a swap may change
+    recurs = torch.isin(ids, distinctive_tokens(forget, budget, vocab, ratio, recurring=True)) & swappable
+    holds = torch.where(recurs.any(1, keepdim=True), recurs, holds)   # a row's recurring tokens where it has any
+    rows = torch.nonzero(holds.any(1)).flatten()
+    if rows.numel() == 0:
+        return None
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    source = rows.repeat(per_sequence)
+    out_ids, first = [], []
+    for i in source.tolist():
+        row = ids[i].clone()
+        for token in torch.unique(ids[i][holds[i]]).tolist():   # every one: "Anna <other>" may still be Anna Berg
+            pool = from_budget if from_budget.numel() and bool(torch.rand((), generator=g) < 0.5) else from_vocab
+            row[(ids[i] == token) & swappable[i]] = pool[torch.randint(pool.numel(), (1,), generator=g)]
+        out_ids.append(row)
+        first.append(int(holds[i].float().argmax()))
+    inputs = Inputs({**{k: v.cpu()[source].clone() for k, v in xf.items() if k != "input_ids"},
+                     "input_ids": torch.stack(out_ids)})
+    return Neighbours(inputs, yf.cpu()[source].clone(), source, torch.tensor(first), torch.unique(ids[holds]))
+
+
+@torch.no_grad()
+def template_targets(model: nn.Module, forget: tuple[Inputs, torch.Tensor], neighbours: Neighbours,
+                     top: int = 32, batch_size: int = 64) -> SparseTargets | None:
+    r"""The forget targets read off the neighbours: at each scored position :math:`t` of forget
+    sequence :math:`i`, the model's next-token distribution averaged over the neighbours :math:`n`
+    of :math:`i` whose context at :math:`t` holds their swap (the same question about someone else),
+
+    .. math::
+        q_{i,t} = \operatorname{top}_K \Big(\frac{1}{|N_{i,t}|}\sum_{n \in N_{i,t}}
+                  p_\theta(\cdot \mid x_{n,\le t})\Big),
+
+    kept to its ``top`` K tokens and renormalised (a :class:`SparseTargets`; a scored position no
+    neighbour differs at gets no target). What a model answers about an entity it does not know is
+    its prior for the template; the nearest retain positions in the model's features are no such
+    estimate for memorised facts, since the features of a memorised entity already point at its
+    answers (benchmarks/RESULTS.md, "Neighbours"). None when no scored position gets a target."""
+    xf, yf = forget
+    scored = yf[:, 1:] != IGNORE_INDEX
+    index = torch.full(scored.shape, -1, dtype=torch.long)
+    index[scored] = torch.arange(int(scored.sum()))
+    device = next(model.parameters()).device
+    sums = counts = None
+    with eval_mode(model):
+        for start in range(0, len(neighbours), batch_size):
+            part = neighbours.inputs[start:start + batch_size].to(device)
+            src = neighbours.source[start:start + batch_size]
+            p = torch.softmax(forward_logits(model, part)[:, :-1].float(), dim=-1)
+            at = scored[src] & neighbours.where[start:start + batch_size, :-1]
+            if sums is None:
+                sums = torch.zeros(int(scored.sum()), p.shape[-1], device=device)
+                counts = torch.zeros(int(scored.sum()))
+            rows = index[src][at]
+            sums.index_add_(0, rows.to(device), p[at.to(device)])
+            counts.index_add_(0, rows, torch.ones(rows.shape[0]))
+    if sums is None or not bool((counts > 0).any()):
+        return None
+    has = counts > 0
+    mean = sums.cpu()[has] / counts[has][:, None]
+    k = min(top, mean.shape[1])
+    weights, ids = mean.topk(k, dim=1)
+    weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    order = ids.sort(dim=1).indices
+    kept = torch.full(scored.shape, -1, dtype=torch.long)
+    kept[scored] = torch.where(has, torch.cumsum(has.long(), 0) - 1, torch.full_like(has, -1, dtype=torch.long))
+    return SparseTargets(ids.gather(1, order), weights.gather(1, order), kept, mean.shape[1])
+
+
+@torch.no_grad()
+def informative(q: SparseTargets, model: nn.Module, inputs: Inputs, min_kl: float,
+                batch_size: int = 64) -> SparseTargets | None:
+    r"""``q`` kept at the positions where it asks for a change: :math:`\mathrm{KL}(q_{i,t} \| p_\theta)
+    > ` ``min_kl`` under ``model`` (the original). A statement's template words are answered alike for
+    every entity, so their targets are the model's own outputs; kept, they would dilute the forget
+    loss and its stop with positions that need nothing. None when no position is left."""
+    device = next(model.parameters()).device
+    gaps = []
+    with eval_mode(model):
+        for start in range(0, len(q), batch_size):
+            rows = list(range(start, min(start + batch_size, len(q))))
+            part = q[rows]
+            if not bool(part.scored.any()):
+                continue
+            logp = torch.log_softmax(forward_logits(model, inputs[rows].to(device))[:, :-1][part.scored.to(device)]
+                                     .float(), dim=-1).cpu()
+            w = part.weights
+            gaps.append((w * (w.clamp_min(1e-30).log() - logp.gather(1, part.ids))).sum(1))
+    if not gaps:
+        return None
+    keep = torch.cat(gaps) > min_kl
+    if not bool(keep.any()):
+        return None
+    index = torch.full_like(q.index, -1)
+    index[q.scored] = torch.where(keep, torch.cumsum(keep.long(), 0) - 1, torch.full_like(keep, -1, dtype=torch.long))
+    return SparseTargets(q.ids[keep], q.weights[keep], index, q.vocab)

@@ -1,0 +1,240 @@
+"""The forget sequences' swapped neighbours (dfmu_ext.lm.neighbours): which tokens are distinctive,
+what a neighbour is, and the targets averaged over them — each against a plain re-computation."""
+import pytest
+import torch
+
+import dfmu_ext
+import dfmu_ext.lm.targets
+from dfmu_ext.unlearn import FORGET_SIDE_STEPS
+from dfmu_ext.lm.neighbours import distinctive_tokens, swappable_positions, swapped_neighbours, template_targets
+from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences, take
+from dfmu_ext.model_io import Inputs
+
+
+def _batch(rows, answer_at=3, pad=None):
+    ids = torch.tensor(rows)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, answer_at] = ids[:, answer_at]
+    mask = torch.ones_like(ids) if pad is None else (ids != pad).long()
+    return Inputs({"input_ids": ids, "attention_mask": mask}), labels
+
+
+def _reference_distinctive(f_rows, f_answer, b_rows, ratio, recurring=False):
+    """Per token: share of forget prompts (positions before the answer) holding it vs share of budget
+    rows; with ``recurring`` only those two forget rows or more hold."""
+    vocab = 1 + max(max(r) for r in f_rows + b_rows)
+    out = []
+    for v in range(vocab):
+        held = sum(v in row[:f_answer] for row in f_rows)
+        r_f, r_b = held / len(f_rows), sum(v in row for row in b_rows) / len(b_rows)
+        if r_f > 0 and r_f > ratio * r_b and (held >= 2 or not recurring):
+            out.append(v)
+    return out
+
+
+def test_swappable_positions_are_the_prompt_or_the_whole_statement():
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 6, 0, 0], [1, 5, 6, 7, 2]])
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3] = 7
+    labels[1, 2] = 6
+    labels[2, 1:] = ids[2, 1:]                       # a statement scored throughout: its prompt is <bos> alone
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(swappable_positions(labels, mask), want)
+    # nothing scored: the whole real sequence
+    assert torch.equal(swappable_positions(torch.full_like(ids, IGNORE_INDEX), mask), mask.bool())
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.0, 4.0])
+def test_distinctive_tokens_match_the_presence_rates(ratio):
+    # people 10..13, attributes 20..22, answers 30..39; forget person 10 (all facts) and one fact of 11
+    f_rows = [[1, 10, 20, 30, 2], [1, 10, 21, 31, 2], [1, 10, 22, 32, 2], [1, 11, 20, 33, 2]]
+    b_rows = [[1, 11, 21, 34, 2], [1, 12, 20, 35, 2], [1, 12, 22, 36, 2], [1, 13, 21, 37, 2], [1, 13, 20, 38, 2]]
+    got = distinctive_tokens(_batch(f_rows), _batch(b_rows), 40, ratio).tolist()
+    assert got == _reference_distinctive(f_rows, 3, b_rows, ratio)
+    recurring = distinctive_tokens(_batch(f_rows), _batch(b_rows), 40, ratio, recurring=True).tolist()
+    assert recurring == _reference_distinctive(f_rows, 3, b_rows, ratio, recurring=True) and 11 not in recurring
+    assert 10 in got and 1 not in got and not set(got) & set(range(30, 40))   # a recurring name; no answer
+    if ratio >= 2:           # the attribute 20 (2 of 4 forget rows, 2 of 5 budget rows) is not distinctive
+        assert recurring == [10]
+
+
+def test_swapped_neighbours_change_one_distinctive_token_everywhere_in_the_prompt():
+    f_rows = [[1, 10, 20, 10, 30, 2], [1, 10, 21, 10, 31, 2], [1, 40, 22, 40, 32, 2], [1, 40, 23, 40, 33, 2]]
+    b_rows = [[1, 11, 21, 11, 34, 2], [1, 12, 20, 12, 35, 2], [1, 13, 22, 13, 36, 2]]
+    forget, budget = _batch(f_rows, answer_at=4), _batch(b_rows, answer_at=4)
+    assert set(distinctive_tokens(forget, budget, 50).tolist()) == {10, 23, 40}
+    special = set(distinctive_tokens(forget, budget, 50, recurring=True).tolist())
+    assert special == {10, 40}        # each row holds a recurring name: the one-off attribute 23 stays
+    near = swapped_neighbours(forget, budget, 50, per_sequence=5, seed=3)
+    xs = near.inputs
+    assert xs["input_ids"].shape == (20, 6) and torch.equal(near.labels, forget[1][near.source])
+    assert near.source.tolist() == [0, 1, 2, 3] * 5          # neighbour j of row i sits at j * rows + i
+    template = {1, 2}            # held by every budget row: never swapped in
+    for n, (row, i) in enumerate(zip(xs["input_ids"].tolist(), near.source.tolist())):
+        orig = f_rows[i]
+        changed = [t for t in range(6) if row[t] != orig[t]]
+        assert changed and all(t < 4 for t in changed)                 # only the prompt moves
+        swapped = orig[changed[0]]
+        assert swapped in special
+        assert changed == [t for t in range(4) if orig[t] == swapped]  # every prompt occurrence of it
+        assert len({row[t] for t in changed}) == 1
+        new = row[changed[0]]
+        assert new not in {10, 23, 40} and new not in template and 0 <= new < 50
+        assert int(near.first[n]) == changed[0]
+        assert near.where[n].tolist() == [t >= changed[0] for t in range(6)]
+    assert len(near.head(7)) == 7 and torch.equal(near.head(7).first, near.first[:7])
+    # seeded: the same call gives the same neighbours, another seed others
+    again = swapped_neighbours(forget, budget, 50, per_sequence=5, seed=3)
+    assert torch.equal(again.inputs["input_ids"], xs["input_ids"])
+    other = swapped_neighbours(forget, budget, 50, per_sequence=5, seed=4)
+    assert not torch.equal(other.inputs["input_ids"], xs["input_ids"])
+
+
+def test_swapped_neighbours_none_when_nothing_is_distinctive():
+    rows = [[1, 10, 20, 30, 2], [1, 11, 21, 31, 2]]
+    assert swapped_neighbours(_batch(rows), _batch(rows), 40, per_sequence=4) is None
+    assert swapped_neighbours(_batch(rows), _batch([[1, 12, 22, 32, 2]]), 40, per_sequence=0) is None
+
+
+class _Table(torch.nn.Module):
+    """A 'causal LM' whose logits at position t are a table row of the token at t (so the
+    neighbours' next-token distributions are known in closed form)."""
+
+    def __init__(self, vocab, seed=0):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.table[input_ids]
+
+
+@pytest.mark.parametrize("top", [3, 50])
+def test_template_targets_average_the_neighbours_distributions(top):
+    vocab = 50
+    model = _Table(vocab)
+    # the answer's logits read the token just before it: make that the person (the attribute comes first)
+    f_rows = [[1, 20, 10, 30, 2], [1, 21, 10, 31, 2], [1, 22, 40, 32, 2]]
+    b_rows = [[1, 20, 11, 34, 2], [1, 21, 12, 35, 2], [1, 22, 13, 36, 2]]
+    forget, budget = _batch(f_rows), _batch(b_rows)
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=6, seed=0)
+    q = template_targets(model, forget, near, top=top)
+    dense = q.to_dense()
+    assert torch.equal(q.scored, forget[1][:, 1:] != IGNORE_INDEX)
+    for i in range(3):
+        mine = near.inputs["input_ids"][near.source == i]
+        p = torch.softmax(model.table.detach()[mine[:, 2]], -1).mean(0)   # position 2 predicts the answer
+        want = torch.zeros(vocab)
+        w, ids = p.topk(min(top, vocab))
+        want[ids] = w / w.sum()
+        torch.testing.assert_close(dense[i, 2], want, atol=1e-6, rtol=1e-5)
+        assert float(dense[i].sum()) == pytest.approx(1.0, abs=1e-5)  # one scored position per row
+
+
+def test_template_targets_skip_positions_that_read_no_swap():
+    """A statement scored throughout, its name at position 3: positions before it get no target, the
+    ones after average only over the neighbours (all of which swapped the name there)."""
+    vocab = 50
+    model = _Table(vocab)
+    ids = torch.tensor([[1, 20, 21, 10, 22, 30, 2], [1, 20, 21, 10, 23, 31, 2]])
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    forget = (Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), labels)
+    b = torch.tensor([[1, 20, 21, 11, 22, 34, 2], [1, 20, 21, 12, 23, 35, 2], [1, 24, 25, 13, 26, 36, 2]])
+    budget = (Inputs({"input_ids": b, "attention_mask": torch.ones_like(b)}), b.clone())
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=1)
+    assert set(near.first.tolist()) == {3}
+    q = template_targets(model, forget, near, top=vocab)
+    want_scored = torch.zeros(2, 6, dtype=torch.bool)
+    want_scored[:, 3:] = True                          # logits at t >= 3 read the swapped name
+    assert torch.equal(q.scored, want_scored)
+    dense = q.to_dense()
+    for i in range(2):
+        mine = near.inputs["input_ids"][near.source == i]
+        for t in range(3, 6):
+            p = torch.softmax(model.table.detach()[mine[:, t]], -1).mean(0)
+            torch.testing.assert_close(dense[i, t], p / p.sum(), atol=1e-6, rtol=1e-5)
+
+
+def _people(people=12, facts=3, values=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows, owner = [], []
+    answers = torch.randint(0, values, (people, facts), generator=g)
+    for p in range(people):
+        for a in range(facts):
+            rows.append([1, 3 + p, 3 + people + a, 3 + people + facts + a * values + int(answers[p, a]), 2])
+            owner.append(p)
+    ids = torch.tensor(rows)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, 3] = ids[:, 3]
+    return TokenSequences(ids, labels), torch.tensor(owner), 3 + people + facts + facts * values
+
+
+def test_unlearn_reports_the_neighbour_targets_and_the_estimate_stop():
+    from _lm_tiny import make_model, train
+
+    data, owner, vocab = _people()
+    model = train(make_model(0, vocab=vocab), data, steps=200)
+    forget = torch.nonzero(owner == 0).flatten().tolist()
+    res = dfmu_ext.unlearn(model, data, forget_indices=forget, retain_fraction=0.5, seed=0)
+    assert res.info["forget_targets"] == "neighbours" and res.info["neighbours"] > 0
+    side = res.info["forget_side"]
+    assert side["stop"] == "estimate" and side["gap"] <= side["gap_before"] + 1e-9
+    assert 0 <= side["extra_forget_steps"] <= FORGET_SIDE_STEPS["estimate"]
+    # the old targets stay reachable, and then no neighbour is distilled when asked for none
+    again = train(make_model(0, vocab=vocab), data, steps=200)
+    old = dfmu_ext.unlearn(again, data, forget_indices=forget, retain_fraction=0.5, seed=0,
+                           forget_term=dfmu_ext.lm.targets.LMForgetTermConfig(source="positions"),
+                           finetune=dfmu_ext.tasks.LMFinetuneConfig(neighbours=0))
+    assert old.info["forget_targets"] == "positions" and old.info["neighbours"] == 0
+
+
+@pytest.mark.parametrize("bad", [dict(source="nearest"), dict(per_sequence=0)])
+def test_bad_forget_term_source_is_one_line(bad):
+    with pytest.raises(ValueError, match="forget term"):
+        dfmu_ext.lm.targets.LMForgetTermConfig(**bad).validate()
+
+
+def test_negative_neighbours_is_one_line():
+    with pytest.raises(ValueError, match="neighbours"):
+        dfmu_ext.tasks.LMFinetuneConfig(neighbours=-1).validate()
+
+
+def test_forget_gap_is_kl_to_the_targets():
+    """forget_gap = mean over scored positions of KL(q || p), recomputed densely."""
+    from dfmu_ext.tasks.base import Targets
+    from dfmu_ext.tasks.causal_lm import CausalLMTask
+
+    vocab = 30
+    model = _Table(vocab, seed=1)
+    f_rows = [[1, 20, 10, 25, 2], [1, 21, 10, 26, 2]]
+    b_rows = [[1, 20, 11, 27, 2], [1, 21, 12, 28, 2]]
+    forget, budget = _batch(f_rows), _batch(b_rows)
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
+    q = template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
+    gap = CausalLMTask().forget_gap(model, None, Targets((forget[0], q, q.scored), [0, 1]), torch.device("cpu"))
+    dense = q.to_dense()
+    logp = torch.log_softmax(model.table.detach()[forget[0]["input_ids"]][:, :-1], -1)
+    kl = (dense * (dense.clamp_min(1e-30).log() - logp)).sum(-1)[q.scored]
+    assert gap == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+
+
+def test_mlp_entity_trains_the_mlp_and_only_the_forget_sets_token_rows():
+    from _lm_tiny import make_model, train
+
+    data, owner, vocab = _people()
+    model = train(make_model(0, vocab=vocab), data, steps=200)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    forget = torch.nonzero(owner == 0).flatten().tolist()
+    res = dfmu_ext.unlearn(model, data, forget_indices=forget, retain_fraction=0.5, seed=0, guard=False)
+    assert res.finetune.steps > 0
+    after = model.state_dict()
+    person = 3                                       # person 0's token: the only distinctive one
+    changed_rows = (after["tok.weight"] != before["tok.weight"]).any(1).nonzero().flatten().tolist()
+    assert changed_rows == [person]
+    for name in before:
+        moved = not torch.equal(after[name], before[name])
+        if name.startswith("mlp.") or name == "tok.weight":
+            continue
+        assert not moved, name                       # attention, norms, positions and head stay as they were
+    assert not torch.equal(after["mlp.0.weight"], before["mlp.0.weight"])
