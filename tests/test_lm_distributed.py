@@ -1,0 +1,172 @@
+"""DFMU for causal LMs under torch.distributed: two Gloo ranks on the CPU (127.0.0.1), FSDP2 and DDP.
+
+Each rank runs ``unlearn`` on the tiny LM of ``_lm_tiny`` as torchrun would start it (the environment
+variables, then ``dfmu_ext.distributed.init_from_env``); the test process runs the same call in one
+process and compares: the scores (summed over the ranks' shards), the masks (bit-identical), the
+edit, the guard's numbers, and the weights (equal up to the rounding of the reduction order). The
+sharded mask plan is checked on its own against masks applied to the unsharded tensors.
+"""
+import json
+import multiprocessing as std_mp
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+import dfmu_ext
+from dfmu_ext import distributed as dd
+from dfmu_ext.tasks import LMFinetuneConfig
+
+import _lm_tiny as tl
+
+WORLD = 2
+FORGET = [0, 8]          # both facts of the first person
+# batches of 5 over a 6-sequence budget: the last batch has one row, so rank 1 runs its weight-0 row
+FT = dict(batch_size=5, min_steps=6, lr=1e-2)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _original() -> torch.nn.Module:
+    return tl.train(tl.make_model(0), tl.qa_set(16), steps=150)
+
+
+def _run(model):
+    res = dfmu_ext.unlearn(model, tl.qa_set(16), forget_indices=FORGET, retain_fraction=1.0, seed=0,
+                           finetune=LMFinetuneConfig(**FT))
+    guard = res.info["guard"]
+    return {"state": tl.state(model), "masks": res.masks, "scores": res.info["scores"], "counts": res.info["counts"],
+            "edit_steps": res.info["edit_steps"], "finetune": res.finetune.to_dict(),
+            "guard": {k: {kk: v for kk, v in s.items() if kk in ("score", "drop", "within")}
+                      for k, s in guard["stages"].items()},
+            "parallel": res.info.get("parallel")}
+
+
+def _sharded_plan_check():
+    """A two-layer module under fully_shard (a Linear masked along its inputs, dim 1, and a
+    transposed weight masked along dim 0, sharded unevenly: 7 rows on 2 ranks), one AdamW step,
+    the plan applied: the gathered weights and moments against masks applied to full tensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dfmu_ext.finetune import AdamW
+    from dfmu_ext.tasks.lm_parallel import ShardedMaskPlan
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Linear(6, 7))
+    fully_shard(net)
+    opt = AdamW(list(net.parameters()), lr=0.1, weight_decay=0.0)
+    net(torch.randn(3, 5)).pow(2).sum().backward()
+    opt.step()
+    m1, m2 = torch.tensor([1.0, 0, 1, 1, 0]), torch.tensor([0.0, 1, 1, 1, 1, 1, 0])
+    w1, w2 = net[0].weight, net[1].weight
+    before = [t.full_tensor() for t in (w1, opt.state[w1]["exp_avg"], w2, opt.state[w2]["exp_avg_sq"])]
+    ShardedMaskPlan([w1, w2], [m1, m2], [1, 0]).apply(opt)
+    after = [t.full_tensor() for t in (w1, opt.state[w1]["exp_avg"], w2, opt.state[w2]["exp_avg_sq"])]
+    want = [before[0] * m1, before[1] * m1, before[2] * m2[:, None], before[3] * m2[:, None]]
+    return all(torch.equal(a, b) for a, b in zip(after, want)) and bool(before[0][:, 1].abs().sum() > 0)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                          WORLD_SIZE=str(WORLD), **{dd.TIMEOUT_ENV: "60"})
+        dd.init_from_env("cpu")
+        original = torch.load(os.path.join(out, "original.pt"), weights_only=True)
+        results = {"plan_ok": _sharded_plan_check()}
+        for mode in ("fsdp", "ddp"):
+            os.environ["DFMU_LM_PARALLEL"] = mode
+            model = tl.make_model(0)
+            model.load_state_dict(original)
+            results[mode] = _run(model)
+            results[mode]["identical"] = dd.replicas_identical(model)
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dd.destroy()
+    except BaseException as exc:
+        with open(os.path.join(out, f"error{rank}.json"), "w") as f:
+            json.dump({"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}, f)
+        raise
+
+
+def _context():
+    if "forkserver" not in std_mp.get_all_start_methods():
+        return std_mp.get_context("spawn")
+    ctx = std_mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "dfmu_ext", "_lm_tiny"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lm_dist"))
+    original = _original()
+    torch.save(original.state_dict(), os.path.join(out, "original.pt"))
+    ctx = _context()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, out), daemon=True) for r in range(WORLD)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(0.0, start + 240 - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = [open(os.path.join(out, f"error{r}.json")).read() for r in range(WORLD)
+              if os.path.exists(os.path.join(out, f"error{r}.json"))]
+    assert not hung and [p.exitcode for p in procs] == [0] * WORLD, (hung, errors)
+    single = _original()
+    return {"ranks": [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)],
+            "original": tl.state(single), "single": _run(single), "seconds": time.monotonic() - start}
+
+
+@pytest.mark.slow  # two worker processes
+def test_sharded_mask_plan_masks_local_shards_and_moments(lm_run):
+    assert all(r["plan_ok"] for r in lm_run["ranks"])
+
+
+@pytest.mark.slow  # two worker processes
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_lm_unlearn_two_ranks_equals_one_process(lm_run, mode):
+    one = lm_run["single"]
+    r0, r1 = (r[mode] for r in lm_run["ranks"])
+    assert r0["parallel"] == {"mode": "fsdp2" if mode == "fsdp" else "ddp", "world_size": 2}
+    assert one["parallel"] is None
+    # every rank holds the whole batch's scores, and the masks are one process's, bit for bit
+    for got in (r0, r1):
+        assert got["counts"] == one["counts"]
+        for name, s in one["scores"].items():
+            torch.testing.assert_close(got["scores"][name], s, rtol=1e-5, atol=1e-7)
+        assert got["masks"].keys() == one["masks"].keys()
+        for name, m in one["masks"].items():
+            assert torch.equal(got["masks"][name], m), name
+    assert sum(int((m == 0).sum()) for m in one["masks"].values()) > 0, "nothing was pruned: the test is vacuous"
+    # the replicas are identical, and the same decisions were taken as in one process
+    assert r0["identical"] and r1["identical"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert r0["edit_steps"] == one["edit_steps"] > 0
+    for key in ("steps", "samples", "recovery_steps"):
+        assert r0["finetune"][key] == one["finetune"][key], key
+    assert r0["guard"].keys() == one["guard"].keys()
+    for stage, s in one["guard"].items():
+        assert r0["guard"][stage].get("within") == s.get("within"), stage
+        assert abs(r0["guard"][stage]["score"] - s["score"]) < 1e-5, stage
+    # the weights: one process's up to the rounding of the reduction order; pruned neurons exactly zero
+    assert one["finetune"]["steps"] >= 6
+    for k, v in one["state"].items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    moved = max(float((v - lm_run["original"][k]).abs().max()) for k, v in one["state"].items())
+    assert moved > 1e-2, "the fine-tune did not move the weights: the comparison is vacuous"
+    w = r0["state"]["mlp.2.weight"]
+    assert torch.count_nonzero(w[:, one["masks"]["mlp.2"] == 0]) == 0
