@@ -36,8 +36,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _original() -> torch.nn.Module:
-    return tl.train(tl.make_model(0), tl.qa_set(16), steps=150)
+def _hf(arch: str) -> torch.nn.Module:
+    """Two-layer Llama and GPT-2 configs: decoder layers that FSDP2 shards one by one
+    (``_no_split_modules``); GPT-2's ``Conv1D`` keeps the neurons on the weight's sharded dim 0,
+    and its head is tied to the embedding."""
+    import transformers
+
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=tl.VOCAB, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=tl.T)
+        return transformers.LlamaForCausalLM(cfg)
+    cfg = transformers.GPT2Config(vocab_size=tl.VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=tl.T,
+                                  bos_token_id=tl.BOS, eos_token_id=tl.EOS, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)  # dropout draws differ with the rows a process holds
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+ARCHS = ["tiny", "llama", "gpt2"]
+CASES = [("tiny", "fsdp"), ("tiny", "ddp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
+
+
+def _fresh(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tl.TinyLM() if arch == "tiny" else _hf(arch)
+
+
+def _original(arch: str) -> torch.nn.Module:
+    return tl.train(_fresh(arch), tl.qa_set(16), steps=150)
 
 
 def _run(model):
@@ -81,14 +106,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(WORLD), **{dd.TIMEOUT_ENV: "60"})
         dd.init_from_env("cpu")
-        original = torch.load(os.path.join(out, "original.pt"), weights_only=True)
         results = {"plan_ok": _sharded_plan_check()}
-        for mode in ("fsdp", "ddp"):
+        for arch, mode in CASES:
             os.environ["DFMU_LM_PARALLEL"] = mode
-            model = tl.make_model(0)
-            model.load_state_dict(original)
-            results[mode] = _run(model)
-            results[mode]["identical"] = dd.replicas_identical(model)
+            model = _fresh(arch)
+            model.load_state_dict(torch.load(os.path.join(out, f"{arch}.pt"), weights_only=True))
+            results[arch, mode] = _run(model)
+            results[arch, mode]["identical"] = dd.replicas_identical(model)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dd.destroy()
     except BaseException as exc:
@@ -108,8 +132,10 @@ def _context():
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lm_dist"))
-    original = _original()
-    torch.save(original.state_dict(), os.path.join(out, "original.pt"))
+    pytest.importorskip("transformers")
+    originals = {arch: _original(arch) for arch in ARCHS}
+    for arch, model in originals.items():
+        torch.save(model.state_dict(), os.path.join(out, f"{arch}.pt"))
     ctx = _context()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, out), daemon=True) for r in range(WORLD)]
@@ -126,9 +152,10 @@ def lm_run(tmp_path_factory):
     errors = [open(os.path.join(out, f"error{r}.json")).read() for r in range(WORLD)
               if os.path.exists(os.path.join(out, f"error{r}.json"))]
     assert not hung and [p.exitcode for p in procs] == [0] * WORLD, (hung, errors)
-    single = _original()
+    seconds = time.monotonic() - start
     return {"ranks": [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)],
-            "original": tl.state(single), "single": _run(single), "seconds": time.monotonic() - start}
+            "original": {arch: tl.state(m) for arch, m in originals.items()},
+            "single": {arch: _run(m) for arch, m in originals.items()}, "seconds": seconds}
 
 
 @pytest.mark.slow  # two worker processes
@@ -137,10 +164,10 @@ def test_sharded_mask_plan_masks_local_shards_and_moments(lm_run):
 
 
 @pytest.mark.slow  # two worker processes
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_lm_unlearn_two_ranks_equals_one_process(lm_run, mode):
-    one = lm_run["single"]
-    r0, r1 = (r[mode] for r in lm_run["ranks"])
+@pytest.mark.parametrize("arch, mode", CASES)
+def test_lm_unlearn_two_ranks_equals_one_process(lm_run, arch, mode):
+    one = lm_run["single"][arch]
+    r0, r1 = (r[arch, mode] for r in lm_run["ranks"])
     assert r0["parallel"] == {"mode": "fsdp2" if mode == "fsdp" else "ddp", "world_size": 2}
     assert one["parallel"] is None
     # every rank holds the whole batch's scores, and the masks are one process's, bit for bit
@@ -166,7 +193,8 @@ def test_lm_unlearn_two_ranks_equals_one_process(lm_run, mode):
     assert one["finetune"]["steps"] >= 6
     for k, v in one["state"].items():
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
-    moved = max(float((v - lm_run["original"][k]).abs().max()) for k, v in one["state"].items())
+    moved = max(float((v - lm_run["original"][arch][k]).abs().max()) for k, v in one["state"].items())
     assert moved > 1e-2, "the fine-tune did not move the weights: the comparison is vacuous"
-    w = r0["state"]["mlp.2.weight"]
-    assert torch.count_nonzero(w[:, one["masks"]["mlp.2"] == 0]) == 0
+    for name, m in one["masks"].items():  # Conv1D (GPT-2) holds the neurons on dim 0, a Linear on dim 1
+        w = r0["state"][name + ".weight"]
+        assert torch.count_nonzero(w[m == 0] if arch == "gpt2" else w[:, m == 0]) == 0, name
