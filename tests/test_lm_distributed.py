@@ -198,3 +198,37 @@ def test_lm_unlearn_two_ranks_equals_one_process(lm_run, arch, mode):
     for name, m in one["masks"].items():  # Conv1D (GPT-2) holds the neurons on dim 0, a Linear on dim 1
         w = r0["state"][name + ".weight"]
         assert torch.count_nonzero(w[m == 0] if arch == "gpt2" else w[:, m == 0]) == 0, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DFMU_TEST_TORCHRUN") != "1", reason="real torchrun run: set DFMU_TEST_TORCHRUN=1")
+def test_torchrun_cli_forget_lm(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m dfmu_ext forget --task lm`: rank 0 alone prints and writes; the
+    checkpoint is one process's up to rounding, its record names FSDP2 and verifies (~60 s)."""
+    import subprocess
+    import sys
+
+    from dfmu_ext import cli
+
+    monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "lm.pt"
+    small = ["--task", "lm", "--people", "8", "--epochs", "2", "--device", "cpu", "--quiet"]
+    assert cli.main(["train", *small, "--out", str(ckpt)]) == 0
+    forget = ["forget", "--task", "lm", "--ckpt", str(ckpt), "--forget-people", "0.25", "--device", "cpu"]
+    assert cli.main([*forget, "--out", str(tmp_path / "one" / "f.pt"), "--quiet"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", dd.TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), "-m", "dfmu_ext", *forget, "--out",
+           str(tmp_path / "two" / "f.pt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("DFMU ") == 1 and proc.stdout.count("wrote ") == 1, proc.stdout
+    record = json.loads((tmp_path / "two" / "f.record.json").read_text())
+    assert record["config"]["world_size"] == 2 and record["config"]["parallel"]["mode"] == "fsdp2"
+    assert cli.main(["verify", "--record", str(tmp_path / "two" / "f.record.json"), "--weights",
+                     str(tmp_path / "two" / "f.pt")]) == 0
+    one = torch.load(tmp_path / "one" / "f.pt", weights_only=True)["state_dict"]
+    two = torch.load(tmp_path / "two" / "f.pt", weights_only=True)["state_dict"]
+    for k, v in one.items():
+        torch.testing.assert_close(two[k], v, rtol=1e-4, atol=1e-5, msg=k)
