@@ -53,7 +53,11 @@ def _hf(arch: str) -> torch.nn.Module:
 
 
 ARCHS = ["tiny", "llama", "gpt2"]
-CASES = [("tiny", "fsdp"), ("tiny", "ddp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
+CASES = [("tiny", "fsdp"), ("tiny", "ddp"), ("tiny", "no-fsdp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
+
+
+def _refuse(*args, **kwargs):
+    raise NotImplementedError("no FSDP2 here")
 
 
 def _fresh(arch: str) -> torch.nn.Module:
@@ -107,8 +111,12 @@ def _worker(rank: int, port: int, out: str) -> None:
                           WORLD_SIZE=str(WORLD), **{dd.TIMEOUT_ENV: "60"})
         dd.init_from_env("cpu")
         results = {"plan_ok": _sharded_plan_check()}
+        import torch.distributed.fsdp as fsdp2
+        real_fully_shard = fsdp2.fully_shard
         for arch, mode in CASES:
-            os.environ["DFMU_LM_PARALLEL"] = mode
+            os.environ["DFMU_LM_PARALLEL"] = "fsdp" if mode == "no-fsdp" else mode
+            # "no-fsdp": FSDP2 asked for but failing, as on a PyTorch or backend without it: DDP instead
+            fsdp2.fully_shard = _refuse if mode == "no-fsdp" else real_fully_shard
             model = _fresh(arch)
             model.load_state_dict(torch.load(os.path.join(out, f"{arch}.pt"), weights_only=True))
             results[arch, mode] = _run(model)
@@ -168,7 +176,10 @@ def test_sharded_mask_plan_masks_local_shards_and_moments(lm_run):
 def test_lm_unlearn_two_ranks_equals_one_process(lm_run, arch, mode):
     one = lm_run["single"][arch]
     r0, r1 = (r[arch, mode] for r in lm_run["ranks"])
-    assert r0["parallel"] == {"mode": "fsdp2" if mode == "fsdp" else "ddp", "world_size": 2}
+    want = {"mode": "fsdp2" if mode == "fsdp" else "ddp", "world_size": 2}
+    if mode == "no-fsdp":
+        want["fallback"] = "fully_shard failed (NotImplementedError: no FSDP2 here)"
+    assert r0["parallel"] == want
     assert one["parallel"] is None
     # every rank holds the whole batch's scores, and the masks are one process's, bit for bit
     for got in (r0, r1):
