@@ -188,7 +188,9 @@ class ParallelLMObjective(LMObjective):
 
     def context(self):
         stack = contextlib.ExitStack()
-        stack.enter_context(seeded(self.seed, self.device))
+        # each rank its own stream: dropout draws independent masks for the rows each rank holds (the
+        # batches' order has its own generator, identical on every rank)
+        stack.enter_context(seeded(self.seed + 7919 * self.comm.rank, self.device))
         if self.mode == "fsdp":
             stack.enter_context(self._sharded())
             stack.enter_context(train_mode(self.net))
