@@ -3,8 +3,11 @@
 Each rank runs ``unlearn`` on the tiny LM of ``_lm_tiny`` as torchrun would start it (the environment
 variables, then ``dfmu_ext.distributed.init_from_env``); the test process runs the same call in one
 process and compares: the scores (summed over the ranks' shards), the masks (bit-identical), the
-edit, the guard's numbers, and the weights (equal up to the rounding of the reduction order). The
-sharded mask plan is checked on its own against masks applied to the unsharded tensors.
+edit, the guard's numbers, and the weights (equal up to the rounding of the reduction order): on the
+tiny LM (FSDP2, DDP, and FSDP2 failing so that DDP runs instead), a two-layer Llama and a two-layer
+GPT-2; with dropout (GPT-2), where each rank draws its own masks, the ranks' agreement. The sharded
+mask plan is checked on its own against masks applied to the unsharded tensors. The fixture's run:
+~30 s on the shared 2-core machine.
 """
 import json
 import multiprocessing as std_mp
@@ -36,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hf(arch: str) -> torch.nn.Module:
+def _hf(arch: str, dropout: float = 0.0) -> torch.nn.Module:
     """Two-layer Llama and GPT-2 configs: decoder layers that FSDP2 shards one by one
     (``_no_split_modules``); GPT-2's ``Conv1D`` keeps the neurons on the weight's sharded dim 0,
     and its head is tied to the embedding."""
@@ -47,13 +50,14 @@ def _hf(arch: str) -> torch.nn.Module:
                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=tl.T)
         return transformers.LlamaForCausalLM(cfg)
     cfg = transformers.GPT2Config(vocab_size=tl.VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=tl.T,
-                                  bos_token_id=tl.BOS, eos_token_id=tl.EOS, resid_pdrop=0.0, embd_pdrop=0.0,
-                                  attn_pdrop=0.0)  # dropout draws differ with the rows a process holds
+                                  bos_token_id=tl.BOS, eos_token_id=tl.EOS, resid_pdrop=dropout, embd_pdrop=dropout,
+                                  attn_pdrop=dropout)  # dropout draws differ with the rows a process holds
     return transformers.GPT2LMHeadModel(cfg)
 
 
-ARCHS = ["tiny", "llama", "gpt2"]
+ARCHS = ["tiny", "llama", "gpt2", "gpt2-dropout"]
 CASES = [("tiny", "fsdp"), ("tiny", "ddp"), ("tiny", "no-fsdp"), ("llama", "fsdp"), ("gpt2", "fsdp")]
+DROPOUT = ("gpt2-dropout", "fsdp")   # equal to one process in distribution only: checked for agreement
 
 
 def _refuse(*args, **kwargs):
@@ -62,7 +66,7 @@ def _refuse(*args, **kwargs):
 
 def _fresh(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return tl.TinyLM() if arch == "tiny" else _hf(arch)
+    return tl.TinyLM() if arch == "tiny" else _hf(arch.split("-")[0], 0.1 if arch.endswith("dropout") else 0.0)
 
 
 def _original(arch: str) -> torch.nn.Module:
@@ -113,7 +117,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {"plan_ok": _sharded_plan_check()}
         import torch.distributed.fsdp as fsdp2
         real_fully_shard = fsdp2.fully_shard
-        for arch, mode in CASES:
+        for arch, mode in CASES + [DROPOUT]:
             os.environ["DFMU_LM_PARALLEL"] = "fsdp" if mode == "no-fsdp" else mode
             # "no-fsdp": FSDP2 asked for but failing, as on a PyTorch or backend without it: DDP instead
             fsdp2.fully_shard = _refuse if mode == "no-fsdp" else real_fully_shard
@@ -169,6 +173,21 @@ def lm_run(tmp_path_factory):
 @pytest.mark.slow  # two worker processes
 def test_sharded_mask_plan_masks_local_shards_and_moments(lm_run):
     assert all(r["plan_ok"] for r in lm_run["ranks"])
+
+
+@pytest.mark.slow  # two worker processes
+def test_lm_unlearn_two_ranks_with_dropout_agree(lm_run):
+    """With dropout each rank draws its own masks: the ranks still end bit-identical, with one
+    process's neuron masks, pruned neurons at zero, and the guard's decisions taken together."""
+    arch, mode = DROPOUT
+    r0, r1 = (r[arch, mode] for r in lm_run["ranks"])
+    one = lm_run["single"][arch]
+    assert r0["identical"] and r1["identical"] and r0["guard"] == r1["guard"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    for name, m in one["masks"].items():
+        assert torch.equal(r0["masks"][name], m), name
+        assert torch.count_nonzero(r0["state"][name + ".weight"][m == 0]) == 0, name
+    assert r0["finetune"]["steps"] >= 6
 
 
 @pytest.mark.slow  # two worker processes
