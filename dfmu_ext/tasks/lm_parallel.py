@@ -162,6 +162,10 @@ class ParallelLMObjective(LMObjective):
                 self.net, self.shards = fully_sharded_copy(model, self.trained, list(layers))
             except Exception as exc:  # noqa: BLE001 - any failure of FSDP2 here means: use DDP, and say why
                 self.mode, self.reason = "ddp", f"fully_shard failed ({type(exc).__name__}: {exc})"
+            failed = torch.tensor([float(self.mode != "fsdp")])
+            comm.all_reduce_sum_([failed])  # one rank's failure sends every rank to DDP (else they would hang)
+            if failed.item() > 0 and self.mode == "fsdp":
+                self.mode, self.reason = "ddp", "fully_shard failed on another rank"
         if self.mode == "fsdp":
             self.model = self.net
             self.params = [self.shards[n] for n in self.trained]
