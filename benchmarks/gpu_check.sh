@@ -14,18 +14,22 @@
 #   8. the causal-LM path against model size (random-init Llama 100M/400M/1B, bf16/fp32): peak memory and time
 #      of the scoring pass vs a plain forward+backward, whole DFMU vs one fine-tune epoch
 #      (benchmarks/lm_scale.py; needs transformers; LM_SCALE_SIZES, default "100m,400m,1b").
+#   9. (part "fsdp", run right after the op tests) the causal-LM fine-tune under torchrun with FSDP2 on every
+#      visible GPU (benchmarks/lm_fsdp_check.py, NCCL): against the one-process fine-tune from the same
+#      weights. One GPU cannot shard across ranks: it runs world size 1 (FSDP2's hooks, collectives,
+#      DTensor optimizer and shard masks on CUDA) and says so; with >= 2 GPUs the whole unlearn too.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh      (OUT defaults to /tmp)
 # Env: PYTHON (default python), GPU_CHECK_BUDGET_S (default 340: wall seconds for the whole script),
 #      REPORT_ARGS (extra arguments for report.py, e.g. --quick),
-#      GPU_CHECK_PARTS (default "tests report scoring throughput lm scale": which of steps 3-8 to run; the
-#      build always runs).
+#      GPU_CHECK_PARTS (default "tests fsdp report scoring throughput lm scale": which of steps 3-9 to run;
+#      the build always runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, without pip install
 OUT="${OUT:-/tmp}"
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-340}"
-PARTS=" ${GPU_CHECK_PARTS:-tests report scoring throughput lm scale} "
+PARTS=" ${GPU_CHECK_PARTS:-tests fsdp report scoring throughput lm scale} "
 wants() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -125,6 +129,21 @@ if [ "$TRC" -ne 0 ]; then
   STATUS=1
   echo "op tests: exit $TRC (124: stopped at the ${TL}s limit; log: $OUT/tests.log)"
 fi
+fi
+
+if wants fsdp; then
+section "causal-LM fine-tune under torchrun with FSDP2 (benchmarks/lm_fsdp_check.py)"
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+[ "${NGPU:-0}" -lt 1 ] && NGPU=1
+[ "$NGPU" -gt 8 ] && NGPU=8
+[ "$NGPU" -eq 1 ] && echo "one GPU: FSDP2 runs with world size 1 (no sharding across ranks; the pipeline part needs >= 2)"
+for SIZE in small 100m; do
+  timeout 150 "$PY" -m torch.distributed.run --nproc_per_node "$NGPU" --master_addr 127.0.0.1 --master_port 29533 \
+    benchmarks/lm_fsdp_check.py --device cuda --size "$SIZE" > "$OUT/lm_fsdp_$SIZE.log" 2>&1
+  FRC=$?
+  grep -E "^(objective|pipeline)" "$OUT/lm_fsdp_$SIZE.log" || tail -n 30 "$OUT/lm_fsdp_$SIZE.log"
+  [ "$FRC" -ne 0 ] && { STATUS=1; echo "lm_fsdp_check.py --size $SIZE: exit $FRC (124: stopped at 150 s); log: $OUT/lm_fsdp_$SIZE.log"; }
+done
 fi
 
 if wants report; then

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from .. import distributed
 from .._io import OutputBatch
 from ..lm import folders, formats
 from ..record import read_record, record_path_for, write_record
@@ -56,6 +57,10 @@ def cmd_lm_forget_hf(args) -> int:
     indices = read_forget_indices(args.forget_indices) if args.forget_indices is not None else None
     data = formats.load_lm_data(tokenizer, data=args.data, forget_indices=indices, forget_data=args.forget_data,
                                 retain_data=args.retain_data, max_length=args.max_length)
+    if not distributed.is_main_process():  # torchrun: the same unlearn on every rank; rank 0 alone writes
+        dfmu_ext.unlearn(model, data.train, forget_indices=data.forget_indices, retain_fraction=args.retain_fraction,
+                         mode=args.mode, seed=args.seed, device=device)
+        return 0
     input_sha = folders.folder_sha256(args.hf_model)
     log(f"read {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}) "
         f"and {len(data.train)} sequences, forgetting {len(data.forget_indices)}")

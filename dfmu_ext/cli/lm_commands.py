@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .. import distributed
 from .._io import OutputBatch, write_json
 from ..baselines import SPECS, resolve_methods
 from ..experiments import lm as lm_exp
@@ -116,6 +117,10 @@ def cmd_lm_forget(args) -> int:
     else:
         scenario = lm_exp.make_scenario(corpus, _share(args), args.seed)
         indices = scenario.forget_indices
+    if not distributed.is_main_process():  # torchrun: the same unlearn on every rank; rank 0 alone measures and writes
+        unlearn(model, corpus.train, forget_indices=indices, retain_fraction=args.retain_fraction, mode=args.mode,
+                seed=args.seed, device=device, task="causal-lm")
+        return 0
     with OutputBatch(protect=[p for _, p in inputs]) as batch:
         for folder, flag in ((os.path.dirname(os.path.abspath(args.out)), "--out"),
                              (os.path.dirname(os.path.abspath(record)), "--record"), (out_dir, "--report-dir")):

@@ -134,7 +134,8 @@ class NeuronScores:
 
 
 def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget_mask: torch.Tensor,
-                  layers: list[NeuronLayer] | None = None, reduce: str = "abs", max_tokens: int = 8192) -> NeuronScores:
+                  layers: list[NeuronLayer] | None = None, reduce: str = "abs", max_tokens: int = 8192,
+                  comm=None) -> NeuronScores:
     """The scoring pass over the MLP neurons (one forward, one backward of the summed next-token
     loss of ``labels``' scored tokens). ``forget_mask`` (N,) marks the forget sequences. The model's
     parameters, gradients and modes are left as they were.
@@ -142,7 +143,9 @@ def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget
     The sequences go through in chunks of at most ``max_tokens`` positions (at least one sequence):
     :math:`I_{k,c}` is a sum over sequences of a per-sequence term, so the chunks' scores add up to
     the whole batch's, while the activations and the ``(n, T, vocab)`` logits are held for one chunk
-    only (a 256-sequence scoring batch of a 1B model otherwise holds 64 fine-tune batches' worth)."""
+    only (a 256-sequence scoring batch of a 1B model otherwise holds 64 fine-tune batches' worth).
+    For the same reason, under a process group (``comm``: a :class:`dfmu_ext.distributed.Comm`) each
+    rank scores its own shard and the scores, counts and loss are summed over ranks (in float64)."""
     if not isinstance(inputs, Inputs) or "input_ids" not in inputs:
         raise ValueError("a causal-LM scoring batch is an Inputs with 'input_ids'")
     n = int(inputs.shape[0])
@@ -172,6 +175,10 @@ def score_neurons(model: nn.Module, inputs: Inputs, labels: torch.Tensor, forget
         if l.name not in scores:  # its output does not reach the loss
             scores[l.name] = torch.zeros(2, l.units, device=device)
     counts = torch.stack([(groups == RETAIN).sum(), (groups == FORGET).sum()]).double()
+    if comm is not None and comm.world_size > 1:
+        summed = torch.tensor([total], dtype=torch.float64)
+        comm.all_reduce_sum_([*(scores[l.name] for l in layers), counts, summed])
+        total = float(summed)
     return NeuronScores(layers, {l.name: scores[l.name] for l in layers}, counts, total)
 
 

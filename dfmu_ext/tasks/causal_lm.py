@@ -338,10 +338,12 @@ class CausalLMTask(Task):
         selection = SelectionConfig(**{**configs["selection"].to_dict(), "mode": mode})
         selection.validate()
         t0 = time.perf_counter()
-        scored = score_neurons(model, x, y, is_forget, layers)
+        scored = score_neurons(model, x, y, is_forget, layers, comm=comm)  # each rank its shard, summed
         synchronize(device)
         t1 = time.perf_counter()
         masks = select_units(layers, scored.scores, scored.counts, selection)
+        if comm is not None:
+            comm.broadcast_(list(masks.values()), src=0)  # rank 0's masks: bit-identical on every rank
         plan = neuron_mask_plan(layers, masks)
         plan.apply()
         synchronize(device)
@@ -358,8 +360,9 @@ class CausalLMTask(Task):
         return info
 
     def objective(self, model, split, targets, pruned, configs, device, seed, comm, steps, teacher):
-        if comm is not None and comm.world_size > 1:
-            raise ValueError("DFMU for causal LMs runs in one process (torch.distributed is not supported yet)")
+        if comm is not None and comm.world_size > 1:  # torchrun: FSDP2 (or DDP) fine-tune, see tasks/lm_parallel.py
+            from .lm_parallel import ParallelLMObjective
+            return ParallelLMObjective.build(model, split, targets, pruned, configs, device, seed, comm, teacher)
         return LMObjective(model, split.budget, configs["finetune"], device=device, seed=seed,
                            forget=targets.payload, forget_term=configs["forget_term"],
                            layers=split.extra["layers"], teacher=teacher, neighbours=targets.info.get("_neighbours"))

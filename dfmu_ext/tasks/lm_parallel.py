@@ -1,0 +1,283 @@
+r"""DFMU for causal LMs under ``torchrun``: the fine-tune on FSDP2 (``fully_shard``), DDP where FSDP2 fails.
+
+Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. What each stage does:
+
+* **Scoring.** Rank ``r`` scores samples ``r, r + W, ...`` of the scoring batch; the neurons' scores,
+  the group counts and the loss are summed over ranks (:func:`dfmu_ext.lm.neurons.score_neurons`,
+  ``comm=``), and rank 0's masks are broadcast, so they are bit-identical on every rank.
+* **Forget targets and the retain-projected edit** run on every rank, on the same data with the same
+  seed, before anything is sharded: they are the one-process computation, repeated (cheaper than
+  sending a positions x k target table, and nothing waits on rank 0). The edited weights are then
+  broadcast from rank 0 (:func:`broadcast_parameters`) so that a kernel's run-to-run rounding could
+  never leave the replicas apart.
+* **The fine-tune** trains a copy of the model with its transformer blocks and its root wrapped by
+  ``fully_shard`` (:func:`fully_sharded_copy`): each rank holds ``1/W`` of every trained parameter, of
+  its gradient and of both Adam moments. The global batch of ``batch_size`` sequences is drawn from the
+  same seeded order on every rank, and rank ``r`` takes its rows ``r, r + W, ...``. Each loss term is
+  a mean over a count (scored tokens, forget positions, real positions): a rank's term is rescaled to
+  :math:`W \cdot \sum_{\mathrm{local}} / \mathrm{count}_{\mathrm{global}}`, so that FSDP's gradient
+  average over ranks is exactly the one-process gradient of the global batch. A rank whose share of a
+  batch is empty runs one row at weight 0 (every rank must join the collectives).
+* **The masks** are re-applied after every step on each rank's local shard of the weights and of both
+  Adam moments (:class:`ShardedMaskPlan`): FSDP2 shards dim 0 in ``ceil(n / W)`` chunks, so the local
+  shard is rows ``[r c, r c + c)`` and only the mask's slice for those rows is needed when the neurons
+  index dim 0 (GPT-2's ``Conv1D``); no communication. (Masking through ``full_tensor`` would all-gather
+  and scatter every masked weight each step for the same result.)
+* **The model between runs** is the full, unsharded one: when a fine-tune run starts, each rank copies
+  its rows of the model into the shards (local slicing); when it ends, the trained parameters are
+  all-gathered back (``full_tensor``). The retention guard and the forget side measure the full model
+  on the full validation set on every rank: the weights are bit-identical after the all-gather and the
+  forward is the same computation, so every rank takes the same decision without a collective.
+* **DDP fallback.** Where ``fully_shard`` fails (an old PyTorch, a backend without reduce-scatter) or
+  ``DFMU_LM_PARALLEL=ddp`` is set, the model itself is wrapped in ``DistributedDataParallel`` with the
+  same rows and rescaled losses. ``info["parallel"]`` says which ran and, on a fallback, why.
+
+Per-rank memory (FSDP2): the full model, the distillation teacher, and ``1/W`` of the trained
+parameters with their gradients and moments — the optimizer state, the largest part of a fine-tune,
+is sharded; the full replicas are what the guard and the result need.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+from torch import nn
+
+from .._common import seeded, train_mode
+from ..distributed import Comm
+from ..finetune import AdamW, distill_loss
+from ..lm.neurons import NeuronLayer, neuron_mask_plan
+from ..lm.targets import soft_target_loss
+from ..lm.task import forward_logits, lm_loss, scored_tokens
+from ..model_io import copy_model
+from ..pruning import MaskPlan
+from .causal_lm import LMObjective, _training_only
+
+PARALLEL_ENV = "DFMU_LM_PARALLEL"
+
+
+def parallel_mode() -> str:
+    """``$DFMU_LM_PARALLEL``: ``"fsdp"`` (the default: FSDP2, DDP if it fails) or ``"ddp"``."""
+    mode = os.environ.get(PARALLEL_ENV, "").strip().lower() or "fsdp"
+    if mode not in ("fsdp", "ddp"):
+        raise ValueError(f"{PARALLEL_ENV} must be 'fsdp' or 'ddp', got {mode!r}")
+    return mode
+
+
+def transformer_blocks(model: nn.Module, layers: list[NeuronLayer]) -> list[nn.Module]:
+    """The units FSDP2 shards one at a time: the modules named by a Hugging Face model's
+    ``_no_split_modules`` (its decoder layers), else the entries of any ``nn.ModuleList`` that hold an
+    MLP's down projection; empty for a model with neither (then the root alone is one unit)."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    if kinds:
+        return [m for m in model.modules() if type(m).__name__ in kinds]
+    downs = [model.get_submodule(l.name) for l in layers]
+    return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m
+            if any(d is s for s in child.modules() for d in downs)]
+
+
+def fully_sharded_copy(model: nn.Module, trained: list[str], layers: list[NeuronLayer]):
+    """A copy of ``model`` with only the parameters named in ``trained`` requiring a gradient, each
+    transformer block and then the root wrapped by ``fully_shard``; returns it and its sharded
+    parameters by name (DTensors, ``Shard(0)``). Raises whatever FSDP2 raises where it cannot run."""
+    from torch.distributed.fsdp import fully_shard
+
+    net = copy_model(model)
+    keep = set(trained)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name in keep)
+    for block in transformer_blocks(net, layers):
+        fully_shard(block)
+    fully_shard(net)
+    params = dict(net.named_parameters())
+    for name, p in params.items():
+        if not hasattr(p, "to_local") or len(p.placements) != 1 or getattr(p.placements[0], "dim", None) != 0:
+            raise RuntimeError(f"fully_shard left {name} as {type(p).__name__} {getattr(p, 'placements', '')}: "
+                               "expected a DTensor sharded on dim 0")
+    return net, params
+
+
+def shard_rows(p) -> slice:
+    """The rows of dim 0 that this rank's shard of the DTensor ``p`` holds (FSDP2: ``ceil(n / W)``-row chunks)."""
+    n, world = int(p.shape[0]), p.device_mesh.size()
+    chunk = -(-n // world)
+    start = min(p.device_mesh.get_local_rank() * chunk, n)
+    stop = min(start + chunk, n)
+    local = p.to_local()
+    if local.shape[0] != stop - start:
+        raise RuntimeError(f"a shard of {local.shape[0]} rows where rows {start}:{stop} of {n} were expected")
+    return slice(start, stop)
+
+
+class ShardedMaskPlan(MaskPlan):
+    """A :class:`dfmu_ext.pruning.MaskPlan` over FSDP2-sharded weights: the masks go to each rank's
+    local shard of the weight and of every optimizer state tensor of its shape (the Adam moments),
+    the mask sliced to the shard's rows when the units index dim 0."""
+
+    def tensors_and_masks(self, optimizer=None):
+        tensors, masks = [], []
+        for p, m, dim in zip(self.params, self.masks, self.dims):
+            rows = shard_rows(p)
+            mask = m[rows] if dim == 0 else m
+            states = [v for v in (optimizer.state.get(p, {}).values() if optimizer is not None else ())
+                      if hasattr(v, "to_local") and v.shape == p.shape and v.is_floating_point()]
+            for t in [p] + states:
+                local = t.to_local()
+                tensors.append(local if dim == 0 else local.transpose(0, dim))
+                masks.append(mask.to(local.device))
+        return tensors, masks
+
+
+def broadcast_parameters(model: nn.Module, comm: Comm) -> None:
+    """Every parameter and floating buffer of ``model`` overwritten with rank 0's (native dtype)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            if dist.get_backend() == "nccl" or t.device.type == "cpu":
+                dist.broadcast(t.data, src=0)
+            else:  # gloo moves CPU tensors only
+                cpu = t.detach().cpu()
+                dist.broadcast(cpu, src=0)
+                t.copy_(cpu)
+
+
+class ParallelLMObjective(LMObjective):
+    """:class:`dfmu_ext.tasks.causal_lm.LMObjective` across ranks: the same loss of the same global
+    batches, each rank computing its rows' share, on an FSDP2-sharded copy (DDP on a fallback)."""
+
+    def __init__(self, model: nn.Module, budget, config, *, device, seed: int, comm: Comm, masks: dict,
+                 forget=None, forget_term=None, layers=(), teacher=None, neighbours=None):
+        super().__init__(model, budget, config, device=device, seed=seed, forget=forget, forget_term=forget_term,
+                         layers=layers, teacher=teacher, neighbours=neighbours)
+        self.comm, self.full, self.ddp = comm, model, None
+        broadcast_parameters(model, comm)
+        self.mode, self.reason = parallel_mode(), None
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.trained = [names[id(p)] for p in self.params]
+        if self.mode == "fsdp":
+            try:
+                self.net, self.shards = fully_sharded_copy(model, self.trained, list(layers))
+            except Exception as exc:  # noqa: BLE001 - any failure of FSDP2 here means: use DDP, and say why
+                self.mode, self.reason = "ddp", f"fully_shard failed ({type(exc).__name__}: {exc})"
+            failed = torch.tensor([float(self.mode != "fsdp")])
+            comm.all_reduce_sum_([failed])  # one rank's failure sends every rank to DDP (else they would hang)
+            if failed.item() > 0 and self.mode == "fsdp":
+                self.mode, self.reason = "ddp", "fully_shard failed on another rank"
+        if self.mode == "fsdp":
+            self.model = self.net
+            self.params = [self.shards[n] for n in self.trained]
+            self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+            net_layers = [dataclasses.replace(l, layer=self.net.get_submodule(l.name)) for l in layers]
+            plan = neuron_mask_plan(net_layers, masks)
+            self.local_plan = ShardedMaskPlan(plan.params, plan.masks, plan.dims)
+
+    @classmethod
+    def build(cls, model, split, targets, pruned, configs, device, seed, comm, teacher) -> "ParallelLMObjective":
+        """The objective for :meth:`CausalLMTask.objective` under a process group; which parallelism
+        ran goes into the split's description (``info["parallel"]`` and the deletion record)."""
+        objective = cls(model, split.budget, configs["finetune"], device=device, seed=seed, comm=comm,
+                        masks=pruned.masks, forget=targets.payload, forget_term=configs["forget_term"],
+                        layers=split.extra["layers"], teacher=teacher, neighbours=targets.info.get("_neighbours"))
+        split.describe["parallel"] = objective.describe()
+        return objective
+
+    def describe(self) -> dict:
+        out = {"mode": "fsdp2" if self.mode == "fsdp" else "ddp", "world_size": self.comm.world_size}
+        return {**out, "fallback": self.reason} if self.reason else out
+
+    # ---- the runs: the full model in, the trained shards back out ----
+
+    def context(self):
+        stack = contextlib.ExitStack()
+        # each rank its own stream: dropout draws independent masks for the rows each rank holds (the
+        # batches' order has its own generator, identical on every rank)
+        stack.enter_context(seeded(self.seed + 7919 * self.comm.rank, self.device))
+        if self.mode == "fsdp":
+            stack.enter_context(self._sharded())
+            stack.enter_context(train_mode(self.net))
+        else:
+            stack.enter_context(train_mode(self.full))
+            stack.enter_context(_training_only(self.full, self.params))
+            if self.ddp is None:  # built once, with the trained parameters the only ones requiring a gradient
+                self.ddp = self.comm.wrap(self.full)
+            self.model = self.ddp
+        return stack
+
+    @contextlib.contextmanager
+    def _sharded(self):
+        full = dict(self.full.named_parameters())
+        with torch.no_grad():
+            for name, p in self.shards.items():
+                p.to_local().copy_(full[name].detach()[shard_rows(p)])
+        yield
+        with torch.no_grad():  # only on success: after a rank's error the others must not wait in a gather
+            for name in self.trained:
+                full[name].copy_(self.shards[name].full_tensor())
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self._entity_rows_only()
+        self.optimizer.step()
+        if self.mode == "fsdp":  # the caller's plan holds the full model's weights, not these shards
+            self.local_plan.apply(self.optimizer)
+
+    def _entity_rows_only(self) -> None:
+        """``train="mlp+entity"``: the embedding's gradient kept on the forget set's token rows only
+        (this rank's shard of them under FSDP2; the reduced gradient under DDP), as the one-process
+        hook does."""
+        if self.rows is None:
+            return
+        weight, mask = self.rows
+        if self.mode == "fsdp":
+            names = {id(p): n for n, p in self.full.named_parameters()}
+            shard = self.shards[names[id(weight)]]
+            if shard.grad is not None:
+                shard.grad.to_local().mul_(mask[shard_rows(shard)])
+        elif weight.grad is not None:
+            weight.grad.mul_(mask)
+
+    # ---- the loss: this rank's rows, each term rescaled to its share of the global mean ----
+
+    def _rows(self, n: int) -> tuple[slice, float]:
+        r, w = self.comm.rank, self.comm.world_size
+        return (slice(r, None, w), 1.0) if r < n else (slice(0, 1), 0.0)
+
+    def _share(self, local, total, live: float) -> float:
+        return live * self.comm.world_size * float(local) / max(float(total), 1.0)
+
+    def loss(self, batch, forget_phase: bool):
+        x, y = batch
+        rows, live = self._rows(int(x.shape[0]))
+        xl, yl = x[rows], y[rows]
+        logits = forward_logits(self.model, xl)
+        loss = lm_loss(logits, yl) * self._share(scored_tokens(yl).sum(), scored_tokens(y).sum(), live)
+        if forget_phase and self.forget is not None:
+            xf, q, scored = self.forget
+            every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+            self.cursor = (self.cursor + len(every)) % xf.shape[0]
+            mine, f_live = self._rows(len(every))
+            pick = every[mine]
+            share = self._share(scored[pick].sum(), scored[every].sum(), f_live)
+            loss = loss + self.term.weight * share * soft_target_loss(
+                forward_logits(self.model, xf[pick].to(self.device)), q[pick], scored[pick])
+        if self.teacher is not None and self.config.distill > 0:
+            with torch.no_grad():
+                reference = forward_logits(self.teacher, xl)
+            real = xl["attention_mask"].bool() if "attention_mask" in xl else None
+            counts = (real.sum(), x["attention_mask"].bool().sum()) if real is not None else \
+                (yl.numel(), y.numel())
+            loss = loss + self.config.distill * self._share(*counts, live) * distill_loss(logits, reference, real)
+            if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
+                n = len(self.neighbours)
+                every = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
+                self.neighbour_cursor = (self.neighbour_cursor + len(every)) % n
+                mine, n_live = self._rows(len(every))
+                pick, where = every[mine], self.neighbours.where
+                xn = self.neighbours.inputs[pick].to(self.device)
+                share = self._share(where[pick].sum(), where[every].sum(), n_live)
+                loss = loss + self.config.distill * share * self._distill(xn, forward_logits(self.model, xn),
+                                                                          where[pick])
+        return loss, None, int(x.shape[0])
