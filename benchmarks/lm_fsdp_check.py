@@ -8,7 +8,7 @@ It joins the process group torchrun describes (NCCL on CUDA, Gloo on the CPU) an
    neurons masked, ``--steps`` fine-tune steps (next-token loss + distillation to the original) of
    :class:`dfmu_ext.tasks.lm_parallel.ParallelLMObjective` (``fully_shard`` per decoder layer and on
    the root; the local-shard masks on the weights and both Adam moments) against the one-process
-   :class:`dfmu_ext.tasks.causal_lm.LMObjective` from the same weights on the same batches: the
+   :class:`dfmu_ext.tasks.lm_finetune.LMObjective` from the same weights on the same batches: the
    largest weight difference (the reduction order's rounding only), the masked neurons' largest
    value (must be exactly 0), seconds per step and peak device memory of each.
 2. ``pipeline`` (world size >= 2 only): the whole :func:`dfmu_ext.unlearn` on every rank: masks and
@@ -37,7 +37,7 @@ from dfmu_ext import distributed as dd  # noqa: E402
 from dfmu_ext.finetune import run_finetune  # noqa: E402
 from dfmu_ext.lm.neurons import mlp_neuron_layers, neuron_mask_plan  # noqa: E402
 from dfmu_ext.lm.task import TokenSequences  # noqa: E402
-from dfmu_ext.tasks.causal_lm import LMFinetuneConfig, LMObjective  # noqa: E402
+from dfmu_ext.tasks.lm_finetune import LMFinetuneConfig, LMObjective  # noqa: E402
 from dfmu_ext.tasks.lm_parallel import ParallelLMObjective  # noqa: E402
 
 SIZES = {  # hidden, layers, intermediate, heads, vocab, sequence length, sequences

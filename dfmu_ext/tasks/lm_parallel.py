@@ -53,7 +53,7 @@ from ..lm.targets import soft_target_loss
 from ..lm.task import forward_logits, lm_loss, scored_tokens
 from ..model_io import copy_model
 from ..pruning import MaskPlan
-from .causal_lm import LMObjective, _training_only
+from .lm_finetune import LMObjective, _training_only
 
 PARALLEL_ENV = "DFMU_LM_PARALLEL"
 
@@ -145,7 +145,7 @@ def broadcast_parameters(model: nn.Module, comm: Comm) -> None:
 
 
 class ParallelLMObjective(LMObjective):
-    """:class:`dfmu_ext.tasks.causal_lm.LMObjective` across ranks: the same loss of the same global
+    """:class:`dfmu_ext.tasks.lm_finetune.LMObjective` across ranks: the same loss of the same global
     batches, each rank computing its rows' share, on an FSDP2-sharded copy (DDP on a fallback)."""
 
     def __init__(self, model: nn.Module, budget, config, *, device, seed: int, comm: Comm, masks: dict,

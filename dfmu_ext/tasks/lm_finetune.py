@@ -1,0 +1,215 @@
+r"""The causal LM's fine-tune and edit: :class:`LMFinetuneConfig`, the objective the shared loop runs
+(:class:`LMObjective`: the budget's next-token loss, the forget term, the distillation to the
+original on the budget and on the forget sequences' swapped neighbours), which parameters train
+(the MLP layers, with ``"mlp+entity"`` the input embedding's rows of the forget set's distinctive
+tokens, or all), and the retain-projected edit (:func:`projected_edit`, off by default).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._common import eval_mode, seeded, train_mode
+from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
+from ..lm.edit import EditConfig, ProjectedUpdates
+from ..lm.neurons import mlp_projections
+from ..lm.targets import LMForgetTermConfig, soft_target_loss
+from ..lm.task import batches, forward_logits, lm_loss
+
+
+@dataclass
+class LMFinetuneConfig:
+    """The masked fine-tune of a causal LM on the retain budget."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    min_steps: int = 10     # whole epochs until at least this many steps (a small budget is few batches)
+    nearest: float = 0.5    # share of the retain budget taken nearest the forget set (lm.task.nearest_retain)
+    train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
+    distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
+    neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0 \
+                or self.neighbours < 0:
+            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill and neighbours >= 0")
+        if self.train not in ("all", "mlp", "mlp+entity"):
+            raise ValueError(f"finetune.train must be 'all', 'mlp' or 'mlp+entity', got {self.train!r}")
+        if not 0.0 <= self.nearest <= 1.0:
+            raise ValueError(f"finetune.nearest must be in [0, 1], got {self.nearest}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _training_only(model: nn.Module, params: list[torch.Tensor]):
+    """Within the block only ``params`` require a gradient (the others get none computed or left
+    behind); every flag is restored on exit, also on error."""
+    keep = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+class _Epoch:
+    """One epoch's shuffled budget batches, sized (for the loop) and with an optional bar."""
+
+    def __init__(self, budget, batch_size: int, seed: int, device, progress: bool, desc: str):
+        self.budget, self.batch_size, self.seed, self.device = budget, batch_size, seed, device
+        self.progress, self.desc = progress, desc
+
+    def __len__(self) -> int:
+        return max(1, -(-len(self.budget) // self.batch_size))
+
+    def __iter__(self):
+        it = batches(self.budget, self.batch_size, shuffle=True, seed=self.seed, device=self.device)
+        yield from tqdm(it, total=len(self), desc=self.desc, leave=False, unit="step", disable=not self.progress)
+
+
+class LMObjective(Objective):
+    """The budget's mean next-token loss (+ the forget term on cycled forget rows, + distillation)
+    with AdamW on the trained parameters (the MLP layers by default)."""
+
+    def __init__(self, model: nn.Module, budget, config: LMFinetuneConfig, *, device, seed: int, forget=None,
+                 forget_term: LMForgetTermConfig | None = None, layers=(), teacher: nn.Module | None = None,
+                 neighbours=None):
+        self.model, self.budget, self.config, self.device, self.seed = model, budget, config, device, seed
+        self.teacher, self.term = teacher, forget_term or LMForgetTermConfig()
+        self.neighbours = neighbours if teacher is not None and config.distill > 0 else None
+        self.neighbour_cursor = 0
+        self.forget = forget if forget is not None and self.term.weight > 0 else None
+        self.forget_steps = self.term.steps if self.forget is not None else 0
+        self.params = trained_parameters(model, config.train, layers)
+        # "mlp+entity": the input embedding's rows of the forget set's distinctive tokens train too, no other row
+        self.rows = None
+        tokens = getattr(neighbours, "tokens", None)
+        if config.train == "mlp+entity" and tokens is not None and tokens.numel():
+            embedding = input_embedding(model)
+            if embedding is not None and embedding.weight.requires_grad:
+                mask = torch.zeros(embedding.weight.shape[0], 1, dtype=embedding.weight.dtype)
+                mask[tokens] = 1
+                self.rows = (embedding.weight, mask.to(embedding.weight.device))
+                if all(p is not embedding.weight for p in self.params):
+                    self.params.append(embedding.weight)
+        self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.epochs = epochs_for(config, len(budget), config.batch_size)
+        self.cursor = 0
+
+    def context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(seeded(self.seed, self.device))
+        stack.enter_context(train_mode(self.model))
+        stack.enter_context(_training_only(self.model, self.params))
+        if self.rows is not None:
+            weight, mask = self.rows
+            stack.callback(weight.register_hook(lambda g: g * mask).remove)
+        return stack
+
+    def batches(self, epoch: int, progress: bool):
+        return _Epoch(self.budget, self.config.batch_size, self.seed + epoch, self.device, progress, "fine-tune")
+
+    def loss(self, batch, forget_phase: bool):
+        x, y = batch
+        logits = forward_logits(self.model, x)
+        loss = lm_loss(logits, y)
+        if forget_phase and self.forget is not None:
+            xf, q, scored = self.forget
+            rows = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+            self.cursor = (self.cursor + len(rows)) % xf.shape[0]
+            loss = loss + self.term.weight * soft_target_loss(
+                forward_logits(self.model, xf[rows].to(self.device)), q[rows], scored[rows])
+        if self.teacher is not None and self.config.distill > 0:
+            loss = loss + self.config.distill * self._distill(x, logits)
+            if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
+                n = len(self.neighbours)
+                rows = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
+                self.neighbour_cursor = (self.neighbour_cursor + len(rows)) % n
+                xn = self.neighbours.inputs[rows].to(self.device)
+                loss = loss + self.config.distill * self._distill(xn, forward_logits(self.model, xn),
+                                                                  self.neighbours.where[rows])
+        return loss, None, int(x.shape[0])
+
+    def _distill(self, x, logits, where=None):
+        with torch.no_grad():
+            reference = forward_logits(self.teacher, x)
+        if where is None and "attention_mask" in x:
+            where = x["attention_mask"].bool()
+        return distill_loss(logits, reference, where)
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding: ``get_input_embeddings()`` where the model has it (Hugging Face),
+    else its first ``nn.Embedding`` with the most rows."""
+    getter = getattr(model, "get_input_embeddings", None)
+    found = getter() if callable(getter) else None
+    if isinstance(found, nn.Embedding):
+        return found
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(embeddings, key=lambda m: m.num_embeddings) if embeddings else None
+
+
+def trained_parameters(model: nn.Module, train: str, layers) -> list[torch.Tensor]:
+    """The parameters the fine-tune trains: every one, or (``"mlp"``, ``"mlp+entity"``) those of the
+    MLP layers that hold the neurons and of their sibling projections."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train in ("mlp", "mlp+entity"):
+        owners = {l.layer for l in layers} | {m for l in layers for m in mlp_projections(model, l.layer)}
+        keep = {id(p) for m in owners for p in m.parameters()}
+        params = [p for p in params if id(p) in keep]
+    return params
+
+
+def projected_edit(model: nn.Module, edited, forget, projectors, plan, config: EditConfig, device: torch.device,
+                   seed: int, guard=None) -> int:
+    """Up to ``config.steps`` steps on the ``edited`` layers' weights towards the forget targets, every
+    update projected off the retain subspace of its input (:mod:`dfmu_ext.lm.edit`), pruned neurons kept
+    at zero. With a retention ``guard`` the validation part is measured every ``check_every`` steps;
+    once the edit has cost more than the guard's allowance beyond where it started, its weights go
+    back to the last state within it and the edit stops. Returns the steps kept."""
+    xf, q, scored = forget
+    params = [l.weight for l in edited]
+    # SGD keeps each update in the span of the forget sequences' own activations (the gradient of
+    # y = W h is g h^T); Adam's per-coordinate steps spread it over every direction.
+    opt = MomentumSGD(params, lr=config.lr, momentum=0.9) if config.optimizer == "sgd" else \
+        AdamW(params, lr=config.lr, weight_decay=0.0)
+    projected = ProjectedUpdates([(l.weight, projectors[l.name], l.unit_dim) for l in edited])
+    start = guard.check(model) if guard is not None else None
+    kept = kept_ok = 0              # steps run; steps at the last state the guard measured within its allowance
+    saved = [p.detach().clone() for p in params] if guard is not None else None
+    cursor = 0
+    try:
+        with seeded(seed, device), eval_mode(model), _training_only(model, params):
+            for step in range(config.steps):
+                rows = [(cursor + i) % xf.shape[0] for i in range(min(config.batch_size, xf.shape[0]))]
+                cursor = (cursor + len(rows)) % xf.shape[0]
+                loss = soft_target_loss(forward_logits(model, xf[rows].to(device)), q[rows], scored[rows])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                projected.before()
+                opt.step()
+                projected.after()
+                plan.apply(opt)
+                kept = step + 1
+                if guard is not None and (kept % guard.config.check_every == 0 or kept == config.steps):
+                    if guard.exceeds(guard.check(model), since=start):
+                        with torch.no_grad():
+                            for p, s in zip(params, saved):
+                                p.copy_(s)
+                        kept = kept_ok
+                        break
+                    saved, kept_ok = [p.detach().clone() for p in params], kept
+    finally:
+        opt.zero_grad(set_to_none=True)
+    return kept
