@@ -8,7 +8,9 @@ The LM corpus: ``people`` fictitious people x ``facts`` attributes, one sequence
 ``<bos> person attribute value <eos>`` with only the value scored; values drawn at random from
 ``values`` per attribute (so Retrain answers a forgotten fact at chance, 1/values). Forget
 ``forget`` people (all their facts). "other facts" = the retained people's answers (most of them
-outside the budget).
+outside the budget). A setup with ``filler`` adds that many fully scored sequences that mention no
+one (:func:`filler_sequences`) to every training set and reports ``filler_ppl``, the perplexity on
+100 held-out ones; ``epochs`` (default 150) trains the larger corpora for fewer passes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import warnings
 import torch
 
 import dfmu_ext
-from dfmu_ext.eval.lm import answer_accuracy
+from dfmu_ext.eval.lm import answer_accuracy, perplexity
 from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences
 from dfmu_ext.training.causal_lm import LMTrainConfig, train_causal_lm
 from dfmu_ext.zoo.lm_models import build_causal_lm
@@ -37,6 +39,12 @@ LM_SETUPS = {
                         forget=3),
     "lm-gpt2-wide-5": dict(arch="gpt2", layers=1, hidden=96, mlp=384, people=80, facts=5, values=5, fraction=0.05,
                            forget=4),
+    # added after the neighbours' defaults were fixed (no choice was made on them): a corpus with
+    # ``filler`` fully scored sequences that never mention a person, and a 1000-sequence corpus
+    "lm-llama-filler-13": dict(arch="llama", layers=3, hidden=96, mlp=192, people=60, facts=4, values=4,
+                               fraction=0.13, forget=3, filler=300, epochs=60),
+    "lm-gpt2-large-10": dict(arch="gpt2", layers=2, hidden=128, mlp=512, people=200, facts=5, values=5,
+                             fraction=0.1, forget=10, epochs=100),
 }
 CLS_SETUPS = {
     # digits under three coarse classes of our own; forget every training sample of one digit
@@ -71,10 +79,34 @@ def people_corpus(people: int, facts: int, values: int, seed: int) -> tuple[Toke
     return TokenSequences(ids, labels), torch.tensor(owner), vocab
 
 
-def train_lm(arch, vocab, data, seed, **size):
+#: filler words and successors per word of :func:`filler_sequences` (a fixed bigram chain)
+FILLER_WORDS, FILLER_NEXT = 24, 3
+
+
+def filler_sequences(n: int, held_out: int, vocab0: int, seed: int) -> tuple[TokenSequences, TokenSequences, int]:
+    """``(train, held_out, vocab)``: ``<bos> w1 w2 w3 <eos>`` over :data:`FILLER_WORDS` tokens from
+    ``vocab0`` on (no person, attribute or value token), every token after ``<bos>`` scored. ``w1`` is
+    uniform, each next word one of :data:`FILLER_NEXT` fixed successors of the previous one (a
+    perplexity of about 3 on ``w2, w3`` is learnable; ``held_out`` more from the same chain are never
+    trained on). Its own generator, so the people sequences stay those of :func:`people_corpus`."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    succ = torch.stack([torch.randperm(FILLER_WORDS, generator=g)[:FILLER_NEXT] for _ in range(FILLER_WORDS)])
+    w = torch.empty(n + held_out, 3, dtype=torch.long)
+    w[:, 0] = torch.randint(0, FILLER_WORDS, (n + held_out,), generator=g)
+    for t in (1, 2):
+        w[:, t] = succ[w[:, t - 1], torch.randint(0, FILLER_NEXT, (n + held_out,), generator=g)]
+    ids = torch.cat([torch.ones(n + held_out, 1, dtype=torch.long), vocab0 + w,
+                     torch.full((n + held_out, 1), 2, dtype=torch.long)], 1)
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    seqs = TokenSequences(ids, labels)
+    return seqs.subset(range(n)), seqs.subset(range(n, n + held_out)), vocab0 + FILLER_WORDS
+
+
+def train_lm(arch, vocab, data, seed, epochs=150, **size):
     torch.manual_seed(seed)
     model = build_causal_lm(arch, vocab, 5, **size)
-    train_causal_lm(model, data, LMTrainConfig(epochs=150, batch_size=16, lr=3e-3, warmup_steps=20, seed=seed))
+    train_causal_lm(model, data, LMTrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_steps=20, seed=seed))
     return model.eval()
 
 
@@ -99,22 +131,32 @@ def lm_variants():
 
 def run_lm(name, s, seed):
     data, owner, vocab = people_corpus(s["people"], s["facts"], s["values"], seed)
+    filler_test = None
+    if s.get("filler"):
+        # filler rows after the people's (owner -1): in every model's training set, never "other facts"
+        filler, filler_test, vocab = filler_sequences(s["filler"], 100, vocab, seed)
+        data = TokenSequences(torch.cat([data.input_ids, filler.input_ids]), torch.cat([data.labels, filler.labels]))
+        owner = torch.cat([owner, torch.full((len(filler),), -1)])
     g = torch.Generator().manual_seed(seed)
     gone = torch.randperm(s["people"], generator=g)[:s["forget"]]
     is_forget = torch.isin(owner, gone)
     forget_idx = torch.nonzero(is_forget).flatten().tolist()
     keep = torch.nonzero(~is_forget).flatten()
-    size = dict(layers=s["layers"], hidden=s["hidden"], mlp=s["mlp"], heads=4)
+    other = torch.nonzero(~is_forget & (owner >= 0)).flatten()
+    size = dict(layers=s["layers"], hidden=s["hidden"], mlp=s["mlp"], heads=4, epochs=s.get("epochs", 150))
     t0 = time.perf_counter()
     original = train_lm(s["arch"], vocab, data, seed, **size)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     retrain = train_lm(s["arch"], vocab, data.subset(keep), seed, **size)
     t_retrain = time.perf_counter() - t0
-    f_set, r_set = data.subset(forget_idx), data.subset(keep)
+    f_set, r_set = data.subset(forget_idx), data.subset(other)
 
     def row(model, secs):
-        return {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set), "seconds": secs}
+        out = {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set)}
+        if filler_test is not None:
+            out["filler_ppl"] = perplexity(model, filler_test)
+        return {**out, "seconds": secs}
 
     out = {"Original": row(original, t_train), "Retrain": row(retrain, t_retrain)}
     return {**out, **run_variants(original, data, forget_idx, s["fraction"], seed, lm_variants(), row)}
