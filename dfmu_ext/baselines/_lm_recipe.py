@@ -64,8 +64,11 @@ GRADDIFF_LR = 2e-4
 
 
 def check_recipe(epochs: int, lr: float, batch_size: int, weight_decay: float = 0.0,
-                  warmup_epochs: float = 0.0) -> None:
-    """One-line ValueErrors for a recipe's bad numbers (before anything changes)."""
+                  warmup_epochs: float = 0.0, gamma: float = 0.0, alpha: float = 0.0) -> None:
+    """One-line ValueErrors for a recipe's bad numbers (before anything changes); ``gamma`` and
+    ``alpha`` are the forget and retain terms' weights."""
+    if not gamma >= 0 or not alpha >= 0:
+        raise ValueError(f"gamma and alpha must be >= 0, got {gamma}, {alpha}")
     if int(epochs) < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if not lr > 0:

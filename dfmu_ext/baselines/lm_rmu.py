@@ -154,11 +154,9 @@ def rmu(model: nn.Module, train_set, forget_classes=None, retain_fraction: float
     r"""RMU: minimise :math:`\gamma D(a_\theta(x_f), c\,u) + \alpha D(a_\theta(x_r), a_0(x_r))` over
     the down projections of blocks :math:`l-2..l` (the module's recipe; :math:`c` = ``steering_coeff``,
     :math:`u` seeded by ``seed``). The frozen original is a copy of the model made before the first step."""
-    check_recipe(epochs, lr, batch_size, weight_decay, warmup_epochs)
+    check_recipe(epochs, lr, batch_size, weight_decay, warmup_epochs, gamma, alpha)
     if not steering_coeff > 0:
         raise ValueError(f"steering_coeff must be > 0, got {steering_coeff}")
-    if not gamma >= 0 or not alpha >= 0:
-        raise ValueError(f"gamma and alpha must be >= 0, got {gamma}, {alpha}")
     setup = LMSetup(model, train_set, forget_classes, retain_fraction, forget_indices, device, seed, steps)
     xf0, yf0 = take(setup.forget_set, range(min(len(setup.forget_set), 2)))
     check_scored(take(setup.forget_set, range(len(setup.forget_set)))[1], "the forget sequences")

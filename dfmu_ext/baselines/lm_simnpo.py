@@ -77,11 +77,9 @@ def simnpo(model: nn.Module, train_set, forget_classes=None, retain_fraction: fl
     r"""SimNPO: minimise :math:`\gamma\,` :func:`simnpo_loss` :math:`+ \alpha L_r` (the module's
     recipe; ``alpha=0`` reads no retain data). No reference model: nothing is computed before the
     first step."""
-    check_recipe(epochs, lr, batch_size, weight_decay, warmup_epochs)
+    check_recipe(epochs, lr, batch_size, weight_decay, warmup_epochs, gamma, alpha)
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if not gamma >= 0 or not alpha >= 0:
-        raise ValueError(f"gamma and alpha must be >= 0, got {gamma}, {alpha}")
     setup = LMSetup(model, train_set, forget_classes, retain_fraction, forget_indices, device, seed, steps)
     check_scored(take(setup.forget_set, range(len(setup.forget_set)))[1], "the forget sequences")
 

@@ -38,6 +38,7 @@ locality (Meng et al. 2022); here they are what is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -71,20 +72,30 @@ def _ids_mask(x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, x.get("attention_mask", torch.ones_like(ids)).cpu().bool()
 
 
+def _rates(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r_F, r_B)``: each token's share of forget sequences (at :func:`swappable_positions`) and of
+    budget sequences (anywhere real)."""
+    (xf, yf), (xb, _) = forget, budget
+    f_ids, f_mask = _ids_mask(xf)
+    b_ids, b_mask = _ids_mask(xb)
+    return _presence(f_ids, swappable_positions(yf.cpu(), f_mask), vocab), _presence(b_ids, b_mask, vocab)
+
+
+def _distinctive(r_f: torch.Tensor, r_b: torch.Tensor, rows: int, ratio: float, recurring: bool) -> torch.Tensor:
+    special = (r_f > 0) & (r_f > ratio * r_b)
+    if recurring:
+        special &= r_f * rows >= 1.5
+    return torch.nonzero(special).flatten()
+
+
 def distinctive_tokens(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
                        ratio: float = 2.0, recurring: bool = False) -> torch.Tensor:
     r"""The token ids :math:`v` with :math:`r_F(v) > \rho\, r_B(v)` (``ratio`` :math:`\rho`): their share
     of forget sequences (at :func:`swappable_positions`) against their share of budget sequences;
     with ``recurring`` only those held by two forget sequences or more (sorted, ``int64``)."""
-    (xf, yf), (xb, _) = forget, budget
-    f_ids, f_mask = _ids_mask(xf)
-    b_ids, b_mask = _ids_mask(xb)
-    r_f = _presence(f_ids, swappable_positions(yf.cpu(), f_mask), vocab)
-    r_b = _presence(b_ids, b_mask, vocab)
-    special = (r_f > 0) & (r_f > ratio * r_b)
-    if recurring:
-        special &= r_f * f_ids.shape[0] >= 1.5
-    return torch.nonzero(special).flatten()
+    r_f, r_b = _rates(forget, budget, vocab)
+    return _distinctive(r_f, r_b, int(forget[1].shape[0]), ratio, recurring)
 
 
 @dataclass
@@ -102,7 +113,7 @@ class Neighbours:
     def __len__(self) -> int:
         return int(self.source.shape[0])
 
-    @property
+    @cached_property   # read at every fine-tune step: made once
     def where(self) -> torch.Tensor:
         """``(M, T)`` bool: the real positions whose context holds the swap (position ``t`` reads
         tokens ``<= t``), the only ones where a neighbour differs from its forget sequence."""
@@ -125,11 +136,12 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
         return None
     (xf, yf), (xb, _) = forget, budget
     ids, mask = _ids_mask(xf)
-    special = distinctive_tokens(forget, budget, vocab, ratio)
+    r_f, r_b = _rates(forget, budget, vocab)
+    special = _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=False)
     if special.numel() == 0:
         return None
     b_ids, b_mask = _ids_mask(xb)
-    allowed = _presence(b_ids, b_mask, vocab) <= 0.5         # not the template's words
+    allowed = r_b <= 0.5                                     # not the template's words
     allowed[special] = False
     if not bool(allowed.any()):
         return None
@@ -139,7 +151,7 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     from_vocab = torch.nonzero(allowed).flatten()
     swappable = swappable_positions(yf.cpu(), mask)
     holds = torch.isin(ids, special) & swappable             # (N, T) the positions a swap may change
-    recurs = torch.isin(ids, distinctive_tokens(forget, budget, vocab, ratio, recurring=True)) & swappable
+    recurs = torch.isin(ids, _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=True)) & swappable
     holds = torch.where(recurs.any(1, keepdim=True), recurs, holds)   # a row's recurring tokens where it has any
     rows = torch.nonzero(holds.any(1)).flatten()
     if rows.numel() == 0:

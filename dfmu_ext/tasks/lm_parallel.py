@@ -157,6 +157,7 @@ class ParallelLMObjective(LMObjective):
         self.mode, self.reason = parallel_mode(), None
         names = {id(p): n for n, p in model.named_parameters()}
         self.trained = [names[id(p)] for p in self.params]
+        self.rows_name = names[id(self.rows[0])] if self.rows is not None else None  # "mlp+entity"'s embedding
         if self.mode == "fsdp":
             try:
                 self.net, self.shards = fully_sharded_copy(model, self.trained, list(layers))
@@ -232,8 +233,7 @@ class ParallelLMObjective(LMObjective):
             return
         weight, mask = self.rows
         if self.mode == "fsdp":
-            names = {id(p): n for n, p in self.full.named_parameters()}
-            shard = self.shards[names[id(weight)]]
+            shard = self.shards[self.rows_name]
             if shard.grad is not None:
                 shard.grad.to_local().mul_(mask[shard_rows(shard)])
         elif weight.grad is not None:
