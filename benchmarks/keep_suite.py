@@ -29,6 +29,7 @@ from dfmu_ext.eval.lm import answer_accuracy, perplexity
 from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences
 from dfmu_ext.training.causal_lm import LMTrainConfig, train_causal_lm
 from dfmu_ext.zoo.lm_models import build_causal_lm
+from keep_suite_classes import CLASS_SETUPS as WHOLE_CLASS_SETUPS, run_class as run_whole_class  # whole classes
 
 LM_SETUPS = {
     # name: arch, layers, width, mlp, people, facts, values, retain_fraction, forget people
@@ -280,7 +281,7 @@ def run_memorised(name, s, seed):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/keep_suite")
-    ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS, *MEMORISED_SETUPS]))
+    ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS, *MEMORISED_SETUPS, *WHOLE_CLASS_SETUPS]))
     ap.add_argument("--seeds", default="0")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -288,7 +289,8 @@ def main(argv=None):
     for name in args.setups.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             fn, s = ((run_lm, LM_SETUPS[name]) if name in LM_SETUPS else (run_memorised, MEMORISED_SETUPS[name])
-                     if name in MEMORISED_SETUPS else (run_cls, CLS_SETUPS[name]))
+                     if name in MEMORISED_SETUPS else (run_whole_class, WHOLE_CLASS_SETUPS[name])
+                     if name in WHOLE_CLASS_SETUPS else (run_cls, CLS_SETUPS[name]))
             results[f"{name}/seed{seed}"] = r = fn(name, s, seed)
             cols = [k for k in next(iter(r.values())) if k != "seconds"]
             print(f"\n## {name} seed {seed}")

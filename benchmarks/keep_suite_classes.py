@@ -1,0 +1,227 @@
+"""Whole-class forgetting in the keep suite (issue 27): four model families (the zoo's MLP, SmallCNN and
+a narrow ResNet-18, and a small timm ViT) on small image sets, one class forgotten, retain fractions
+spread over 0.05-0.3. Run through ``benchmarks/keep_suite.py --setups <names>`` (the suite's dispatch),
+or alone:
+
+    python benchmarks/keep_suite_classes.py --setups digits-class-mlp --seeds 0,1,2 --out runs/keep_suite_classes
+    python benchmarks/keep_suite_classes.py --table runs/keep_suite_classes/keep_suite.json
+
+Each run trains an original on all classes and Retrain on the retain classes only (the same recipe,
+the same initial weights), then applies, each to a copy of the original: head-mask (the trivial
+method: the class's classifier row zeroed), DFMU with the defaults, DFMU with the defaults but the
+retention guard off (for whole classes these are the previous defaults: no guard, and distillation is
+off for classes), and DFMU with the distillation of the sample tasks (weight 1) as a measured lead.
+"Original" is doing nothing, printed beside Retrain.
+
+Columns, with ``F`` the forgotten class, ``T_f`` / ``T_r`` its test samples and the other classes', and
+``D_r`` the training samples of the other classes (:func:`dfmu_ext.eval.evaluate.evaluate`):
+
+* ``forget`` = acc(T_f), ``ta`` = acc(T_r), ``ra`` = acc(D_r) (the whole retain set, not the budget);
+* ``probe`` = the forget-class linear probe of the battery (``probe_forget_acc``: standardised
+  penultimate features of min(5000, |train|) training samples of every class, multinomial logistic
+  regression, scored as its accuracy on T_f) - how much of F the features still separate;
+* ``seconds`` = the method's wall time (for Original and Retrain: their training), ``warned`` = a
+  :class:`dfmu_ext.RetentionWarning` was raised.
+
+The data: digits are scikit-learn's 8x8 set (1437 train / 360 test, about 36 test images per class:
+one probe or forget-test sample is 2.8 points); Fashion-MNIST runs on a fixed ``per_class`` subset of
+its train split (the same for every seed; the seed sets the initial weights, the shuffle and DFMU's
+budget) and its whole test split. No default was chosen on these setups.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+import dfmu_ext
+from dfmu_ext.baselines import METHODS
+from dfmu_ext.eval.evaluate import evaluate
+from dfmu_ext.training import TrainConfig, train_model
+from dfmu_ext.zoo import models
+from dfmu_ext.zoo.data import load_dataset
+
+_SGD = dict(optimizer="sgd", weight_decay=5e-4)
+_ADAMW = dict(optimizer="adamw", weight_decay=0.05, batch_size=64)
+
+#: name -> data set, per-class subset (None: all), model, its keywords, recipe, forget class, retain fraction
+CLASS_SETUPS = {
+    "digits-class-mlp": dict(data="digits", per_class=None, model="mlp", kw={}, forget=3, fraction=0.05,
+                             recipe=dict(epochs=30, lr=0.05, **_SGD)),
+    "fmnist-class-vit": dict(data="fashion-mnist", per_class=300, model="vit", kw={}, forget=0, fraction=0.1,
+                             recipe=dict(epochs=25, lr=3e-3, **_ADAMW)),
+    "fmnist-class-cnn": dict(data="fashion-mnist", per_class=300, model="cnn", kw={}, forget=2, fraction=0.13,
+                             recipe=dict(epochs=10, lr=0.05, **_SGD)),
+    "digits-class-cnn": dict(data="digits", per_class=None, model="cnn", kw={"width": 8}, forget=8, fraction=0.2,
+                             recipe=dict(epochs=15, lr=0.05, **_SGD)),
+    "fmnist-class-resnet": dict(data="fashion-mnist", per_class=200, model="resnet18", kw={"width": 8}, forget=7,
+                                fraction=0.3, recipe=dict(epochs=20, lr=0.05, **_SGD)),
+}
+#: the row labels in table order (doing nothing first, beside Retrain)
+ROWS = ("Original", "Retrain", "head-mask", "DFMU, defaults", "DFMU, defaults without guard", "DFMU, distill 1")
+
+
+def small_vit(in_channels: int, num_classes: int, image_size) -> torch.nn.Module:
+    """A timm VisionTransformer sized for 28x28 single-channel images: 7x7 patches (16 tokens and a
+    class token), width 64, 3 blocks of 4 heads, MLP ratio 2 (about 0.1M parameters); its last Linear
+    (``head``) is the classifier, its input the class token after the final LayerNorm."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=tuple(image_size), patch_size=7, in_chans=in_channels, num_classes=num_classes,
+                             embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
+
+
+def class_data(name: str, per_class: int | None):
+    """``(train, test, info)``; with ``per_class``, the train split cut to that many images per class,
+    drawn once from a fixed generator (seed 7000), so every seed and method sees the same images."""
+    train, test, info = load_dataset(name)
+    if per_class is None:
+        return train, test, info
+    x, y = train.tensors
+    gen = torch.Generator().manual_seed(7000)
+    keep = []
+    for c in range(info.num_classes):
+        idx = torch.nonzero(y == c).flatten()
+        if idx.numel() < per_class:
+            raise ValueError(f"{name} has {idx.numel()} training images of class {c}, fewer than {per_class}")
+        keep.append(idx[torch.randperm(idx.numel(), generator=gen)[:per_class]])
+    keep = torch.sort(torch.cat(keep)).values
+    return TensorDataset(x[keep], y[keep]), test, info
+
+
+def _build(s: dict, info, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)  # Original and Retrain start from the same weights
+    if s["model"] == "vit":
+        return small_vit(info.in_channels, info.num_classes, info.image_size)
+    return models.build_model(s["model"], info.in_channels, info.num_classes, info.image_size, **s["kw"])
+
+
+def _variants() -> dict:
+    """The DFMU variants: the defaults, the defaults without the guard, and the defaults with the
+    samples' distillation weight 1. Whole classes default to weight 0 (``CLASS_DISTILL``), so the
+    guard-off row is also the previous defaults; weight 1 is a measurement here, not a default."""
+    return {"DFMU, defaults": {}, "DFMU, defaults without guard": dict(guard=False),
+            "DFMU, distill 1": dict(finetune=dfmu_ext.FinetuneConfig(distill=1.0))}
+
+
+def run_class(name: str, s: dict, seed: int) -> dict:
+    """One setup at one seed: ``{row label: {forget, ta, ra, probe, seconds[, warned, guard_drop]}}``."""
+    train, test, info = class_data(s["data"], s["per_class"])
+    y = train.tensors[1]
+    forget = [int(s["forget"])]
+    keep = torch.nonzero(y != s["forget"]).flatten().tolist()
+    recipe = TrainConfig(**s["recipe"])
+
+    def trained(ds) -> tuple[torch.nn.Module, float]:
+        m = _build(s, info, seed)
+        t0 = time.perf_counter()
+        train_model(m, ds, recipe, seed=seed, progress=False)
+        return m.eval(), time.perf_counter() - t0
+
+    def row(model, secs) -> dict:
+        # the battery's probe (probe_forget_acc) on the same seed's draw of training samples for every row
+        r = evaluate(model, train, test, forget, seed=seed, mia=False)
+        return {"forget": r["forget_test_acc"], "ta": r["test_acc"], "ra": r["retain_acc"],
+                "probe": r["probe_forget_acc"], "seconds": secs}
+
+    original, t_orig = trained(train)
+    retrain, t_retrain = trained(Subset(train, keep))
+    out = {"Original": row(original, t_orig), "Retrain": row(retrain, t_retrain)}
+    m = copy.deepcopy(original)
+    res = METHODS["head-mask"](m, train, forget, seed=seed)
+    out["head-mask"] = row(m, res.timings["total"])
+    for label, kw in _variants().items():
+        m = copy.deepcopy(original)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = dfmu_ext.unlearn(m, train, forget, retain_fraction=s["fraction"], seed=seed, **kw)
+        guard = res.info.get("guard") or {}
+        out[label] = {**row(m, res.timings["total"]),
+                      "warned": any(issubclass(w.category, dfmu_ext.RetentionWarning) for w in caught),
+                      "guard_drop": guard.get("drop"), "recovery_steps": res.finetune.recovery_steps}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the report: mean +- std over seeds, per setup
+# --------------------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def table(results: dict) -> str:
+    """Markdown tables (one per setup) of ``results`` (``{"setup/seedN": run_class(...)}``): accuracies
+    in points, mean +- std over the seeds, the method's seconds and its share of Retrain's time, how
+    many runs warned."""
+    setups: dict[str, list[dict]] = {}
+    for key, run in results.items():
+        setups.setdefault(key.rsplit("/seed", 1)[0], []).append(run)
+    lines = []
+    for name, runs in setups.items():
+        if name not in CLASS_SETUPS:
+            continue
+        s = CLASS_SETUPS[name]
+        lines += [f"**{name}** ({s['model']} on {s['data']}, forget class {s['forget']}, retain fraction "
+                  f"{s['fraction']}, {len(runs)} seeds)", "",
+                  "| model | forget-test | TA | RA | probe | probe − Retrain | seconds | % of Retrain | warned |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for label in ROWS:
+            got = [r[label] for r in runs if label in r]
+            if not got:
+                continue
+            cells = []
+            for k in ("forget", "ta", "ra", "probe"):
+                m, sd = _mean_std([100 * g[k] for g in got])
+                cells.append(f"{m:.1f} ± {sd:.1f}")
+            gap = _mean_std([100 * (g["probe"] - r["Retrain"]["probe"]) for g, r in zip(got, runs)])
+            secs = _mean_std([g["seconds"] for g in got])
+            share = _mean_std([100 * g["seconds"] / r["Retrain"]["seconds"] for g, r in zip(got, runs)])
+            # the original's seconds are its training, not a method's time: no share of Retrain's
+            share_cell = "–" if label == "Original" else f"{share[0]:.1f}%"
+            warned = f"{sum(bool(g['warned']) for g in got)}/{len(got)}" if "warned" in got[0] else "–"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {gap[0]:+.1f} ± {gap[1]:.1f} | "
+                         f"{secs[0]:.2f} ± {secs[1]:.2f} | {share_cell} | {warned} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/keep_suite_classes")
+    ap.add_argument("--setups", default=",".join(CLASS_SETUPS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--table", help="print the tables of this keep_suite.json and stop")
+    args = ap.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return 0
+    torch.set_num_threads(1)
+    results = {}
+    for name in args.setups.split(","):
+        if name not in CLASS_SETUPS:
+            raise ValueError(f"unknown setup {name!r}; choose from {', '.join(CLASS_SETUPS)}")
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            results[f"{name}/seed{seed}"] = run_class(name, CLASS_SETUPS[name], seed)
+            print(table({f"{name}/seed{seed}": results[f"{name}/seed{seed}"]}), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "keep_suite.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
