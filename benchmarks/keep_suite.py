@@ -1,5 +1,6 @@
 """What DFMU keeps, on setups no default was chosen on: small causal LMs of several shapes on a
-question-answer-only corpus (no filler), and classifiers forgetting a sub-class under coarse labels.
+question-answer-only corpus (no filler), and classifiers forgetting a sub-class under coarse labels
+or a whole class (the ``*-class-*`` setups of ``keep_suite_classes.py``).
 Each setup prints the original, Retrain and DFMU variants side by side (doing nothing = the original).
 
     python benchmarks/keep_suite.py --out runs/keep_suite [--setups lm-gpt2-30,digits-sub3] [--seeds 0,1,2]
