@@ -211,8 +211,8 @@ def targets(results: dict, label: str = "DFMU, defaults") -> str:
     setups: dict[str, list[dict]] = {}
     for key, run in results.items():
         setups.setdefault(key.rsplit("/seed", 1)[0], []).append(run)
-    lines = [f"| setup | doing nothing: probe − Retrain | {label}: probe − Retrain | TA − Retrain | RA − Retrain "
-             "| time, % of Retrain | warned |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| setup | doing nothing: probe − Retrain | {label}: probe − Retrain | TA − Retrain "
+             "| RA − Retrain | time, % of Retrain | warned |", "|---|---|---|---|---|---|---|"]
     for name, runs in setups.items():
         if name not in CLASS_SETUPS or not all(label in r for r in runs):
             continue
