@@ -91,6 +91,58 @@ def test_swapped_neighbours_change_one_distinctive_token_everywhere_in_the_promp
     assert not torch.equal(other.inputs["input_ids"], xs["input_ids"])
 
 
+def _reference_most_distinctive(f_rows, b_rows, answer_at, ratio=2.0):
+    """Per forget row, its distinctive prompt tokens of the smallest binomial tail P[Bin(n_B, r_F) <= c_B]
+    (all on a tie), and those held by exactly the same forget rows as one of them."""
+    import math
+    special = set(_reference_distinctive(f_rows, answer_at, b_rows, ratio))
+    rows_of = {v: frozenset(i for i, row in enumerate(f_rows) if v in row[:answer_at]) for v in special}
+    n_b = len(b_rows)
+
+    def tail(v):
+        p = min(max(len(rows_of[v]) / len(f_rows), 1e-12), 1 - 1e-12)
+        c = sum(v in row for row in b_rows)
+        return sum(math.comb(n_b, k) * p ** k * (1 - p) ** (n_b - k) for k in range(c + 1))
+
+    out = []
+    for row in f_rows:
+        held = [v for v in set(row[:answer_at]) if v in special]
+        best = min(tail(v) for v in held)
+        top = {v for v in held if tail(v) <= best * (1 + 1e-9)}
+        out.append(top | {v for v in held if any(rows_of[v] == rows_of[c] for c in top)})
+    return out
+
+
+@pytest.mark.parametrize("case", ["people", "attribute", "two-piece names"])
+def test_swapped_neighbours_swap_each_rows_most_shared_distinctive_tokens(case):
+    # people 10..13 x attributes 20..23; the budget holds no question about attribute 23
+    if case == "people":      # forget people 10 and 11 (every fact): their names, not attribute 23, move
+        f_rows = [[1, p, a, 30 + a - 20, 2] for p in (10, 11) for a in (20, 21, 22, 23)]
+        b_rows = [[1, 12, 20, 31, 2], [1, 13, 21, 32, 2], [1, 12, 22, 33, 2], [1, 13, 20, 34, 2]]
+    elif case == "two-piece names":   # 10+14 and 11+15 are two people; 21 a word the budget holds once
+        f_rows = [[1, p, p + 4, a, 2] for p in (10, 11) for a in (20, 21, 22, 23, 21, 21)]
+        b_rows = [[1, 12, 16, 20, 2], [1, 13, 17, 21, 2], [1, 12, 16, 22, 2]] + [[1, 13, 17, 24, 2]] * 9
+        forget, budget = _batch(f_rows, answer_at=4), _batch(b_rows, answer_at=4)
+        want = _reference_most_distinctive(f_rows, b_rows, 4)
+        near = swapped_neighbours(forget, budget, 50, per_sequence=6, seed=0)
+        for row, i in zip(near.inputs["input_ids"].tolist(), near.source.tolist()):
+            assert {f_rows[i][t] for t in range(5) if row[t] != f_rows[i][t]} == want[i]
+        assert set(near.tokens.tolist()) == {10, 11, 14, 15}
+        return
+    else:                     # forget attribute 23 of everyone: its word moves, not the one-off names
+        f_rows = [[1, p, 23, 35 + p - 10, 2] for p in (10, 11, 12, 13)]
+        b_rows = [[1, 14, 20, 31, 2], [1, 15, 21, 32, 2], [1, 16, 22, 33, 2], [1, 17, 20, 34, 2]]
+    forget, budget = _batch(f_rows), _batch(b_rows)
+    want = _reference_most_distinctive(f_rows, b_rows, 3)
+    assert set(distinctive_tokens(forget, budget, 50).tolist()) >= {10, 11, 23}   # names and 23 pass the ratio
+    near = swapped_neighbours(forget, budget, 50, per_sequence=6, seed=0)
+    for row, i in zip(near.inputs["input_ids"].tolist(), near.source.tolist()):
+        moved = {f_rows[i][t] for t in range(5) if row[t] != f_rows[i][t]}
+        assert moved == want[i]
+    assert set(near.tokens.tolist()) == set().union(*want)
+    assert set(near.tokens.tolist()) == ({10, 11} if case == "people" else {23})
+
+
 def test_swapped_neighbours_none_when_nothing_is_distinctive():
     rows = [[1, 10, 20, 30, 2], [1, 11, 21, 31, 2]]
     assert swapped_neighbours(_batch(rows), _batch(rows), 40, per_sequence=4) is None
@@ -238,3 +290,54 @@ def test_mlp_entity_trains_the_mlp_and_only_the_forget_sets_token_rows():
             continue
         assert not moved, name                       # attention, norms, positions and head stay as they were
     assert not torch.equal(after["mlp.0.weight"], before["mlp.0.weight"])
+
+
+@pytest.mark.parametrize("into", ["trained", "entity"])
+def test_forget_into_entity_routes_the_forget_terms_gradient_to_the_token_rows_only(into):
+    """forget_into="entity": the forget term's gradient is the full model's gradient of the term with
+    respect to the input embedding, on the distinctive tokens' rows, and nothing on the MLPs; the
+    budget's loss trains the MLPs as before. "trained": the term reaches the MLPs too."""
+    from _lm_tiny import make_model, train
+    from dfmu_ext.lm.neurons import mlp_neuron_layers
+    from dfmu_ext.lm.targets import LMForgetTermConfig, soft_target_loss
+    from dfmu_ext.tasks.lm_finetune import LMFinetuneConfig, LMObjective
+
+    data, owner, vocab = _people()
+    model = train(make_model(0, vocab=vocab), data, steps=100)
+    f_idx = torch.nonzero(owner == 0).flatten().tolist()
+    b_idx = torch.nonzero(owner != 0).flatten().tolist()[:12]
+    forget, budget = take(data, f_idx), take(data, b_idx)
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
+    q = template_targets(model, forget, near, top=vocab)
+    payload = (forget[0], q, q.scored)
+    layers = mlp_neuron_layers(model, forget[0][:1])
+    obj = LMObjective(model, data.subset(b_idx), LMFinetuneConfig(distill=0.0, forget_into=into),
+                      device=torch.device("cpu"), seed=0, forget=payload,
+                      forget_term=LMForgetTermConfig(batch_size=len(f_idx)), layers=layers, neighbours=near)
+    batch = take(data, b_idx)
+
+    def grads(forget_phase):
+        model.zero_grad(set_to_none=True)
+        with obj.context():
+            loss = obj.loss(batch, forget_phase)[0]
+            obj.route_forget(model.tok.weight)           # what backward_step does before the step's backward
+            loss.backward()
+        return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+    both, retain = grads(True), grads(False)
+    term = {n: both[n] - retain[n] for n in both}
+    emb = model.tok.weight
+    want = torch.autograd.grad(soft_target_loss(model(forget[0]["input_ids"]), q, q.scored), emb)[0]
+    rows = torch.zeros(vocab, 1)
+    rows[near.tokens] = 1
+    assert near.tokens.tolist() == [3]                                  # person 0's token
+    torch.testing.assert_close(term["tok.weight"], want * rows, rtol=1e-4, atol=1e-6)
+    mlp = [n for n in term if n.startswith("mlp.")]
+    assert mlp and any(retain[n].abs().sum() > 0 for n in mlp)          # the budget's loss trains the MLPs
+    moved = max(float(term[n].abs().max()) for n in mlp)
+    assert (moved < 1e-7) if into == "entity" else (moved > 1e-4)
+
+
+def test_bad_forget_into_is_one_line():
+    with pytest.raises(ValueError, match="forget_into"):
+        dfmu_ext.tasks.LMFinetuneConfig(forget_into="mlp").validate()

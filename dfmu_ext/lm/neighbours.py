@@ -17,8 +17,20 @@ swapped for another token is the same question about someone (or something) else
 
    — a forgotten person's name (held by their sequences, by no retain one), a forgotten attribute's
    word (held by every forget sequence, by few of the budget), but not the template's words (held by
-   both alike). A forget sequence that holds distinctive tokens which recur (in two forget sequences
-   or more) swaps only those: a name recurs across a person's facts, a one-off answer does not.
+   both alike). A forget sequence swaps only its *most* distinctive tokens: those least likely to
+   be held as rarely as the budget holds them, were they as common there as among the forget
+   sequences — the smallest binomial tail :math:`P[\mathrm{Bin}(n_B, r_F(v)) \le c_B(v)]` among its
+   own (:math:`c_B` of the :math:`n_B` budget sequences hold :math:`v`; all on a tie) — and the
+   distinctive tokens held by exactly the same forget sequences as one of them (the other pieces of
+   a name). Forgetting people, a name is held by every fact of its person and by no budget
+   sequence, while an attribute's word is held by one fact of each forgotten person and by its
+   share of the budget: the name is swapped, and the same question about someone else is kept.
+   Forgetting an attribute of everyone, its word is held by every forget sequence and each name by
+   one. A budget of a few dozen sequences may hold no question about some attribute, or rarely hold
+   a template word, which then pass :math:`r_F > \rho\, r_B` as a name does (the ratio alone
+   cannot tell 5 of 75 against 2 of 263 from 15 of 75 against 0); swapped and trained beside the
+   name, every other entity's answers through that word moved (benchmarks/RESULTS.md, "The
+   row's most distinctive tokens").
 2. **Swaps.** A neighbour is one forget sequence with each of its distinctive tokens (every
    swappable occurrence) replaced by a substitute of its own: with probability ½ a token the budget
    holds (another person's name, another attribute), else a token drawn uniformly from the
@@ -37,7 +49,7 @@ locality (Meng et al. 2022); here they are what is kept.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -89,6 +101,39 @@ def _distinctive(r_f: torch.Tensor, r_b: torch.Tensor, rows: int, ratio: float, 
     return torch.nonzero(special).flatten()
 
 
+def binomial_log_cdf(count: torch.Tensor, n: int, p: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log P[\mathrm{Bin}(n, p) \le c]` elementwise (float64, a log-sum-exp of the exact terms)."""
+    count, p = count.double().round(), p.double().clamp(1e-12, 1 - 1e-12)
+    k = torch.arange(n + 1, dtype=torch.float64)
+    log_choose = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    terms = log_choose + k * p.log()[:, None] + (n - k) * torch.log1p(-p)[:, None]
+    return torch.logsumexp(terms.masked_fill(k > count[:, None], float("-inf")), dim=1)
+
+
+def most_distinctive(ids: torch.Tensor, holds: torch.Tensor, r_f: torch.Tensor, r_b: torch.Tensor,
+                     budget_rows: int) -> torch.Tensor:
+    """``holds`` (``(N, T)``, the distinctive tokens' positions) kept at each row's most distinctive
+    tokens: the smallest :func:`binomial_log_cdf` of the budget's count at the forget share in the
+    row, and any token of the row held by exactly the forget rows that hold one of those."""
+    vocab = r_f.shape[0]
+    tok = ids.clamp(0, vocab - 1)
+    cand = torch.unique(tok[holds])
+    score = torch.full((vocab,), float("inf"), dtype=torch.float64)
+    if cand.numel():
+        score[cand] = binomial_log_cdf((r_b[cand] * budget_rows).round(), budget_rows, r_f[cand])
+    at = torch.where(holds, score[tok], torch.full((), float("inf"), dtype=torch.float64))
+    best = at.amin(1, keepdim=True)
+    top = holds & (at <= best + 1e-9 * best.abs())
+    rows_of = torch.zeros(vocab, ids.shape[0], dtype=torch.bool)   # which forget rows hold each token there
+    rows_of[tok[holds], torch.nonzero(holds)[:, 0]] = True
+    keep = top.clone()
+    for i in torch.nonzero(holds.any(1)).flatten().tolist():
+        chosen = torch.unique(tok[i][top[i]]).tolist()
+        for t in torch.nonzero(holds[i] & ~top[i]).flatten().tolist():
+            keep[i, t] = any(torch.equal(rows_of[tok[i, t]], rows_of[c]) for c in chosen)
+    return keep
+
+
 def distinctive_tokens(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
                        ratio: float = 2.0, recurring: bool = False) -> torch.Tensor:
     r"""The token ids :math:`v` with :math:`r_F(v) > \rho\, r_B(v)` (``ratio`` :math:`\rho`): their share
@@ -102,13 +147,15 @@ def distinctive_tokens(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
 class Neighbours:
     """Swapped neighbours of forget sequences: ``inputs`` and ``labels`` in the forget batch's shape,
     ``source`` ``(M,)`` the forget row each came from, ``first`` ``(M,)`` its first swapped position,
-    ``tokens`` the distinctive tokens swapped out."""
+    ``tokens`` the distinctive tokens swapped out, ``shared`` those of them some budget sequence
+    holds too (a name piece other entities have)."""
 
     inputs: Inputs
     labels: torch.Tensor
     source: torch.Tensor
     first: torch.Tensor
     tokens: torch.Tensor
+    shared: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return int(self.source.shape[0])
@@ -124,7 +171,7 @@ class Neighbours:
     def head(self, count: int) -> "Neighbours":
         """The first ``count`` (which cover the forget rows evenly, see :func:`swapped_neighbours`)."""
         return Neighbours(self.inputs[:count], self.labels[:count], self.source[:count], self.first[:count],
-                          self.tokens)
+                          self.tokens, self.shared)
 
 
 def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
@@ -151,8 +198,7 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     from_vocab = torch.nonzero(allowed).flatten()
     swappable = swappable_positions(yf.cpu(), mask)
     holds = torch.isin(ids, special) & swappable             # (N, T) the positions a swap may change
-    recurs = torch.isin(ids, _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=True)) & swappable
-    holds = torch.where(recurs.any(1, keepdim=True), recurs, holds)   # a row's recurring tokens where it has any
+    holds = most_distinctive(ids, holds, r_f, r_b, int(b_mask.shape[0]))
     rows = torch.nonzero(holds.any(1)).flatten()
     if rows.numel() == 0:
         return None
@@ -168,7 +214,9 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
         first.append(int(holds[i].float().argmax()))
     inputs = Inputs({**{k: v.cpu()[source].clone() for k, v in xf.items() if k != "input_ids"},
                      "input_ids": torch.stack(out_ids)})
-    return Neighbours(inputs, yf.cpu()[source].clone(), source, torch.tensor(first), torch.unique(ids[holds]))
+    tokens = torch.unique(ids[holds])
+    return Neighbours(inputs, yf.cpu()[source].clone(), source, torch.tensor(first), tokens,
+                      tokens[seen[tokens.clamp(0, vocab - 1)]])
 
 
 @torch.no_grad()

@@ -34,11 +34,15 @@ class LMFinetuneConfig:
     train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
     distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
     neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
+    forget_into: str = "auto"  # the forget term's gradient: "entity" rows only, the "trained" parameters, or
+                               # "auto": entity rows where no budget sequence holds a swapped token (see LMObjective)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0 \
                 or self.neighbours < 0:
             raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill and neighbours >= 0")
+        if self.forget_into not in ("auto", "trained", "entity"):
+            raise ValueError(f"finetune.forget_into must be 'auto', 'trained' or 'entity', got {self.forget_into!r}")
         if self.train not in ("all", "mlp", "mlp+entity"):
             raise ValueError(f"finetune.train must be 'all', 'mlp' or 'mlp+entity', got {self.train!r}")
         if not 0.0 <= self.nearest <= 1.0:
@@ -103,6 +107,13 @@ class LMObjective(Objective):
                 self.rows = (embedding.weight, mask.to(embedding.weight.device))
                 if all(p is not embedding.weight for p in self.params):
                     self.params.append(embedding.weight)
+        # The forget term into the entity's own embedding rows only: what the model reads about the
+        # entity changes and nothing it reads about anyone else. Only where the entity's tokens are
+        # its own — no budget sequence holds one (a name piece others share would move them too).
+        shared = getattr(neighbours, "shared", None)
+        self.into_rows = self.rows is not None and (config.forget_into == "entity" or (
+            config.forget_into == "auto" and shared is not None and shared.numel() == 0))
+        self.routed = None
         self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.epochs = epochs_for(config, len(budget), config.batch_size)
         self.cursor = 0
@@ -128,8 +139,8 @@ class LMObjective(Objective):
             xf, q, scored = self.forget
             rows = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
             self.cursor = (self.cursor + len(rows)) % xf.shape[0]
-            loss = loss + self.term.weight * soft_target_loss(
-                forward_logits(self.model, xf[rows].to(self.device)), q[rows], scored[rows])
+            loss = self._with_forget(loss, self.term.weight * soft_target_loss(
+                forward_logits(self.model, xf[rows].to(self.device)), q[rows], scored[rows]))
         if self.teacher is not None and self.config.distill > 0:
             loss = loss + self.config.distill * self._distill(x, logits)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
@@ -140,6 +151,28 @@ class LMObjective(Objective):
                 loss = loss + self.config.distill * self._distill(xn, forward_logits(self.model, xn),
                                                                   self.neighbours.where[rows])
         return loss, None, int(x.shape[0])
+
+    def _with_forget(self, loss: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        """``loss + term``; routed (:attr:`into_rows`), the term's gradient is taken apart at the step."""
+        if not self.into_rows:
+            return loss + term
+        self.routed = term
+        return loss + term.detach()
+
+    def route_forget(self, keep: torch.Tensor) -> None:
+        """The routed forget term's backward, its gradient kept on ``keep`` (the embedding, whose
+        hook keeps the entity's rows) only; the step's other terms then add theirs."""
+        term, self.routed = getattr(self, "routed", None), None
+        if term is None:
+            return
+        term.backward()
+        for p in self.params:
+            if p is not keep:
+                p.grad = None
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.route_forget(self.rows[0] if self.rows is not None else None)
+        super().backward_step(loss)
 
     def _distill(self, x, logits, where=None):
         with torch.no_grad():

@@ -219,7 +219,20 @@ class ParallelLMObjective(LMObjective):
                 full[name].copy_(self.shards[name].full_tensor())
 
     def backward_step(self, loss: torch.Tensor) -> None:
+        routed = None
+        if self.rows is not None and self.mode == "fsdp":   # the routed forget term's own backward first
+            self.route_forget(self.shards[self.rows_name])
+        elif self.rows is not None and self.routed is not None:
+            # DDP reduces in its hooks at every backward: the routed term's gradient is taken aside
+            # (no hook fires) and averaged here, as DDP averages the rest
+            term, self.routed = self.routed, None
+            routed = torch.autograd.grad(term, self.rows[0])[0]
+            self.comm.all_reduce_sum_([routed])
+            routed.div_(self.comm.world_size)
         loss.backward()
+        if routed is not None:
+            weight = self.rows[0]
+            weight.grad = routed if weight.grad is None else weight.grad.add_(routed)
         self._entity_rows_only()
         self.optimizer.step()
         if self.mode == "fsdp":  # the caller's plan holds the full model's weights, not these shards
@@ -261,8 +274,8 @@ class ParallelLMObjective(LMObjective):
             mine, f_live = self._rows(len(every))
             pick = every[mine]
             share = self._share(scored[pick].sum(), scored[every].sum(), f_live)
-            loss = loss + self.term.weight * share * soft_target_loss(
-                forward_logits(self.model, xf[pick].to(self.device)), q[pick], scored[pick])
+            loss = self._with_forget(loss, self.term.weight * share * soft_target_loss(
+                forward_logits(self.model, xf[pick].to(self.device)), q[pick], scored[pick]))
         if self.teacher is not None and self.config.distill > 0:
             with torch.no_grad():
                 reference = forward_logits(self.teacher, xl)
