@@ -128,6 +128,8 @@ def lm_variants():
         "DFMU, e9bf022 defaults": before,
         "DFMU, defaults": dict(),
         "DFMU, defaults without guard": dict(guard=False),
+        # the forget term into every trained parameter (the routing to the entity's rows off)
+        "DFMU, forget_into=trained": dict(finetune=tf(forget_into="trained")),
     }
 
 

@@ -341,3 +341,30 @@ def test_forget_into_entity_routes_the_forget_terms_gradient_to_the_token_rows_o
 def test_bad_forget_into_is_one_line():
     with pytest.raises(ValueError, match="forget_into"):
         dfmu_ext.tasks.LMFinetuneConfig(forget_into="mlp").validate()
+
+
+def test_reset_rows_draws_only_those_rows_from_the_others_statistics():
+    from dfmu_ext.tasks.lm_finetune import reset_rows
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(400, 6, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0, 1.0]) + 4.0
+    before = weight.clone()
+    tokens = torch.tensor([3, 17, 250])
+    reset_rows(weight, tokens, seed=5)
+    others = torch.ones(400, dtype=torch.bool)
+    others[tokens] = False
+    assert torch.equal(weight[others], before[others])               # no other row moves
+    assert not torch.equal(weight[tokens], before[tokens])
+    again = before.clone()
+    reset_rows(again, tokens, seed=5)
+    assert torch.equal(again, weight)                                 # seeded: the same on every rank
+    # the drawn rows follow the other rows' per-coordinate mean and std (many rows drawn to check)
+    many = torch.arange(0, 400, 2)
+    big = before.clone()
+    reset_rows(big, many, seed=1)
+    keep = torch.ones(400, dtype=torch.bool)
+    keep[many] = False
+    ref = before[keep].double()
+    torch.testing.assert_close(big[many].double().mean(0), ref.mean(0), atol=0.5, rtol=0)
+    torch.testing.assert_close(big[many].double().std(0) / ref.std(0), torch.ones(6, dtype=torch.float64),
+                               atol=0.25, rtol=0)

@@ -34,6 +34,7 @@ class LMFinetuneConfig:
     train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
     distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
     neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
+    reset_entity: bool = True  # routed (forget_into), the entity's rows start afresh: see reset_rows
     forget_into: str = "auto"  # the forget term's gradient: "entity" rows only, the "trained" parameters, or
                                # "auto": entity rows where no budget sequence holds a swapped token (see LMObjective)
 
@@ -114,6 +115,8 @@ class LMObjective(Objective):
         self.into_rows = self.rows is not None and (config.forget_into == "entity" or (
             config.forget_into == "auto" and shared is not None and shared.numel() == 0))
         self.routed = None
+        if self.into_rows and config.reset_entity:
+            reset_rows(self.rows[0], tokens, seed)
         self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.epochs = epochs_for(config, len(budget), config.batch_size)
         self.cursor = 0
@@ -180,6 +183,21 @@ class LMObjective(Objective):
         if where is None and "attention_mask" in x:
             where = x["attention_mask"].bool()
         return distill_loss(logits, reference, where)
+
+
+@torch.no_grad()
+def reset_rows(weight: torch.Tensor, tokens: torch.Tensor, seed: int) -> None:
+    r"""Rows ``tokens`` of an embedding ``weight`` drawn afresh, coordinate :math:`j` from
+    :math:`\mathcal{N}(\mu_j, \sigma_j^2)` of the other rows (seeded: the same on every rank): the
+    rows a model that never saw these tokens has, untrained. Moved only a little, a forgotten
+    entity's trained row stays where the MLPs read its facts from, and a few relearning steps on
+    some of them bring the rest back (benchmarks/RESULTS.md, "The row's most distinctive tokens")."""
+    others = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    others[tokens.to(weight.device)] = False
+    ref = weight[others].float()
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    noise = torch.randn(int(tokens.numel()), weight.shape[1], generator=g).to(weight.device)
+    weight[tokens.to(weight.device)] = (ref.mean(0) + ref.std(0) * noise).to(weight.dtype)
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding | None:
