@@ -230,6 +230,7 @@ def test_unlearn_reports_the_neighbour_targets_and_the_estimate_stop():
     forget = torch.nonzero(owner == 0).flatten().tolist()
     res = dfmu_ext.unlearn(model, data, forget_indices=forget, retain_fraction=0.5, seed=0)
     assert res.info["forget_targets"] == "neighbours" and res.info["neighbours"] > 0
+    assert res.info["forget_into"] == "entity rows"         # each person's token is their own
     side = res.info["forget_side"]
     assert side["stop"] == "estimate" and side["gap"] <= side["gap_before"] + 1e-9
     assert 0 <= side["extra_forget_steps"] <= FORGET_SIDE_STEPS["estimate"]

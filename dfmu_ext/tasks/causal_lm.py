@@ -172,10 +172,15 @@ class CausalLMTask(Task):
     def objective(self, model, split, targets, pruned, configs, device, seed, comm, steps, teacher):
         if comm is not None and comm.world_size > 1:  # torchrun: FSDP2 (or DDP) fine-tune, see tasks/lm_parallel.py
             from .lm_parallel import ParallelLMObjective
-            return ParallelLMObjective.build(model, split, targets, pruned, configs, device, seed, comm, teacher)
-        return LMObjective(model, split.budget, configs["finetune"], device=device, seed=seed,
-                           forget=targets.payload, forget_term=configs["forget_term"],
-                           layers=split.extra["layers"], teacher=teacher, neighbours=targets.info.get("_neighbours"))
+            objective = ParallelLMObjective.build(model, split, targets, pruned, configs, device, seed, comm, teacher)
+        else:
+            objective = LMObjective(model, split.budget, configs["finetune"], device=device, seed=seed,
+                                    forget=targets.payload, forget_term=configs["forget_term"],
+                                    layers=split.extra["layers"], teacher=teacher,
+                                    neighbours=targets.info.get("_neighbours"))
+        if objective.forget is not None:   # where "auto" sent the forget term: into the info and the record
+            split.describe["forget_into"] = "entity rows" if objective.into_rows else "trained parameters"
+        return objective
 
     def early_stop_target(self, pruned) -> float | None:
         return None
