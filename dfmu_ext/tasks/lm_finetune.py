@@ -139,11 +139,7 @@ class LMObjective(Objective):
         logits = forward_logits(self.model, x)
         loss = lm_loss(logits, y)
         if forget_phase and self.forget is not None:
-            xf, q, scored = self.forget
-            rows = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
-            self.cursor = (self.cursor + len(rows)) % xf.shape[0]
-            loss = self._with_forget(loss, self.term.weight * soft_target_loss(
-                forward_logits(self.model, xf[rows].to(self.device)), q[rows], scored[rows]))
+            loss = self._with_forget(loss, self._forget_term())
         if self.teacher is not None and self.config.distill > 0:
             loss = loss + self.config.distill * self._distill(x, logits)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
@@ -154,6 +150,14 @@ class LMObjective(Objective):
                 loss = loss + self.config.distill * self._distill(xn, forward_logits(self.model, xn),
                                                                   self.neighbours.where[rows])
         return loss, None, int(x.shape[0])
+
+    def _forget_term(self) -> torch.Tensor:
+        """The weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows."""
+        xf, q, scored = self.forget
+        rows = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+        self.cursor = (self.cursor + len(rows)) % xf.shape[0]
+        return self.term.weight * soft_target_loss(forward_logits(self.model, xf[rows].to(self.device)), q[rows],
+                                                   scored[rows])
 
     def _with_forget(self, loss: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
         """``loss + term``; routed (:attr:`into_rows`), the term's gradient is taken apart at the step."""

@@ -261,6 +261,17 @@ class ParallelLMObjective(LMObjective):
     def _share(self, local, total, live: float) -> float:
         return live * self.comm.world_size * float(local) / max(float(total), 1.0)
 
+    def _forget_term(self) -> torch.Tensor:
+        """This rank's share of the weighted forget term on the next ``term.batch_size`` forget rows."""
+        xf, q, scored = self.forget
+        every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+        self.cursor = (self.cursor + len(every)) % xf.shape[0]
+        mine, f_live = self._rows(len(every))
+        pick = every[mine]
+        share = self._share(scored[pick].sum(), scored[every].sum(), f_live)
+        return self.term.weight * share * soft_target_loss(forward_logits(self.model, xf[pick].to(self.device)),
+                                                           q[pick], scored[pick])
+
     def loss(self, batch, forget_phase: bool):
         x, y = batch
         rows, live = self._rows(int(x.shape[0]))
@@ -268,14 +279,7 @@ class ParallelLMObjective(LMObjective):
         logits = forward_logits(self.model, xl)
         loss = lm_loss(logits, yl) * self._share(scored_tokens(yl).sum(), scored_tokens(y).sum(), live)
         if forget_phase and self.forget is not None:
-            xf, q, scored = self.forget
-            every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
-            self.cursor = (self.cursor + len(every)) % xf.shape[0]
-            mine, f_live = self._rows(len(every))
-            pick = every[mine]
-            share = self._share(scored[pick].sum(), scored[every].sum(), f_live)
-            loss = self._with_forget(loss, self.term.weight * share * soft_target_loss(
-                forward_logits(self.model, xf[pick].to(self.device)), q[pick], scored[pick]))
+            loss = self._with_forget(loss, self._forget_term())
         if self.teacher is not None and self.config.distill > 0:
             with torch.no_grad():
                 reference = forward_logits(self.teacher, xl)
