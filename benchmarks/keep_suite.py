@@ -9,7 +9,9 @@ The LM corpus: ``people`` fictitious people x ``facts`` attributes, one sequence
 ``<bos> person attribute value <eos>`` with only the value scored; values drawn at random from
 ``values`` per attribute (so Retrain answers a forgotten fact at chance, 1/values). Forget
 ``forget`` people (all their facts). "other facts" = the retained people's answers (most of them
-outside the budget). A setup with ``filler`` adds that many fully scored sequences that mention no
+outside the budget); "relearned" = the battery's relearning attack
+(:func:`dfmu_ext.eval.lm.relearn_attack`: 10 steps on the forgotten people's facts about the first
+half of the attributes, accuracy on their other facts). A setup with ``filler`` adds that many fully scored sequences that mention no
 one (:func:`filler_sequences`) to every training set and reports ``filler_ppl``, the perplexity on
 100 held-out ones; ``epochs`` (default 150) trains the larger corpora for fewer passes.
 """
@@ -26,7 +28,7 @@ import warnings
 import torch
 
 import dfmu_ext
-from dfmu_ext.eval.lm import answer_accuracy, perplexity
+from dfmu_ext.eval.lm import answer_accuracy, perplexity, relearn_attack
 from dfmu_ext.lm.task import IGNORE_INDEX, TokenSequences
 from dfmu_ext.training.causal_lm import LMTrainConfig, train_causal_lm
 from dfmu_ext.zoo.lm_models import build_causal_lm
@@ -64,9 +66,14 @@ MEMORISED_SETUPS = {
 COARSE = {0: 0, 3: 0, 4: 0, 7: 0, 1: 1, 2: 1, 6: 1, 5: 2, 8: 2, 9: 2}
 
 
+def first_attribute(people: int) -> int:
+    """The token of :func:`people_corpus`'s first attribute (people are tokens 3 .. 3 + people - 1)."""
+    return 3 + people
+
+
 def people_corpus(people: int, facts: int, values: int, seed: int) -> tuple[TokenSequences, torch.Tensor, int]:
     g = torch.Generator().manual_seed(1000 + seed)
-    person0, attr0 = 3, 3 + people
+    person0, attr0 = 3, first_attribute(people)
     value0 = attr0 + facts
     vocab = value0 + facts * values
     rows, owner = [], []
@@ -155,9 +162,16 @@ def run_lm(name, s, seed):
     retrain = train_lm(s["arch"], vocab, data.subset(keep), seed, **size)
     t_retrain = time.perf_counter() - t0
     f_set, r_set = data.subset(forget_idx), data.subset(other)
+    # the battery's relearning attack: a few steps on the forgotten people's facts about the first half
+    # of the attributes, read on their other facts (what comes back, not what was just trained)
+    attr = data.input_ids[forget_idx][:, 2]
+    first = attr < first_attribute(s["people"]) + s["facts"] // 2
+    relearn = (data.subset([i for i, f in zip(forget_idx, first.tolist()) if f]),
+               data.subset([i for i, f in zip(forget_idx, first.tolist()) if not f]))
 
     def row(model, secs):
-        out = {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set)}
+        out = {"forget": answer_accuracy(model, f_set), "other": answer_accuracy(model, r_set),
+               "relearned": relearn_attack(model, *relearn, seed=seed)}
         if filler_test is not None:
             out["filler_ppl"] = perplexity(model, filler_test)
         return {**out, "seconds": secs}
