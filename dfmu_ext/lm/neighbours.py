@@ -105,7 +105,8 @@ def binomial_log_cdf(count: torch.Tensor, n: int, p: torch.Tensor) -> torch.Tens
     r""":math:`\log P[\mathrm{Bin}(n, p) \le c]` elementwise (float64, a log-sum-exp of the exact terms)."""
     count, p = count.double().round(), p.double().clamp(1e-12, 1 - 1e-12)
     k = torch.arange(n + 1, dtype=torch.float64)
-    log_choose = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    log_choose = (torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1)
+                  - torch.lgamma(n - k + 1))
     terms = log_choose + k * p.log()[:, None] + (n - k) * torch.log1p(-p)[:, None]
     return torch.logsumexp(terms.masked_fill(k > count[:, None], float("-inf")), dim=1)
 
