@@ -125,13 +125,15 @@ def most_distinctive(ids: torch.Tensor, holds: torch.Tensor, r_f: torch.Tensor, 
     at = torch.where(holds, score[tok], torch.full((), float("inf"), dtype=torch.float64))
     best = at.amin(1, keepdim=True)
     top = holds & (at <= best + 1e-9 * best.abs())
-    rows_of = torch.zeros(vocab, ids.shape[0], dtype=torch.bool)   # which forget rows hold each token there
-    rows_of[tok[holds], torch.nonzero(holds)[:, 0]] = True
+    slot = torch.full((vocab,), -1, dtype=torch.long)     # each candidate's row in rows_of (not the vocabulary's)
+    slot[cand] = torch.arange(cand.numel())
+    rows_of = torch.zeros(cand.numel(), ids.shape[0], dtype=torch.bool)   # which forget rows hold each one there
+    rows_of[slot[tok[holds]], torch.nonzero(holds)[:, 0]] = True
     keep = top.clone()
     for i in torch.nonzero(holds.any(1)).flatten().tolist():
-        chosen = torch.unique(tok[i][top[i]]).tolist()
+        chosen = slot[torch.unique(tok[i][top[i]])].tolist()
         for t in torch.nonzero(holds[i] & ~top[i]).flatten().tolist():
-            keep[i, t] = any(torch.equal(rows_of[tok[i, t]], rows_of[c]) for c in chosen)
+            keep[i, t] = any(torch.equal(rows_of[slot[tok[i, t]]], rows_of[c]) for c in chosen)
     return keep
 
 

@@ -169,7 +169,7 @@ class LMObjective(Objective):
     def route_forget(self, keep: torch.Tensor) -> None:
         """The routed forget term's backward, its gradient kept on ``keep`` (the embedding, whose
         hook keeps the entity's rows) only; the step's other terms then add theirs."""
-        term, self.routed = getattr(self, "routed", None), None
+        term, self.routed = self.routed, None
         if term is None:
             return
         term.backward()
