@@ -6,7 +6,8 @@ process and compares: the scores (summed over the ranks' shards), the masks (bit
 edit, the guard's numbers, and the weights (equal up to the rounding of the reduction order): on the
 tiny LM (FSDP2, DDP, and FSDP2 failing so that DDP runs instead), a two-layer Llama and a two-layer
 GPT-2; with dropout (GPT-2), where each rank draws its own masks, the ranks' agreement. The sharded
-mask plan is checked on its own against masks applied to the unsharded tensors. The fixture's run:
+mask plan is checked on its own against masks applied to the unsharded tensors, and the distillation
+teacher FSDP2 builds against an unsharded count (one ``ceil(n / W)``-row shard per rank). The fixture's run:
 ~30 s on the shared 2-core machine.
 """
 import json
@@ -110,6 +111,43 @@ def _sharded_plan_check():
     return all(torch.equal(a, b) for a, b in zip(after, want)) and bool(before[0][:, 1].abs().sum() > 0)
 
 
+def _teacher_check(out: str) -> dict:
+    """FSDP2's objective for the two-layer Llama with distillation, built directly: per teacher
+    parameter (is it a DTensor, sharded on dim 0, its local numel) after construction and again
+    after two steps on a 3-sequence budget in batches of 2 (the second batch has one row, so rank 1
+    runs its weight-0 row, the teacher's all-gathers included; a rank skipping them would hang);
+    whether the caller's reference is the sharded module and its gathered weights the original's."""
+    from dfmu_ext.finetune import run_finetune
+    from dfmu_ext.lm.neurons import mlp_neuron_layers, neuron_mask_plan
+    from dfmu_ext.lm.task import take
+    from dfmu_ext.tasks.lm_parallel import ParallelLMObjective
+
+    def llama():
+        m = _fresh("llama")
+        m.load_state_dict(torch.load(os.path.join(out, "llama.pt"), weights_only=True))
+        return m
+
+    def shards(net):
+        return {n: (hasattr(p, "to_local"), [getattr(pl, "dim", None) for pl in getattr(p, "placements", ())] == [0],
+                    int(p.to_local().numel()) if hasattr(p, "to_local") else int(p.numel()))
+                for n, p in net.named_parameters()}
+
+    model, teacher = llama(), llama().eval()
+    original = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    budget = tl.qa_set(3, seed=1)
+    layers = mlp_neuron_layers(model, take(budget, [0])[0])
+    masks = {l.name: torch.ones(l.units) for l in layers}
+    config = LMFinetuneConfig(batch_size=2, min_steps=2, lr=1e-2, distill=5.0)
+    obj = ParallelLMObjective(model, budget, config, device=torch.device("cpu"), seed=0, comm=dd.ProcessGroupComm(),
+                              masks=masks, layers=layers, teacher=teacher)
+    built = shards(obj.teacher)
+    steps = run_finetune(obj, neuron_mask_plan(layers, masks), config, max_steps=2).steps
+    intact = all(torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, original[n])
+                 for n, p in teacher.named_parameters())
+    return {"mode": obj.mode, "same_module": obj.teacher is teacher, "built": built, "trained": shards(teacher),
+            "steps": steps, "intact": intact}
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     try:
         torch.set_num_threads(1)
@@ -117,6 +155,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                           WORLD_SIZE=str(WORLD), **{dd.TIMEOUT_ENV: "60"})
         dd.init_from_env("cpu")
         results = {"plan_ok": _sharded_plan_check()}
+        os.environ["DFMU_LM_PARALLEL"] = "fsdp"
+        results["teacher"] = _teacher_check(out)
         import torch.distributed.fsdp as fsdp2
         real_fully_shard = fsdp2.fully_shard
         for arch, mode in CASES + [DROPOUT]:
@@ -175,6 +215,27 @@ def lm_run(tmp_path_factory):
 @pytest.mark.slow  # two worker processes
 def test_sharded_mask_plan_masks_local_shards_and_moments(lm_run):
     assert all(r["plan_ok"] for r in lm_run["ranks"])
+
+
+@pytest.mark.slow  # two worker processes
+def test_fsdp2_teacher_holds_one_shard_per_rank(lm_run):
+    """Under FSDP2 each rank's distillation teacher is DTensors sharded on dim 0, before and after
+    the steps' forwards (the root resharded too), each holding its ``ceil(rows / W)``-row chunk of
+    a count taken here from an unsharded model of the same config: half of the weights per rank."""
+    full = {n: (int(p.shape[0]), int(p.numel())) for n, p in _fresh("llama").named_parameters()}
+    ranks = [r["teacher"] for r in lm_run["ranks"]]
+    total = sum(numel for _, numel in full.values())
+    for r, got in enumerate(ranks):
+        assert got["mode"] == "fsdp" and got["same_module"] and got["intact"] and got["steps"] == 2
+        for when in ("built", "trained"):
+            assert got[when].keys() == full.keys()
+            for name, (rows, numel) in full.items():
+                is_dtensor, on_dim0, local = got[when][name]
+                chunk = -(-rows // WORLD)
+                assert is_dtensor and on_dim0, (when, name)
+                assert local == max(0, min(chunk, rows - r * chunk)) * (numel // rows), (when, name)
+            assert abs(sum(local for *_, local in got[when].values()) / total - 1 / WORLD) < 0.02
+    assert sum(sum(local for *_, local in got["built"].values()) for got in ranks) == total
 
 
 @pytest.mark.slow  # two worker processes

@@ -99,6 +99,28 @@ def fully_sharded_copy(model: nn.Module, trained: list[str], layers: list[Neuron
     return net, params
 
 
+def shard_teacher(teacher: nn.Module, layers: list[NeuronLayer]) -> nn.Module:
+    """The distillation ``teacher`` sharded in place for forward only: its parameters frozen, each
+    transformer block and then the root wrapped by ``fully_shard`` with ``reshard_after_forward=True``
+    (the root too: FSDP2 would otherwise keep a root's parameters gathered after its forward, for a
+    backward that a teacher never runs). Each rank then holds ``1/W`` of every weight; a forward
+    gathers the root's own weights (embedding, final norm, head) for its length and each block's for
+    the block's, so it is a collective that every rank must call as often. In place, because a copy
+    would briefly hold a second full teacher: the caller's reference becomes the sharded module and
+    ``fully_shard`` frees each full weight as it replaces it. Returns ``teacher``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for block in transformer_blocks(teacher, layers):
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(teacher, reshard_after_forward=True)
+    for name, p in teacher.named_parameters():
+        if not hasattr(p, "to_local"):
+            raise RuntimeError(f"fully_shard left the teacher's {name} as {type(p).__name__}: expected a DTensor")
+    return teacher
+
+
 def shard_rows(p) -> slice:
     """The rows of dim 0 that this rank's shard of the DTensor ``p`` holds (FSDP2: ``ceil(n / W)``-row chunks)."""
     n, world = int(p.shape[0]), p.device_mesh.size()
@@ -174,6 +196,22 @@ class ParallelLMObjective(LMObjective):
             net_layers = [dataclasses.replace(l, layer=self.net.get_submodule(l.name)) for l in layers]
             plan = neuron_mask_plan(net_layers, masks)
             self.local_plan = ShardedMaskPlan(plan.params, plan.masks, plan.dims)
+            if self.teacher is not None and config.distill > 0:
+                self._shard_teacher(list(layers))
+
+    def _shard_teacher(self, layers: list[NeuronLayer]) -> None:
+        """:func:`shard_teacher` on every rank, or an error on every rank (a teacher sharded on some
+        ranks only would leave the others waiting in its first all-gather). FSDP2 has just sharded
+        the same modules of the model, so a failure here is a fault, not a reason to fall back."""
+        error = None
+        try:
+            shard_teacher(self.teacher, layers)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+        failed = torch.tensor([float(error is not None)])
+        self.comm.all_reduce_sum_([failed])
+        if failed.item() > 0:
+            raise RuntimeError(f"sharding the distillation teacher failed ({error or 'on another rank'})")
 
     @classmethod
     def build(cls, model, split, targets, pruned, configs, device, seed, comm, teacher) -> "ParallelLMObjective":
