@@ -103,7 +103,9 @@ def objective_check(size: str, steps: int, device, comm) -> dict:
                      "peak_gib": _peak(device), "mode": getattr(obj, "mode", None)}
     diff = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
     masked = max(float(l.weight.detach()[:, masks[l.name] == 0].abs().max()) for l in layers)
-    moved = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
+    # FSDP2 sharded the teacher in place (every rank gathers it here, in the same order)
+    start = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in teacher.state_dict().values()]
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(), start))
     return {"max_diff": diff, "masked_max": masked, "moved": moved, **{k: v for k, v in out.items()}}
 
 

@@ -118,9 +118,7 @@ def _teacher_check(out: str) -> dict:
     runs its weight-0 row, the teacher's all-gathers included; a rank skipping them would hang);
     whether the caller's reference is the sharded module and its gathered weights the original's."""
     from dfmu_ext.finetune import run_finetune
-    from dfmu_ext.lm.neurons import mlp_neuron_layers, neuron_mask_plan
-    from dfmu_ext.lm.task import take
-    from dfmu_ext.tasks.lm_parallel import ParallelLMObjective
+    from dfmu_ext.lm.neurons import neuron_mask_plan
 
     def llama():
         m = _fresh("llama")
@@ -134,18 +132,52 @@ def _teacher_check(out: str) -> dict:
 
     model, teacher = llama(), llama().eval()
     original = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-    budget = tl.qa_set(3, seed=1)
-    layers = mlp_neuron_layers(model, take(budget, [0])[0])
-    masks = {l.name: torch.ones(l.units) for l in layers}
-    config = LMFinetuneConfig(batch_size=2, min_steps=2, lr=1e-2, distill=5.0)
-    obj = ParallelLMObjective(model, budget, config, device=torch.device("cpu"), seed=0, comm=dd.ProcessGroupComm(),
-                              masks=masks, layers=layers, teacher=teacher)
+    obj, layers, masks, config = _objective(model, teacher)
     built = shards(obj.teacher)
     steps = run_finetune(obj, neuron_mask_plan(layers, masks), config, max_steps=2).steps
     intact = all(torch.equal(p.full_tensor() if hasattr(p, "full_tensor") else p, original[n])
                  for n, p in teacher.named_parameters())
     return {"mode": obj.mode, "same_module": obj.teacher is teacher, "built": built, "trained": shards(teacher),
             "steps": steps, "intact": intact}
+
+
+def _objective(model, teacher):
+    """FSDP2's objective for ``model`` on a 3-sequence budget in batches of 2, every neuron kept."""
+    from dfmu_ext.lm.neurons import mlp_neuron_layers
+    from dfmu_ext.lm.task import take
+    from dfmu_ext.tasks.lm_parallel import ParallelLMObjective
+
+    budget = tl.qa_set(3, seed=1)
+    layers = mlp_neuron_layers(model, take(budget, [0])[0])
+    masks = {l.name: torch.ones(l.units) for l in layers}
+    config = LMFinetuneConfig(batch_size=2, min_steps=2, lr=1e-2, distill=5.0)
+    obj = ParallelLMObjective(model, budget, config, device=torch.device("cpu"), seed=0, comm=dd.ProcessGroupComm(),
+                              masks=masks, layers=layers, teacher=teacher)
+    return obj, layers, masks, config
+
+
+def _failing_after_teacher(real_fully_shard) -> str:
+    """FSDP2 sharding the tiny LM's teacher (its root: one call), then failing on the model's copy:
+    DDP cannot take over without the whole teacher, so every rank raises (none waits for the others);
+    the message each rank gives."""
+    import torch.distributed.fsdp as fsdp2
+
+    calls = []
+
+    def teacher_only(module, **kwargs):
+        calls.append(module)
+        if len(calls) > 1:
+            raise NotImplementedError("no FSDP2 for the model")
+        return real_fully_shard(module, **kwargs)
+
+    fsdp2.fully_shard = teacher_only
+    try:
+        _objective(_fresh("tiny"), _fresh("tiny").eval())
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        fsdp2.fully_shard = real_fully_shard
+    return "no error"
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -159,6 +191,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results["teacher"] = _teacher_check(out)
         import torch.distributed.fsdp as fsdp2
         real_fully_shard = fsdp2.fully_shard
+        results["failing_after_teacher"] = _failing_after_teacher(real_fully_shard)
         for arch, mode in CASES + [DROPOUT]:
             os.environ["DFMU_LM_PARALLEL"] = "fsdp" if mode == "no-fsdp" else mode
             # "no-fsdp": FSDP2 asked for but failing, as on a PyTorch or backend without it: DDP instead
@@ -236,6 +269,13 @@ def test_fsdp2_teacher_holds_one_shard_per_rank(lm_run):
                 assert local == max(0, min(chunk, rows - r * chunk)) * (numel // rows), (when, name)
             assert abs(sum(local for *_, local in got[when].values()) / total - 1 / WORLD) < 0.02
     assert sum(sum(local for *_, local in got["built"].values()) for got in ranks) == total
+
+
+@pytest.mark.slow  # two worker processes
+def test_fsdp2_failing_after_the_teacher_raises_on_every_rank(lm_run):
+    want = ("FSDP2 failed after sharding the distillation teacher (fully_shard failed (NotImplementedError: "
+            "no FSDP2 for the model)): run with DFMU_LM_PARALLEL=ddp")
+    assert [r["failing_after_teacher"] for r in lm_run["ranks"]] == [want] * WORLD
 
 
 @pytest.mark.slow  # two worker processes

@@ -180,14 +180,24 @@ class ParallelLMObjective(LMObjective):
         names = {id(p): n for n, p in model.named_parameters()}
         self.trained = [names[id(p)] for p in self.params]
         self.rows_name = names[id(self.rows[0])] if self.rows is not None else None  # "mlp+entity"'s embedding
+        distilled = self.teacher is not None and config.distill > 0
         if self.mode == "fsdp":
             try:
+                if distilled:  # first: the model's copy below is then made beside 1/W of a teacher, not all of it
+                    shard_teacher(self.teacher, list(layers))
                 self.net, self.shards = fully_sharded_copy(model, self.trained, list(layers))
             except Exception as exc:  # noqa: BLE001 - any failure of FSDP2 here means: use DDP, and say why
                 self.mode, self.reason = "ddp", f"fully_shard failed ({type(exc).__name__}: {exc})"
-            failed = torch.tensor([float(self.mode != "fsdp")])
-            comm.all_reduce_sum_([failed])  # one rank's failure sends every rank to DDP (else they would hang)
-            if failed.item() > 0 and self.mode == "fsdp":
+            # one rank's failure sends every rank to DDP (else they would hang); DDP needs the whole
+            # teacher, gone once fully_shard has replaced any of its weights
+            flags = torch.tensor([float(self.mode != "fsdp"),
+                                  float(distilled and any(hasattr(p, "to_local") for p in self.teacher.parameters()))])
+            comm.all_reduce_sum_([flags])
+            if flags[0].item() > 0 and flags[1].item() > 0:
+                why = self.reason or "fully_shard failed on another rank"
+                raise RuntimeError(f"FSDP2 failed after sharding the distillation teacher ({why}): "
+                                   f"run with {PARALLEL_ENV}=ddp")
+            if flags[0].item() > 0 and self.mode == "fsdp":
                 self.mode, self.reason = "ddp", "fully_shard failed on another rank"
         if self.mode == "fsdp":
             self.model = self.net
@@ -196,22 +206,6 @@ class ParallelLMObjective(LMObjective):
             net_layers = [dataclasses.replace(l, layer=self.net.get_submodule(l.name)) for l in layers]
             plan = neuron_mask_plan(net_layers, masks)
             self.local_plan = ShardedMaskPlan(plan.params, plan.masks, plan.dims)
-            if self.teacher is not None and config.distill > 0:
-                self._shard_teacher(list(layers))
-
-    def _shard_teacher(self, layers: list[NeuronLayer]) -> None:
-        """:func:`shard_teacher` on every rank, or an error on every rank (a teacher sharded on some
-        ranks only would leave the others waiting in its first all-gather). FSDP2 has just sharded
-        the same modules of the model, so a failure here is a fault, not a reason to fall back."""
-        error = None
-        try:
-            shard_teacher(self.teacher, layers)
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error = f"{type(exc).__name__}: {exc}"
-        failed = torch.tensor([float(error is not None)])
-        self.comm.all_reduce_sum_([failed])
-        if failed.item() > 0:
-            raise RuntimeError(f"sharding the distillation teacher failed ({error or 'on another rank'})")
 
     @classmethod
     def build(cls, model, split, targets, pruned, configs, device, seed, comm, teacher) -> "ParallelLMObjective":
