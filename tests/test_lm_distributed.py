@@ -157,22 +157,21 @@ def _objective(model, teacher):
 
 
 def _failing_after_teacher(real_fully_shard) -> str:
-    """FSDP2 sharding the tiny LM's teacher (its root: one call), then failing on the model's copy:
-    DDP cannot take over without the whole teacher, so every rank raises (none waits for the others);
-    the message each rank gives."""
+    """FSDP2 sharding the tiny LM's teacher, then failing on the model's copy: DDP cannot take over
+    without the whole teacher, so every rank raises (none waits for the others); the message each
+    rank gives."""
     import torch.distributed.fsdp as fsdp2
 
-    calls = []
+    teacher = _fresh("tiny").eval()
 
     def teacher_only(module, **kwargs):
-        calls.append(module)
-        if len(calls) > 1:
+        if not any(module is m for m in teacher.modules()):
             raise NotImplementedError("no FSDP2 for the model")
         return real_fully_shard(module, **kwargs)
 
     fsdp2.fully_shard = teacher_only
     try:
-        _objective(_fresh("tiny"), _fresh("tiny").eval())
+        _objective(_fresh("tiny"), teacher)
     except RuntimeError as exc:
         return str(exc)
     finally:

@@ -53,7 +53,7 @@ from ..lm.targets import soft_target_loss
 from ..lm.task import forward_logits, lm_loss, scored_tokens
 from ..model_io import copy_model
 from ..pruning import MaskPlan
-from .lm_finetune import LMObjective, _training_only
+from .lm_finetune import LMObjective, _training_only, input_embedding
 
 PARALLEL_ENV = "DFMU_LM_PARALLEL"
 
@@ -99,21 +99,34 @@ def fully_sharded_copy(model: nn.Module, trained: list[str], layers: list[Neuron
     return net, params
 
 
+def vocabulary_matrices(model: nn.Module) -> list[nn.Module]:
+    """The token embedding and the output head (``get_output_embeddings()``, Hugging Face) when they
+    do not share a weight: each as large as a few transformer blocks at a large vocabulary, and used
+    at the two ends of a forward, so a forward-only model gathers them one at a time rather than
+    together with the root's. Empty where they are tied (then both stay in the root)."""
+    embedding = input_embedding(model)
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    tied = embedding is not None and head is not None and head.weight is embedding.weight
+    return [] if tied else [m for m in (embedding, head) if isinstance(m, nn.Module)]
+
+
 def shard_teacher(teacher: nn.Module, layers: list[NeuronLayer]) -> nn.Module:
     """The distillation ``teacher`` sharded in place for forward only: its parameters frozen, each
     transformer block and then the root wrapped by ``fully_shard`` with ``reshard_after_forward=True``
     (the root too: FSDP2 would otherwise keep a root's parameters gathered after its forward, for a
-    backward that a teacher never runs). Each rank then holds ``1/W`` of every weight; a forward
-    gathers the root's own weights (embedding, final norm, head) for its length and each block's for
-    the block's, so it is a collective that every rank must call as often. In place, because a copy
+    backward that a teacher never runs), and the token embedding and the head, when untied, as units
+    of their own (:func:`vocabulary_matrices`). Each rank then holds ``1/W`` of every weight; a forward
+    gathers one unit's weights at a time, and the root's small rest (the final norm) for its length,
+    so it is a collective that every rank must call as often. In place, because a copy
     would briefly hold a second full teacher: the caller's reference becomes the sharded module and
     ``fully_shard`` frees each full weight as it replaces it. Returns ``teacher``."""
     from torch.distributed.fsdp import fully_shard
 
     for p in teacher.parameters():
         p.requires_grad_(False)
-    for block in transformer_blocks(teacher, layers):
-        fully_shard(block, reshard_after_forward=True)
+    for unit in transformer_blocks(teacher, layers) + vocabulary_matrices(teacher):
+        fully_shard(unit, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
     for name, p in teacher.named_parameters():
         if not hasattr(p, "to_local"):
