@@ -19,6 +19,7 @@ targets read no retain sample beyond it; the forget term of the fine-tune
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import eval_mode
-from .blocks import Block
+from .blocks import Block, classifier_of
 
 
 @dataclass
@@ -57,6 +58,12 @@ class ForgetTargetConfig:
             their labels' neighbourhoods with the retain data). Where it is small there is nothing
             to move, and on a model that memorised its samples the term cost 3-36 points of test
             accuracy without reaching Retrain (benchmarks/RESULTS.md).
+        feature_weight: :math:`w_h`, the weight of the feature term (:func:`feature_neighbours`,
+            :func:`feature_loss`) added in the forget phase beside the label term; 0 (the default)
+            leaves it out. It acts on the classifier's input, so it moves what a linear probe of
+            the penultimate features sees, which masking the head row leaves as it was.
+        feature_k: :math:`k_h`, the nearest retain samples (in the original's features) whose current
+            features a forget sample is pulled to.
     """
 
     weight: float = 0.5
@@ -67,15 +74,25 @@ class ForgetTargetConfig:
     references: int = 2048
     steps: int = 30
     min_excess: float = 0.15
+    feature_weight: float = 0.0
+    feature_k: int = 10
 
     def validate(self) -> None:
         if (self.weight < 0 or self.k < 1 or self.batch_size < 1 or self.grid < 1 or self.steps < 0
                 or self.references < 1):
             raise ValueError("forget term: weight and steps must be >= 0, and k, batch_size, grid and references >= 1")
+        if not (self.feature_weight >= 0 and self.feature_k >= 1):
+            raise ValueError(f"forget term: feature_weight must be >= 0 and feature_k >= 1, got "
+                             f"{self.feature_weight} and {self.feature_k}")
         if not -1.0 <= self.min_excess <= 1.0:
             raise ValueError(f"forget term: min_excess must lie in [-1, 1], got {self.min_excess}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"forget term: samples must be >= 1 or None, got {self.samples}")
+
+    @property
+    def active(self) -> bool:
+        """Whether the term runs at all: a label or a feature weight, for at least one step."""
+        return (self.weight > 0 or self.feature_weight > 0) and self.steps > 0
 
     def pool_size(self, available: int) -> int:
         """How many of ``available`` forget samples the term reads."""
@@ -83,6 +100,94 @@ class ForgetTargetConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@contextmanager
+def head_inputs(head: nn.Module, on: bool = True):
+    """Within the block, the list the classifier ``head``'s inputs are appended to, one ``(N, -1)``
+    tensor per forward (a forward pre-hook; nothing is hooked when not ``on``)."""
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].flatten(1))) if on else None
+    try:
+        yield captured
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """``(N, D)`` float32 CPU features: the input of the model's classifier (the penultimate features a
+    linear probe reads), in eval mode."""
+    _, head = classifier_of(model)
+    device = head.weight.device
+    out = []
+    with eval_mode(model), head_inputs(head) as captured:
+        for start in range(0, x.shape[0], batch_size):
+            captured.clear()
+            model(x[start:start + batch_size].to(device))
+            out.append(captured[-1].float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, head.in_features)
+
+
+def feature_neighbours(forget_keys: torch.Tensor, retain_keys: torch.Tensor, k: int = 10,
+                       chunk: int = 1024) -> torch.Tensor:
+    r"""``(n_f, k)`` positions of each forget sample's ``k`` nearest retain samples by cosine
+    similarity of the keys (the original model's penultimate features), most similar first; ``k`` is
+    capped at the retain count.
+
+    A model retrained without a class has no direction for it: an image of that class lands where the
+    known classes it resembles land. So the feature term (:func:`feature_loss`) pulls forget sample
+    :math:`i`'s penultimate feature :math:`h(x_i)` to the *current* model's features of these
+    neighbours :math:`N_i`, one drawn per step, :math:`j \sim \mathrm{U}(N_i)`:
+
+    .. math::  \mathbb{E}_j \lVert h(x_i) - h(x_j) \rVert^2 = \Big\lVert h(x_i) -
+               \frac{1}{k}\sum_{j \in N_i} h(x_j) \Big\rVert^2 + \mathrm{const},
+
+    so in expectation the pull is to the neighbours' mean feature, at the cost of one extra image per
+    forget sample and step (exact for a squared distance; :func:`feature_loss` is a cosine, for which
+    it is the same pull to first order). The current features, not the original's: pruning and the fine-tune move
+    the whole feature space (measured: the original's features were 0.75 standardised units from
+    where the unlearned model put the same images), and a fixed target there fights the retain side.
+    """
+    if retain_keys.shape[0] == 0:
+        raise ValueError("feature neighbours need at least one retain sample")
+    k = min(int(k), retain_keys.shape[0])
+    keys = F.normalize(retain_keys.float(), dim=1)
+    queries = F.normalize(forget_keys.float(), dim=1)
+    out = torch.zeros(queries.shape[0], k, dtype=torch.long)
+    for start in range(0, queries.shape[0], chunk):
+        out[start:start + chunk] = (queries[start:start + chunk] @ keys.T).topk(k, dim=1).indices
+    return out
+
+
+def feature_scales(retain_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(mu, s)``, each ``(D,)``: the mean :math:`\mu_d` of feature :math:`d` over the retain rows and
+    :math:`s_d = 1 / \max(\sigma_d, 0.01\,\bar\sigma)`, its inverse standard deviation (floored at 1%
+    of the mean, so dead units do not blow up): the coordinates of a linear probe on standardised
+    features, where a small offset along a quiet feature tells a class apart. No gradient flows
+    through them."""
+    r = retain_features.detach().float()
+    sd = r.std(dim=0, unbiased=False) if r.shape[0] > 1 else torch.ones(r.shape[1], device=r.device)
+    return r.mean(dim=0), 1 / sd.clamp_min(max(0.01 * float(sd.mean()), 1e-12))
+
+
+def feature_loss(features: torch.Tensor, targets: torch.Tensor, center: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
+    r"""The feature term over a batch of forget samples' classifier inputs :math:`h_i` (``(n, D)``), in
+    the retain batch's standardised coordinates :math:`z(h) = s \odot (h - \mu)`
+    (:func:`feature_scales`):
+
+    .. math::  L_h = \frac{1}{n} \sum_i \Big(1 - \cos\big(z(h_i),\, z(g_i)\big)\Big),
+
+    with ``targets`` :math:`g` (the neighbours' features, :func:`feature_neighbours`; no gradient
+    flows into them). A cosine, not a squared distance: with targets the model itself produces, a
+    squared distance is also lowered by shrinking every feature, and measured, it did so until the
+    features died (digits, a SmallCNN: retain accuracy 59% -> 10%); the cosine is blind to scale."""
+    mu, s = center.to(features.device, torch.float32), scales.to(features.device, torch.float32)
+    z_h = (features.float() - mu) * s
+    z_g = (targets.detach().float() - mu) * s
+    return (1 - F.cosine_similarity(z_h, z_g, dim=1, eps=1e-8)).mean()
 
 
 class _Stop(Exception):

@@ -23,7 +23,8 @@ from ..result import FinetuneHistory, PruneResult
 from ..selection import SelectionConfig, select_units
 from ..splits import dataset_labels, stratified_fraction, take_batch
 from ..steps import StepEngine, StepOptions
-from ..targets import ForgetTargetConfig, disagreement, early_features, neighbour_targets, nonmember_targets
+from ..targets import (ForgetTargetConfig, disagreement, early_features, feature_loss, feature_neighbours,
+                       feature_scales, head_inputs, neighbour_targets, nonmember_targets, penultimate_features)
 from .base import Split, Targets, Task, forget_pool, hold_out
 
 #: The default selection when samples (not classes) are forgotten. Random samples share every feature
@@ -139,8 +140,10 @@ def score_and_prune(model: nn.Module, batch, forget_classes=None, *, forget_mask
 class ClassifierObjective(Objective):
     """Cross-entropy on the budget with SGD (momentum, weight decay) on every parameter, under the
     step engine's precision and layout, DDP under a process group; the forget term (soft
-    cross-entropy of forget samples to their neighbour targets, in the same forward so BatchNorm sees
-    one batch) on the first ``forget_term.steps`` steps; distillation to ``teacher`` on the budget."""
+    cross-entropy of forget samples to their neighbour targets, and with ``feature_weight`` the
+    standardised cosine distance of their classifier inputs to those of their nearest retain samples,
+    in the same forward so BatchNorm sees one batch) on the first ``forget_term.steps`` steps;
+    distillation to ``teacher`` on the budget."""
 
     def __init__(self, model: nn.Module, dataset: Dataset, config: FinetuneConfig, *, device, seed: int,
                  comm: Comm, steps: StepOptions | None, forget=None, forget_term: ForgetTargetConfig | None = None,
@@ -156,7 +159,11 @@ class ClassifierObjective(Objective):
         self.net = comm.wrap(model)
         self.term = forget_term or ForgetTargetConfig()
         self.forget_batches = (ForgetBatches(forget[0], forget[1], self.term.batch_size, seed, device, self.engine)
-                               if forget is not None and self.term.weight > 0 and self.term.steps > 0 else None)
+                               if forget is not None and self.term.active else None)
+        self.head = classifier_of(model)[1]  # its input: the features the feature term pulls
+        # the feature term's retain images (forget[2]; their positions ride in the targets' last k columns)
+        self.neighbour_x = forget[2] if forget is not None and len(forget) > 2 else None
+        self.pick = torch.Generator().manual_seed(seed + 7919)
         self.forget_steps = self.term.steps if self.forget_batches is not None else 0
         self.epochs = epochs_for(config, len(dataset), config.batch_size, self.forget_steps)
 
@@ -177,11 +184,24 @@ class ClassifierObjective(Objective):
                 logits = self.net(x)
                 loss = F.cross_entropy(logits, y)
             else:  # one forward: BatchNorm normalises retain and forget samples together
-                xf, tf = self.forget_batches.next()
-                both = self.net(cat([x, xf]))
-                logits = both[:x.shape[0]]
-                soft = -(tf * F.log_softmax(both[x.shape[0]:].float(), dim=1)).sum(1).mean()
-                loss = F.cross_entropy(logits, y) + self.term.weight * soft
+                xf, tf = self.forget_batches.next()   # tf = [label histogram (C) | neighbour positions (k)]
+                n, m, classes, term = x.shape[0], tf.shape[0], self.head.out_features, self.term
+                pull = term.feature_weight > 0 and self.neighbour_x is not None
+                parts = [x, xf]
+                if pull:  # one of each forget sample's k neighbours, drawn uniformly: the mean's pull in expectation
+                    col = torch.randint(tf.shape[1] - classes, (m,), generator=self.pick)
+                    rows = tf[:, classes:].cpu()[torch.arange(m), col].long()
+                    parts.append(self.engine.batch(self.neighbour_x[rows].to(self.device)))
+                with head_inputs(self.head, on=pull) as feats:
+                    both = self.net(cat(parts))
+                logits = both[:n]
+                loss = F.cross_entropy(logits, y)
+                if term.weight > 0:
+                    soft = -(tf[:, :classes] * F.log_softmax(both[n:n + m].float(), dim=1)).sum(1).mean()
+                    loss = loss + term.weight * soft
+                if pull:
+                    h = feats[-1]
+                    loss = loss + term.feature_weight * feature_loss(h[n:n + m], h[n + m:], *feature_scales(h[:n]))
             if self.teacher is not None and (self.config.distill or 0) > 0:
                 with torch.no_grad():
                     reference = self.teacher(x)
@@ -264,7 +284,7 @@ class ClassificationTask(Task):
         term runs only when the forget samples' neighbours disagree with their labels more than the
         retain samples' do (``min_excess``)."""
         config: ForgetTargetConfig = configs["forget_term"]
-        if not (config.weight > 0 and config.steps > 0 and len(split.budget) > 1):
+        if not (config.active and len(split.budget) > 1):
             return Targets(None, list(scored), {"forget_excess_disagreement": None, "forget_targets": "off"})
         nonmembers = split.extra.get("nonmembers")
         if nonmembers is not None and not split.by_classes:
@@ -284,6 +304,10 @@ class ClassificationTask(Task):
         t_r = neighbour_targets(f_r, f_r, y_r, head.out_features, config.k, leave_one_out=True)
         excess = disagreement(t, y_f) - disagreement(t_r, y_r)
         payload = (x_f, t) if excess >= config.min_excess else None
+        if payload is not None and config.feature_weight > 0:  # the nearest retain samples in the original's features
+            near = feature_neighbours(penultimate_features(model, x_f), penultimate_features(model, x_r),
+                                      config.feature_k)
+            payload = (x_f, torch.cat([t, near.float()], 1), x_r)
         # "off" on random samples: the budget's look-alikes carry the forget samples' labels as often as
         # their own, so this estimate sees nothing to move there, memorised or not (nonmembers= can)
         return Targets(payload, sorted(set(scored) | set(pool)),
