@@ -270,6 +270,24 @@ def test_fsdp2_teacher_holds_one_shard_per_rank(lm_run):
     assert sum(sum(local for *_, local in got["built"].values()) for got in ranks) == total
 
 
+def test_vocabulary_matrices_are_units_only_where_their_weights_are_their_own():
+    """The teacher's embedding and head get FSDP2 units of their own only where untied: a tied head
+    (GPT-2, a tied Llama) shares its weight, which must stay in one unit (the root)."""
+    from dfmu_ext.tasks.lm_parallel import transformer_blocks, vocabulary_matrices
+
+    transformers = pytest.importorskip("transformers")
+    llama = _hf("llama")
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**llama.config.to_dict(),
+                                                                     "tie_word_embeddings": True}))
+    tiny = _fresh("tiny")
+    assert vocabulary_matrices(tiny, []) == [tiny.tok]   # no getter for the head: the embedding alone
+    got = vocabulary_matrices(llama, transformer_blocks(llama, []))
+    assert got == [llama.get_input_embeddings(), llama.get_output_embeddings()]
+    for model in (tied, _hf("gpt2")):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert vocabulary_matrices(model, transformer_blocks(model, [])) == []
+
+
 @pytest.mark.slow  # two worker processes
 def test_fsdp2_failing_after_the_teacher_raises_on_every_rank(lm_run):
     want = ("FSDP2 failed after sharding the distillation teacher (fully_shard failed (NotImplementedError: "

@@ -110,23 +110,32 @@ def fully_sharded_copy(model: nn.Module, trained: list[str], layers: list[Neuron
     return net, params
 
 
-def vocabulary_matrices(model: nn.Module) -> list[nn.Module]:
-    """The token embedding and the output head (``get_output_embeddings()``, Hugging Face) when they
-    do not share a weight: each as large as a few transformer blocks at a large vocabulary, and used
-    at the two ends of a forward, so a forward-only model gathers them one at a time rather than
-    together with the root's. Empty where they are tied (then both stay in the root)."""
-    embedding = input_embedding(model)
+def vocabulary_matrices(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The token embedding and the output head (``get_output_embeddings()``, Hugging Face), each
+    where its weights are its own — not tied to the other or to any module outside it, and not
+    inside one of ``blocks`` (FSDP2 units must nest, and a shared weight belongs to one unit). At a
+    large vocabulary each is as large as a few transformer blocks and used at one end of a forward,
+    so a forward-only model gathers them one at a time rather than together with the root's."""
     getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    tied = embedding is not None and head is not None and head.weight is embedding.weight
-    return [] if tied else [m for m in (embedding, head) if isinstance(m, nn.Module)]
+    candidates = [input_embedding(model), getter() if callable(getter) else None]
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    out = []
+    for unit in candidates:
+        if not isinstance(unit, nn.Module) or id(unit) in in_blocks or any(unit is m for m in out):
+            continue
+        inside, mine = {id(m) for m in unit.modules()}, {id(p) for p in unit.parameters()}
+        shared = any(id(p) in mine for m in model.modules() if id(m) not in inside
+                     for p in m.parameters(recurse=False))
+        if mine and not shared:
+            out.append(unit)
+    return out
 
 
 def shard_teacher(teacher: nn.Module, layers: list[NeuronLayer]) -> nn.Module:
     """The distillation ``teacher`` sharded in place for forward only: its parameters frozen, each
     transformer block and then the root wrapped by ``fully_shard`` with ``reshard_after_forward=True``
     (the root too: FSDP2 would otherwise keep a root's parameters gathered after its forward, for a
-    backward that a teacher never runs), and the token embedding and the head, when untied, as units
+    backward that a teacher never runs), and the token embedding and the head, when not tied, as units
     of their own (:func:`vocabulary_matrices`). Each rank then holds ``1/W`` of every weight; a forward
     gathers one unit's weights at a time, and the root's small rest (the final norm) for its length,
     so it is a collective that every rank must call as often. In place, because a copy
@@ -136,7 +145,8 @@ def shard_teacher(teacher: nn.Module, layers: list[NeuronLayer]) -> nn.Module:
 
     for p in teacher.parameters():
         p.requires_grad_(False)
-    for unit in transformer_blocks(teacher, layers) + vocabulary_matrices(teacher):
+    blocks = transformer_blocks(teacher, layers)
+    for unit in blocks + vocabulary_matrices(teacher, blocks):
         fully_shard(unit, reshard_after_forward=True)
     fully_shard(teacher, reshard_after_forward=True)
     for name, p in teacher.named_parameters():
