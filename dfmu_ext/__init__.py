@@ -15,9 +15,10 @@ from .eval import evaluate
 from .result import FinetuneHistory, PruneResult, UnlearnResult
 from .selection import SelectionConfig
 from .targets import ForgetTargetConfig
-from .guard import GuardConfig, RetentionWarning
+from .guard import ForgettingWarning, GuardConfig, RetentionWarning
 from .tasks.classification import score_and_prune
 from .unlearn import unlearn
 
 __all__ = ["ops", "build_info", "score_and_prune", "unlearn", "evaluate", "SelectionConfig", "FinetuneConfig",
-           "ForgetTargetConfig", "GuardConfig", "RetentionWarning", "UnlearnResult", "PruneResult", "FinetuneHistory"]
+           "ForgetTargetConfig", "ForgettingWarning", "GuardConfig", "RetentionWarning", "UnlearnResult", "PruneResult",
+           "FinetuneHistory"]

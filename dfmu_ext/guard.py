@@ -3,7 +3,7 @@ r"""The retention guard: DFMU watches what it must keep while it runs, without a
 A share of the retain budget is set aside (never trained on; no extra data is read) and, on each of
 its :math:`n` units (a classifier's samples, a causal LM's sequences), the probability the model
 gives the right answer, :math:`p_i` (the soft accuracy; its accuracy is reported beside it; for a
-sequence, its least probable right token), is
+sequence, its least probable token among those the original predicted right), is
 measured for the original model, before anything changes, and after each stage. The drop is the mean
 paired difference :math:`\Delta = \frac1n \sum_i (p^{\mathrm{orig}}_i - p_i)`, and it is kept within
 the tolerance :math:`\tau` (1 point for classifiers, 2 for causal LMs) by the method's own means:
@@ -29,11 +29,16 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["GuardConfig", "RetentionGuard", "RetentionWarning", "membership_auc"]
+__all__ = ["ForgettingWarning", "GuardConfig", "RetentionGuard", "RetentionWarning", "membership_auc"]
 
 
 class RetentionWarning(UserWarning):
     """DFMU could not keep what it must keep within the tolerance."""
+
+
+class ForgettingWarning(UserWarning):
+    """DFMU stopped forgetting short of its own stop because going on would have cost more of what it
+    must keep than the guard's tolerance allows (``info["forget_side"]["ended"] == "guard"``)."""
 
 
 @dataclass
@@ -85,7 +90,9 @@ class RetentionGuard:
         p = out.pop("p").double()
         out["units"] = int(p.numel())
         out["score"] = float(p.mean()) if p.numel() else float("nan")
-        if self.reference is not None:
+        if self.reference is not None and not p.numel():   # nothing the original knew to keep
+            out.update(drop=0.0, se=0.0, within=True)
+        elif self.reference is not None:
             d = self._p - p
             out["drop"] = float(d.mean())
             out["se"] = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0

@@ -13,7 +13,11 @@ Written by ``dfmu forget`` (beside the output, ``<out stem>.record.json``) and b
   indices are unknown;
 * ``method``, ``config`` (every setting), ``seed``, ``device``, ``timings`` (seconds),
   ``metrics`` (when they were computed), ``environment`` (package, torch, CUDA, Python versions and
-  ``dfmu_ext.build_info()``), ``created_utc``.
+  ``dfmu_ext.build_info()``), ``created_utc``;
+* from :func:`dfmu_ext.unlearn`: ``guard`` (the retention guard's measurements: the original's score,
+  each stage's, the final drop, its standard error, whether it stayed within the tolerance, whether it
+  warned) and ``forget_side`` (where the forget side stopped and why: ``ended`` is ``"reached"``,
+  ``"limit"`` or ``"guard"``).
 
 An index hash is the SHA-256 of the sorted indices into the training set as little-endian int64.
 """
@@ -126,6 +130,9 @@ def unlearn_record(result, *, input_sha256: str | None, train_set: Dataset, forg
 
     used = root_indices(retain_used)
     extra = {"scoring_forget_samples": result.info["scoring_forget_samples"], "train_samples": len(train_set)}
+    for measured in ("guard", "forget_side"):   # what the retention guard measured, where forgetting stopped
+        if result.info.get(measured) is not None:
+            extra[measured] = result.info[measured]
     if forget_read is not None:
         read = root_indices(forget_read)
         extra["forget_read"] = {"count": len(forget_read),

@@ -5,6 +5,7 @@ fine-tune on a slice of the retain data, watched by the retention guard (:mod:`d
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from . import record as deletion_record
 from ._common import model_device, synchronize
 from .distributed import Comm, current_comm
 from .finetune import run_finetune
-from .guard import GuardConfig, RetentionGuard, membership_auc
+from .guard import ForgettingWarning, GuardConfig, RetentionGuard, membership_auc
 from .model_io import copy_model, model_entry
 from .result import FinetuneHistory, UnlearnResult
 from .tasks import task_for
@@ -29,7 +30,7 @@ def _guard(task, model, split, config: GuardConfig | None, device) -> RetentionG
         return None
     tolerance = task.default_tolerance if config.tolerance is None else config.tolerance
     watch = split.extra.get("watch")  # e.g. a sub-class's siblings: the labels its forget samples carry
-    guard = RetentionGuard(lambda m: task.retention(m, split.validation, device, watch=watch), tolerance, config)
+    guard = RetentionGuard(task.retention_measure(split.validation, device, watch=watch), tolerance, config)
     guard.start(model)
     return guard
 
@@ -64,7 +65,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     6. the retention guard (:class:`dfmu_ext.guard.GuardConfig`, on by default; ``guard=False``
        turns it off): the task's retention score on the set-aside part is kept within the tolerance
        of the original's (1 point for classifiers, 2 for causal LMs) — the edit stops, retain-only
-       recovery steps run, and a :class:`dfmu_ext.guard.RetentionWarning` says when it cannot.
+       recovery steps run, and a :class:`dfmu_ext.guard.RetentionWarning` says when it cannot; a
+       :class:`dfmu_ext.guard.ForgettingWarning` says when it stopped the forget side short of its stop.
 
     Classifiers: ``forget_classes`` masks the classifier's rows too; the forget term is off for whole
     classes and decides itself for samples (:func:`dfmu_ext.tasks.classification.default_forget_term`);
@@ -156,6 +158,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
                        forget="always" if the_task.recovery_forget_term else False)
         comm.sync_buffers_(model)
     seconds_guard += time.perf_counter() - t_guard
+    if forget_side.get("ended") == "guard":
+        _warn_forgetting(forget_side, watch)
     synchronize(device)
     total = time.perf_counter() - total_start
     timings = {"scoring": pruned.seconds_scoring, "targets": seconds_targets, "pruning": pruned.seconds_pruning,
@@ -210,19 +214,38 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     value = before = measure() if lever else None
     if value is None or stop is None:
         return {"stop": name}
-    steps, limit = 0, FORGET_SIDE_STEPS[name]
+    steps, limit, ended, cost = 0, FORGET_SIDE_STEPS[name], "reached", None
     while value > stop and steps < limit:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()} if watch is not None else None
         run_finetune(objective, plan, config, max_steps=chunk, forget="always", history=history, progress=progress)
         if watch is not None and not watch.check(model)["within"]:
             # a dip the retain side may take back: one chunk of retain-only steps before giving up
             run_finetune(objective, plan, config, max_steps=chunk, forget=False, history=history, progress=progress)
-            if not watch.check(model)["within"]:
+            now = watch.check(model)
+            if not now["within"]:
                 model.load_state_dict(state)   # still beyond the tolerance: keep the state before the chunk
+                ended, cost = "guard", now["drop"]
                 break
         steps += chunk
         value = measure()
-    return {"stop": name, f"{key}_before": before, key: value, "extra_forget_steps": steps, "lever": lever}
+    if ended == "reached" and value > stop:
+        ended = "limit"
+    out = {"stop": name, f"{key}_before": before, key: value, "extra_forget_steps": steps, "lever": lever,
+           "ended": ended, "threshold": stop}
+    return {**out, "refused_drop": cost} if cost is not None else out
+
+
+def _warn_forgetting(side: dict, watch: RetentionGuard) -> None:
+    """The trade the guard refused, in a :class:`ForgettingWarning`: where the forget side stopped
+    against its stop, and what one more chunk would have cost of what must be kept."""
+    key, what = ("auc", "membership AUC against the non-members") if side["stop"] == "nonmembers" else \
+        ("gap", "excess probability of their own answers over the estimate of Retrain")
+    warnings.warn(
+        f"DFMU stopped forgetting short of its stop: the forget samples' {what} is {side[key]:.3g} "
+        f"(stop {side['threshold']:.3g}; {side[key + '_before']:.3g} before {side['extra_forget_steps']} extra "
+        f"forget steps), because one more chunk cost {100 * side['refused_drop']:.1f} points of what must be kept "
+        f"(tolerance {100 * watch.tolerance:.1f}); a larger guard tolerance or retain_fraction trades more",
+        ForgettingWarning, stacklevel=4)   # the caller of unlearn (through its argument wrapper)
 
 
 def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,

@@ -1,6 +1,7 @@
 """The retention guard, distillation and the task seam's one-line errors (dfmu_ext.guard,
 dfmu_ext.finetune.distill_loss, dfmu_ext.unlearn)."""
 import copy
+import importlib
 import json
 import math
 
@@ -126,6 +127,62 @@ def test_the_guard_is_in_the_record(trained, tmp_path):
                      guard=GuardConfig(tolerance=0.03))
     rec = json.loads(path.read_text())
     assert rec["config"]["guard"]["tolerance"] == 0.03
+    # the guard's measurements, not only its settings, and where the forget side stopped
+    assert rec["guard"]["tolerance"] == 0.03 and rec["guard"]["validation_units"] >= 8
+    assert {"original", "final", "drop", "se", "within", "warned", "stages"} <= set(rec["guard"])
+    assert rec["forget_side"] == {"stop": "estimate"}
+
+
+class _Side:
+    """A task, model and guard stand-in for the forget side's loop: the gap falls by 1 per chunk; the
+    guard holds until its ``fail_at``-th check."""
+
+    forget_gap_stop = 0.05
+
+    def __init__(self, gaps, fail_at=None):
+        self.gaps, self.fail_at, self.checks = list(gaps), fail_at, 0
+        self.model = nn.Linear(2, 2)
+        self.tolerance, self.config = 0.02, GuardConfig()
+
+    def forget_gap(self, *_):
+        return self.gaps.pop(0)
+
+    def check(self, _model, stage=None):
+        self.checks += 1
+        bad = self.fail_at is not None and self.checks >= self.fail_at
+        return {"within": not bad, "drop": 0.031 if bad else 0.0}
+
+
+@pytest.mark.parametrize("gaps, fail_at, ended, steps", [
+    ([2.0, 1.0, 0.04], None, "reached", 20),   # reached its stop after two chunks
+    ([2.0, 1.0, 0.5], 2, "guard", 10),         # the second chunk cost too much, even after a retain chunk
+])
+def test_forget_side_says_why_it_stopped_and_warns_the_refused_trade(monkeypatch, gaps, fail_at, ended, steps):
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    monkeypatch.setattr(U, "run_finetune", lambda *a, **k: None)
+    fake = _Side(gaps, fail_at)
+    targets = type("T", (), {"payload": object()})()
+    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, fake, "cpu", False)
+    assert side["ended"] == ended and side["extra_forget_steps"] == steps and side["threshold"] == 0.05
+    if ended == "guard":
+        assert side["gap"] == 1.0 and side["refused_drop"] == 0.031      # the state before the refused chunk
+        refused = r"estimate of Retrain is 1 \(stop 0.05; 2 before 10 extra .* 3.1 points .* \(tolerance 2.0\)"
+        with pytest.warns(dfmu_ext.ForgettingWarning, match=refused):
+            U._warn_forgetting(side, fake)
+    else:
+        assert "refused_drop" not in side
+
+
+def test_forget_side_at_its_step_limit_says_so(monkeypatch):
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    monkeypatch.setattr(U, "run_finetune", lambda *a, **k: None)
+    monkeypatch.setitem(U.FORGET_SIDE_STEPS, "estimate", 20)
+    fake = _Side([3.0, 2.0, 1.0])
+    targets = type("T", (), {"payload": object()})()
+    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    assert side["ended"] == "limit" and side["gap"] == 1.0 and side["extra_forget_steps"] == 20
 
 
 def test_edit_rollback_restores_the_weights_exactly():
@@ -211,3 +268,51 @@ def test_nonmembers_set_where_forgetting_stops(trained):
     with pytest.raises(ValueError, match="nonmembers is empty"):
         dfmu_ext.unlearn(m, data, forget_indices=idx, nonmembers=Subset(fresh, []))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))
+
+
+def test_lm_guard_keeps_the_tokens_the_original_knew_float64_reference():
+    """The causal-LM guard's unit against a float64 recomputation: per sequence, the least probable of
+    the scored tokens the ORIGINAL predicted right, fixed at the first measurement; sequences where it
+    knew none are left out."""
+    from _lm_tiny import make_model, qa_set, train
+
+    from dfmu_ext.lm.task import IGNORE_INDEX
+    from dfmu_ext.tasks.causal_lm import CausalLMTask
+
+    data = qa_set(24, seed=3, answer_len=3)
+    original = train(make_model(seed=1), data, steps=4)   # knows some tokens: 20 of 24 sequences hold one
+    later = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in later.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def reference(model, known=None):
+        ids, y, mask = data.input_ids, data.labels, data.attention_mask
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids, attention_mask=mask).double(), -1)
+        ps, marks = [], []
+        for i in range(len(data)):
+            worst, k_i = None, []
+            for t in range(1, ids.shape[1]):
+                if y[i, t] == IGNORE_INDEX:
+                    continue
+                right = logp[i, t - 1, y[i, t]]
+                k = bool(logp[i, t - 1].argmax() == y[i, t]) if known is None else known.pop(0)
+                k_i.append(k)
+                if k:
+                    worst = right if worst is None else min(worst, right)
+            marks += k_i
+            if worst is not None:
+                ps.append(math.exp(worst))
+        return torch.tensor(ps, dtype=torch.float64), marks
+
+    measure = CausalLMTask().retention_measure(data, torch.device("cpu"))
+    first, second = measure(original), measure(later)
+    p0, known = reference(original)
+    p1, _ = reference(later, list(known))
+    assert 0 < len(p0) < len(data)                               # some sequences hold no known token
+    assert "known" not in first and first["accuracy"] == 1.0     # every known token is right, by definition
+    torch.testing.assert_close(first["p"].double(), p0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second["p"].double(), p1, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        CausalLMTask().retention(original, data, "cpu", known=torch.ones(3, dtype=torch.bool))

@@ -253,8 +253,9 @@ def test_negative_neighbours_is_one_line():
         dfmu_ext.tasks.LMFinetuneConfig(neighbours=-1).validate()
 
 
-def test_forget_gap_is_kl_to_the_targets():
-    """forget_gap = mean over scored positions of KL(q || p), recomputed densely."""
+def test_forget_gap_is_the_own_token_excess_over_the_targets():
+    """forget_gap = mean over the positions with targets of p(own next token) - q(own next token),
+    recomputed densely in float64; the original (whose own tokens the targets lower) is above 0."""
     from dfmu_ext.tasks.base import Targets
     from dfmu_ext.tasks.causal_lm import CausalLMTask
 
@@ -265,11 +266,17 @@ def test_forget_gap_is_kl_to_the_targets():
     forget, budget = _batch(f_rows), _batch(b_rows)
     near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
     q = template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
-    gap = CausalLMTask().forget_gap(model, None, Targets((forget[0], q, q.scored), [0, 1]), torch.device("cpu"))
-    dense = q.to_dense()
-    logp = torch.log_softmax(model.table.detach()[forget[0]["input_ids"]][:, :-1], -1)
-    kl = (dense * (dense.clamp_min(1e-30).log() - logp)).sum(-1)[q.scored]
-    assert gap == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+    targets = Targets((forget[0], q, q.scored), [0, 1])
+    gap = CausalLMTask().forget_gap(model, None, targets, torch.device("cpu"))
+    dense = q.to_dense().double()
+    p = torch.softmax(model.table.detach().double()[forget[0]["input_ids"]][:, :-1], -1)
+    own = forget[0]["input_ids"][:, 1:]
+    excess = (p.gather(2, own[..., None]) - dense.gather(2, own[..., None]))[..., 0][q.scored]
+    assert gap == pytest.approx(float(excess.mean()), rel=1e-5, abs=1e-7)
+    # the dense form of the same targets gives the same number
+    dense_gap = CausalLMTask().forget_gap(model, None, Targets((forget[0], q.to_dense(), q.scored), [0, 1]),
+                                          torch.device("cpu"))
+    assert dense_gap == pytest.approx(gap, rel=1e-5, abs=1e-7)
 
 
 def test_mlp_entity_trains_the_mlp_and_only_the_forget_sets_token_rows():

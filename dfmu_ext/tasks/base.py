@@ -159,6 +159,11 @@ class Task:
         return None
 
     def retention(self, model: nn.Module, dataset: Dataset, device) -> dict:
-        """What the guard watches on ``dataset`` (the budget's validation part): ``{"score": s, ...}``
-        with ``s`` the quantity kept within the tolerance (an accuracy), plus details."""
+        """What the guard watches on ``dataset`` (the budget's validation part): ``{"p": (n,) per-unit
+        right-answer probabilities, "accuracy": a, ...}`` (see :class:`dfmu_ext.guard.RetentionGuard`)."""
         raise NotImplementedError
+
+    def retention_measure(self, dataset: Dataset, device, watch=None):
+        """The guard's ``measure(model)`` on ``dataset``; its first call measures the original (a task
+        may fix there what later calls compare, e.g. which tokens the original knew)."""
+        return lambda m: self.retention(m, dataset, device, watch=watch)
