@@ -170,21 +170,93 @@ def epochs_for(config, n: int, batch_size: int, extra_steps: int = 0) -> int:
     return max(config.epochs, -(-steps // per_epoch))
 
 
+#: Elements (rows x classes) of one chunk of the distillation's float32 work: ~16 MB per temporary,
+#: so a (N, T, vocab) batch never has a float32 copy of its own, only a few chunks'.
+DISTILL_CHUNK = 1 << 22
+
+
+class _DistillKL(torch.autograd.Function):
+    r"""Sum over the kept rows of :math:`\mathrm{KL}(p^t_i \,\|\, q_i)`, ``p^t = softmax(teacher)``,
+    ``q = softmax(student)``, over 2-D ``(rows, C)`` logits, row-chunked in float32 (float64 for float64
+    input); it saves only the two inputs (the caller's own tensors: no copy) and recomputes both
+    softmaxes chunk by chunk in the backward:
+
+    .. math:: \partial/\partial s_{ic} = q_{ic} - p^t_{ic}, \qquad
+              \partial/\partial t_{ic} = p^t_{ic}\,\big(\log p^t_{ic} - \log q_{ic} - \mathrm{KL}_i\big).
+
+    ``rows`` (a 1-D index tensor, or None for all) picks the rows; rows outside get zero gradient."""
+
+    @staticmethod
+    def _chunks(student, teacher, rows, dtype):
+        n = student.shape[0] if rows is None else rows.numel()
+        step = max(1, DISTILL_CHUNK // max(1, student.shape[1]))
+        for a in range(0, n, step):
+            idx = slice(a, a + step) if rows is None else rows[a:a + step]
+            s, t = student[idx].to(dtype), teacher[idx].to(dtype)
+            log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+            p = log_p.exp()
+            # 0 log 0 = 0: a class the teacher rules out (-inf logit) adds nothing, not NaN
+            term = torch.where(p > 0, p * (log_p - log_q), 0.0)
+            yield idx, log_q, log_p, p, term
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows):
+        dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+        total = torch.zeros((), dtype=dtype, device=student.device)
+        for _, _, _, _, term in _DistillKL._chunks(student, teacher, rows, dtype):
+            total += term.sum()
+        ctx.save_for_backward(student, teacher, rows)
+        ctx.dtype = dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        student, teacher, rows = ctx.saved_tensors
+        want_s, want_t = ctx.needs_input_grad[:2]
+        gs = torch.zeros_like(student) if want_s else None
+        gt = torch.zeros_like(teacher) if want_t else None
+        for idx, log_q, log_p, p, term in _DistillKL._chunks(student, teacher, rows, ctx.dtype):
+            if want_s:
+                gs[idx] = ((log_q.exp() - p) * grad).to(gs.dtype)
+            if want_t:
+                kl = term.sum(-1, keepdim=True)
+                gt[idx] = (torch.where(p > 0, p * (log_p - log_q - kl), 0.0) * grad).to(gt.dtype)
+        return gs, gt, None
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
     r"""The mean KL divergence from the original's output distribution to the model's,
 
     .. math:: \mathrm{mean}_i \sum_c p^{\mathrm{orig}}_{ic}\,(\log p^{\mathrm{orig}}_{ic} - \log p_{ic}),
 
     over the rows of ``(..., C)`` logits (every row, or those where the boolean ``where`` is true:
-    a causal LM's real positions)."""
-    if where is not None:  # the rows that count first: nothing of size positions x vocabulary is kept for the rest
-        where = where.to(student.device)
-        if not bool(where.any()):
-            return student.sum() * 0.0
-        student, teacher = student[where], teacher.to(student.device)[where]
-    s = F.log_softmax(student.float(), dim=-1)
-    t = F.log_softmax(teacher.float(), dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1).mean()
+    a causal LM's real positions; ``where`` has the leading shape of the logits, or a prefix of it).
+    Its gradient in the model's logits is :math:`(\mathrm{softmax}(s_i) - p^{\mathrm{orig}}_i)/R` on
+    the :math:`R` kept rows, 0 elsewhere. The value is float32 (float64 for float64 logits); no row
+    counting gives a zero loss that still has a graph.
+
+    Memory: low-precision logits are upcast in row chunks of :data:`DISTILL_CHUNK` elements, and only
+    the two logits tensors themselves are kept for the backward (:class:`_DistillKL`), where an eager
+    ``log_softmax``/``kl_div`` kept about eight float32 ``(rows, C)`` copies (both log-softmaxes,
+    the ``exp``, the difference, the product, the kept rows' copies)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
+    teacher = teacher.to(student.device)
+    c = student.shape[-1]
+    s2, t2 = student.reshape(-1, c), teacher.reshape(-1, c)
+    rows = None
+    if where is not None:  # the kept rows by index: nothing of size positions x vocabulary is copied for them
+        where = where.to(student.device, torch.bool)
+        lead = student.shape[:-1]
+        if where.shape != lead[:where.dim()]:
+            raise ValueError(f"where {tuple(where.shape)} does not fit logits {tuple(student.shape)}")
+        where = where.reshape(where.shape + (1,) * (len(lead) - where.dim())).expand(lead)
+        rows = where.reshape(-1).nonzero().squeeze(1)
+    n = s2.shape[0] if rows is None else rows.numel()
+    if n == 0:
+        return student.sum() * 0.0
+    return _DistillKL.apply(s2, t2, rows) / n
 
 
 class Objective:
