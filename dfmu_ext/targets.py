@@ -61,7 +61,9 @@ class ForgetTargetConfig:
         feature_weight: :math:`w_h`, the weight of the feature term (:func:`feature_neighbours`,
             :func:`feature_loss`) added in the forget phase beside the label term; 0 (the default)
             leaves it out. It acts on the classifier's input, so it moves what a linear probe of
-            the penultimate features sees, which masking the head row leaves as it was.
+            the penultimate features sees, which masking the head row leaves as it was. Measured on
+            five whole-class setups, weight 10 brought that probe within a point of Retrain's on two
+            but cost 1.6-5.1 points of RA beyond the defaults (benchmarks/RESULTS.md).
         feature_k: :math:`k_h`, the nearest retain samples (in the original's features) whose current
             features a forget sample is pulled to.
     """
@@ -146,9 +148,11 @@ def feature_neighbours(forget_keys: torch.Tensor, retain_keys: torch.Tensor, k: 
 
     so in expectation the pull is to the neighbours' mean feature, at the cost of one extra image per
     forget sample and step (exact for a squared distance; :func:`feature_loss` is a cosine, for which
-    it is the same pull to first order). The current features, not the original's: pruning and the fine-tune move
-    the whole feature space (measured: the original's features were 0.75 standardised units from
-    where the unlearned model put the same images), and a fixed target there fights the retain side.
+    it is the same pull to first order). The current features, not the original's: pruning and the
+    fine-tune move the whole feature space, and a fixed target there fights the retain side (measured
+    on a Fashion-MNIST CNN: pulled to their neighbours' original features, the forget samples ended
+    further from them than they started, while their distance to the neighbours' current features
+    fell fivefold; benchmarks/RESULTS.md).
     """
     if retain_keys.shape[0] == 0:
         raise ValueError("feature neighbours need at least one retain sample")
