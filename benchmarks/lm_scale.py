@@ -2,6 +2,7 @@
 1B parameters, fp32 and bf16, sequences of 128-512 tokens.
 
     python benchmarks/lm_scale.py [--device cpu|cuda] [--sizes 10m,100m] [--grid small|full] [--out FILE.md]
+                                  [--only dfmu,finetune,plain] [--dtypes bf16] [--seqs 256]
 
 For each (size, dtype, sequence length, batch) row it measures, each in a fresh child process:
 
@@ -9,10 +10,13 @@ For each (size, dtype, sequence length, batch) row it measures, each in a fresh 
   backward to the embeddings' outputs) on one batch, half forget and half retain sequences;
 - ``plain``: a plain forward+backward of the same batch (the next-token loss, every parameter's
   gradient), and ``plain+ckpt`` the same with the model's gradient checkpointing on;
-- ``dfmu``: the whole :func:`dfmu_ext.unlearn` on a tiny budget (8 retain sequences, 4 forgotten,
-  the scoring pass on one batch, a 2-step edit, one fine-tune epoch with the forget term and the
-  distillation to the original; guard off), ``dfmu-nodistill`` without the distillation term
-  (its teacher copy and teacher logits), ``dfmu+ckpt`` with gradient checkpointing on;
+- ``dfmu``: the whole :func:`dfmu_ext.unlearn` with DFMU's defaults (no retain-projected edit) on a
+  tiny budget (8 retain sequences, 4 forgotten, the scoring pass on one batch, one fine-tune epoch with
+  the forget term and the distillation to the original; guard off), ``dfmu-edit`` the same with a
+  2-step edit (off by default), ``dfmu-nodistill`` without the distillation term (its teacher copy
+  and teacher logits), ``dfmu-eager`` with the distillation as it was computed before issue 28's lean
+  :func:`dfmu_ext.finetune.distill_loss` (eager ``log_softmax``/``kl_div`` on float32 copies: the
+  "before" of that change), ``dfmu+ckpt`` with gradient checkpointing on;
 - ``finetune``: one epoch of plain fine-tuning (AdamW, every parameter) on the same 8 sequences;
 - ``targets``: the LM forget term's targets at TOFU forget10's shape (400 forget sequences of 128
   tokens, a 128k vocabulary, k=200) on a 10M model, stored sparsely (the dense q: 26 GB).
@@ -21,7 +25,10 @@ Memory is the child's peak resident set above its resident set just before the m
 (on CPU: the kernel's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs`` after the
 model is built, with ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors go back to the kernel;
 on CUDA: ``torch.cuda.max_memory_allocated`` above ``memory_allocated``). "peak" is the whole
-process's (model included). Times are one call each (the first: on a shared CPU, a guide only).
+process's (model included); a ``dfmu`` row also has each stage's peak (``stage_peaks_mb``, CPU). Its
+swapped neighbours are ``--neighbours`` (128; DFMU's default 512): the template pass reads them 64 at a
+time and holds two batches' logits at once from the second on, so two batches reach the default's peak
+in about 1/4 of its time. Times are one call each (a guide only).
 """
 from __future__ import annotations
 
@@ -30,13 +37,16 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from lm_scale_probes import StagePeaks, eager_distill_loss, hwm_kb, reset_hwm  # noqa: E402
+
+PEAKS = StagePeaks()
 
 #: Llama shapes (tied embeddings; 1b is Llama-3.2-1B's shape with its 128k vocabulary).
 SIZES = {
@@ -58,25 +68,22 @@ GRIDS = {
     "small": [
         ("10m-128k", "fp32", 128, 400, ("targets",)),
         ("10m", "fp32", 128, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "finetune")),
+        ("10m", "fp32", 256, 4, ("plain", "finetune", "dfmu", "dfmu-eager", "dfmu-edit")),
         ("10m", "fp32", 512, 4, ("score", "plain", "plain+ckpt", "dfmu", "finetune")),
-        ("10m", "bf16", 256, 4, ("score", "plain", "dfmu", "finetune")),
-        ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "finetune")),
-        ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "finetune")),
+        ("10m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
+        ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-eager", "dfmu-edit", "dfmu-nodistill",
+                                  "finetune")),
+        ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
     ],
     "large": [
         ("1b", "bf16", 256, 4, ("score", "plain")),
-        ("400m", "bf16", 256, 4, ("score", "plain", "plain+ckpt", "finetune", "dfmu")),
+        ("400m", "bf16", 256, 4, ("score", "plain", "plain+ckpt", "finetune", "dfmu", "dfmu-eager", "dfmu-edit")),
     ],
 }
 GRIDS["full"] = GRIDS["small"] + GRIDS["large"]
 
 
 # ----------------------------------------------------------------------------------------- child side
-
-def _hwm_kb() -> tuple[int, int]:
-    status = open("/proc/self/status").read()
-    return (int(re.search(r"VmRSS:\s+(\d+)", status).group(1)), int(re.search(r"VmHWM:\s+(\d+)", status).group(1)))
-
 
 def _build(size: str, dtype, device):
     import torch
@@ -107,7 +114,6 @@ def _measure(spec: dict) -> dict:
     import gc
 
     import torch
-
     torch.set_num_threads(int(spec.get("threads") or torch.get_num_threads()))
     device = torch.device(spec["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
@@ -117,7 +123,7 @@ def _measure(spec: dict) -> dict:
     vocab = model.config.vocab_size
     if what.endswith("+ckpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    run = _runner(what, model, seq, batch, vocab, device)
+    run = _runner(what, model, seq, batch, vocab, device, spec.get("neighbours", 512))
 
     gc.collect()
     if device.type == "cuda":
@@ -125,9 +131,8 @@ def _measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base = _hwm_kb()[0] * 1024
+        reset_hwm()
+        base = PEAKS.base = hwm_kb()[0] * 1024
     start = time.perf_counter()
     extra = run()
     if device.type == "cuda":
@@ -136,7 +141,7 @@ def _measure(spec: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _hwm_kb()[1] * 1024
+        peak = max(hwm_kb()[1] * 1024, PEAKS.top)
     return {"params": params, "base_mb": base / 2**20, "peak_mb": peak / 2**20, "delta_mb": (peak - base) / 2**20,
             "seconds": seconds, **(extra or {})}
 
@@ -147,7 +152,7 @@ def spec_refs(seq: int) -> int:
     return max(1, 8192 // seq)
 
 
-def _runner(what: str, model, seq: int, batch: int, vocab: int, device):
+def _runner(what: str, model, seq: int, batch: int, vocab: int, device, neighbours: int = 512):
     """The measured call, with everything it needs (data, layers) made beforehand."""
     import torch
     from dfmu_ext.lm.neurons import mlp_neuron_layers, score_neurons
@@ -206,14 +211,30 @@ def _runner(what: str, model, seq: int, batch: int, vocab: int, device):
     from dfmu_ext.lm.targets import LMForgetTermConfig
     from dfmu_ext.tasks import LMFinetuneConfig
 
-    ft = LMFinetuneConfig(epochs=1, batch_size=batch, min_steps=0, distill=0.0 if kind == "dfmu-nodistill" else 5.0)
+    ft = LMFinetuneConfig(epochs=1, batch_size=batch, min_steps=0, distill=0.0 if kind == "dfmu-nodistill" else 5.0,
+                          neighbours=neighbours)
     term = LMForgetTermConfig(batch_size=max(1, batch // 2), references=8, k=20)
-    edit = EditConfig(steps=2, batch_size=max(1, batch // 2), references=4)
+    # DFMU's default is no edit (EditConfig(steps=0)); dfmu-edit measures the opt-in 2-step edit
+    edit = EditConfig(steps=2, batch_size=max(1, batch // 2), references=4) if kind == "dfmu-edit" else None
+    if kind == "dfmu-eager":
+        import dfmu_ext.tasks.lm_finetune as lm_finetune
+        lm_finetune.distill_loss = eager_distill_loss  # this child only: the LM objective's distillation
+
+    if device.type == "cpu":  # each stage's peak, to tell which one sets DFMU's
+        import importlib
+
+        from dfmu_ext.tasks.causal_lm import CausalLMTask
+        orchestration = importlib.import_module("dfmu_ext.unlearn")
+        for owner, name, label in [(CausalLMTask, "forget_targets", "targets"), (CausalLMTask, "prune", "scoring"),
+                                   (CausalLMTask, "prepare", "edit"), (orchestration, "run_finetune", "finetune"),
+                                   (orchestration, "_forget_side", "forget_side")]:
+            PEAKS.wrap(owner, name, label)
 
     def dfmu():
         r = unlearn(model, data, forget_indices=forget, retain_fraction=0.4, score_samples=batch, finetune=ft,
                     forget_term=term, edit=edit, guard=False, device=device, seed=0)
-        return {"stages": {k: round(v, 2) for k, v in r.timings.items()}}
+        return {"stages": {k: round(v, 2) for k, v in r.timings.items()}, "stage_peaks_mb": {
+            k: round((v - PEAKS.base) / 2**20) for k, v in PEAKS.peaks.items()}}
     return dfmu
 
 
@@ -256,19 +277,21 @@ def _growth(rows: list[dict]) -> str:
     """DFMU's peak over the fine-tune's, per size (the target: it does not grow with size)."""
     got = {}
     for r in rows:
-        if "error" not in r and r["what"] in ("dfmu", "finetune"):
+        if "error" not in r and r["what"] in ("dfmu", "dfmu-eager", "finetune"):
             got.setdefault((r["size"], r["dtype"], r["seq"]), {})[r["what"]] = r
     lines = [f"- forget targets, {r['size']} ({r['forget_positions']} forget x {r['reference_positions']} reference "
              f"positions, k=200): stored {r['sparse_mb']:.0f} MB (dense q would be {r['dense_mb']:.0f} MB); peak "
              f"{r['delta_mb']:.0f} MB above start, {r['seconds']:.1f} s"
              for r in rows if r["what"] == "targets" and "error" not in r]
     for (size, dtype, seq), d in got.items():
-        if len(d) == 2:
+        if "dfmu" in d and "finetune" in d:
             ratio = d['dfmu']['delta_mb'] / d['finetune']['delta_mb']
+            eager = (f" (eager distillation: {d['dfmu-eager']['delta_mb']:.0f} MB, ratio "
+                     f"{d['dfmu-eager']['delta_mb'] / d['finetune']['delta_mb']:.2f})") if "dfmu-eager" in d else ""
             lines.append(f"- {size} {dtype} seq {seq}: DFMU {d['dfmu']['delta_mb']:.0f} MB, fine-tune epoch "
-                         f"{d['finetune']['delta_mb']:.0f} MB (ratio {ratio:.2f}); "
+                         f"{d['finetune']['delta_mb']:.0f} MB (ratio {ratio:.2f}){eager}; "
                          f"time {d['dfmu']['seconds']:.1f} s vs {d['finetune']['seconds']:.1f} s; DFMU stages "
-                         f"{d['dfmu'].get('stages')}")
+                         f"{d['dfmu'].get('stages')}; stage peaks above start (MB) {d['dfmu'].get('stage_peaks_mb')}")
     return "\n".join(lines)
 
 
@@ -278,7 +301,11 @@ def main() -> int:
     p.add_argument("--grid", default="small", choices=sorted(GRIDS))
     p.add_argument("--sizes", default=None, help="comma-separated subset of the grid's sizes (10m,100m,400m,1b)")
     p.add_argument("--only", default=None, help="comma-separated subset of the measurements (score,plain,...)")
+    p.add_argument("--dtypes", default=None, help="comma-separated subset of the grid's dtypes (fp32,bf16)")
+    p.add_argument("--seqs", default=None, help="comma-separated subset of the grid's sequence lengths")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--neighbours", type=int, default=128, help="DFMU's swapped neighbours (its default: 512; "
+                   "two template batches of 64 reach its peak)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per child process")
     p.add_argument("--out", default=None, help="Markdown file to write (also printed)")
     p.add_argument("--json", default=None, help="JSON lines file to append every row to")
@@ -296,14 +323,16 @@ def main() -> int:
         raise SystemExit(f"unknown sizes {sorted(sizes - set(SIZES))}; choose from {sorted(SIZES)}")
     grid = GRIDS["full" if sizes and sizes & {"400m", "1b"} else args.grid]
     rows = []
+    dtypes = set(args.dtypes.split(",")) if args.dtypes else None
+    seqs = {int(v) for v in args.seqs.split(",")} if args.seqs else None
     for size, dtype, seq, batch, whats in grid:
-        if sizes and size not in sizes:
+        if (sizes and size not in sizes) or (dtypes and dtype not in dtypes) or (seqs and seq not in seqs):
             continue
         for what in whats:
             if only and what not in only:
                 continue
             spec = {"size": size, "dtype": dtype, "seq": seq, "batch": batch, "what": what, "device": args.device,
-                    "threads": args.threads}
+                    "threads": args.threads, "neighbours": args.neighbours}
             r = {**spec, **_child(spec, args.timeout)}
             rows.append(r)
             print(json.dumps(r), flush=True)
