@@ -178,51 +178,52 @@ DISTILL_CHUNK = 1 << 22
 class _DistillKL(torch.autograd.Function):
     r"""Sum over the kept rows of :math:`\mathrm{KL}(p^t_i \,\|\, q_i)`, ``p^t = softmax(teacher)``,
     ``q = softmax(student)``, over 2-D ``(rows, C)`` logits, row-chunked in float32 (float64 for float64
-    input); it saves only the two inputs (the caller's own tensors: no copy) and recomputes both
-    softmaxes chunk by chunk in the backward:
+    input). The loss is a scalar, so its gradient is known up to the incoming factor once the forward
+    has both softmaxes: each chunk's
 
     .. math:: \partial/\partial s_{ic} = q_{ic} - p^t_{ic}, \qquad
-              \partial/\partial t_{ic} = p^t_{ic}\,\big(\log p^t_{ic} - \log q_{ic} - \mathrm{KL}_i\big).
+              \partial/\partial t_{ic} = p^t_{ic}\,\big(\log p^t_{ic} - \log q_{ic} - \mathrm{KL}_i\big)
 
-    ``rows`` (a 1-D index tensor, or None for all) picks the rows; rows outside get zero gradient."""
+    is written there, in the logits' dtype, for the kept rows only; that is all the backward keeps (no
+    logits, no float32 copies) and it only scales it. ``rows`` (a 1-D index tensor, or None for all)
+    picks the rows; rows outside get zero gradient. ``grad`` False (no autograd): nothing is kept."""
 
     @staticmethod
-    def _chunks(student, teacher, rows, dtype):
+    def forward(ctx, student, teacher, rows, grad: bool):
+        dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
         n = student.shape[0] if rows is None else rows.numel()
+        want_s, want_t = (grad and ctx.needs_input_grad[0]), (grad and ctx.needs_input_grad[1])
+        gs = student.new_empty((n, student.shape[1])) if want_s else None
+        gt = teacher.new_empty((n, teacher.shape[1])) if want_t else None
+        total = torch.zeros((), dtype=dtype, device=student.device)
         step = max(1, DISTILL_CHUNK // max(1, student.shape[1]))
         for a in range(0, n, step):
             idx = slice(a, a + step) if rows is None else rows[a:a + step]
-            s, t = student[idx].to(dtype), teacher[idx].to(dtype)
-            log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)
+            log_q, log_p = student[idx].to(dtype).log_softmax(-1), teacher[idx].to(dtype).log_softmax(-1)
             p = log_p.exp()
             # 0 log 0 = 0: a class the teacher rules out (-inf logit) adds nothing, not NaN
             term = torch.where(p > 0, p * (log_p - log_q), 0.0)
-            yield idx, log_q, log_p, p, term
-
-    @staticmethod
-    def forward(ctx, student, teacher, rows):
-        dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-        total = torch.zeros((), dtype=dtype, device=student.device)
-        for _, _, _, _, term in _DistillKL._chunks(student, teacher, rows, dtype):
-            total += term.sum()
-        ctx.save_for_backward(student, teacher, rows)
-        ctx.dtype = dtype
+            kl = term.sum(-1, keepdim=True)
+            total += kl.sum()
+            if want_t:
+                gt[a:a + step] = torch.where(p > 0, p * (log_p - log_q - kl), 0.0)
+            if want_s:
+                gs[a:a + step] = log_q.exp_().sub_(p)
+        ctx.save_for_backward(gs, gt, rows)
+        ctx.shapes = (student.shape, teacher.shape)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        student, teacher, rows = ctx.saved_tensors
-        want_s, want_t = ctx.needs_input_grad[:2]
-        gs = torch.zeros_like(student) if want_s else None
-        gt = torch.zeros_like(teacher) if want_t else None
-        for idx, log_q, log_p, p, term in _DistillKL._chunks(student, teacher, rows, ctx.dtype):
-            if want_s:
-                gs[idx] = ((log_q.exp() - p) * grad).to(gs.dtype)
-            if want_t:
-                kl = term.sum(-1, keepdim=True)
-                gt[idx] = (torch.where(p > 0, p * (log_p - log_q - kl), 0.0) * grad).to(gt.dtype)
-        return gs, gt, None
+        gs, gt, rows = ctx.saved_tensors
+        out = []   # g * grad: a 0-dim float factor, applied in float and rounded once to g's dtype
+        for g, shape in zip((gs, gt), ctx.shapes):
+            if g is None or rows is None:
+                out.append(None if g is None else g * grad)
+            else:
+                out.append(g.new_zeros(shape).index_copy_(0, rows, g).mul_(grad))  # no (rows, C) temporary
+        return out[0], out[1], None, None
 
 
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,10 +237,10 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tens
     the :math:`R` kept rows, 0 elsewhere. The value is float32 (float64 for float64 logits); no row
     counting gives a zero loss that still has a graph.
 
-    Memory: low-precision logits are upcast in row chunks of :data:`DISTILL_CHUNK` elements, and only
-    the two logits tensors themselves are kept for the backward (:class:`_DistillKL`), where an eager
-    ``log_softmax``/``kl_div`` kept about eight float32 ``(rows, C)`` copies (both log-softmaxes,
-    the ``exp``, the difference, the product, the kept rows' copies)."""
+    Memory: low-precision logits are upcast in row chunks of :data:`DISTILL_CHUNK` elements, and the
+    backward keeps one ``(rows, C)`` tensor in the logits' dtype, the gradient itself
+    (:class:`_DistillKL`), where an eager ``log_softmax``/``kl_div`` held up to seven float32 copies at
+    once (the kept rows' copies, both log-softmaxes, the ``exp``, the difference, the product)."""
     if student.shape != teacher.shape:
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     teacher = teacher.to(student.device)
@@ -256,7 +257,7 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, where: torch.Tens
     n = s2.shape[0] if rows is None else rows.numel()
     if n == 0:
         return student.sum() * 0.0
-    return _DistillKL.apply(s2, t2, rows) / n
+    return _DistillKL.apply(s2, t2, rows, torch.is_grad_enabled()) / n
 
 
 class Objective:
