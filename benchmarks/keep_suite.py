@@ -180,11 +180,17 @@ def run_lm(name, s, seed):
     return {**out, **run_variants(original, data, forget_idx, s["fraction"], seed, lm_variants(), row)}
 
 
+#: the DFMU variants to run (labels), None: all of them
+ONLY_VARIANTS: set[str] | None = None
+
+
 def run_variants(original, data, forget_idx, fraction, seed, variants, row) -> dict:
     """Each DFMU variant on a copy of ``original``: ``row``'s metrics, whether the guard warned, the
-    edit's and the recovery's steps."""
+    edit's and the recovery's steps (only the labels in ``ONLY_VARIANTS`` when it is set: ``--variants``)."""
     out = {}
     for label, kw in variants.items():
+        if ONLY_VARIANTS is not None and label not in ONLY_VARIANTS:
+            continue
         m = copy.deepcopy(original)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -300,7 +306,12 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/keep_suite")
     ap.add_argument("--setups", default=",".join([*LM_SETUPS, *CLS_SETUPS, *MEMORISED_SETUPS, *WHOLE_CLASS_SETUPS]))
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--variants", default=None,
+                    help="only these DFMU rows of the LM, sub-class and memorised setups, ';'-separated labels "
+                         "(e.g. 'DFMU, defaults'); Original and Retrain always run")
     args = ap.parse_args(argv)
+    global ONLY_VARIANTS
+    ONLY_VARIANTS = None if args.variants is None else {v.strip() for v in args.variants.split(";")}
     torch.set_num_threads(1)
     results = {}
     for name in args.setups.split(","):
