@@ -234,7 +234,8 @@ def _runner(what: str, model, seq: int, batch: int, vocab: int, device, neighbou
         r = unlearn(model, data, forget_indices=forget, retain_fraction=0.4, score_samples=batch, finetune=ft,
                     forget_term=term, edit=edit, guard=False, device=device, seed=0)
         return {"stages": {k: round(v, 2) for k, v in r.timings.items()}, "stage_peaks_mb": {
-            k: round((v - PEAKS.base) / 2**20) for k, v in PEAKS.peaks.items()}}
+            k: round((v - PEAKS.base) / 2**20) for k, v in PEAKS.peaks.items()}, "stage_starts_mb": {
+            k: round((v - PEAKS.base) / 2**20) for k, v in PEAKS.starts.items()}}
     return dfmu
 
 

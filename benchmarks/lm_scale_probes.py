@@ -18,10 +18,10 @@ def hwm_kb() -> tuple[int, int]:
 class StagePeaks:
     """Each DFMU stage's peak resident set (CPU), kept by resetting ``VmHWM`` as a stage starts; every
     enclosing stage and the whole call's peak are credited with the high-water mark read before each
-    reset, so nesting loses nothing."""
+    reset, so nesting loses nothing. ``starts``: the resident set as each stage first starts."""
 
     def __init__(self):
-        self.base, self.top, self.stack, self.peaks = 0, 0, [], {}
+        self.base, self.top, self.stack, self.peaks, self.starts = 0, 0, [], {}, {}
 
     def _credit(self) -> None:
         hwm = hwm_kb()[1] * 1024
@@ -35,6 +35,7 @@ class StagePeaks:
         def staged(*args, **kwargs):
             self._credit()
             reset_hwm()
+            self.starts.setdefault(label, hwm_kb()[0] * 1024)
             self.stack.append(label)
             try:
                 return f(*args, **kwargs)
