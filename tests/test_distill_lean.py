@@ -29,7 +29,7 @@ def grads(fn, s, t, where):
     return value.detach(), s.grad, t.grad
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 37])
 @pytest.mark.parametrize("classes", [1, 7, 1000])
 @pytest.mark.parametrize("masked", [False, True])
@@ -45,12 +45,13 @@ def test_value_and_gradient_match_float64(dtype, rows, classes, masked):
     want, ws, wt = grads(reference, s.double(), t.double(), where)
     assert got.dtype == torch.float32 and gs.dtype == dtype and gt.dtype == dtype
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
-    # bf16 gradients are kept in bf16 and scaled by the incoming factor: rounded twice, within one bf16
-    # ulp (2^-7 relative) of each element; the teacher's, p (log p - log q - KL), has float32 cancel
-    # log-ratios of up to ~20, hence its 1e-5 of the largest
-    rel = 0.0 if dtype == torch.float32 else 2 ** -7
-    assert ((gs.double() - ws).abs() <= rel * ws.abs() + 1e-6 * ws.abs().max() + 1e-12).all()
-    assert ((gt.double() - wt).abs() <= rel * wt.abs() + 1e-5 * wt.abs().max() + 1e-12).all()
+    # low-precision gradients are kept in their dtype and scaled by the incoming factor: rounded twice,
+    # within one ulp of each element (bf16 2^-7, fp16 2^-10 relative; fp16's subnormal spacing 2^-24);
+    # the teacher's, p (log p - log q - KL), has float32 cancel log-ratios of up to ~20: 1e-5 of the largest
+    rel = {torch.float32: 0.0, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    tiny = 2 ** -24 if dtype == torch.float16 else 1e-12
+    assert ((gs.double() - ws).abs() <= rel * ws.abs() + 1e-6 * ws.abs().max() + tiny).all()
+    assert ((gt.double() - wt).abs() <= rel * wt.abs() + 1e-5 * wt.abs().max() + tiny).all()
     if where is not None:  # the rows that do not count get no gradient at all
         assert (gs[~where] == 0).all() and (gt[~where] == 0).all()
 
