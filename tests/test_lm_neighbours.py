@@ -183,6 +183,26 @@ def test_template_targets_average_the_neighbours_distributions(top):
         assert float(dense[i].sum()) == pytest.approx(1.0, abs=1e-5)  # one scored position per row
 
 
+@pytest.mark.parametrize("max_elements", [1, 60, 130, 10_000])
+def test_template_targets_in_groups_equal_the_whole(max_elements):
+    """Groups of forget rows (as few as one position's sums at a time, one neighbour per forward) give
+    the targets of one pass over everything: nothing positions x vocabulary is needed at once."""
+    vocab = 50
+    model = _Table(vocab, seed=3)
+    ids = torch.tensor([[1, 20, 21, 10, 22, 30, 2], [1, 20, 21, 10, 23, 31, 2], [1, 24, 25, 10, 26, 32, 2]])
+    labels = ids.clone()
+    labels[:, 0] = IGNORE_INDEX
+    labels[1, 4:] = IGNORE_INDEX                         # rows with different numbers of scored positions
+    forget = (Inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}), labels)
+    b = torch.tensor([[1, 20, 21, 11, 22, 34, 2], [1, 20, 21, 12, 23, 35, 2], [1, 24, 25, 13, 26, 36, 2]])
+    budget = (Inputs({"input_ids": b, "attention_mask": torch.ones_like(b)}), b.clone())
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=1)
+    whole = template_targets(model, forget, near, top=7, max_elements=1 << 30)
+    parts = template_targets(model, forget, near, top=7, max_elements=max_elements)
+    assert torch.equal(parts.index, whole.index) and torch.equal(parts.ids, whole.ids)
+    torch.testing.assert_close(parts.weights, whole.weights, rtol=1e-6, atol=1e-7)
+
+
 def test_template_targets_skip_positions_that_read_no_swap():
     """A statement scored throughout, its name at position 3: positions before it get no target, the
     ones after average only over the neighbours (all of which swapped the name there)."""

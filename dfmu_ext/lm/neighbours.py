@@ -222,9 +222,16 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
                       tokens[seen[tokens.clamp(0, vocab - 1)]])
 
 
+def rows_per_forward(vocab: int, length: int, most: int = 64, max_elements: int = 1 << 25) -> int:
+    """How many sequences of ``length`` tokens one forward takes when its ``(rows, length, vocab)``
+    logits should stay within ``max_elements`` (at least one, at most ``most``): at a 128k vocabulary
+    and 128 tokens, 64 rows' logits alone are 2 GB in bf16."""
+    return max(1, min(most, max_elements // max(1, vocab * length)))
+
+
 @torch.no_grad()
 def template_targets(model: nn.Module, forget: tuple[Inputs, torch.Tensor], neighbours: Neighbours,
-                     top: int = 32, batch_size: int = 64) -> SparseTargets | None:
+                     top: int = 32, batch_size: int = 64, max_elements: int = 1 << 25) -> SparseTargets | None:
     r"""The forget targets read off the neighbours: at each scored position :math:`t` of forget
     sequence :math:`i`, the model's next-token distribution averaged over the neighbours :math:`n`
     of :math:`i` whose context at :math:`t` holds their swap (the same question about someone else),
@@ -237,36 +244,64 @@ def template_targets(model: nn.Module, forget: tuple[Inputs, torch.Tensor], neig
     neighbour differs at gets no target). What a model answers about an entity it does not know is
     its prior for the template; the nearest retain positions in the model's features are no such
     estimate for memorised facts, since the features of a memorised entity already point at its
-    answers (benchmarks/RESULTS.md, "Neighbours"). None when no scored position gets a target."""
+    answers (benchmarks/RESULTS.md, "Neighbours"). None when no scored position gets a target.
+
+    Memory: nothing positions x vocabulary is held for the whole forget set (TOFU forget10 at a
+    128k vocabulary: 26 GB). The forget rows go in groups whose scored positions x vocabulary fit
+    ``max_elements`` float32 sums; each group's neighbours run ``batch_size`` at a time (fewer when
+    their logits would exceed ``max_elements``), softmaxed only at the positions that count, and the
+    group's mean is cut to its top K before the next group starts."""
     xf, yf = forget
     scored = yf[:, 1:] != IGNORE_INDEX
+    n_pos = int(scored.sum())
     index = torch.full(scored.shape, -1, dtype=torch.long)
-    index[scored] = torch.arange(int(scored.sum()))
-    device = next(model.parameters()).device
-    sums = counts = None
-    with eval_mode(model):
-        for start in range(0, len(neighbours), batch_size):
-            part = neighbours.inputs[start:start + batch_size].to(device)
-            src = neighbours.source[start:start + batch_size]
-            p = torch.softmax(forward_logits(model, part)[:, :-1].float(), dim=-1)
-            at = scored[src] & neighbours.where[start:start + batch_size, :-1]
-            if sums is None:
-                sums = torch.zeros(int(scored.sum()), p.shape[-1], device=device)
-                counts = torch.zeros(int(scored.sum()))
-            rows = index[src][at]
-            sums.index_add_(0, rows.to(device), p[at.to(device)])
-            counts.index_add_(0, rows, torch.ones(rows.shape[0]))
-    if sums is None or not bool((counts > 0).any()):
+    index[scored] = torch.arange(n_pos)          # row-major: a range of rows is a range of positions
+    if len(neighbours) == 0 or n_pos == 0:
         return None
-    has = counts > 0
-    mean = sums.cpu()[has] / counts[has][:, None]
-    k = min(top, mean.shape[1])
-    weights, ids = mean.topk(k, dim=1)
-    weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
-    order = ids.sort(dim=1).indices
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        vocab = int(forward_logits(model, neighbours.inputs[:1].to(device)).shape[-1])
+        k = min(top, vocab)
+        ids_out = torch.zeros(n_pos, k, dtype=torch.long)
+        weights_out = torch.zeros(n_pos, k)
+        has = torch.zeros(n_pos, dtype=torch.bool)
+        cum = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(scored.sum(1), 0)])  # positions before row r
+        step = rows_per_forward(vocab, scored.shape[1] + 1, batch_size, max_elements)
+        group = max(1, max_elements // vocab)      # positions per group's sums
+        row = 0
+        while row < scored.shape[0]:   # rows [row, end): as many as fit the group (at least one)
+            end = max(row + 1, int(torch.searchsorted(cum, cum[row] + group, right=True)) - 1)
+            lo, hi = int(cum[row]), int(cum[end])
+            mine = torch.nonzero((neighbours.source >= row) & (neighbours.source < end)).flatten()
+            if hi > lo and mine.numel():
+                sums = torch.zeros(hi - lo, vocab, device=device)
+                counts = torch.zeros(hi - lo)
+                for start in range(0, mine.numel(), step):
+                    pick = mine[start:start + step]
+                    src = neighbours.source[pick]
+                    at = scored[src] & neighbours.where[pick][:, :-1]
+                    if not bool(at.any()):
+                        continue
+                    logits = forward_logits(model, neighbours.inputs[pick.tolist()].to(device))[:, :-1]
+                    rows = index[src][at] - lo
+                    sums.index_add_(0, rows.to(device), torch.softmax(logits[at.to(device)].float(), dim=-1))
+                    counts.index_add_(0, rows, torch.ones(rows.shape[0]))
+                    del logits
+                got = counts > 0
+                if bool(got.any()):
+                    w, ids = (sums.cpu()[got] / counts[got][:, None]).topk(k, dim=1)
+                    order = ids.sort(dim=1).indices
+                    where = torch.arange(lo, hi)[got]
+                    ids_out[where] = ids.gather(1, order)
+                    weights_out[where] = (w / w.sum(1, keepdim=True).clamp_min(1e-12)).gather(1, order)
+                    has[where] = True
+                del sums
+            row = end
+    if not bool(has.any()):
+        return None
     kept = torch.full(scored.shape, -1, dtype=torch.long)
     kept[scored] = torch.where(has, torch.cumsum(has.long(), 0) - 1, torch.full_like(has, -1, dtype=torch.long))
-    return SparseTargets(ids.gather(1, order), weights.gather(1, order), kept, mean.shape[1])
+    return SparseTargets(ids_out[has], weights_out[has], kept, vocab)
 
 
 @torch.no_grad()
@@ -278,9 +313,10 @@ def informative(q: SparseTargets, model: nn.Module, inputs: Inputs, min_kl: floa
     loss and its stop with positions that need nothing. None when no position is left."""
     device = next(model.parameters()).device
     gaps = []
+    step = rows_per_forward(q.vocab, q.index.shape[1] + 1, batch_size)
     with eval_mode(model):
-        for start in range(0, len(q), batch_size):
-            rows = list(range(start, min(start + batch_size, len(q))))
+        for start in range(0, len(q), step):
+            rows = list(range(start, min(start + step, len(q))))
             part = q[rows]
             if not bool(part.scored.any()):
                 continue

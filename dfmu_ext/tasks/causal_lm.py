@@ -30,7 +30,7 @@ from torch import nn
 
 from .._common import eval_mode, model_device, synchronize
 from ..lm.edit import EditConfig, retain_projectors
-from ..lm.neighbours import informative, swapped_neighbours, template_targets
+from ..lm.neighbours import informative, rows_per_forward, swapped_neighbours, template_targets
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, neuron_mask_plan, score_neurons
 from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets, soft_target_loss
 from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, split_forget, take,
@@ -268,9 +268,10 @@ class CausalLMTask(Task):
             return None
         xf, q, scored = targets.payload
         total, count = 0.0, 0
+        step = rows_per_forward(q.shape[-1], scored.shape[1] + 1)
         with eval_mode(model):
-            for start in range(0, xf.shape[0], 64):
-                rows = list(range(start, min(start + 64, xf.shape[0])))
+            for start in range(0, xf.shape[0], step):
+                rows = list(range(start, min(start + step, xf.shape[0])))
                 part = q[rows]
                 at = (part.index >= 0) & scored[rows] if isinstance(q, SparseTargets) else scored[rows]
                 if not bool(at.any()):
