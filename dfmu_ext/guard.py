@@ -23,6 +23,8 @@ guard's numbers go into the result's ``info["guard"]`` and into the deletion rec
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -30,6 +32,16 @@ from typing import Callable
 from torch import nn
 
 __all__ = ["ForgettingWarning", "GuardConfig", "RetentionGuard", "RetentionWarning", "membership_auc"]
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn``, called from the function that warns, that names the
+    first frame outside this package: the user's call, however deep inside ``dfmu_ext`` it was raised."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class RetentionWarning(UserWarning):
@@ -134,7 +146,7 @@ class RetentionGuard:
             f"part vs the original's {100 * self.reference['score']:.1f}% (-{100 * final['drop']:.1f} points, "
             f"tolerance {100 * self.tolerance:.1f} + SE {100 * final['se']:.1f}; accuracy "
             f"{100 * final['accuracy']:.1f}% vs {100 * self.reference['accuracy']:.1f}%): it could not forget "
-            f"inside the tolerance{extra}", RetentionWarning, stacklevel=3)
+            f"inside the tolerance{extra}", RetentionWarning, stacklevel=caller_stacklevel())
 
 
 def membership_auc(member_losses, nonmember_losses) -> float:

@@ -15,7 +15,7 @@ from . import record as deletion_record
 from ._common import model_device, synchronize
 from .distributed import Comm, current_comm
 from .finetune import run_finetune
-from .guard import ForgettingWarning, GuardConfig, RetentionGuard, membership_auc
+from .guard import ForgettingWarning, GuardConfig, RetentionGuard, caller_stacklevel, membership_auc
 from .model_io import copy_model, model_entry
 from .result import FinetuneHistory, UnlearnResult
 from .tasks import task_for
@@ -245,7 +245,7 @@ def _warn_forgetting(side: dict, watch: RetentionGuard) -> None:
         f"(stop {side['threshold']:.3g}; {side[key + '_before']:.3g} before {side['extra_forget_steps']} extra "
         f"forget steps), because one more chunk cost {100 * side['refused_drop']:.1f} points of what must be kept "
         f"(tolerance {100 * watch.tolerance:.1f}); a larger guard tolerance or retain_fraction trades more",
-        ForgettingWarning, stacklevel=4)   # the caller of unlearn (through its argument wrapper)
+        ForgettingWarning, stacklevel=caller_stacklevel())
 
 
 def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,

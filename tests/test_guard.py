@@ -97,13 +97,15 @@ def test_unlearn_reports_the_guard_and_reads_no_extra_data(trained):
 def test_the_guard_warns_with_the_trade_when_it_cannot_keep(trained):
     model, data = trained
     # a tolerance of 0 with no recovery allowed: the warning must say so, never silently
-    with pytest.warns(RetentionWarning, match="could not forget inside the tolerance"):
+    with pytest.warns(RetentionWarning, match="could not forget inside the tolerance") as caught:
         res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=list(range(0, 600, 7)),
                                retain_fraction=0.2, seed=0, finetune=dfmu_ext.FinetuneConfig(epochs=0),
                                selection=dfmu_ext.SelectionConfig(fraction_first=0.9, fraction_last=0.9, min_ratio=0,
                                                                   protect_top=0.0),
                                guard=GuardConfig(tolerance=0.0, recovery_steps=0))
     assert res.info["guard"]["warned"] and not res.info["guard"]["within"]
+    # the warning names the user's line (this file), not a line inside dfmu_ext
+    assert {w.filename for w in caught if w.category is RetentionWarning} == {__file__}
 
 
 def test_recovery_steps_are_bounded_and_counted(trained):
@@ -168,8 +170,9 @@ def test_forget_side_says_why_it_stopped_and_warns_the_refused_trade(monkeypatch
     if ended == "guard":
         assert side["gap"] == 1.0 and side["refused_drop"] == 0.031      # the state before the refused chunk
         refused = r"estimate of Retrain is 1 \(stop 0.05; 2 before 10 extra .* 3.1 points .* \(tolerance 2.0\)"
-        with pytest.warns(dfmu_ext.ForgettingWarning, match=refused):
+        with pytest.warns(dfmu_ext.ForgettingWarning, match=refused) as caught:
             U._warn_forgetting(side, fake)
+        assert caught[0].filename == __file__                           # the caller's line
     else:
         assert "refused_drop" not in side
 
