@@ -7,6 +7,7 @@ tokens, or all), and the retain-projected edit (:func:`projected_edit`, off by d
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -114,7 +115,7 @@ class LMObjective(Objective):
         shared = getattr(neighbours, "shared", None)
         self.into_rows = self.rows is not None and (config.forget_into == "entity" or (
             config.forget_into == "auto" and shared is not None and shared.numel() == 0))
-        self.routed = None
+        self.terms: list = []   # the step's queued terms: (name, routed, forward) (see loss)
         if self.into_rows and config.reset_entity:
             reset_rows(self.rows[0], tokens, seed)
         self.optimizer = AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -135,20 +136,26 @@ class LMObjective(Objective):
         return _Epoch(self.budget, self.config.batch_size, self.seed + epoch, self.device, progress, "fine-tune")
 
     def loss(self, batch, forget_phase: bool):
+        r"""The budget batch's term, :math:`\ell_{\mathrm{LM}} + \lambda\,\mathrm{KL}` on one forward; the
+        step's other terms — the forget term on forget rows, :math:`\lambda\,\mathrm{KL}` on swapped
+        neighbours — are only queued here (:attr:`terms`) and run by :meth:`backward_step` one after
+        the other, each forward, backward and freed before the next: the step's peak is its largest
+        term's graph, not all of them. Since :math:`\nabla \sum_i L_i = \sum_i \nabla L_i`, the
+        gradients accumulated in ``.grad`` are those of the whole loss (up to float summation order)."""
         x, y = batch
         logits = forward_logits(self.model, x)
         loss = lm_loss(logits, y)
+        self.terms = []
         if forget_phase and self.forget is not None:
-            loss = self._with_forget(loss, self._forget_term())
+            self.terms.append(("forget", self.into_rows, self._forget_term))
         if self.teacher is not None and self.config.distill > 0:
             loss = loss + self.config.distill * self._distill(x, logits)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
                 n = len(self.neighbours)
                 rows = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
                 self.neighbour_cursor = (self.neighbour_cursor + len(rows)) % n
-                xn = self.neighbours.inputs[rows].to(self.device)
-                loss = loss + self.config.distill * self._distill(xn, forward_logits(self.model, xn),
-                                                                  self.neighbours.where[rows])
+                xn, where = self.neighbours.inputs[rows], self.neighbours.where[rows]
+                self.terms.append(("neighbours", False, lambda: self._neighbour_term(xn, where, 1.0)))
         return loss, None, int(x.shape[0])
 
     def _forget_term(self) -> torch.Tensor:
@@ -159,27 +166,56 @@ class LMObjective(Objective):
         return self.term.weight * soft_target_loss(forward_logits(self.model, xf[rows].to(self.device)), q[rows],
                                                    scored[rows])
 
-    def _with_forget(self, loss: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        """``loss + term``; routed (:attr:`into_rows`), the term's gradient is taken apart at the step."""
-        if not self.into_rows:
-            return loss + term
-        self.routed = term
-        return loss + term.detach()
+    def _neighbour_term(self, xn, where, share: float) -> torch.Tensor:
+        r"""``distill`` :math:`\times` ``share`` :math:`\times` the KL to the original on neighbours
+        ``xn`` at ``where`` (positions), one forward of the model on them."""
+        xn = xn.to(self.device)
+        return self.config.distill * share * self._distill(xn, forward_logits(self.model, xn), where)
 
-    def route_forget(self, keep: torch.Tensor) -> None:
-        """The routed forget term's backward, its gradient kept on ``keep`` (the embedding, whose
-        hook keeps the entity's rows) only; the step's other terms then add theirs."""
-        term, self.routed = self.routed, None
-        if term is None:
-            return
+    def backward_terms(self, keep: torch.Tensor | None) -> float:
+        """The queued terms of the step (:meth:`loss`) run in order, each its forward then its backward
+        into ``.grad``, freed before the next; the routed forget term (:attr:`into_rows`) keeps its
+        gradient on ``keep`` only (the embedding, whose hook keeps the entity's rows). Returns the sum
+        of their values; a non-finite one raises before any step."""
+        terms, self.terms = self.terms, []
+        total = 0.0
+        for name, routed, term_fn in terms:
+            term = term_fn()
+            value = float(term.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"fine-tune loss became {value} (its {name} term)")
+            if routed:
+                self._routed_backward(term, keep)
+            else:
+                term.backward()
+            del term
+            total += value
+        return total
+
+    def route_forget(self, keep: torch.Tensor | None) -> None:
+        """The step's queued terms' backward (:meth:`backward_terms`) without the step: for a caller
+        that runs the budget's own backward itself."""
+        self.backward_terms(keep)
+
+    def _routed_backward(self, term: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """``term``'s backward with its gradient kept on ``keep`` only: every other trained parameter's
+        gradient is set aside before it and put back after it (so a sharded gradient, too, is only
+        ever accumulated by its own backward)."""
+        others = [(p, p.grad) for p in self.params if p is not keep]
+        for p, _ in others:
+            p.grad = None
         term.backward()
-        for p in self.params:
-            if p is not keep:
-                p.grad = None
+        for p, grad in others:
+            p.grad = grad
 
     def backward_step(self, loss: torch.Tensor) -> None:
-        self.route_forget(self.rows[0] if self.rows is not None else None)
-        super().backward_step(loss)
+        """The budget term's backward, then each queued term's (:meth:`backward_terms`), then the step;
+        ``loss`` (the caller's report) becomes the sum of every term's value."""
+        loss.backward()
+        rest = self.backward_terms(self.rows[0] if self.rows is not None else None)
+        with torch.no_grad():   # after its backward: the graph is gone, only the reported value changes
+            loss.detach().add_(rest)
+        self.optimizer.step()
 
     def _distill(self, x, logits, where=None):
         with torch.no_grad():

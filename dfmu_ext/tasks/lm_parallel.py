@@ -28,6 +28,9 @@ Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. Wh
   all-gathered back (``full_tensor``). The retention guard and the forget side measure the full model
   on the full validation set on every rank: the weights are bit-identical after the all-gather and the
   forward is the same computation, so every rank takes the same decision without a collective.
+* **One backward per term**, as in one process (:meth:`LMObjective.loss`): the batch's, the forget
+  term's, the neighbours', in the same order on every rank; each accumulates into the sharded
+  (FSDP2) or all-reduced (DDP) ``.grad``, so the step's peak is its largest term's graph.
 * **DDP fallback.** Where ``fully_shard`` fails (an old PyTorch, a backend without reduce-scatter) or
   ``DFMU_LM_PARALLEL=ddp`` is set, the model itself is wrapped in ``DistributedDataParallel`` with the
   same rows and rescaled losses. ``info["parallel"]`` says which ran and, on a fallback, why.
@@ -35,8 +38,9 @@ Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. Wh
 * **The distillation teacher** (FSDP2) is sharded in place before the model's copy is made
   (:func:`shard_teacher`: per block, the untied embedding and head, then the root; frozen, resharded
   after every forward): each rank keeps ``1/W`` of it, and its forward is a collective. Every rank
-  calls it equally often in :meth:`ParallelLMObjective.loss` — once on its rows of the batch and
-  once on its rows of the neighbours, a rank with none of either running one row at weight 0. The
+  calls it equally often in a step — once on its rows of the batch (:meth:`ParallelLMObjective.loss`)
+  and once on its rows of the neighbours (their term, run after the batch's backward), a rank with
+  none of either running one row at weight 0. The
   caller's reference is the same module, so no whole teacher remains. Under DDP it stays whole.
 
 Per-rank memory (FSDP2): the full model, ``1/W`` of the teacher, and ``1/W`` of the trained
@@ -285,24 +289,30 @@ class ParallelLMObjective(LMObjective):
                 full[name].copy_(self.shards[name].full_tensor())
 
     def backward_step(self, loss: torch.Tensor) -> None:
-        routed = None
-        if self.rows is not None and self.mode == "fsdp":   # the routed forget term's own backward first
-            self.route_forget(self.shards[self.rows_name])
-        elif self.rows is not None and self.routed is not None:
-            # DDP reduces in its hooks at every backward: the routed term's gradient is taken aside
-            # (no hook fires) and averaged here, as DDP averages the rest
-            term, self.routed = self.routed, None
-            routed = torch.autograd.grad(term, self.rows[0])[0]
-            self.comm.all_reduce_sum_([routed])
-            routed.div_(self.comm.world_size)
+        """As one process's (the budget term's backward, then each queued term's, then the step), with
+        the embedding's rows masked on the reduced gradient and the masks applied to the local shards.
+        Under DDP every backward all-reduces: a gradient already in ``.grad`` is the same on every rank,
+        so the mean of (it + each rank's new part) is it + their mean, and the sum stays exact."""
         loss.backward()
-        if routed is not None:
-            weight = self.rows[0]
-            weight.grad = routed if weight.grad is None else weight.grad.add_(routed)
+        keep = self.shards[self.rows_name] if self.mode == "fsdp" and self.rows is not None else \
+            (self.rows[0] if self.rows is not None else None)
+        rest = self.backward_terms(keep)
+        with torch.no_grad():
+            loss.detach().add_(rest)
         self._entity_rows_only()
         self.optimizer.step()
         if self.mode == "fsdp":  # the caller's plan holds the full model's weights, not these shards
             self.local_plan.apply(self.optimizer)
+
+    def _routed_backward(self, term: torch.Tensor, keep: torch.Tensor | None) -> None:
+        if self.mode == "fsdp":
+            return super()._routed_backward(term, keep)
+        # DDP reduces in its hooks at every backward: the routed term's gradient is taken aside (no
+        # hook fires) and averaged here, as DDP averages the rest
+        routed = torch.autograd.grad(term, keep)[0]
+        self.comm.all_reduce_sum_([routed])
+        routed.div_(self.comm.world_size)
+        keep.grad = routed if keep.grad is None else keep.grad.add_(routed)
 
     def _entity_rows_only(self) -> None:
         """``train="mlp+entity"``: the embedding's gradient kept on the forget set's token rows only
@@ -339,13 +349,16 @@ class ParallelLMObjective(LMObjective):
                                                            q[pick], scored[pick])
 
     def loss(self, batch, forget_phase: bool):
+        """This rank's share of the budget term; the other terms queued as in one process (every
+        rank queues the same ones in the same order: the sharded teacher's forwards stay collective)."""
         x, y = batch
         rows, live = self._rows(int(x.shape[0]))
         xl, yl = x[rows], y[rows]
         logits = forward_logits(self.model, xl)
         loss = lm_loss(logits, yl) * self._share(scored_tokens(yl).sum(), scored_tokens(y).sum(), live)
+        self.terms = []
         if forget_phase and self.forget is not None:
-            loss = self._with_forget(loss, self._forget_term())
+            self.terms.append(("forget", self.into_rows, self._forget_term))
         if self.teacher is not None and self.config.distill > 0:
             with torch.no_grad():
                 reference = forward_logits(self.teacher, xl)
@@ -359,8 +372,7 @@ class ParallelLMObjective(LMObjective):
                 self.neighbour_cursor = (self.neighbour_cursor + len(every)) % n
                 mine, n_live = self._rows(len(every))
                 pick, where = every[mine], self.neighbours.where
-                xn = self.neighbours.inputs[pick].to(self.device)
                 share = self._share(where[pick].sum(), where[every].sum(), n_live)
-                loss = loss + self.config.distill * share * self._distill(xn, forward_logits(self.model, xn),
-                                                                          where[pick])
+                xn = self.neighbours.inputs[pick]
+                self.terms.append(("neighbours", False, lambda: self._neighbour_term(xn, where[pick], share)))
         return loss, None, int(x.shape[0])
