@@ -241,10 +241,11 @@ def _warn_forgetting(side: dict, watch: RetentionGuard) -> None:
     key, what = ("auc", "membership AUC against the non-members") if side["stop"] == "nonmembers" else \
         ("gap", "excess probability of their own answers over the estimate of Retrain")
     warnings.warn(
-        f"DFMU stopped forgetting short of its stop: the forget samples' {what} is {side[key]:.3g} "
-        f"(stop {side['threshold']:.3g}; {side[key + '_before']:.3g} before {side['extra_forget_steps']} extra "
-        f"forget steps), because one more chunk cost {100 * side['refused_drop']:.1f} points of what must be kept "
-        f"(tolerance {100 * watch.tolerance:.1f}); a larger guard tolerance or retain_fraction trades more",
+        f"DFMU stopped forgetting short of its stop: the forget samples' {what} is {side[key]:.3g}, above its "
+        f"stop {side['threshold']:.3g} ({side[key + '_before']:.3g} before the forget side's "
+        f"{side['extra_forget_steps']} extra steps), because one more chunk cost {100 * side['refused_drop']:.1f} "
+        f"points of what must be kept (tolerance {100 * watch.tolerance:.1f}); a larger guard tolerance "
+        f"(guard=GuardConfig(tolerance=...)) or retain_fraction trades more",
         ForgettingWarning, stacklevel=caller_stacklevel())
 
 
