@@ -169,8 +169,8 @@ def test_forget_side_says_why_it_stopped_and_warns_the_refused_trade(monkeypatch
     assert side["ended"] == ended and side["extra_forget_steps"] == steps and side["threshold"] == 0.05
     if ended == "guard":
         assert side["gap"] == 1.0 and side["refused_drop"] == 0.031      # the state before the refused chunk
-        refused = r"estimate of Retrain is 1, above its stop 0.05 \(2 before the forget side's 10 extra steps\).* 3.1 " \
-                  r"points .* \(tolerance 2.0\)"
+        refused = (r"estimate of Retrain is 1, above its stop 0.05 \(2 before the forget side's 10 extra "
+                   r"steps\).* 3.1 points .* \(tolerance 2.0\)")
         with pytest.warns(dfmu_ext.ForgettingWarning, match=refused) as caught:
             U._warn_forgetting(side, fake)
         assert caught[0].filename == __file__                           # the caller's line
