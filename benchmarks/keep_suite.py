@@ -4,6 +4,7 @@ or a whole class (the ``*-class-*`` setups of ``keep_suite_classes.py``).
 Each setup prints the original, Retrain and DFMU variants side by side (doing nothing = the original).
 
     python benchmarks/keep_suite.py --out runs/keep_suite [--setups lm-gpt2-30,digits-sub3] [--seeds 0,1,2]
+        [--variants 'DFMU, defaults;DFMU, forget_into=trained']   # only those DFMU rows
 
 The LM corpus: ``people`` fictitious people x ``facts`` attributes, one sequence per fact
 ``<bos> person attribute value <eos>`` with only the value scored; values drawn at random from
