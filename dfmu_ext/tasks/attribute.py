@@ -38,10 +38,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from .._common import eval_mode, model_device, synchronize
+from .._common import model_device, synchronize
 from ..blocks import classifier_of
 from ..distributed import Comm
 from ..finetune import FinetuneConfig, distill_loss
@@ -51,6 +50,7 @@ from ..pruning import build_mask_plan
 from ..result import PruneResult
 from ..selection import SelectionConfig, select_units
 from ..splits import stratified_fraction, take_batch
+from ..targets import head_inputs, penultimate_features
 from .base import Split, Targets, hold_out
 from .classification import ClassificationTask, ClassifierObjective
 
@@ -124,20 +124,6 @@ class WithAttribute(Dataset):
         return x, torch.stack([torch.as_tensor(y).long(), self.values[self.subset.indices[i]]])
 
 
-class Penultimate:
-    """A forward pre-hook on the classifier that keeps its input ``h`` (the penultimate features)."""
-
-    def __init__(self, head: nn.Module):
-        self.h = None
-        self.handle = head.register_forward_pre_hook(self._keep)
-
-    def _keep(self, _module, inputs):
-        self.h = inputs[0].flatten(1)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 def mmd2(h: torch.Tensor, a: torch.Tensor, num_values: int, bandwidths) -> torch.Tensor:
     r"""Squared MMD of every group ``a == k`` against the batch, summed over ``k``: with Gaussian
     kernels :math:`K` (widths ``bandwidths`` x the median pairwise distance, detached),
@@ -184,8 +170,7 @@ class AttributeObjective(ClassifierObjective):
     def loss(self, batch, forget_phase: bool):
         x, ya = batch
         y, a = ya[:, 0], ya[:, 1]
-        keep = Penultimate(self.head)
-        try:
+        with head_inputs(self.head) as feats:   # the penultimate features of this forward
             with self.engine.autocast():
                 logits = self.net(x)
                 loss = F.cross_entropy(logits, y)
@@ -193,31 +178,13 @@ class AttributeObjective(ClassifierObjective):
                     with torch.no_grad():
                         reference = self.teacher(x)
                     loss = loss + self.config.distill * distill_loss(logits, reference)
-            if forget_phase:
-                h = keep.h.float() / self.scale
-                if self.term.weight > 0:
-                    loss = loss + self.term.weight * mmd2(h, a, self.num_values, self.term.bandwidths)
-                if self.term.mean_weight > 0:
-                    loss = loss + self.term.mean_weight * conditional_mean_gap(h, y, a, self.num_values)
-        finally:
-            keep.remove()
+        if forget_phase:
+            h = feats[-1].float() / self.scale
+            if self.term.weight > 0:
+                loss = loss + self.term.weight * mmd2(h, a, self.num_values, self.term.bandwidths)
+            if self.term.mean_weight > 0:
+                loss = loss + self.term.mean_weight * conditional_mean_gap(h, y, a, self.num_values)
         return loss, int((logits.detach().argmax(1) == y).sum()), int(x.shape[0])
-
-
-@torch.no_grad()
-def features_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """The penultimate features (the classifier's input) of ``x``, in eval mode."""
-    head = classifier_of(model)[1]
-    keep = Penultimate(head)
-    out = []
-    try:
-        with eval_mode(model):
-            for i in range(0, x.shape[0], batch_size):
-                model(x[i:i + batch_size].to(model_device(model)))
-                out.append(keep.h.float())
-    finally:
-        keep.remove()
-    return torch.cat(out)
 
 
 def fit_readout(h: torch.Tensor, a: torch.Tensor, num_values: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -288,7 +255,7 @@ class AttributeTask(ClassificationTask):
         """The attribute's readout from the original's penultimate features of the scoring samples."""
         x, ya = split.extra["scoring_batch"]
         n = x.shape[0] // 2
-        h = features_of(model, x[n:]).cpu()
+        h = penultimate_features(model, x[n:])
         term: AttributeTermConfig = configs["forget_term"]
         v, c, acc = fit_readout(h, ya[n:].long(), split.extra["num_values"], term.readout_steps)
         split.extra["feature_scale"] = h.std(0).mean().clamp_min(1e-6)

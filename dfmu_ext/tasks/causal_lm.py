@@ -32,7 +32,7 @@ from .._common import eval_mode, model_device, synchronize
 from ..lm.edit import EditConfig, retain_projectors
 from ..lm.neighbours import informative, rows_per_forward, swapped_neighbours, template_targets
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, neuron_mask_plan, score_neurons
-from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets, soft_target_loss
+from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets
 from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, split_forget, take,
                        token_nll)
 from ..result import PruneResult
@@ -276,8 +276,9 @@ class CausalLMTask(Task):
                 at = (part.index >= 0) & scored[rows] if isinstance(q, SparseTargets) else scored[rows]
                 if not bool(at.any()):
                     continue
-                own = xf[rows]["input_ids"][:, 1:][at]
-                logits = forward_logits(model, xf[rows].to(device))[:, :-1][at.to(device)]
+                x = xf[rows]
+                own = x["input_ids"][:, 1:][at]
+                logits = forward_logits(model, x.to(device))[:, :-1][at.to(device)]
                 p_own = torch.softmax(logits.float(), dim=-1).gather(1, own[:, None].to(logits.device))[:, 0].cpu()
                 if isinstance(q, SparseTargets):
                     row = part.index[at]

@@ -151,20 +151,32 @@ class LMObjective(Objective):
         if self.teacher is not None and self.config.distill > 0:
             loss = loss + self.config.distill * self._distill(x, logits)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
-                n = len(self.neighbours)
-                rows = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
-                self.neighbour_cursor = (self.neighbour_cursor + len(rows)) % n
-                xn, where = self.neighbours.inputs[rows], self.neighbours.where[rows]
-                self.terms.append(("neighbours", False, lambda: self._neighbour_term(xn, where, 1.0)))
+                self._queue_neighbours()
         return loss, None, int(x.shape[0])
+
+    def _mine(self, rows: list[int], counted: torch.Tensor) -> tuple[list[int], float]:
+        """Of a term's ``rows``, those this process computes and the factor its mean takes (``counted``:
+        per row, what the term's mean counts): all of them, 1, here; a rank's share under torchrun."""
+        return rows, 1.0
 
     def _forget_term(self) -> torch.Tensor:
         """The weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows."""
         xf, q, scored = self.forget
-        rows = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
-        self.cursor = (self.cursor + len(rows)) % xf.shape[0]
-        return self.term.weight * soft_target_loss(forward_logits(self.model, xf[rows].to(self.device)), q[rows],
-                                                   scored[rows])
+        every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+        self.cursor = (self.cursor + len(every)) % xf.shape[0]
+        rows, share = self._mine(every, scored)
+        return self.term.weight * share * soft_target_loss(forward_logits(self.model, xf[rows].to(self.device)),
+                                                           q[rows], scored[rows])
+
+    def _queue_neighbours(self) -> None:
+        """Queue the distillation on the next ``batch_size`` swapped neighbours (chosen now, so the
+        cursor moves in step order; their forward runs in :meth:`backward_terms`)."""
+        n = len(self.neighbours)
+        every = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
+        self.neighbour_cursor = (self.neighbour_cursor + len(every)) % n
+        rows, share = self._mine(every, self.neighbours.where)
+        xn, where = self.neighbours.inputs[rows], self.neighbours.where[rows]
+        self.terms.append(("neighbours", False, lambda: self._neighbour_term(xn, where, share)))
 
     def _neighbour_term(self, xn, where, share: float) -> torch.Tensor:
         r"""``distill`` :math:`\times` ``share`` :math:`\times` the KL to the original on neighbours
@@ -191,11 +203,6 @@ class LMObjective(Objective):
             del term
             total += value
         return total
-
-    def route_forget(self, keep: torch.Tensor | None) -> None:
-        """The step's queued terms' backward (:meth:`backward_terms`) without the step: for a caller
-        that runs the budget's own backward itself."""
-        self.backward_terms(keep)
 
     def _routed_backward(self, term: torch.Tensor, keep: torch.Tensor | None) -> None:
         """``term``'s backward with its gradient kept on ``keep`` only: every other trained parameter's

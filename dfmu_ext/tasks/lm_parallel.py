@@ -64,7 +64,6 @@ from .._common import seeded, train_mode
 from ..distributed import Comm
 from ..finetune import AdamW, distill_loss
 from ..lm.neurons import NeuronLayer, neuron_mask_plan
-from ..lm.targets import soft_target_loss
 from ..lm.task import forward_logits, lm_loss, scored_tokens
 from ..model_io import copy_model
 from ..pruning import MaskPlan
@@ -337,16 +336,12 @@ class ParallelLMObjective(LMObjective):
     def _share(self, local, total, live: float) -> float:
         return live * self.comm.world_size * float(local) / max(float(total), 1.0)
 
-    def _forget_term(self) -> torch.Tensor:
-        """This rank's share of the weighted forget term on the next ``term.batch_size`` forget rows."""
-        xf, q, scored = self.forget
-        every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
-        self.cursor = (self.cursor + len(every)) % xf.shape[0]
-        mine, f_live = self._rows(len(every))
-        pick = every[mine]
-        share = self._share(scored[pick].sum(), scored[every].sum(), f_live)
-        return self.term.weight * share * soft_target_loss(forward_logits(self.model, xf[pick].to(self.device)),
-                                                           q[pick], scored[pick])
+    def _mine(self, rows: list[int], counted: torch.Tensor) -> tuple[list[int], float]:
+        """This rank's rows of a term (the forget term's, the neighbours') and its share of the term's
+        global mean, as for the budget's rows."""
+        mine, live = self._rows(len(rows))
+        pick = rows[mine]
+        return pick, self._share(counted[pick].sum(), counted[rows].sum(), live)
 
     def loss(self, batch, forget_phase: bool):
         """This rank's share of the budget term; the other terms queued as in one process (every
@@ -367,12 +362,5 @@ class ParallelLMObjective(LMObjective):
                 (yl.numel(), y.numel())
             loss = loss + self.config.distill * self._share(*counts, live) * distill_loss(logits, reference, real)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
-                n = len(self.neighbours)
-                every = [(self.neighbour_cursor + i) % n for i in range(min(self.config.batch_size, n))]
-                self.neighbour_cursor = (self.neighbour_cursor + len(every)) % n
-                mine, n_live = self._rows(len(every))
-                pick, where = every[mine], self.neighbours.where
-                share = self._share(where[pick].sum(), where[every].sum(), n_live)
-                xn = self.neighbours.inputs[pick]
-                self.terms.append(("neighbours", False, lambda: self._neighbour_term(xn, where[pick], share)))
+                self._queue_neighbours()
         return loss, None, int(x.shape[0])
