@@ -273,6 +273,31 @@ def test_negative_neighbours_is_one_line():
         dfmu_ext.tasks.LMFinetuneConfig(neighbours=-1).validate()
 
 
+@pytest.mark.parametrize("min_kl", [0.0, 0.58, 0.7])   # the two positions' KLs: 0.565, 0.610
+def test_informative_keeps_the_positions_whose_kl_to_the_original_exceeds_the_threshold(min_kl):
+    """informative keeps a target position where KL(q || p_orig) > min_kl, the KL recomputed densely in
+    float64 (the forget side's old stop measure; now only the targets' position filter)."""
+    from dfmu_ext.lm.neighbours import informative
+
+    vocab = 30
+    model = _Table(vocab, seed=1)
+    f_rows = [[1, 20, 10, 25, 2], [1, 21, 10, 26, 2]]
+    b_rows = [[1, 20, 11, 27, 2], [1, 21, 12, 28, 2]]
+    forget, budget = _batch(f_rows), _batch(b_rows)
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
+    q = template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
+    dense = q.to_dense().double()
+    logp = torch.log_softmax(model.table.detach().double()[forget[0]["input_ids"]][:, :-1], -1)
+    kl = (dense * (dense.clamp_min(1e-300).log() - logp)).sum(-1)
+    want = q.scored & (kl > min_kl)
+    kept = informative(q, model, forget[0], min_kl)
+    if not bool(want.any()):
+        assert kept is None                              # no position asks for a change
+        return
+    assert torch.equal(kept.scored, want)
+    torch.testing.assert_close(kept.to_dense()[want], q.to_dense()[want])
+
+
 def test_forget_gap_is_the_own_token_excess_over_the_targets():
     """forget_gap = mean over the positions with targets of p(own next token) - q(own next token),
     recomputed densely in float64; the original (whose own tokens the targets lower) is above 0."""
@@ -348,7 +373,7 @@ def test_forget_into_entity_routes_the_forget_terms_gradient_to_the_token_rows_o
         model.zero_grad(set_to_none=True)
         with obj.context():
             loss = obj.loss(batch, forget_phase)[0]
-            obj.route_forget(model.tok.weight)           # what backward_step does before the step's backward
+            obj.backward_terms(model.tok.weight)         # the step's queued terms, as backward_step runs them
             loss.backward()
         return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
