@@ -207,14 +207,19 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
         return None
     g = torch.Generator().manual_seed(int(seed) + 7919)
     source = rows.repeat(per_sequence)
+    # per forget row, once (each is the source of per_sequence neighbours): the positions of each of its
+    # distinctive tokens (every one: "Anna <other>" may still be Anna Berg) and its first swapped position
+    where_of = {i: [(ids[i] == token) & swappable[i] for token in torch.unique(ids[i][holds[i]]).tolist()]
+                for i in rows.tolist()}
+    first_of = {i: int(holds[i].float().argmax()) for i in rows.tolist()}
     out_ids, first = [], []
     for i in source.tolist():
         row = ids[i].clone()
-        for token in torch.unique(ids[i][holds[i]]).tolist():   # every one: "Anna <other>" may still be Anna Berg
+        for at in where_of[i]:   # the draws in the same order as ever: the same neighbours for a seed
             pool = from_budget if from_budget.numel() and bool(torch.rand((), generator=g) < 0.5) else from_vocab
-            row[(ids[i] == token) & swappable[i]] = pool[torch.randint(pool.numel(), (1,), generator=g)]
+            row[at] = pool[torch.randint(pool.numel(), (1,), generator=g)]
         out_ids.append(row)
-        first.append(int(holds[i].float().argmax()))
+        first.append(first_of[i])
     inputs = Inputs({**{k: v.cpu()[source].clone() for k, v in xf.items() if k != "input_ids"},
                      "input_ids": torch.stack(out_ids)})
     tokens = torch.unique(ids[holds])
