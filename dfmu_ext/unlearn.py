@@ -254,7 +254,8 @@ def _keep(watch: RetentionGuard, model, objective, plan, config, history: Finetu
     """After the fine-tune: recovery steps (retain-only unless the task keeps its forget term there),
     ``check_every`` at a time, while the guard's
     drop is beyond its allowance (at most ``recovery_steps``; none without a fine-tune); warn when it
-    still is. Returns whether it warned."""
+    still is, or when the validation part is too small to tell (:meth:`RetentionGuard.unresolved`).
+    Returns whether it warned."""
     now = watch.check(model, "fine-tuned")
     limit = watch.config.recovery_steps if watch.config.recovery_steps is not None else max(20, history.steps)
     while not now["within"] and objective is not None and history.recovery_steps < limit:
@@ -264,5 +265,8 @@ def _keep(watch: RetentionGuard, model, objective, plan, config, history: Finetu
     watch.stages["final"] = now
     if not now["within"]:
         watch.warn("what it must keep", f" ({history.recovery_steps} recovery steps run)")
+        return True
+    if watch.unresolved():
+        watch.warn_unresolved()
         return True
     return False

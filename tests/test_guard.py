@@ -68,6 +68,47 @@ def test_guard_drop_and_standard_error_by_hand():
     assert guard.stages["x"] is now and guard.reference["score"] == pytest.approx(0.85)
 
 
+def _guard_after(final_p, tolerance=0.01):
+    """A guard whose original measured p = 0.9 on each unit and whose final measurement is ``final_p``."""
+    seq = iter([torch.full((len(final_p),), 0.9), torch.tensor(final_p)])
+    guard = RetentionGuard(lambda m: {"p": next(seq), "accuracy": 1.0}, tolerance, GuardConfig())
+    guard.start(None)
+    return guard
+
+
+@pytest.mark.parametrize("final_p, unresolved", [
+    ([0.9, 0.9, 0.9, 0.66], True),     # drop 6 points, SE 6: above the tolerance, let through by the SE alone
+    ([0.9, 0.9, 0.9, 0.9], False),     # no drop
+    ([0.895, 0.895, 0.895, 0.895], False),   # drop 0.5 points: inside the tolerance itself
+    ([0.87, 0.875, 0.87, 0.875], False),     # drop 2.75 points, SE 0.14: beyond the allowance (not within)
+    ([0.9, 0.9, 0.9, 0.85], True),     # drop 1.25 points, SE 1.25: just above both
+])
+def test_unresolved_is_a_drop_above_the_tolerance_let_through_by_a_larger_standard_error(final_p, unresolved):
+    guard = _guard_after(final_p)
+    guard.stages["final"] = now = guard.check(None)
+    d = 0.9 - torch.tensor(final_p, dtype=torch.float64)
+    se = float(d.std() / 2)
+    want = bool(now["within"] and float(d.mean()) > 0.01 and se > 0.01)
+    assert guard.unresolved() == want == unresolved
+    assert guard.report(warned=False)["resolved"] == (not want)
+
+
+def test_keep_warns_when_the_validation_part_cannot_resolve_the_tolerance():
+    U = importlib.import_module("dfmu_ext.unlearn")
+    from dfmu_ext.finetune import FinetuneHistory
+
+    guard = _guard_after([0.9, 0.9, 0.9, 0.66])
+    with pytest.warns(RetentionWarning, match=r"drop of 6.0 points .* tolerance 1.0, with a standard error of 6.0 "
+                                              r"on 4 units: too few to tell") as caught:
+        warned = U._keep(guard, None, None, None, None, FinetuneHistory(), False)
+    assert warned and caught[0].filename == __file__
+    resolved = _guard_after([0.9, 0.9, 0.9, 0.9])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not U._keep(resolved, None, None, None, None, FinetuneHistory(), False)
+
+
 def test_distill_loss_is_the_kl_from_the_original():
     torch.manual_seed(0)
     s, t = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
