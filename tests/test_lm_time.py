@@ -107,7 +107,18 @@ def _reference_neighbours(forget, budget, vocab, per_sequence, seed, ratio=2.0):
 def test_swapped_neighbours_draw_what_the_plain_loop_draws(seed):
     data, owner, vocab = _people(people=10, facts=4, values=3, seed=seed)
     gone = (owner == 1) | (owner == 4)
-    forget, budget = take(data, torch.nonzero(gone).flatten().tolist()), take(data, torch.nonzero(~gone).flatten()[:12].tolist())
+    forget = take(data, torch.nonzero(gone).flatten().tolist())
+    budget = take(data, torch.nonzero(~gone).flatten()[:12].tolist())
     near = swapped_neighbours(forget, budget, vocab, per_sequence=5, seed=seed)
     ids, first = _reference_neighbours(forget, budget, vocab, 5, seed)
     assert torch.equal(near.inputs["input_ids"], ids) and torch.equal(near.first, first)
+
+
+def test_the_cache_key_tells_inputs_apart_exactly():
+    from dfmu_ext.tasks.lm_finetune import _exact
+
+    ids = torch.arange(6).reshape(2, 3)
+    assert _exact(ids) == _exact(ids.clone()) and _exact(ids.t()) == _exact(ids.t().contiguous())
+    assert _exact(ids) != _exact(ids.reshape(3, 2)) and _exact(ids) != _exact(ids.int())
+    half = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)      # no numpy dtype: read as bytes
+    assert _exact(half) != _exact(torch.tensor([1.0, 2.5], dtype=torch.bfloat16))

@@ -245,7 +245,7 @@ class LMObjective(Objective):
         process group, where the sharded teacher's forward is a collective every rank must join."""
         if self.teacher_cache is None or self.comm.world_size > 1:
             return forward_logits(self.teacher, x)
-        key = tuple((k, v.dtype, tuple(v.shape), v.cpu().numpy().tobytes()) for k, v in sorted(x.items()))
+        key = tuple((k, _exact(v)) for k, v in sorted(x.items()))
         hit = self.teacher_cache.get(key)
         if hit is None:
             hit = forward_logits(self.teacher, x)
@@ -257,6 +257,15 @@ class LMObjective(Objective):
 
 #: The most teacher logits (elements) one :class:`LMObjective` keeps for repeated batches: 64 MB in float32.
 TEACHER_CACHE_ELEMENTS = 1 << 24
+
+
+def _exact(value):
+    """A hashable value equal for two inputs exactly when they are the same (a tensor: its dtype, shape
+    and bytes; any dtype, bfloat16 too)."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return value.dtype, tuple(value.shape), raw.numpy().tobytes()
 
 
 @torch.no_grad()
