@@ -17,9 +17,11 @@ from dfmu_ext.tasks.lm_finetune import LMFinetuneConfig, LMObjective
 from test_lm_per_term import _people
 
 
-def _objective(model, teacher, data, owner, vocab):
+def _objective(model, teacher, data, owner, vocab, shared: bool = False):
+    """The tiny fine-tune forgetting person 0 (``shared``: the budget holds one of their facts too, so
+    the budget's term has a gradient on their embedding row as well)."""
     f_idx = torch.nonzero(owner == 0).flatten().tolist()
-    b_idx = torch.nonzero(owner != 0).flatten().tolist()
+    b_idx = torch.nonzero(owner != 0).flatten().tolist() + (f_idx[:1] if shared else [])
     forget, budget = take(data, f_idx), take(data, b_idx)
     near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
     q = template_targets(teacher, forget, near, top=vocab)
@@ -122,3 +124,26 @@ def test_the_cache_key_tells_inputs_apart_exactly():
     assert _exact(ids) != _exact(ids.reshape(3, 2)) and _exact(ids) != _exact(ids.int())
     half = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)      # no numpy dtype: read as bytes
     assert _exact(half) != _exact(torch.tensor([1.0, 2.5], dtype=torch.bfloat16))
+
+
+def test_routed_forget_term_by_autograd_grad_equals_the_set_aside_backward():
+    """The forget term routed into the entity's rows: in one process only the embedding's gradient is
+    formed (``autograd.grad``); the backward that sets every other gradient aside (the path a process
+    group takes) must give the same weights, bit for bit."""
+    from types import SimpleNamespace
+
+    from _lm_tiny import make_model, train
+
+    data, owner, vocab = _people(people=8)
+    original = train(make_model(0, vocab=vocab), data, steps=60)
+    out = []
+    for world in (1, 2):
+        model = copy.deepcopy(original)
+        obj, plan = _objective(model, copy.deepcopy(original).eval(), data, owner, vocab, shared=True)
+        obj.config.forget_into, obj.into_rows = "entity", True    # routed although the budget holds the name
+        obj.comm = SimpleNamespace(world_size=world)   # 2: the set-aside backward (no collective is reached here)
+        run_finetune(obj, plan, obj.config)
+        out.append(model.state_dict())
+    assert any(not torch.equal(a, b) for a, b in zip(out[0].values(), original.state_dict().values()))
+    for name, a in out[0].items():
+        assert torch.equal(a, out[1][name]), name

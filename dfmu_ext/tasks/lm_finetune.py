@@ -209,7 +209,14 @@ class LMObjective(Objective):
     def _routed_backward(self, term: torch.Tensor, keep: torch.Tensor | None) -> None:
         """``term``'s backward with its gradient kept on ``keep`` only: every other trained parameter's
         gradient is set aside before it and put back after it (so a sharded gradient, too, is only
-        ever accumulated by its own backward)."""
+        ever accumulated by its own backward). In one process only ``keep``'s gradient is formed
+        (``autograd.grad``: the other trained parameters' weight gradients, which the route throws
+        away, are never computed) and added to its ``.grad`` as the backward would; its hook (the
+        entity's rows) applies to it all the same."""
+        if keep is not None and self.comm.world_size == 1:
+            routed = torch.autograd.grad(term, keep)[0]
+            keep.grad = routed if keep.grad is None else keep.grad.add_(routed)
+            return
         others = [(p, p.grad) for p in self.params if p is not keep]
         for p, _ in others:
             p.grad = None
