@@ -53,7 +53,9 @@ class RetentionWarning(UserWarning):
 
 class ForgettingWarning(UserWarning):
     """DFMU stopped forgetting short of its own stop because going on would have cost more of what it
-    must keep than the guard's tolerance allows (``info["forget_side"]["ended"] == "guard"``)."""
+    must keep than the guard's tolerance allows (``info["forget_side"]["ended"] == "guard"``), or its
+    estimate of Retrain saw nothing to move and it changed the model by pruning and fine-tuning alone
+    (the message says which, and what to give it)."""
 
 
 @dataclass

@@ -69,7 +69,7 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
        :class:`dfmu_ext.guard.ForgettingWarning` says when it stopped the forget side short of its stop.
 
     Classifiers: ``forget_classes`` masks the classifier's rows too; the forget term is off for whole
-    classes and decides itself for samples (:func:`dfmu_ext.tasks.classification.default_forget_term`);
+    classes and decides itself for samples (:func:`dfmu_ext.tasks.classifier_defaults.default_forget_term`);
     under ``torch.distributed`` every rank calls ``unlearn`` with the same arguments (``comm``:
     scores summed, identical masks, DDP fine-tune); ``steps`` sets precision and layout
     (:class:`dfmu_ext.steps.StepOptions`). Causal LMs: ``forget_indices`` name the sequences to
@@ -160,6 +160,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     seconds_guard += time.perf_counter() - t_guard
     if forget_side.get("ended") == "guard":
         _warn_forgetting(forget_side, watch)
+    if targets.info.get("_note") and comm.is_main:   # the task's estimate of Retrain saw nothing to move
+        warnings.warn(f"DFMU: {targets.info['_note']}", ForgettingWarning, stacklevel=caller_stacklevel())
     synchronize(device)
     total = time.perf_counter() - total_start
     timings = {"scoring": pruned.seconds_scoring, "targets": seconds_targets, "pruning": pruned.seconds_pruning,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+import dfmu_ext
 from dfmu_ext import reference, unlearn
 from dfmu_ext.blocks import discover_blocks
 from dfmu_ext.finetune import FinetuneConfig, ForgetBatches
@@ -170,9 +171,13 @@ def test_the_term_runs_for_a_whole_class_not_for_random_samples(original, digits
     off = unlearn(copy.deepcopy(original), train, [3], retain_fraction=0.3, finetune=FinetuneConfig(min_steps=2))
     assert not off.info["forget_term_ran"] and off.forget_samples_used == len(off.info["forget_read"]) <= 256
     rand = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:180]
-    smp = unlearn(copy.deepcopy(original), train, forget_indices=rand, retain_fraction=0.3,
-                  finetune=FinetuneConfig(min_steps=2))
+    # samples whose term is gated off: never silently (a ForgettingWarning with the excess, naming nonmembers=)
+    with pytest.warns(dfmu_ext.ForgettingWarning, match=r"excess -?0\.\d{3} < min_excess 0\.15.*nonmembers=") as w:
+        smp = unlearn(copy.deepcopy(original), train, forget_indices=rand, retain_fraction=0.3,
+                      finetune=FinetuneConfig(min_steps=2))
     assert not smp.info["forget_term_ran"] and abs(smp.info["forget_excess_disagreement"]) < 0.15
+    assert [x.filename for x in w if x.category is dfmu_ext.ForgettingWarning] == [__file__]
+    assert "_note" not in smp.info                                  # the task's own key is not reported
 
 
 @pytest.mark.parametrize("bad", [dict(weight=-1.0), dict(k=0), dict(batch_size=0), dict(grid=0), dict(samples=0),
