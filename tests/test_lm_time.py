@@ -117,7 +117,7 @@ def test_swapped_neighbours_draw_what_the_plain_loop_draws(seed):
 
 
 def test_the_cache_key_tells_inputs_apart_exactly():
-    from dfmu_ext.tasks.lm_finetune import _exact
+    from dfmu_ext.lm.reuse import exact_key as _exact
 
     ids = torch.arange(6).reshape(2, 3)
     assert _exact(ids) == _exact(ids.clone()) and _exact(ids.t()) == _exact(ids.t().contiguous())
@@ -145,5 +145,46 @@ def test_routed_forget_term_by_autograd_grad_equals_the_set_aside_backward():
         run_finetune(obj, plan, obj.config)
         out.append(model.state_dict())
     assert any(not torch.equal(a, b) for a, b in zip(out[0].values(), original.state_dict().values()))
+    for name, a in out[0].items():
+        assert torch.equal(a, out[1][name]), name
+
+
+def test_lookups_only_tells_an_untied_embedding_from_a_tied_head():
+    from dfmu_ext.lm.reuse import lookups_only
+
+    emb = torch.nn.Embedding(7, 4)
+    ids = torch.tensor([[1, 2, 3]])
+    h = emb(ids)
+    untied = (h @ torch.randn(4, 7)).sum()
+    tied = (h @ emb.weight.t()).sum()           # the head reads the same weight: every row gets a gradient
+    assert lookups_only(untied, emb.weight) and not lookups_only(tied, emb.weight)
+    assert not lookups_only((torch.randn(3, requires_grad=True) * 2).sum(), emb.weight)   # not in the graph
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_backward_above_the_embedding_leaves_every_weight_bit_identical(monkeypatch, shared):
+    """The budget's and the neighbours' backward stops above the embedding when their tokens hold no
+    entity row (``shared``: the budget holds one of the forgotten person's facts, so its batches
+    sometimes do); the weights must equal those of the full backward, bit for bit."""
+    from _lm_tiny import make_model, train
+
+    data, owner, vocab = _people(people=8)
+    original = train(make_model(0, vocab=vocab), data, steps=60)
+    out, skipped = [], []
+    real = torch.autograd.backward
+
+    def counting(tensors, *args, inputs=None, **kw):
+        skipped.append(inputs is not None)
+        return real(tensors, *args, inputs=inputs, **kw)
+
+    monkeypatch.setattr(torch.autograd, "backward", counting)
+    for allowed in (True, False):
+        model = copy.deepcopy(original)
+        obj, plan = _objective(model, copy.deepcopy(original).eval(), data, owner, vocab, shared=shared)
+        obj.lookups_only = None if allowed else False   # False: always the full backward
+        history = run_finetune(obj, plan, obj.config)
+        run_finetune(obj, plan, obj.config, max_steps=4, forget=False, history=history)   # no forget term
+        out.append(model.state_dict())
+    assert any(skipped) and not all(skipped)
     for name, a in out[0].items():
         assert torch.equal(a, out[1][name]), name
