@@ -70,6 +70,10 @@ class GuardConfig:
         recovery_steps: the most retain-only steps added after the fine-tune while the drop is beyond
             the tolerance; None: as many as the fine-tune ran, at least 20.
         check_every: steps between two measurements during recovery and during an edit.
+        prune_allowance: a pruning that drops the score by more than this many tolerances is undone and
+            redone with half the units (classifiers, at most three times); None (the default): never.
+            Off by default: on the keep suite's whole classes it keeps TA/RA closer to the original's
+            but leaves the features' probe where head-mask leaves it (benchmarks/RESULTS.md).
     """
 
     tolerance: float | None = None
@@ -77,6 +81,7 @@ class GuardConfig:
     min_validation: int = 8
     recovery_steps: int | None = None
     check_every: int = 10
+    prune_allowance: float | None = None
 
     def validate(self) -> None:
         if self.tolerance is not None and not 0.0 <= self.tolerance <= 1.0:
@@ -85,6 +90,8 @@ class GuardConfig:
             raise ValueError(f"guard.validation must be in (0, 1), got {self.validation}")
         if self.min_validation < 1 or self.check_every < 1 or (self.recovery_steps or 0) < 0:
             raise ValueError("guard: min_validation and check_every must be >= 1, recovery_steps >= 0")
+        if self.prune_allowance is not None and not self.prune_allowance >= 0:
+            raise ValueError(f"guard.prune_allowance must be >= 0 or None, got {self.prune_allowance}")
 
     def to_dict(self) -> dict:
         return asdict(self)

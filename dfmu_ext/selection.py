@@ -18,7 +18,7 @@ weight dampening. Unselected units keep mask 1.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -58,6 +58,10 @@ class SelectionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def halved(self) -> "SelectionConfig":
+        """The same rule selecting half the share of units in every block (the guard's pruning back-off)."""
+        return replace(self, fraction_first=self.fraction_first / 2, fraction_last=self.fraction_last / 2)
 
 
 def block_fraction(depth: int, num_blocks: int, config: SelectionConfig) -> float:

@@ -361,3 +361,74 @@ def test_lm_guard_keeps_the_tokens_the_original_knew_float64_reference():
     torch.testing.assert_close(second["p"].double(), p1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         CausalLMTask().retention(original, data, "cpu", known=torch.ones(3, dtype=torch.bool))
+
+
+
+class _Pruning:
+    """A task and guard stand-in for the pruning back-off: each prune zeroes the first
+    ``round(20 * share)`` of the weight's 20 rows (share: the selection's ``fraction_last``), and the
+    guard's drop is the share of zero rows."""
+
+    prune_halvings = 3
+
+    def __init__(self, allowance):
+        self.tolerance, self.config = 0.01, GuardConfig(prune_allowance=allowance)
+        self.shares, self.starts = [], []
+
+    def prune(self, model, batch, is_forget, split, configs, mode, comm):
+        from dfmu_ext.result import PruneResult
+
+        share = configs["selection"].fraction_last
+        self.shares.append(share)
+        self.starts.append(model.weight.detach().clone())
+        with torch.no_grad():
+            model.weight[:round(20 * share)] = 0
+        return PruneResult({}, {}, torch.zeros(2), None, 1.0, 0.5, 0.25)
+
+    def check(self, model, stage=None):
+        return {"drop": float((model.weight == 0).all(1).double().mean()), "within": True}
+
+
+@pytest.mark.parametrize("allowance, shares", [
+    (2.0, [0.2, 0.1, 0.05, 0.025]),   # drops 0.2, 0.1, 0.05 above 0.02: halved up to the limit (3 times)
+    (8.0, [0.2, 0.1, 0.05]),          # 0.2 and 0.1 above 0.08, then 0.05 within
+    (25.0, [0.2]),                    # within its allowance at once
+    (None, [0.2]),                    # no back-off
+])
+def test_a_pruning_past_its_allowance_is_undone_and_redone_with_half_the_units(allowance, shares):
+    from dfmu_ext.distributed import Comm
+    from dfmu_ext.selection import SelectionConfig
+
+    U = importlib.import_module("dfmu_ext.unlearn")
+    fake, model = _Pruning(allowance), nn.Linear(3, 20)
+    original = model.weight.detach().clone()
+    given = SelectionConfig()
+    configs = {"selection": given}
+    pruned, halvings = U._prune_within(fake, model, None, None, None, configs, "prune", Comm(), fake)
+    assert fake.shares == pytest.approx(shares) and halvings == len(shares) - 1
+    assert all(torch.equal(start, original) for start in fake.starts)      # every try starts from the original
+    assert configs["selection"].fraction_last == pytest.approx(shares[-1]) and given.fraction_last == 0.2
+    assert configs["selection"].fraction_first == 0.0 and configs["selection"].min_ratio == given.min_ratio
+    assert (pruned.seconds_scoring, pruned.seconds_pruning) == pytest.approx((0.5 * len(shares), 0.25 * len(shares)))
+
+
+def test_prune_allowance_must_be_non_negative():
+    assert GuardConfig().prune_allowance is None                          # off by default
+    with pytest.raises(ValueError, match="prune_allowance"):
+        GuardConfig(prune_allowance=-1.0).validate()
+
+
+def test_unlearn_backs_off_a_costly_pruning_when_asked(trained):
+    model, data = trained
+    heavy = dfmu_ext.SelectionConfig(fraction_first=0.8, fraction_last=0.8, min_ratio=0, protect_top=0.0)
+    kw = dict(forget_indices=list(range(0, 600, 7)), retain_fraction=0.3, seed=0, selection=heavy,
+              finetune=dfmu_ext.FinetuneConfig(epochs=0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = dfmu_ext.unlearn(copy.deepcopy(model), data, **kw)
+        on = dfmu_ext.unlearn(copy.deepcopy(model), data, guard=GuardConfig(prune_allowance=2.0), **kw)
+    assert off.info["guard"]["prune_halvings"] == 0
+    assert on.info["guard"]["prune_halvings"] >= 1
+    assert sum(on.pruned_units.values()) < sum(off.pruned_units.values())
+    assert on.info["guard"]["stages"]["pruned"]["drop"] < off.info["guard"]["stages"]["pruned"]["drop"]

@@ -215,6 +215,7 @@ class AttributeTask(ClassificationTask):
     recovery_forget_term = True      # the attribute term is every step's point: recovery keeps it
     forgets = ("forget_attribute",)
     keywords = ("forget_term", "selection", "finetune", "steps")
+    prune_halvings = 0    # the attribute's units are its point: not measured with the classes' back-off
 
     def claims(self, train_set, what) -> bool:
         return what.get("forget_attribute") is not None

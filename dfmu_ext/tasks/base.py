@@ -106,6 +106,8 @@ class Task:
     #: samples (a retain-only step is what recovers), on where it is the whole point of every step
     #: (an attribute removed from everyone's features)
     recovery_forget_term = False
+    #: how many times the guard may halve a pruning that cost more than its allowance (0: never)
+    prune_halvings = 0
 
     def configs(self, split: Split | None, given: dict) -> dict:
         """The task's configs with defaults filled in and validated (``selection``, ``finetune``,

@@ -198,6 +198,7 @@ class ClassificationTask(Task):
 
     name = "classification"
     keywords = ("comm", "steps", "forget_term", "selection", "finetune")
+    prune_halvings = 3    # 0.2 of the last block's units -> 0.1 -> 0.05 -> 0.025 (unlearn._prune_within)
 
     def configs(self, split: Split | None, given: dict) -> dict:
         by_classes = split.by_classes if split is not None else True
