@@ -150,7 +150,8 @@ class RetentionGuard:
 
     def report(self, warned: bool) -> dict:
         final = self.stages.get("final") or next(reversed(self.stages.values()))
-        return {"tolerance": self.tolerance, "resolved": not self.unresolved(), "validation_units": int(self.reference.get("units", 0)),
+        return {"tolerance": self.tolerance, "resolved": not self.unresolved(),
+                "validation_units": int(self.reference.get("units", 0)),
                 "validation_samples": int(self.reference.get("samples", 0)),
                 "original": self.reference["score"], "final": final["score"], "drop": final.get("drop", 0.0),
                 "se": final.get("se", 0.0), "original_accuracy": self.reference.get("accuracy"),

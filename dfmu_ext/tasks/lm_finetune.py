@@ -271,7 +271,6 @@ class LMObjective(Objective):
             where = x["attention_mask"].bool()
         return distill_loss(logits, reference, where)
 
-
     @torch.no_grad()
     def _teacher_logits(self, x) -> torch.Tensor:
         r"""The original's logits on ``x``, each distinct batch computed once per objective. The teacher
