@@ -93,13 +93,35 @@ def test_unresolved_is_a_drop_above_the_tolerance_let_through_by_a_larger_standa
     assert guard.report(warned=False)["resolved"] == (not want)
 
 
+def test_the_watched_units_are_held_within_the_tolerance_on_their_own():
+    # 8 units, the last 3 watched (a sub-class's siblings): 5 drop 0.3 points, the watched 3.5 each
+    orig = torch.full((8,), 0.9)
+    now = torch.tensor([0.897] * 5 + [0.865, 0.865, 0.865])
+    mask = torch.tensor([False] * 5 + [True] * 3)
+    seq = iter([orig, now])
+    guard = RetentionGuard(lambda m: {"p": next(seq), "accuracy": 1.0, "watched": mask}, 0.01, GuardConfig())
+    guard.start(None)
+    out = guard.check(None, "final")
+    d = (orig - now).double()
+    assert out["drop"] == pytest.approx(float(d.mean())) and out["drop"] <= 0.01 + out["se"]   # all: within
+    assert out["watched_units"] == 3 and out["watched_drop"] == pytest.approx(0.035)
+    assert out["watched_se"] == pytest.approx(0.0, abs=1e-9) and not out["within"]          # the watched: not
+    assert {"watched_units", "watched_drop", "watched_se"} <= set(guard.report(warned=True))
+    # every unit watched (random samples: the forget samples carry every label) is the whole: nothing more
+    seq = iter([orig, now])
+    every = RetentionGuard(lambda m: {"p": next(seq), "accuracy": 1.0, "watched": torch.ones(8, dtype=torch.bool)},
+                           0.01, GuardConfig())
+    every.start(None)
+    assert "watched_drop" not in every.check(None)
+
+
 def test_keep_warns_when_the_validation_part_cannot_resolve_the_tolerance():
     U = importlib.import_module("dfmu_ext.unlearn")
     from dfmu_ext.finetune import FinetuneHistory
 
     guard = _guard_after([0.9, 0.9, 0.9, 0.66])
-    with pytest.warns(RetentionWarning, match=r"drop of 6.0 points .* tolerance 1.0, with a standard error of 6.0 "
-                                              r"on 4 units: too few to tell") as caught:
+    with pytest.warns(RetentionWarning, match=r"drop of 6.0 points .* standard error of 6.0 on 4 units: above the "
+                                              r"tolerance 1.0 .* too few to tell") as caught:
         warned = U._keep(guard, None, None, None, None, FinetuneHistory(), False)
     assert warned and caught[0].filename == __file__
     resolved = _guard_after([0.9, 0.9, 0.9, 0.9])

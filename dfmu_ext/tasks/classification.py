@@ -342,6 +342,7 @@ class ClassificationTask(Task):
         if watch:
             near = torch.isin(y, torch.as_tensor(watch))
             out["siblings"] = float(hit[near].mean()) if bool(near.any()) else None
+            out["watched"] = near   # the guard holds these units within the tolerance on their own too
         return out
 
     @torch.no_grad()
