@@ -18,7 +18,8 @@ errors, :class:`UsageError`, and the library's documented input errors (``ValueE
 subclasses ``CheckpointError``, ``WeightsError``, ``InputError``, ``RecordError``), and
 ``OutputError``: an output that could not be written (a full disk, an unwritable folder). The files
 of one call are published together or not at all (``dfmu_ext._io.OutputBatch``). Anything else is
-a bug and keeps its traceback.
+a bug and keeps its traceback. The library's trade warnings (``RetentionWarning``,
+``ForgettingWarning``) are one line each on stderr, ``warning: <kind>: ...``.
 """
 from .checks import UsageError
 from .parser import build_parser, main

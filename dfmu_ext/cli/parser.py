@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 
 from .. import distributed
 from .._io import OutputError
+from ..guard import ForgettingWarning, RetentionWarning
 from ..baselines import SPECS
 from ..zoo.models import MODEL_NAMES
 from .checks import UsageError, parse_device
@@ -204,9 +207,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         if not 0.0 < args.__dict__.get("retain_fraction", 0.5) <= 1.0:
             raise UsageError("--retain-fraction must be in (0, 1]")
-        if distributed.env_world_size() > 1:
-            return _main_distributed(args)
-        return args.func(args)
+        with _one_line_warnings():
+            if distributed.env_world_size() > 1:
+                return _main_distributed(args)
+            return args.func(args)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         raise
@@ -221,6 +225,26 @@ def main(argv=None) -> int:
         err = UsageError(_one_line(exc))
         print(err, file=sys.stderr)
         raise err from None
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """The library's trade warnings (``RetentionWarning``, ``ForgettingWarning``) as one line each on
+    stderr, ``warning: <kind>: ...``: at the command line the file and line that ``warnings`` would name
+    is Python's module runner, not anything the user wrote. Others keep their usual form."""
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (RetentionWarning, ForgettingWarning)):
+            print(f"warning: {category.__name__}: {message}", file=file or sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def _one_line(exc: BaseException) -> str:
