@@ -147,12 +147,12 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
             progress=progress and comm.is_main)
         comm.sync_buffers_(model)
     t_guard = time.perf_counter()
-    recover = dict(forget="always" if the_task.recovery_forget_term else False, progress=progress and comm.is_main)
     forget_side = _forget_side(the_task, model, split, targets, objective, pruned.plan, configs["finetune"], ft,
                                nonmembers, watch, device, progress and comm.is_main)
     warned = False
     if watch is not None:
-        warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, **recover)
+        warned = _keep(watch, model, objective, pruned.plan, configs["finetune"], ft, progress and comm.is_main,
+                       forget="always" if the_task.recovery_forget_term else False)
         comm.sync_buffers_(model)
     seconds_guard += time.perf_counter() - t_guard
     if forget_side.get("ended") == "guard":
@@ -274,26 +274,18 @@ def _warn_forgetting(side: dict, watch: RetentionGuard) -> None:
         ForgettingWarning, stacklevel=caller_stacklevel())
 
 
-def _recover(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,
-             forget: bool | str = False) -> dict:
-    """Recovery steps (retain-only unless the task keeps its forget term there), ``check_every`` at a
-    time, while the guard's drop is beyond its allowance (at most ``recovery_steps`` in all; none
-    without a fine-tune). Returns the last measurement."""
+def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,
+          forget: bool | str = False) -> bool:
+    """After the fine-tune and the forget side: recovery steps (retain-only unless the task keeps its
+    forget term there), ``check_every`` at a time, while the guard's drop is beyond its allowance (at
+    most ``recovery_steps``; none without a fine-tune); warn when it still is, or when the validation
+    part is too small to tell (:meth:`RetentionGuard.unresolved`). Returns whether it warned."""
     now = watch.check(model, "fine-tuned")
     limit = watch.config.recovery_steps if watch.config.recovery_steps is not None else max(20, history.steps)
     while not now["within"] and objective is not None and history.recovery_steps < limit:
         run_finetune(objective, plan, config, max_steps=min(watch.config.check_every, limit - history.recovery_steps),
                      forget=forget, history=history, progress=progress)
         now = watch.check(model, "recovered")
-    return now
-
-
-def _keep(watch: RetentionGuard, model, objective, plan, config, history: FinetuneHistory, progress: bool,
-          forget: bool | str = False) -> bool:
-    """After the fine-tune and the forget side: :func:`_recover`; warn when the drop is still beyond its
-    allowance, or when the validation part is too small to tell (:meth:`RetentionGuard.unresolved`).
-    Returns whether it warned."""
-    now = _recover(watch, model, objective, plan, config, history, progress, forget)
     watch.stages["final"] = now
     if not now["within"]:
         watch.warn("what it must keep", f" ({history.recovery_steps} recovery steps run)")

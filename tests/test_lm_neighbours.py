@@ -273,19 +273,23 @@ def test_negative_neighbours_is_one_line():
         dfmu_ext.tasks.LMFinetuneConfig(neighbours=-1).validate()
 
 
+def _two_people_targets():
+    """A table model, two forget sequences and their neighbours' dense-able targets from another table."""
+    vocab = 30
+    f_rows = [[1, 20, 10, 25, 2], [1, 21, 10, 26, 2]]
+    b_rows = [[1, 20, 11, 27, 2], [1, 21, 12, 28, 2]]
+    forget, budget = _batch(f_rows), _batch(b_rows)
+    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
+    return _Table(vocab, seed=1), forget, template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
+
+
 @pytest.mark.parametrize("min_kl", [0.0, 0.58, 0.7])   # the two positions' KLs: 0.565, 0.610
 def test_informative_keeps_the_positions_whose_kl_to_the_original_exceeds_the_threshold(min_kl):
     """informative keeps a target position where KL(q || p_orig) > min_kl, the KL recomputed densely in
     float64 (the forget side's old stop measure; now only the targets' position filter)."""
     from dfmu_ext.lm.neighbours import informative
 
-    vocab = 30
-    model = _Table(vocab, seed=1)
-    f_rows = [[1, 20, 10, 25, 2], [1, 21, 10, 26, 2]]
-    b_rows = [[1, 20, 11, 27, 2], [1, 21, 12, 28, 2]]
-    forget, budget = _batch(f_rows), _batch(b_rows)
-    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
-    q = template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
+    model, forget, q = _two_people_targets()
     dense = q.to_dense().double()
     logp = torch.log_softmax(model.table.detach().double()[forget[0]["input_ids"]][:, :-1], -1)
     kl = (dense * (dense.clamp_min(1e-300).log() - logp)).sum(-1)
@@ -304,13 +308,7 @@ def test_forget_gap_is_the_own_token_excess_over_the_targets():
     from dfmu_ext.tasks.base import Targets
     from dfmu_ext.tasks.causal_lm import CausalLMTask
 
-    vocab = 30
-    model = _Table(vocab, seed=1)
-    f_rows = [[1, 20, 10, 25, 2], [1, 21, 10, 26, 2]]
-    b_rows = [[1, 20, 11, 27, 2], [1, 21, 12, 28, 2]]
-    forget, budget = _batch(f_rows), _batch(b_rows)
-    near = swapped_neighbours(forget, budget, vocab, per_sequence=4, seed=0)
-    q = template_targets(_Table(vocab, seed=2), forget, near, top=vocab)
+    model, forget, q = _two_people_targets()
     targets = Targets((forget[0], q, q.scored), [0, 1])
     gap = CausalLMTask().forget_gap(model, None, targets, torch.device("cpu"))
     dense = q.to_dense().double()
