@@ -179,6 +179,26 @@ def _failing_after_teacher(real_fully_shard) -> str:
     return "no error"
 
 
+#: the fine-tune's all-reduces through DDP in the current case: one per synced backward (bucket 0's call)
+REDUCTIONS = {"count": 0}
+
+
+def _counting_wrap(real_wrap):
+    """``ProcessGroupComm.wrap`` whose DDP counts its synced backwards (a comm hook that all-reduces as
+    DDP's default does, counting each backward's first bucket)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def wrap(self, model):
+        ddp = real_wrap(self, model)
+
+        def hook(state, bucket):
+            state["count"] += int(bucket.index() == 0)
+            return allreduce_hook(None, bucket)
+        ddp.register_comm_hook(REDUCTIONS, hook)
+        return ddp
+    return wrap
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     try:
         torch.set_num_threads(1)
@@ -191,7 +211,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         import torch.distributed.fsdp as fsdp2
         real_fully_shard = fsdp2.fully_shard
         results["failing_after_teacher"] = _failing_after_teacher(real_fully_shard)
+        dd.ProcessGroupComm.wrap = _counting_wrap(dd.ProcessGroupComm.wrap)
         for arch, mode in CASES + [DROPOUT]:
+            REDUCTIONS["count"] = 0
             os.environ["DFMU_LM_PARALLEL"] = "fsdp" if mode == "no-fsdp" else mode
             # "no-fsdp": FSDP2 asked for but failing, as on a PyTorch or backend without it: DDP instead
             fsdp2.fully_shard = _refuse if mode == "no-fsdp" else real_fully_shard
@@ -199,6 +221,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             model.load_state_dict(torch.load(os.path.join(out, f"{arch}.pt"), weights_only=True))
             results[arch, mode] = _run(model)
             results[arch, mode]["identical"] = dd.replicas_identical(model)
+            results[arch, mode]["ddp_reductions"] = REDUCTIONS["count"]
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dd.destroy()
     except BaseException as exc:
@@ -320,6 +343,9 @@ def test_lm_unlearn_two_ranks_equals_one_process(lm_run, arch, mode):
         want["fallback"] = "fully_shard failed (NotImplementedError: no FSDP2 here)"
     assert r0["parallel"] == want
     assert one["parallel"] is None
+    # DDP: one all-reduce per step, however many terms (the budget's, the forget term's, the neighbours')
+    # each step's backwards add up; FSDP2's reduce-scatters are not DDP's
+    assert r0["ddp_reductions"] == (r0["finetune"]["steps"] if mode != "fsdp" else 0)
     # every rank holds the whole batch's scores, and the masks are one process's, bit for bit
     for got in (r0, r1):
         assert got["counts"] == one["counts"]

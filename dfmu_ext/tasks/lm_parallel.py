@@ -30,7 +30,9 @@ Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. Wh
   forward is the same computation, so every rank takes the same decision without a collective.
 * **One backward per term**, as in one process (:meth:`LMObjective.loss`): the batch's, the forget
   term's, the neighbours', in the same order on every rank; each accumulates into the sharded
-  (FSDP2) or all-reduced (DDP) ``.grad``, so the step's peak is its largest term's graph.
+  (FSDP2) ``.grad``, so the step's peak is its largest term's graph. Under DDP only the step's last
+  backward through DDP all-reduces (the others' forwards run under ``no_sync``): one all-reduce of
+  the trained gradients per step, not one per term.
 * **DDP fallback.** Where ``fully_shard`` fails (an old PyTorch, a backend without reduce-scatter) or
   ``DFMU_LM_PARALLEL=ddp`` is set, the model itself is wrapped in ``DistributedDataParallel`` with the
   same rows and rescaled losses. ``info["parallel"]`` says which ran and, on a fallback, why.
@@ -290,11 +292,15 @@ class ParallelLMObjective(LMObjective):
     def backward_step(self, loss: torch.Tensor) -> None:
         """As one process's (the budget term's backward, then each queued term's, then the step), with
         the embedding's rows masked on the reduced gradient and the masks applied to the local shards.
-        Under DDP every backward all-reduces: a gradient already in ``.grad`` is the same on every rank,
-        so the mean of (it + each rank's new part) is it + their mean, and the sum stays exact."""
+        Under DDP one backward of the step all-reduces, the last one through DDP (:meth:`_reduce_after`):
+        the others accumulate this rank's part in ``.grad``, and DDP then averages the whole sum, so the
+        step's gradient is the mean over ranks of every term's, as if each backward had been reduced."""
         loss.backward()
         keep = self.shards[self.rows_name] if self.mode == "fsdp" and self.rows is not None else \
             (self.rows[0] if self.rows is not None else None)
+        last = max((i for i, (_, routed, *_) in enumerate(self.terms) if not routed), default=None)
+        self.terms = [(name, routed, self._reduce_after(fn, i == last), *ids)
+                      for i, (name, routed, fn, *ids) in enumerate(self.terms)]
         rest = self.backward_terms(keep)
         with torch.no_grad():
             loss.detach().add_(rest)
@@ -302,6 +308,18 @@ class ParallelLMObjective(LMObjective):
         self.optimizer.step()
         if self.mode == "fsdp":  # the caller's plan holds the full model's weights, not these shards
             self.local_plan.apply(self.optimizer)
+
+    def _reduce_after(self, term_fn, reduce: bool):
+        """``term_fn``, its forward run so that its backward all-reduces under DDP only when ``reduce``
+        (DDP decides at the forward, :meth:`DistributedDataParallel.no_sync`): one all-reduce per step
+        instead of one per term. FSDP2 reduce-scatters at every backward either way."""
+        if self.mode == "fsdp" or reduce:
+            return term_fn
+
+        def unreduced():
+            with self.ddp.no_sync():
+                return term_fn()
+        return unreduced
 
     def _routed_backward(self, term: torch.Tensor, keep: torch.Tensor | None) -> None:
         if self.mode == "fsdp":
@@ -349,7 +367,12 @@ class ParallelLMObjective(LMObjective):
         x, y = batch
         rows, live = self._rows(int(x.shape[0]))
         xl, yl = x[rows], y[rows]
-        logits = forward_logits(self.model, xl)
+        # under DDP the budget's backward all-reduces only when no other term's backward through DDP
+        # follows in this step (see backward_step)
+        follows = (forget_phase and self.forget is not None and not self.into_rows) or \
+            (self.teacher is not None and self.config.distill > 0 and self.neighbours is not None)
+        with (self.ddp.no_sync() if self.mode != "fsdp" and follows else contextlib.nullcontext()):
+            logits = forward_logits(self.model, xl)
         loss = lm_loss(logits, yl) * self._share(scored_tokens(yl).sum(), scored_tokens(y).sum(), live)
         self.terms = []
         if forget_phase and self.forget is not None:
