@@ -31,6 +31,7 @@ from torch import nn
 from .._common import eval_mode, model_device, synchronize
 from ..lm.edit import EditConfig, retain_projectors
 from ..lm.neighbours import informative, rows_per_forward, swapped_neighbours, template_targets
+from ..lm.partners import joined, partner_neighbours
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, neuron_mask_plan, score_neurons
 from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets
 from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, split_forget, take,
@@ -128,6 +129,11 @@ class CausalLMTask(Task):
             q, where = forget_targets(model, layers[0].layer, (xq.to(device), yq), (xr.to(device), yr), vocab,
                                       term.k, term.k_share)
         near = near.head(info["neighbours"]) if info["neighbours"] else None
+        if configs["finetune"].partners > 0:   # after q: the targets stay the swapped neighbours' prior
+            partners = partner_neighbours((xq, yq), take(split.budget, range(len(split.budget))), vocab,
+                                          configs["finetune"].partners)
+            info["partners"] = 0 if partners is None else len(partners)
+            near = joined(partners, near)
         if near is not None:
             info["_neighbours"] = near
         if edit.steps > 0:

@@ -36,14 +36,16 @@ class LMFinetuneConfig:
     train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
     distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
     neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
+    partners: int = 0       # the most partner neighbours distilled beside them (lm.partners; opt-in, see RESULTS)
     reset_entity: bool = True  # routed (forget_into), the entity's rows start afresh: see reset_rows
     forget_into: str = "auto"  # the forget term's gradient: "entity" rows only, the "trained" parameters, or
                                # "auto": entity rows where no budget sequence holds a swapped token (see LMObjective)
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size < 1 or self.min_steps < 0 or self.distill < 0 \
-                or self.neighbours < 0:
-            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill and neighbours >= 0")
+                or self.neighbours < 0 or self.partners < 0:
+            raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill, neighbours and "
+                             "partners >= 0")
         if self.forget_into not in ("auto", "trained", "entity"):
             raise ValueError(f"finetune.forget_into must be 'auto', 'trained' or 'entity', got {self.forget_into!r}")
         if self.train not in ("all", "mlp", "mlp+entity"):
