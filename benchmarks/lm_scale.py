@@ -76,7 +76,7 @@ GRIDS = {
         ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
     ],
     "large": [
-        ("1b", "bf16", 256, 4, ("score", "plain")),
+        ("1b", "bf16", 256, 4, ("score", "plain", "finetune", "dfmu")),
         ("400m", "bf16", 256, 4, ("score", "plain", "plain+ckpt", "finetune", "dfmu", "dfmu-eager", "dfmu-edit")),
     ],
 }

@@ -6,7 +6,8 @@ gives the right answer, :math:`p_i` (the soft accuracy; its accuracy is reported
 sequence, its least probable token among those the original predicted right), is
 measured for the original model, before anything changes, and after each stage. The drop is the mean
 paired difference :math:`\Delta = \frac1n \sum_i (p^{\mathrm{orig}}_i - p_i)`, and it is kept within
-the tolerance :math:`\tau` (1 point for classifiers, 2 for causal LMs) by the method's own means:
+the tolerance :math:`\tau` (1 point for classifiers; 6 for causal LMs, whose per-sequence measure is the
+stricter: :attr:`dfmu_ext.tasks.causal_lm.CausalLMTask.default_tolerance`) by the method's own means:
 
 * stages that push forgetting stop early when they cost more than :math:`\tau` beyond where they
   started (the causal-LM edit is rolled back to its last checked state within it);
@@ -64,7 +65,7 @@ class GuardConfig:
 
     Attributes:
         tolerance: the largest drop of the retention score allowed (a fraction: 0.01 is one point);
-            None: the task's default (0.01 for classifiers, 0.02 for causal LMs).
+            None: the task's default (0.01 for classifiers, 0.06 for causal LMs).
         validation: the share of the retain budget set aside to measure it (not trained on).
         min_validation: at least this many samples are set aside (when the budget allows).
         recovery_steps: the most retain-only steps added after the fine-tune while the drop is beyond

@@ -64,8 +64,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
        (``finetune.distill``), and the masks re-applied after every step;
     6. the retention guard (:class:`dfmu_ext.guard.GuardConfig`, on by default; ``guard=False``
        turns it off): the task's retention score on the set-aside part is kept within the tolerance
-       of the original's (1 point for classifiers, 2 for causal LMs) — the edit stops, retain-only
-       recovery steps run, and a :class:`dfmu_ext.guard.RetentionWarning` says when it cannot; a
+       of the original's (1 point for classifiers, 6 for causal LMs' stricter measure) — the edit stops,
+       retain-only recovery steps run, and a :class:`dfmu_ext.guard.RetentionWarning` says when it cannot; a
        :class:`dfmu_ext.guard.ForgettingWarning` says when it stopped the forget side short of its stop.
 
     Classifiers: ``forget_classes`` masks the classifier's rows too; the forget term is off for whole

@@ -54,7 +54,12 @@ class CausalLMTask(Task):
     name = "causal-lm"
     keywords = ("selection", "finetune", "forget_term", "edit")
     prepare_stage = "edit"
-    default_tolerance = 0.02
+    #: the guard's tolerance, on its own measure (each set-aside sequence's least probable known token, the
+    #: budget's nearest half): that measure is the strict one; 6 points of it kept the other people's answer
+    #: accuracy within 0.0-2.3 points on the people corpus (with the partner neighbours), where 2 points
+    #: stopped the forgetting at 0.68-0.70 (Retrain: 0.0-0.14); the keep suite's 18 LM runs are the same at 2
+    #: and 6 (benchmarks/RESULTS.md, "The people corpus: ... partner neighbours")
+    default_tolerance = 0.06
     default_score_samples = 256
     forget_gap_stop = 0.0
     #: a target position is kept where it asks for a change: KL(q || the original) above this (nats)

@@ -36,7 +36,7 @@ class LMFinetuneConfig:
     train: str = "mlp+entity"  # "all"; the "mlp" layers that hold the neurons; those + the forget set's token rows
     distill: float = 5.0    # weight of the KL to the original's next-token distributions (RESULTS: "Keeping")
     neighbours: int = 512   # swapped neighbours of the forget sequences distilled beside the budget; 0: none
-    partners: int = 0       # the most partner neighbours distilled beside them (lm.partners; opt-in, see RESULTS)
+    partners: int = 1024    # the most partner neighbours distilled beside them (lm.partners); 0: none
     reset_entity: bool = True  # routed (forget_into), the entity's rows start afresh: see reset_rows
     forget_into: str = "auto"  # the forget term's gradient: "entity" rows only, the "trained" parameters, or
                                # "auto": entity rows where no budget sequence holds a swapped token (see LMObjective)
