@@ -146,6 +146,23 @@ def distinctive_tokens(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     return _distinctive(r_f, r_b, int(forget[1].shape[0]), ratio, recurring)
 
 
+def distinctive_positions(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
+                          ratio: float = 2.0):
+    """What both kinds of neighbours start from: ``(ids, special, r_b, swappable, holds)`` — the forget
+    rows' token ids, the distinctive tokens (:func:`distinctive_tokens`), each token's share of budget
+    sequences, the rows' swappable positions and where each row's most distinctive tokens sit
+    (:func:`most_distinctive`); None when no token is distinctive."""
+    (xf, yf), (xb, _) = forget, budget
+    ids, mask = _ids_mask(xf)
+    r_f, r_b = _rates(forget, budget, vocab)
+    special = _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=False)
+    if special.numel() == 0:
+        return None
+    swappable = swappable_positions(yf.cpu(), mask)
+    holds = most_distinctive(ids, torch.isin(ids, special) & swappable, r_f, r_b, int(xb["input_ids"].shape[0]))
+    return ids, special, r_b, swappable, holds
+
+
 @dataclass
 class Neighbours:
     """Swapped neighbours of forget sequences: ``inputs`` and ``labels`` in the forget batch's shape,
@@ -185,11 +202,10 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     if per_sequence < 1:
         return None
     (xf, yf), (xb, _) = forget, budget
-    ids, mask = _ids_mask(xf)
-    r_f, r_b = _rates(forget, budget, vocab)
-    special = _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=False)
-    if special.numel() == 0:
+    found = distinctive_positions(forget, budget, vocab, ratio)
+    if found is None:
         return None
+    ids, special, r_b, swappable, holds = found   # holds: (N, T) the positions a swap may change
     b_ids, b_mask = _ids_mask(xb)
     allowed = r_b <= 0.5                                     # not the template's words
     allowed[special] = False
@@ -199,9 +215,6 @@ def swapped_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     seen[b_ids[b_mask].clamp(0, vocab - 1)] = True
     from_budget = torch.nonzero(allowed & seen).flatten()
     from_vocab = torch.nonzero(allowed).flatten()
-    swappable = swappable_positions(yf.cpu(), mask)
-    holds = torch.isin(ids, special) & swappable             # (N, T) the positions a swap may change
-    holds = most_distinctive(ids, holds, r_f, r_b, int(b_mask.shape[0]))
     rows = torch.nonzero(holds.any(1)).flatten()
     if rows.numel() == 0:
         return None

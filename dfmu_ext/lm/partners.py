@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..model_io import Inputs
-from .neighbours import Neighbours, _distinctive, _ids_mask, _rates, most_distinctive, swappable_positions
+from .neighbours import Neighbours, _ids_mask, distinctive_positions
 
 
 def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
@@ -61,16 +61,11 @@ def partner_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs
     round-robin over the forget rows so that any prefix covers them evenly; ``first`` is each one's
     first position that differs from its forget sequence. None when there is none."""
     (xf, yf), (xb, _) = forget, budget
-    if most < 1:
+    found = distinctive_positions(forget, budget, vocab, ratio) if most >= 1 else None
+    if found is None:
         return None
-    ids, mask = _ids_mask(xf)
-    r_f, r_b = _rates(forget, budget, vocab)
-    special = _distinctive(r_f, r_b, ids.shape[0], ratio, recurring=False)
-    if special.numel() == 0:
-        return None
+    ids, holds = found[0], found[4]
     b_ids, b_mask = _ids_mask(xb)
-    holds = most_distinctive(ids, torch.isin(ids, special) & swappable_positions(yf.cpu(), mask), r_f, r_b,
-                             int(b_mask.shape[0]))
     known: dict[tuple[int, ...], list] = {}
     per_row = []   # (forget row, run start, run end, the budget's runs for it)
     for i in torch.nonzero(holds.any(1)).flatten().tolist():
