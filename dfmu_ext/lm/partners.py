@@ -1,5 +1,5 @@
 r"""Partner neighbours: the retain entities that share a piece of a forgotten entity, asked the
-forgotten entity's questions (opt-in: ``LMFinetuneConfig(partners=...)``).
+forgotten entity's questions (``LMFinetuneConfig(partners=1024)``, the default; 0 turns them off).
 
 Where names are built from shared pieces (the people corpus: every first and every last name is held
 by several people), what forgetting "Belhal Anis" costs most is the facts of the people who share a
@@ -18,7 +18,8 @@ forgotten person's question, whose answer the original knows. The fine-tune dist
 them (from the first position that differs), beside the swapped neighbours; the forget targets are
 read off the swapped neighbours only (a partner's answer is a real person's fact, not a template's
 prior). Nothing is made where no budget sequence holds a distinctive token (names of their own).
-Measured on the people corpus (benchmarks/RESULTS.md, "Partner neighbours").
+Measured on the people corpus (benchmarks/RESULTS.md, "The people corpus: where the guard's drop sits,
+and partner neighbours").
 """
 from __future__ import annotations
 
