@@ -126,6 +126,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], gap: int = 2) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned, each as wide as its
+    widest cell plus ``gap`` spaces, so no two cells ever run together (a fixed width let
+    "55.6 ± 38.5" and "7.94e-05 ± 0.000119" print as one)."""
+    table = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in table if i < len(r)) for i in range(len(table[0]))]
+    lines = []
+    for r in table:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w + gap) for c, w in zip(r[1:], widths[1:])]
+        lines.append("".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # stale partials and all-or-nothing outputs
 # --------------------------------------------------------------------------------------------

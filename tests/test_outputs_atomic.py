@@ -229,3 +229,16 @@ def test_remove_stale_temps_only_takes_dead_processes_partials(tmp_path):
     removed = remove_stale_temps(str(tmp_path), keep=[str(tmp_path / f".tmp-{dead}-kept-by-request")])
     assert sorted(os.path.basename(p) for p in removed) == sorted(n for n, stays in names.items() if not stays)
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, stays in names.items() if stays)
+
+
+def test_text_table_never_runs_two_cells_together():
+    # the LM report printed "55.6 ± 38.5" and "7.94e-05 ± 0.000119" as one cell at a fixed width of 16
+    from dfmu_ext._io import text_table
+
+    header = ["method", "relearn acc", "forget quality"]
+    rows = [["Original", "55.6 ± 38.5", "7.94e-05 ± 0.000119"], ["DFMU", "27.8 ± 9.6", "0.213 ± 0.187"]]
+    lines = text_table(header, rows).splitlines()
+    assert len(lines) == 3
+    for line, cells in zip(lines, [header, *rows]):
+        assert [c.strip() for c in line.split("  ") if c.strip()] == cells   # two spaces between any two cells
+    assert len({len(line) for line in lines}) == 1                          # right-aligned to one edge

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._io import markdown_table
+from .._io import markdown_table, text_table
 from ..baselines.scratch import lm_retrain
 from ..eval.lm import LM_BATTERY, lm_battery
 from ..eval.field import FORGET_QUALITY, MODEL_UTILITY, QAItem, forget_quality, model_utility, truth_ratios
@@ -156,13 +156,8 @@ def format_table(summary: dict) -> str:
     lines = []
     for share in sorted(summary):
         lines.append(f"forget {share:.0%} of the people")
-        header = f"{'method':<18}" + "".join(f"{m.header:>16}" for m in COLUMNS)
-        lines.append(header)
-        for method, cells in summary[share].items():
-            row = f"{method:<18}"
-            for metric in COLUMNS:
-                row += f"{_cell(cells, metric):>16}"
-            lines.append(row)
+        rows = [[method] + [_cell(cells, m) for m in COLUMNS] for method, cells in summary[share].items()]
+        lines.append(text_table(["method"] + [m.header for m in COLUMNS], rows))
         lines.append("")
     return "\n".join(lines)
 
