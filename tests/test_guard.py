@@ -252,6 +252,36 @@ def test_forget_side_at_its_step_limit_says_so(monkeypatch):
     assert side["ended"] == "limit" and side["gap"] == 1.0 and side["extra_forget_steps"] == 20
 
 
+def test_forget_side_ends_on_a_plateau_and_keeps_its_lowest_state(monkeypatch):
+    # each chunk adds 1 to the weights; the gap falls to 0.5 after chunk 2, then to 0.4 and back above it,
+    # never 10% of its starting distance (2.0 - 0.05) lower: FORGET_SIDE_PATIENCE chunks after chunk 2 it
+    # ends, with the weights of chunk 3 (its lowest), not of the last chunk
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    after = []   # the weights after each chunk
+
+    def chunk(*_a, **_k):
+        with torch.no_grad():
+            fake.model.weight.add_(1.0)
+        after.append(fake.model.weight.detach().clone())
+
+    monkeypatch.setattr(U, "run_finetune", chunk)
+    patience = U.FORGET_SIDE_PATIENCE
+    gaps = [2.0, 1.0, 0.5, 0.4] + [0.6, 0.7] * patience   # 0.4 > 0.5 - 0.195: lower, but no progress
+    fake = _Side(gaps)
+    targets = type("T", (), {"payload": object()})()
+    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    assert side["ended"] == "plateau" and side["extra_forget_steps"] == 10 * (2 + patience)
+    assert side["gap"] == 0.4 and side["kept_steps"] == 30 and side["gap_before"] == 2.0
+    assert len(after) == 2 + patience and torch.equal(fake.model.weight, after[2])   # the state after chunk 3
+
+    # steady progress never ends on a plateau: the step limit does
+    monkeypatch.setitem(U.FORGET_SIDE_STEPS, "estimate", 10 * (patience + 1))
+    fake = _Side([4.0 - 0.4 * i for i in range(patience + 2)])   # 0.4 a chunk > 10% of 4.0 - 0.05
+    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    assert side["ended"] == "limit" and side["kept_steps"] == side["extra_forget_steps"]
+
+
 def test_edit_rollback_restores_the_weights_exactly():
     from dfmu_ext.lm.edit import EditConfig
     from dfmu_ext.tasks.causal_lm import projected_edit
