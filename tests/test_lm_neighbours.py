@@ -419,3 +419,28 @@ def test_reset_rows_draws_only_those_rows_from_the_others_statistics():
     torch.testing.assert_close(big[many].double().mean(0), ref.mean(0), atol=0.5, rtol=0)
     torch.testing.assert_close(big[many].double().std(0) / ref.std(0), torch.ones(6, dtype=torch.float64),
                                atol=0.25, rtol=0)
+
+
+def test_token_shares_measured_on_a_fair_sample_swap_the_names_not_the_template():
+    # forget rows "<bos> A1 A2 was ANS" (two people); the budget's nearest part holds the retain people who
+    # share a name piece and few rows with "was": measured on it, "was" is the most distinctive token and
+    # the names stay in every neighbour (the same person: the targets read the forgotten answers back).
+    # Measured on a fair sample of the retain data (the budget's random draw), the names are swapped.
+    was = 5
+    forget = _batch([[1, 20, 21, was, 50]] * 4 + [[1, 22, 23, was, 51]] * 4, answer_at=4)
+    nearest = [[1, 20, 30, 9, 52], [1, 21, 31, 9, 52], [1, 22, 32, 9, 53], [1, 23, 33, 9, 53],
+               [1, 34, 35, was, 54], [1, 36, 37, was, 54], [1, 38, 39, 9, 55], [1, 24, 25, 9, 55]]
+    fair = [[1, 40 + 2 * i, 41 + 2 * i, was if i % 2 else 9, 56] for i in range(8)]
+    budget = _batch(nearest + fair, answer_at=4)
+    rows = torch.arange(8).repeat(4)
+
+    biased = swapped_neighbours(forget, _batch(nearest, answer_at=4), 64, per_sequence=4, seed=0)
+    assert torch.equal(biased.source, rows)
+    changed = biased.inputs["input_ids"] != forget[0]["input_ids"][rows]
+    assert changed[:, 3].all() and not changed[:, 1:3].any()          # "was" swapped, the names kept
+
+    fair_near = swapped_neighbours(forget, budget, 64, per_sequence=4, seed=0, rates=_batch(fair, answer_at=4))
+    changed = fair_near.inputs["input_ids"] != forget[0]["input_ids"][rows]
+    assert changed[:, 1:3].all() and not changed[:, 3].any()          # the names swapped, "was" kept
+    # the substitutes still come from the whole budget or the vocabulary, never a distinctive token
+    assert not torch.isin(fair_near.inputs["input_ids"][:, 1:3], torch.tensor([20, 21, 22, 23])).any()

@@ -310,3 +310,16 @@ def test_unlearn_lm_projected_edit_on_and_off_keeps_pruned_neurons_zero():
         assert torch.count_nonzero(layer.weight[:, mask == 0]) == 0
     with pytest.raises(ValueError, match="scope"):
         EditConfig(scope="all").validate()
+
+
+def test_split_forget_drawn_names_the_budget_s_random_part():
+    from dfmu_ext.lm.task import nearest_retain, split_forget_drawn
+
+    data = _train_set()
+    f, r, b, drawn = split_forget_drawn(data, [3, 1, 2], 0.25, seed=4, nearest=0.5)
+    assert [s.indices for s in (f, r, b)] == [s.indices for s in split_forget(data, [3, 1, 2], 0.25, 4, 0.5)]
+    near = nearest_retain(data, torch.tensor([1, 2, 3]), torch.tensor(r.indices))[:round(0.5 * len(b))].tolist()
+    assert drawn == sorted(set(b.indices) - set(near)) and len(drawn) == len(b) - len(near)
+    # without a nearest part the whole budget is the draw
+    whole = split_forget(data, [3, 1, 2], 0.25, 4)[2]
+    assert split_forget_drawn(data, [3, 1, 2], 0.25, seed=4)[3] == sorted(whole.indices)

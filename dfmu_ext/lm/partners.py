@@ -57,12 +57,14 @@ def _spans(run: tuple[int, ...], b_ids: torch.Tensor, b_mask: torch.Tensor) -> l
 
 
 def partner_neighbours(forget: tuple[Inputs, torch.Tensor], budget: tuple[Inputs, torch.Tensor], vocab: int,
-                       most: int, ratio: float = 2.0) -> Neighbours | None:
+                       most: int, ratio: float = 2.0, rates: tuple[Inputs, torch.Tensor] | None = None
+                       ) -> Neighbours | None:
     """At most ``most`` partner neighbours of the forget sequences (the module's docstring), taken
     round-robin over the forget rows so that any prefix covers them evenly; ``first`` is each one's
-    first position that differs from its forget sequence. None when there is none."""
+    first position that differs from its forget sequence; the tokens' shares measured on ``rates``
+    (default ``budget``: :func:`~dfmu_ext.lm.neighbours.distinctive_positions`). None when there is none."""
     (xf, yf), (xb, _) = forget, budget
-    found = distinctive_positions(forget, budget, vocab, ratio) if most >= 1 else None
+    found = distinctive_positions(forget, budget if rates is None else rates, vocab, ratio) if most >= 1 else None
     if found is None:
         return None
     ids, holds = found[0], found[4]

@@ -231,6 +231,14 @@ def split_forget(train_set, forget_indices, retain_fraction: float, seed: int = 
     a seeded random choice. One-line ValueErrors (nothing is read further) for: forget classes, empty, non-integer,
     out-of-range or duplicate indices, indices covering every sequence, a fraction outside (0, 1].
     """
+    return split_forget_drawn(train_set, forget_indices, retain_fraction, seed, nearest)[:3]
+
+
+def split_forget_drawn(train_set, forget_indices, retain_fraction: float, seed: int = 0, nearest: float = 0.0
+                       ) -> tuple[Subset, Subset, Subset, list[int]]:
+    """:func:`split_forget` and the budget's seeded random draw (``train_set`` indices): the part of
+    the budget that is a fair sample of the retain data, where the nearest part holds, by its
+    choice, the retain sequences that share the forget set's rare tokens."""
     dataset = check_lm_dataset(train_set)
     if forget_indices is None:
         raise ValueError("a causal LM forgets sequences: give forget_indices (positions in train_set)")
@@ -259,8 +267,10 @@ def split_forget(train_set, forget_indices, retain_fraction: float, seed: int = 
     k_near = int(round(nearest * k))
     near = nearest_retain(dataset, idx, retain)[:k_near] if k_near else retain[:0]
     rest = retain[~torch.isin(retain, near)]
-    budget = torch.sort(torch.cat([near, rest[torch.randperm(rest.numel(), generator=gen)[:k - k_near]]])).values
-    return Subset(dataset, idx.tolist()), Subset(dataset, retain.tolist()), Subset(dataset, budget.tolist())
+    drawn = rest[torch.randperm(rest.numel(), generator=gen)[:k - k_near]]
+    budget = torch.sort(torch.cat([near, drawn])).values
+    return (Subset(dataset, idx.tolist()), Subset(dataset, retain.tolist()), Subset(dataset, budget.tolist()),
+            sorted(drawn.tolist()))
 
 
 def cat_batches(parts: Sequence[tuple[Inputs, torch.Tensor]], pad_id: int = 0) -> tuple[Inputs, torch.Tensor]:

@@ -34,7 +34,7 @@ from ..lm.neighbours import informative, rows_per_forward, swapped_neighbours, t
 from ..lm.partners import joined, partner_neighbours
 from ..lm.neurons import mlp_input_layers, mlp_neuron_layers, neuron_mask_plan, score_neurons
 from ..lm.targets import LMForgetTermConfig, SparseTargets, forget_targets
-from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, split_forget, take,
+from ..lm.task import (IGNORE_INDEX, batches, cat_batches, check_scored, forward_logits, split_forget_drawn, take,
                        token_nll)
 from ..result import PruneResult
 from ..selection import SelectionConfig, select_units
@@ -46,6 +46,11 @@ __all__ = ["LM_SELECTION", "CausalLMTask", "LMFinetuneConfig", "LMObjective", "p
 #: The default neuron selection for language models (see benchmarks/RESULTS.md, "Entity unlearning").
 LM_SELECTION = SelectionConfig(fraction_first=0.05, fraction_last=0.05, min_ratio=1.0, protect_top=0.10,
                                normalize="total")
+
+
+#: the fewest sequences of the budget's random draw the neighbours' token shares are measured on; a
+#: smaller draw (a budget taken nearest the forget set, or a tiny one) leaves them to the whole budget
+MIN_DRAWN = 8
 
 
 class CausalLMTask(Task):
@@ -86,11 +91,12 @@ class CausalLMTask(Task):
     def split(self, train_set, what, retain_fraction, seed, configs, extra) -> Split:
         if what["forget_classes"] is not None:
             raise ValueError("a causal LM forgets sequences, not classes: give forget_indices")
-        forget_set, retain_set, budget = split_forget(train_set, what["forget_indices"], retain_fraction, seed,
-                                                      configs["finetune"].nearest)
+        forget_set, retain_set, budget, drawn = split_forget_drawn(
+            train_set, what["forget_indices"], retain_fraction, seed, configs["finetune"].nearest)
         train, validation = hold_out(budget, extra["validation_share"], seed, extra["min_validation"])
-        return Split(forget_set, retain_set, train, validation, False, None,
-                     {"forget_samples": len(forget_set)}, {"full_budget": budget})
+        drawn = set(drawn)   # (positions in the trained part: what the neighbours' token shares read)
+        return Split(forget_set, retain_set, train, validation, False, None, {"forget_samples": len(forget_set)},
+                     {"full_budget": budget, "drawn": [p for p, i in enumerate(train.indices) if i in drawn]})
 
     def scoring_batch(self, split, forget_pos, budget_pos):
         xf, yf = take(split.forget_set, forget_pos)
@@ -119,10 +125,12 @@ class CausalLMTask(Task):
         vocab = forward_logits(model, batch[0][:1]).shape[-1]
         count = configs["finetune"].neighbours
         budget = take(split.budget, range(len(split.budget)))   # the swapped neighbours' and the partners' source
+        drawn = split.extra.get("drawn") or []
+        rates = take(split.budget, drawn) if len(drawn) >= MIN_DRAWN else None   # (lm.neighbours: a fair sample)
         near = None
         if count > 0 or term.source == "neighbours":
             per = max(term.per_sequence, -(-count // max(len(pool), 1)))
-            near = swapped_neighbours((xq, yq), budget, vocab, per, seed)
+            near = swapped_neighbours((xq, yq), budget, vocab, per, seed, rates=rates)
         q = template_targets(model, (xq, yq), near) if near is not None and term.source == "neighbours" else None
         if q is not None:   # only the positions that must change (the rest already answer as the targets do)
             q = informative(q, model, xq, self.target_min_kl)
@@ -136,7 +144,7 @@ class CausalLMTask(Task):
                                       term.k, term.k_share)
         near = near.head(info["neighbours"]) if info["neighbours"] else None
         if configs["finetune"].partners > 0:   # after q: the targets stay the swapped neighbours' prior
-            partners = partner_neighbours((xq, yq), budget, vocab, configs["finetune"].partners)
+            partners = partner_neighbours((xq, yq), budget, vocab, configs["finetune"].partners, rates=rates)
             info["partners"] = 0 if partners is None else len(partners)
             near = joined(partners, near)
         if near is not None:
