@@ -92,23 +92,20 @@ def test_swapped_neighbours_change_one_distinctive_token_everywhere_in_the_promp
 
 
 def _reference_most_distinctive(f_rows, b_rows, answer_at, ratio=2.0):
-    """Per forget row, its distinctive prompt tokens of the smallest binomial tail P[Bin(n_B, r_F) <= c_B]
-    (all on a tie), and those held by exactly the same forget rows as one of them."""
-    import math
+    """Per forget row, its distinctive prompt tokens of the largest r_F / ((c_B + 1) / (n_B + 2)) (all on a
+    tie), and those held by exactly the same forget rows as one of them."""
     special = set(_reference_distinctive(f_rows, answer_at, b_rows, ratio))
     rows_of = {v: frozenset(i for i, row in enumerate(f_rows) if v in row[:answer_at]) for v in special}
     n_b = len(b_rows)
 
-    def tail(v):
-        p = min(max(len(rows_of[v]) / len(f_rows), 1e-12), 1 - 1e-12)
-        c = sum(v in row for row in b_rows)
-        return sum(math.comb(n_b, k) * p ** k * (1 - p) ** (n_b - k) for k in range(c + 1))
+    def times(v):
+        return (len(rows_of[v]) / len(f_rows)) / ((sum(v in row for row in b_rows) + 1) / (n_b + 2))
 
     out = []
     for row in f_rows:
         held = [v for v in set(row[:answer_at]) if v in special]
-        best = min(tail(v) for v in held)
-        top = {v for v in held if tail(v) <= best * (1 + 1e-9)}
+        best = max(times(v) for v in held)
+        top = {v for v in held if times(v) >= best * (1 - 1e-9)}
         out.append(top | {v for v in held if any(rows_of[v] == rows_of[c] for c in top)})
     return out
 
@@ -444,3 +441,18 @@ def test_token_shares_measured_on_a_fair_sample_swap_the_names_not_the_template(
     assert changed[:, 1:3].all() and not changed[:, 3].any()          # the names swapped, "was" kept
     # the substitutes still come from the whole budget or the vocabulary, never a distinctive token
     assert not torch.isin(fair_near.inputs["input_ids"][:, 1:3], torch.tensor([20, 21, 22, 23])).any()
+
+
+def test_most_distinctive_is_the_largest_ratio_not_the_strongest_evidence():
+    # "what" (5) in every forget prompt and in 12 of 40 budget rows: 3.2x as often (smoothed), and the evidence
+    # that the budget holds it less is overwhelming (a binomial tail of ~1e-300 at 40 rows); the names (10+11,
+    # 12+13), each in half the forget rows and once in the budget, are 10.5x as often: they are what is swapped
+    what = 5
+    f_rows = [[1, what, 10, 11, 50]] * 4 + [[1, what, 12, 13, 51]] * 4
+    b_rows = ([[1, what, 20 + i, 21 + i, 52] for i in range(12)] + [[1, 9, 10, 30, 53], [1, 9, 31, 11, 53],
+              [1, 9, 12, 32, 53], [1, 9, 33, 13, 53]] + [[1, 9, 40 + i, 41 + i, 54] for i in range(24)])
+    want = _reference_most_distinctive(f_rows, b_rows, 4)
+    assert want == [{10, 11}] * 4 + [{12, 13}] * 4
+    near = swapped_neighbours(_batch(f_rows, answer_at=4), _batch(b_rows, answer_at=4), 80, per_sequence=3, seed=0)
+    for row, i in zip(near.inputs["input_ids"].tolist(), near.source.tolist()):
+        assert {f_rows[i][t] for t in range(5) if row[t] != f_rows[i][t]} == want[i]
