@@ -20,8 +20,8 @@ swapped for another token is the same question about someone (or something) else
    both alike). A forget sequence swaps only its *most* distinctive tokens: those the forget sequences
    hold the most times more often than the budget does — the largest
    :math:`r_F(v) / \frac{c_B(v) + 1}{n_B + 2}` among its own (:math:`c_B` of the :math:`n_B` budget
-   sequences hold :math:`v`, smoothed; all on a tie) — and the distinctive tokens held by exactly the same forget sequences as one of them
-   (the other pieces of a name). Forgetting people, a name is held by every fact of its person and by no
+   sequences hold :math:`v`, smoothed; all on a tie) — and the distinctive tokens held by exactly the
+   same forget sequences as one of them (the other pieces of a name). Forgetting people, a name is held by every fact of its person and by no
    budget sequence, while an attribute's word is held by one fact of each forgotten person and by its
    share of the budget: the name is swapped, and the same question about someone else is kept.
    Forgetting an attribute of everyone, its word is held by every forget sequence and each name by
