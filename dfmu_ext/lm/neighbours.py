@@ -21,9 +21,10 @@ swapped for another token is the same question about someone (or something) else
    hold the most times more often than the budget does — the largest
    :math:`r_F(v) / \frac{c_B(v) + 1}{n_B + 2}` among its own (:math:`c_B` of the :math:`n_B` budget
    sequences hold :math:`v`, smoothed; all on a tie) — and the distinctive tokens held by exactly the
-   same forget sequences as one of them (the other pieces of a name). Forgetting people, a name is held by every fact of its person and by no
-   budget sequence, while an attribute's word is held by one fact of each forgotten person and by its
-   share of the budget: the name is swapped, and the same question about someone else is kept.
+   same forget sequences as one of them (the other pieces of a name). Forgetting people, a name is
+   held by every fact of its person and by no budget sequence, while an attribute's word is held by
+   one fact of each forgotten person and by its share of the budget: the name is swapped, and the
+   same question about someone else is kept.
    Forgetting an attribute of everyone, its word is held by every forget sequence and each name by
    one. A budget of a few dozen sequences may hold no question about some attribute, or rarely hold
    a template word, which then pass :math:`r_F > \rho\, r_B` as a name does (the 2x filter alone
