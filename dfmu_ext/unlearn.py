@@ -254,7 +254,9 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     best, best_steps, best_state = value, 0, None      # best_state None: the model holds the best now
     mark, idle, progress_step = value, 0, FORGET_SIDE_PROGRESS * (before - stop)
     while value > stop and steps < limit and idle < FORGET_SIDE_PATIENCE:
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # a copy of the weights only where one is read: the guard's undo, or the best state held now
+        keep = watch is not None or best_state is None
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep else None
         best_state = state if best_state is None else best_state
         run_finetune(objective, plan, config, max_steps=chunk, forget="always", history=history, progress=progress)
         if watch is not None and not watch.check(model)["within"]:

@@ -367,17 +367,18 @@ class ParallelLMObjective(LMObjective):
         x, y = batch
         rows, live = self._rows(int(x.shape[0]))
         xl, yl = x[rows], y[rows]
+        forget = forget_phase and self.forget is not None
+        distill = self.teacher is not None and self.config.distill > 0
         # under DDP the budget's backward all-reduces only when no other term's backward through DDP
         # follows in this step (see backward_step)
-        follows = (forget_phase and self.forget is not None and not self.into_rows) or \
-            (self.teacher is not None and self.config.distill > 0 and self.neighbours is not None)
+        follows = (forget and not self.into_rows) or (distill and self.neighbours is not None)
         with (self.ddp.no_sync() if self.mode != "fsdp" and follows else contextlib.nullcontext()):
             logits = forward_logits(self.model, xl)
         loss = lm_loss(logits, yl) * self._share(scored_tokens(yl).sum(), scored_tokens(y).sum(), live)
         self.terms = []
-        if forget_phase and self.forget is not None:
+        if forget:
             self.terms.append(("forget", self.into_rows, self._forget_term))
-        if self.teacher is not None and self.config.distill > 0:
+        if distill:
             with torch.no_grad():
                 reference = forward_logits(self.teacher, xl)
             real = xl["attention_mask"].bool() if "attention_mask" in xl else None
