@@ -10,14 +10,18 @@ budget's next-token loss + distillation to the teacher). Variants:
 
 * ``full``: the teacher kept whole on every rank, as before issue 28's teacher sharding
   (:func:`dfmu_ext.tasks.lm_parallel.shard_teacher` replaced by the identity);
-* ``sharded``: the code as it is (the teacher sharded in place before the model's sharded copy).
+* ``whole-copy``: the teacher sharded, but the model's sharded copy made as before from a whole copy
+  of the model (``copy_model`` without ``empty``: a second whole model until ``fully_shard`` has
+  replaced its weights);
+* ``sharded``: the code as it is (the teacher sharded in place, then the model's copy made empty on
+  the meta device, sharded and filled with this rank's rows).
 
 Per rank it reports the resident set (``/proc/self/statm``) after each stage and after every step,
 the peak (``getrusage``'s ``ru_maxrss``) once the objective is built and at the end, and the bytes
 held, counted from the tensors: the caller's model, the teacher (its local shards where sharded),
 the trained copy's shards and the optimizer state. The ranks run with a fixed glibc mmap threshold
 (``--glibc-default`` to leave the allocator as it is: see ``MMAP_THRESHOLD``).
-Rank 0 of each variant prints a JSON line; the driver prints a table and one JSON line of both.
+Rank 0 of each variant prints a JSON line; the driver prints a table and one JSON line of them all.
 """
 from __future__ import annotations
 
@@ -108,6 +112,8 @@ def worker(size: str, steps: int, variant: str) -> dict:
     _stage(stages, "model+teacher")
     if variant == "full":  # the teacher as before issue 28's sharding: whole on every rank
         lm_parallel.shard_teacher = lambda teacher, layers: teacher
+    if variant in ("full", "whole-copy"):  # the model's sharded copy made from a whole copy, as before
+        lm_parallel.copy_model = lambda module, empty=False: copy_model(module)
     config = LMFinetuneConfig(epochs=1, batch_size=2 * comm.world_size, min_steps=steps, lr=1e-4, distill=5.0)
     obj = lm_parallel.ParallelLMObjective(model, data, config, device=torch.device("cpu"), seed=0, comm=comm,
                                           masks=masks, layers=layers, teacher=teacher)
@@ -165,7 +171,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1200)
-    ap.add_argument("--variant", default="both", choices=["both", "full", "sharded"])
+    ap.add_argument("--variant", default="all", choices=["all", "full", "whole-copy", "sharded"])
     ap.add_argument("--glibc-default", action="store_true",
                     help="leave glibc's dynamic mmap threshold on (the resident set then keeps freed buffers)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -175,16 +181,16 @@ def main() -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(TAG + json.dumps(ranks), flush=True)
         return 0
-    variants = ["full", "sharded"] if args.variant == "both" else [args.variant]
+    variants = ["full", "whole-copy", "sharded"] if args.variant == "all" else [args.variant]
     results = {v: _launch(v, args) for v in variants}
     print(f"allocator: {'glibc default' if args.glibc_default else 'MALLOC_MMAP_THRESHOLD_=' + MMAP_THRESHOLD}")
-    print(f"{'variant':8} {'rank':>4} {'mode':>5} {'params':>7} | RSS MiB after: "
+    print(f"{'variant':10} {'rank':>4} {'mode':>5} {'params':>7} | RSS MiB after: "
           + ", ".join(results[variants[0]][0]["rss_mib"]) + " | peak RSS: objective built, end"
           + " | held MiB: model, teacher, trained copy, optimizer | s/step")
     for v, ranks in results.items():
         for r in ranks:
             held, rss = r["held_mib"], r["rss_mib"]
-            print(f"{v:8} {r['rank']:>4} {r['mode']:>5} {r['parameters'] / 1e6:6.1f}M | "
+            print(f"{v:10} {r['rank']:>4} {r['mode']:>5} {r['parameters'] / 1e6:6.1f}M | "
                   + " ".join(f"{now:7.1f}" for now, _ in rss.values())
                   + f" | {rss['objective'][1]:7.1f} {r['peak_rss_mib']:7.1f} | {held['model']:6.1f} "
                   f"{held['teacher']:6.1f} {held['trained copy']:6.1f} {held['optimizer']:6.1f} | {r['s_per_step']}")

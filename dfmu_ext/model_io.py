@@ -225,10 +225,19 @@ def adapted(model: nn.Module, *, logits_fn: Callable | None = None, classifier: 
                 _ACTIVE.pop(copy, None)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, *, empty: bool = False) -> nn.Module:
     """``copy.deepcopy(model)``; inside :func:`adapted`, the copy answers like the model (logits,
-    keyword inputs, the same classifier) until the block ends."""
-    duplicate = copy.deepcopy(model)
+    keyword inputs, the same classifier) until the block ends. With ``empty``, the copy's parameters
+    and buffers are tensors of the same shapes on the meta device (no memory; a weight tied in the
+    model stays one tensor in the copy), for a caller that allocates and fills them itself (FSDP2's
+    sharded copy: no second whole model ever exists)."""
+    memo = {}
+    if empty:
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    duplicate = copy.deepcopy(model, memo)
     state = _ACTIVE.get(model)
     if state is not None:
         _ACTIVE[duplicate] = state

@@ -156,6 +156,36 @@ def _objective(model, teacher):
     return obj, layers, masks, config
 
 
+def _copy_check(out: str) -> dict:
+    """FSDP2's sharded copy (:func:`fully_sharded_copy`) of each trained model, per architecture: whether
+    each parameter's local shard is this rank's rows of the model's weight, the buffers the model's
+    (Llama's rotary frequencies), a tied head still the embedding's tensor (GPT-2), and the copy's
+    logits the model's."""
+    from dfmu_ext.lm.neurons import mlp_neuron_layers
+    from dfmu_ext.lm.task import take
+    from dfmu_ext.tasks.lm_parallel import fully_sharded_copy, shard_rows
+
+    found = {}
+    for arch in ("llama", "gpt2"):
+        model = _fresh(arch).eval()
+        model.load_state_dict(torch.load(os.path.join(out, f"{arch}.pt"), weights_only=True))
+        x = take(tl.qa_set(3, seed=1), [0, 1, 2])[0]
+        layers = mlp_neuron_layers(model, x[:1])
+        net, shards = fully_sharded_copy(model, [n for n, _ in model.named_parameters()], layers)
+        net.eval()
+        full, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        embedding, head = net.get_input_embeddings().weight, net.get_output_embeddings().weight
+        with torch.no_grad():
+            found[arch] = {
+                "rows": all(torch.equal(p.to_local(), full[n].detach()[shard_rows(p)]) for n, p in shards.items()),
+                "buffers": sorted(n for n, _ in net.named_buffers()) == sorted(buffers)
+                and all(torch.equal(b, buffers[n]) for n, b in net.named_buffers()),
+                "tied": (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == (
+                    embedding is head),
+                "logits": torch.equal(net(**x).logits, model(**x).logits)}
+    return found
+
+
 def _failing_after_teacher(real_fully_shard) -> str:
     """FSDP2 sharding the tiny LM's teacher, then failing on the model's copy: DDP cannot take over
     without the whole teacher, so every rank raises (none waits for the others); the message each
@@ -208,6 +238,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {"plan_ok": _sharded_plan_check()}
         os.environ["DFMU_LM_PARALLEL"] = "fsdp"
         results["teacher"] = _teacher_check(out)
+        results["copy"] = _copy_check(out)
         import torch.distributed.fsdp as fsdp2
         real_fully_shard = fsdp2.fully_shard
         results["failing_after_teacher"] = _failing_after_teacher(real_fully_shard)
@@ -291,6 +322,38 @@ def test_fsdp2_teacher_holds_one_shard_per_rank(lm_run):
                 assert local == max(0, min(chunk, rows - r * chunk)) * (numel // rows), (when, name)
             assert abs(sum(local for *_, local in got[when].values()) / total - 1 / WORLD) < 0.02
     assert sum(sum(local for *_, local in got["built"].values()) for got in ranks) == total
+
+
+@pytest.mark.slow  # two worker processes
+def test_fsdp2_copy_is_the_models_rows_buffers_and_ties(lm_run):
+    """The sharded copy, made empty and then filled (no whole second model), holds on each rank its
+    rows of every weight, the model's buffers and its tied head, and answers as the model does."""
+    for r in lm_run["ranks"]:
+        for arch, got in r["copy"].items():
+            assert got == {"rows": True, "buffers": True, "tied": True, "logits": True}, (arch, got)
+
+
+def test_empty_copy_allocates_nothing_and_keeps_the_ties():
+    """copy_model(empty=True): every parameter and buffer of the copy on the meta device with the
+    model's shape, dtype and requires_grad, a weight tied in the model one tensor in the copy, the
+    model's own tensors untouched."""
+    from dfmu_ext.model_io import copy_model
+
+    for arch in ("llama", "gpt2"):
+        model = _fresh(arch)
+        model.get_input_embeddings().weight.requires_grad_(False)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        net = copy_model(model, empty=True)
+        mine = dict(model.named_parameters())
+        assert dict(net.named_parameters()).keys() == mine.keys()
+        for name, p in net.named_parameters():
+            assert p.is_meta and p.shape == mine[name].shape and p.dtype == mine[name].dtype
+            assert p.requires_grad == mine[name].requires_grad
+        assert all(b.is_meta for b in net.buffers()) and len(list(net.buffers())) == len(list(model.buffers()))
+        tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+        assert (net.get_input_embeddings().weight is net.get_output_embeddings().weight) == tied
+        assert tied == (arch == "gpt2")
+        assert all(torch.equal(t, before[n]) and not t.is_meta for n, t in model.state_dict().items())
 
 
 def test_vocabulary_matrices_are_units_only_where_their_weights_are_their_own():

@@ -46,9 +46,9 @@ Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. Wh
   caller's reference is the same module, so no whole teacher remains. Under DDP it stays whole.
 
 Per-rank memory (FSDP2): the full model, ``1/W`` of the teacher, and ``1/W`` of the trained
-parameters with their gradients and moments — the optimizer state, the largest part of a fine-tune,
-is sharded; the full replicas are what the guard and the result need. On a 58.5M-parameter Llama
-with 2 Gloo ranks (``benchmarks/lm_fsdp_memory.py``; benchmarks/RESULTS.md, "FSDP2: the teacher
+parameters with their gradients and moments (the copy is never whole: :func:`fully_sharded_copy`)
+— the optimizer state, the largest part of a fine-tune, is sharded; the full replicas are what the
+guard and the result need. On a 58.5M-parameter Llama with 2 Gloo ranks (``benchmarks/lm_fsdp_memory.py``; benchmarks/RESULTS.md, "FSDP2: the teacher
 sharded"): the teacher's 223 MiB become 111.5 per rank, and the resident set between steps, the peak
 while the objective is built and the peak of the steps each fall by 111 MiB; a step takes about a
 quarter longer on the CPU (the teacher's all-gathers).
@@ -97,21 +97,30 @@ def transformer_blocks(model: nn.Module, layers: list[NeuronLayer]) -> list[nn.M
 def fully_sharded_copy(model: nn.Module, trained: list[str], layers: list[NeuronLayer]):
     """A copy of ``model`` with only the parameters named in ``trained`` requiring a gradient, each
     transformer block and then the root wrapped by ``fully_shard``; returns it and its sharded
-    parameters by name (DTensors, ``Shard(0)``). Raises whatever FSDP2 raises where it cannot run."""
+    parameters by name (DTensors, ``Shard(0)``). Raises whatever FSDP2 raises where it cannot run.
+    Made empty (meta device), sharded, then allocated (``to_empty``) and filled with this rank's rows
+    and the model's buffers: a whole copy sharded after the fact was a second whole model meanwhile."""
     from torch.distributed.fsdp import fully_shard
 
-    net = copy_model(model)
+    net = copy_model(model, empty=True)
     keep = set(trained)
     for name, p in net.named_parameters():
         p.requires_grad_(name in keep)
     for block in transformer_blocks(net, layers):
         fully_shard(block)
     fully_shard(net)
+    net.to_empty(device=next(model.parameters()).device)
     params = dict(net.named_parameters())
     for name, p in params.items():
         if not hasattr(p, "to_local") or len(p.placements) != 1 or getattr(p.placements[0], "dim", None) != 0:
             raise RuntimeError(f"fully_shard left {name} as {type(p).__name__} {getattr(p, 'placements', '')}: "
                                "expected a DTensor sharded on dim 0")
+    full, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    with torch.no_grad():
+        for name, p in params.items():
+            p.to_local().copy_(full[name].detach()[shard_rows(p)])
+        for name, b in net.named_buffers():
+            b.copy_(buffers[name])
     return net, params
 
 
