@@ -46,12 +46,12 @@ Every rank calls :func:`dfmu_ext.unlearn` with the same model, data and seed. Wh
   caller's reference is the same module, so no whole teacher remains. Under DDP it stays whole.
 
 Per-rank memory (FSDP2): the full model, ``1/W`` of the teacher, and ``1/W`` of the trained
-parameters with their gradients and moments (the copy is never whole: :func:`fully_sharded_copy`)
-— the optimizer state, the largest part of a fine-tune, is sharded; the full replicas are what the
-guard and the result need. On a 58.5M-parameter Llama with 2 Gloo ranks (``benchmarks/lm_fsdp_memory.py``; benchmarks/RESULTS.md, "FSDP2: the teacher
-sharded"): the teacher's 223 MiB become 111.5 per rank, and the resident set between steps, the peak
-while the objective is built and the peak of the steps each fall by 111 MiB; a step takes about a
-quarter longer on the CPU (the teacher's all-gathers).
+parameters with their gradients and moments (the copy is never whole: :func:`fully_sharded_copy`) —
+the optimizer state, the largest part of a fine-tune, is sharded; the full replicas are what the
+guard and the result need. On a 58.5M-parameter Llama with 2 Gloo ranks
+(``benchmarks/lm_fsdp_memory.py``; benchmarks/RESULTS.md, "FSDP2: the teacher sharded"): the
+teacher's 223 MiB become 111.5 per rank, and the resident set between steps, the peak while the
+objective is built and the peak of the steps each fall by 111 MiB (steps ~25% slower on the CPU).
 """
 from __future__ import annotations
 
