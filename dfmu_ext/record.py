@@ -17,7 +17,8 @@ Written by ``dfmu forget`` (beside the output, ``<out stem>.record.json``) and b
 * from :func:`dfmu_ext.unlearn`: ``guard`` (the retention guard's measurements: the original's score,
   each stage's, the final drop, its standard error, whether it stayed within the tolerance, whether it
   warned) and ``forget_side`` (where the forget side stopped and why: ``ended`` is ``"reached"``,
-  ``"limit"``, ``"plateau"`` or ``"guard"``; ``kept_steps``, the steps of the state it kept).
+  ``"limit"``, ``"plateau"`` or ``"guard"``; ``kept_steps``, the steps of the state it kept; ``easings``,
+  how often a refused chunk was retried at half the learning rate).
 
 An index hash is the SHA-256 of the sorted indices into the training set as little-endian int64.
 """

@@ -4,6 +4,7 @@ import copy
 import importlib
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -218,6 +219,11 @@ class _Side:
         return {"within": not bad, "drop": 0.031 if bad else 0.0}
 
 
+def _objective(lr=1.0):
+    """An objective stand-in: only its optimizer's learning rate is read (and eased) by the forget side."""
+    return types.SimpleNamespace(optimizer=types.SimpleNamespace(lr=lr))
+
+
 @pytest.mark.parametrize("gaps, fail_at, ended, steps", [
     ([2.0, 1.0, 0.04], None, "reached", 20),   # reached its stop after two chunks
     ([2.0, 1.0, 0.5], 2, "guard", 10),         # the second chunk cost too much, even after a retain chunk
@@ -228,17 +234,54 @@ def test_forget_side_says_why_it_stopped_and_warns_the_refused_trade(monkeypatch
     monkeypatch.setattr(U, "run_finetune", lambda *a, **k: None)
     fake = _Side(gaps, fail_at)
     targets = type("T", (), {"payload": object()})()
-    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, fake, "cpu", False)
+    objective = _objective()
+    side = U._forget_side(fake, fake.model, None, targets, objective, None, None, None, None, fake, "cpu", False)
     assert side["ended"] == ended and side["extra_forget_steps"] == steps and side["threshold"] == 0.05
+    assert objective.optimizer.lr == 1.0                                 # the side's easing is its own
     if ended == "guard":
         assert side["gap"] == 1.0 and side["refused_drop"] == 0.031      # the state before the refused chunk
+        # the refused chunk was tried at the full step size and then at 1/2 and 1/4 of it, each undone
+        assert side["easings"] == U.FORGET_SIDE_EASINGS == 2 and side["undone_steps"] == 3 * 20
         refused = (r"estimate of Retrain is 1, above its stop 0.05 \(2 before the forget side's 10 extra "
-                   r"steps\).* 3.1 points .* \(tolerance 2.0\)")
+                   r"steps\).*one more chunk, in steps 4x smaller, cost 3.1 points .* \(tolerance 2.0\)")
         with pytest.warns(dfmu_ext.ForgettingWarning, match=refused) as caught:
             U._warn_forgetting(side, fake)
         assert caught[0].filename == __file__                           # the caller's line
     else:
         assert "refused_drop" not in side
+
+
+def test_a_refused_chunk_is_retried_in_smaller_steps(monkeypatch):
+    """The guard refuses the second chunk at the full learning rate (even after its retain-only chunk)
+    and takes it at half: the weights go back to before the refused try, the chunk runs again at lr / 2,
+    the side goes on at lr / 2 to its stop, and the optimizer's lr is restored when the side ends."""
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    objective = _objective(0.8)
+    runs = []   # (learning rate, forget) of each chunk run
+
+    def chunk(*_a, forget=None, **_k):
+        runs.append((objective.optimizer.lr, forget))
+        with torch.no_grad():
+            fake.model.weight.add_(1.0)
+
+    class Guard:
+        tolerance, config = 0.02, GuardConfig()
+
+        def check(self, model, stage=None):   # beyond the tolerance after a full-size forget chunk only
+            bad = len(runs) >= 2 and runs[-1] == (0.8, "always") or len(runs) >= 3 and runs[-2] == (0.8, "always")
+            return {"within": not bad, "drop": 0.03 if bad else 0.0}
+
+    monkeypatch.setattr(U, "run_finetune", chunk)
+    fake = _Side([2.0, 1.0, 0.5, 0.04])
+    fake.model.weight.data.zero_()
+    targets = type("T", (), {"payload": object()})()
+    side = U._forget_side(fake, fake.model, None, targets, objective, None, None, None, None, Guard(), "cpu", False)
+    assert runs == [(0.8, "always"), (0.8, "always"), (0.8, False), (0.4, "always"), (0.4, "always")]
+    assert side["ended"] == "reached" and side["extra_forget_steps"] == 30 and side["gap"] == 0.04
+    assert side["easings"] == 1 and side["undone_steps"] == 20 and "refused_drop" not in side
+    assert objective.optimizer.lr == 0.8
+    assert torch.equal(fake.model.weight, torch.full_like(fake.model.weight, 3.0))   # 5 chunks, 2 undone
 
 
 def test_forget_side_at_its_step_limit_says_so(monkeypatch):
@@ -248,7 +291,7 @@ def test_forget_side_at_its_step_limit_says_so(monkeypatch):
     monkeypatch.setitem(U.FORGET_SIDE_STEPS, "estimate", 20)
     fake = _Side([3.0, 2.0, 1.0])
     targets = type("T", (), {"payload": object()})()
-    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    side = U._forget_side(fake, fake.model, None, targets, _objective(), None, None, None, None, None, "cpu", False)
     assert side["ended"] == "limit" and side["gap"] == 1.0 and side["extra_forget_steps"] == 20
 
 
@@ -270,7 +313,7 @@ def test_forget_side_ends_on_a_plateau_and_keeps_its_lowest_state(monkeypatch):
     gaps = [2.0, 1.0, 0.5, 0.4] + [0.6, 0.7] * patience   # 0.4 > 0.5 - 0.195: lower, but no progress
     fake = _Side(gaps)
     targets = type("T", (), {"payload": object()})()
-    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    side = U._forget_side(fake, fake.model, None, targets, _objective(), None, None, None, None, None, "cpu", False)
     assert side["ended"] == "plateau" and side["extra_forget_steps"] == 10 * (2 + patience)
     assert side["gap"] == 0.4 and side["kept_steps"] == 30 and side["gap_before"] == 2.0
     assert len(after) == 2 + patience and torch.equal(fake.model.weight, after[2])   # the state after chunk 3
@@ -278,7 +321,7 @@ def test_forget_side_ends_on_a_plateau_and_keeps_its_lowest_state(monkeypatch):
     # steady progress never ends on a plateau: the step limit does
     monkeypatch.setitem(U.FORGET_SIDE_STEPS, "estimate", 10 * (patience + 1))
     fake = _Side([4.0 - 0.4 * i for i in range(patience + 2)])   # 0.4 a chunk > 10% of 4.0 - 0.05
-    side = U._forget_side(fake, fake.model, None, targets, object(), None, None, None, None, None, "cpu", False)
+    side = U._forget_side(fake, fake.model, None, targets, _objective(), None, None, None, None, None, "cpu", False)
     assert side["ended"] == "limit" and side["kept_steps"] == side["extra_forget_steps"]
 
 
