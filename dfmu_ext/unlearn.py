@@ -261,13 +261,15 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     steps, limit, ended, cost = 0, FORGET_SIDE_STEPS[name], "reached", None
     best, best_steps, best_state = value, 0, None      # best_state None: the model holds the best now
     mark, idle, progress_step = value, 0, FORGET_SIDE_PROGRESS * (before - stop)
-    optimizer, eased, undone = objective.optimizer, 0, 0
+    optimizer, eased, undone, retry = objective.optimizer, 0, 0, False
     lr = optimizer.lr
     while value > stop and steps < limit and idle < FORGET_SIDE_PATIENCE:
-        # a copy of the weights only where one is read: the guard's undo, or the best state held now
-        keep = watch is not None or best_state is None
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep else None
-        best_state = state if best_state is None else best_state
+        if not retry:   # (a retry starts from the undone chunk's ``state``, which the model holds again)
+            # a copy of the weights only where one is read: the guard's undo, or the best state held now
+            keep = watch is not None or best_state is None
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep else None
+            best_state = state if best_state is None else best_state
+        retry = False
         run_finetune(objective, plan, config, max_steps=chunk, forget="always", history=history, progress=progress)
         if watch is not None and not watch.check(model)["within"]:
             # a dip the retain side may take back: one chunk of retain-only steps before giving up
@@ -279,7 +281,7 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
                 if eased == FORGET_SIDE_EASINGS:
                     ended = "guard"
                     break
-                eased += 1
+                eased, retry = eased + 1, True
                 optimizer.lr *= 0.5            # the same chunk again, in smaller steps
                 continue
         steps += chunk
