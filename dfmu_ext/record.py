@@ -18,7 +18,8 @@ Written by ``dfmu forget`` (beside the output, ``<out stem>.record.json``) and b
   each stage's, the final drop, its standard error, whether it stayed within the tolerance, whether it
   warned) and ``forget_side`` (where the forget side stopped and why: ``ended`` is ``"reached"``,
   ``"limit"``, ``"plateau"`` or ``"guard"``; ``kept_steps``, the steps of the state it kept; ``easings``,
-  how often a refused chunk was retried at half the learning rate).
+  how often a refused chunk was retried at half the learning rate; with non-members, ``auc_before`` and
+  ``auc``, the forget samples' membership AUC against them).
 
 An index hash is the SHA-256 of the sorted indices into the training set as little-endian int64.
 """

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import types
+import warnings
 
 import pytest
 import torch
@@ -323,6 +324,57 @@ def test_forget_side_ends_on_a_plateau_and_keeps_its_lowest_state(monkeypatch):
     fake = _Side([4.0 - 0.4 * i for i in range(patience + 2)])   # 0.4 a chunk > 10% of 4.0 - 0.05
     side = U._forget_side(fake, fake.model, None, targets, _objective(), None, None, None, None, None, "cpu", False)
     assert side["ended"] == "limit" and side["kept_steps"] == side["extra_forget_steps"]
+
+
+class _SideWithNonmembers(_Side):
+    """:class:`_Side` given non-members: their losses are 1 and 2; the forget samples' losses, read
+    once before the side and after each chunk, are popped from ``forget_losses``."""
+
+    def __init__(self, gaps, forget_losses):
+        super().__init__(gaps)
+        self.forget_losses, self.nonmembers = list(forget_losses), torch.tensor([1.0, 2.0])
+
+    def losses(self, _model, data, _device):
+        return data if data is self.nonmembers else torch.tensor(self.forget_losses.pop(0))
+
+
+def test_nonmembers_beside_the_estimate_end_the_side_once_unseen(monkeypatch):
+    # a task with its own estimate (causal LMs): the estimate drives the side, the membership AUC is read
+    # beside it; seen (AUC 1: every forget loss below every non-member's) twice, then 0.25 <= 0.55
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    after = []
+
+    def chunk(*_a, **_k):
+        with torch.no_grad():
+            fake.model.weight.add_(1.0)
+        after.append(fake.model.weight.detach().clone())
+
+    monkeypatch.setattr(U, "run_finetune", chunk)
+    seen, unseen = [0.1, 0.2], [1.5, 2.5]
+    fake = _SideWithNonmembers([2.0, 1.0, 1.5, 0.5], [seen, seen, unseen, seen])
+    split, targets = types.SimpleNamespace(forget_set=[0, 1]), types.SimpleNamespace(payload=object(), read=[0, 1])
+    side = U._forget_side(fake, fake.model, split, targets, _objective(), None, None, None, fake.nonmembers, None,
+                          "cpu", False)
+    # ended by the AUC after two chunks, with the last chunk's state although the first measured a lower gap
+    assert side["stop"] == "estimate" and side["ended"] == "reached" and side["extra_forget_steps"] == 20
+    assert side["gap"] == 1.5 and side["kept_steps"] == 20 and torch.equal(fake.model.weight, after[-1])
+    assert (side["auc_before"], side["auc"], side["auc_threshold"]) == (1.0, 0.25, 0.55)
+
+    # never unseen: the side runs as without non-members (the same steps, gap and kept state) and says so
+    gaps = [2.0, 1.0, 0.5, 0.4] + [0.6, 0.7] * U.FORGET_SIDE_PATIENCE
+    alone = U._forget_side(_Side(gaps), fake.model, None, targets, _objective(), None, None, None, None, None, "cpu",
+                           False)
+    fake = _SideWithNonmembers(gaps, [seen] * len(gaps))
+    side = U._forget_side(fake, fake.model, split, targets, _objective(), None, None, None, fake.nonmembers, None,
+                          "cpu", False)
+    assert {k: side[k] for k in alone} == alone and side["auc"] == 1.0
+    told = r"loss attack still tells .* membership AUC 1.000 after the forget side's 100 extra steps \(1 before; "
+    with pytest.warns(dfmu_ext.ForgettingWarning, match=told + r"stop 0.55.*because its measure stopped moving"):
+        U._warn_membership(side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        U._warn_membership({**side, "auc": 0.5})                        # unseen: nothing to say
 
 
 def test_edit_rollback_restores_the_weights_exactly():
