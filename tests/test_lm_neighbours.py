@@ -456,3 +456,28 @@ def test_most_distinctive_is_the_largest_ratio_not_the_strongest_evidence():
     near = swapped_neighbours(_batch(f_rows, answer_at=4), _batch(b_rows, answer_at=4), 80, per_sequence=3, seed=0)
     for row, i in zip(near.inputs["input_ids"].tolist(), near.source.tolist()):
         assert {f_rows[i][t] for t in range(5) if row[t] != f_rows[i][t]} == want[i]
+
+
+def test_own_token_share_reaches_the_forget_targets(monkeypatch):
+    from _lm_tiny import make_model, train
+
+    from dfmu_ext.lm.targets import LMForgetTermConfig, SparseTargets
+
+    made = []
+    scaled = SparseTargets.own_token_scaled
+
+    def spy(self, labels, share):
+        made.append((scaled(self, labels, share), labels[:, 1:][self.scored], share))
+        return made[-1][0]
+
+    monkeypatch.setattr(SparseTargets, "own_token_scaled", spy)
+    data, owner, vocab = _people(seed=1)
+    model = train(make_model(0, vocab=vocab), data, steps=200)
+    forget = torch.nonzero(owner == 0).flatten().tolist()
+    res = dfmu_ext.unlearn(model, data, forget_indices=forget, retain_fraction=0.5, seed=0,
+                           forget_term=LMForgetTermConfig(own_token_share=0.0))
+    assert res.info["forget_term"]["own_token_share"] == 0.0 and len(made) == 1
+    q, own, share = made[0]
+    hit = q.ids == own[:, None]
+    movable = (q.weights * ~hit).sum(1) > 0
+    assert share == 0.0 and bool(movable.any()) and float((q.weights * hit)[movable].sum()) == 0.0

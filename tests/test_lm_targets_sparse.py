@@ -178,3 +178,39 @@ def test_scoring_pass_in_chunks_adds_up_to_the_whole_batch():
     assert abs(chunked.loss - whole.loss) <= 1e-5 * abs(whole.loss)
     with pytest.raises(ValueError, match="max_tokens"):
         score_neurons(model, x, y, forget, layers, max_tokens=0)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+def test_own_token_share_scales_each_positions_own_next_token(share):
+    # 2 sequences of 4 tokens, 3 next-token positions each; positions (0,0), (0,2), (1,1) scored
+    vocab = 6
+    scored = torch.tensor([[True, False, True], [False, True, False]])
+    next_tokens = torch.tensor([[1, 1, 2, 3], [4, 4, 4, 4], [0, 2, 5, 5]])   # k = 4 neighbours' next tokens
+    q = SparseTargets.from_neighbours(next_tokens, scored, vocab)
+    labels = torch.tensor([[9, 1, 7, 5], [9, 8, 2, IGNORE_INDEX]])          # own next tokens: 1, 5, 2
+    got = q.own_token_scaled(labels, share).to_dense().double()
+    want = q.to_dense().double()
+    for (i, t), own in zip([(0, 0), (0, 2), (1, 1)], [1, 5, 2]):
+        row = want[i, t].clone()
+        if row.sum() > row[own]:                  # something besides its own token to move the weight to
+            row[own] *= share
+            row /= row.sum()
+        want[i, t] = row
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got.sum(-1)[scored], torch.ones(3, dtype=torch.float64), atol=1e-6)
+    if share == 0.0:
+        assert got[0, 0, 1] == 0 and got[0, 2, 5] == 0 and got[1, 1, 2] == 0
+    assert torch.equal(q.own_token_scaled(labels, 1.0).weights, q.weights)
+
+
+def test_own_token_share_leaves_a_position_all_on_its_own_token_and_checks_its_input():
+    scored = torch.tensor([[True, True]])
+    q = SparseTargets.from_neighbours(torch.tensor([[4, 4], [1, 2]]), scored, 6)
+    out = q.own_token_scaled(torch.tensor([[0, 4, 1]]), 0.0).to_dense()
+    assert out[0, 0, 4] == 1.0                                  # nothing else to move it to
+    assert out[0, 1, 1] == 0.0 and out[0, 1, 2] == 1.0
+    with pytest.raises(ValueError, match="do not fit"):
+        q.own_token_scaled(torch.tensor([[0, 4]]), 0.0)
+    from dfmu_ext.lm.targets import LMForgetTermConfig
+    with pytest.raises(ValueError, match="own_token_share must be in"):
+        LMForgetTermConfig(own_token_share=1.5).validate()

@@ -134,6 +134,8 @@ class CausalLMTask(Task):
         q = template_targets(model, (xq, yq), near) if near is not None and term.source == "neighbours" else None
         if q is not None:   # only the positions that must change (the rest already answer as the targets do)
             q = informative(q, model, xq, self.target_min_kl)
+        if q is not None and term.own_token_share < 1:
+            q = q.own_token_scaled(yq, term.own_token_share)
         info = {"forget_targets": "neighbours" if q is not None else "positions",
                 "neighbours": 0 if near is None or count == 0 else min(count, len(near))}
         if q is not None:
