@@ -268,3 +268,22 @@ def test_the_command_line_round_trip_in_a_subprocess(tmp_path):
     run("dfmu_ext", "forget", "--task", "lm", "--hf-model", "bench/model", "--forget-data", "bench/data/forget05.json",
         "--retain-data", "bench/data/retain95.json", "--out", "out/forgot", "--quiet")
     assert "OK" in run("dfmu_ext", "verify", "--record", "out/forgot.record.json", "--weights", "out/forgot").stdout
+
+
+def test_nonmember_data_reads_tofus_holdout_rows_and_the_record_holds_the_auc(hf, tmp_path, capsys):
+    root, paths = hf
+    out = tmp_path / "o"
+    assert cli.main(_forget(root / "llama", paths, out, "--nonmember-data", paths["holdout10"])) == 0
+    rec = read_record(str(tmp_path / "o.record.json"))
+    side = rec["forget_side"]
+    assert side["stop"] == "estimate" and 0.0 <= side["auc_before"] <= 1.0 and 0.0 <= side["auc"] <= 1.0
+    assert side["auc_threshold"] == 0.55 and rec["data"]["nonmember_data"] == os.path.abspath(paths["holdout10"])
+    if side["auc"] > 0.55 and side["ended"] != "guard":   # never silently
+        assert "warning: ForgettingWarning: DFMU: a loss attack still tells" in capsys.readouterr().err
+    # a missing file is a one-line error and nothing is written; so is the flag on a classifier
+    missing = str(tmp_path / "none.json")
+    assert_one_line_error(capsys, _forget(root / "llama", paths, tmp_path / "p", "--nonmember-data", missing),
+                          tmp_path, "--nonmember-data: data")
+    assert not os.path.exists(tmp_path / "p") and not os.path.exists(tmp_path / "p.record.json")
+    assert_one_line_error(capsys, ["forget", "--ckpt", "c.pt", "--out", str(tmp_path / "q.pt"), "--nonmember-data",
+                                   "x.json"], tmp_path, "--nonmember-data goes with --task lm --hf-model")

@@ -211,3 +211,22 @@ def test_exported_rows_encode_without_unknown_words(tmp_path):
     qa = formats.encode_rows(full[:20], tok)
     assert tok.unk_token_id not in qa.samples.input_ids.unique().tolist()
     assert all(p.input_ids.shape[0] == 5 for p in qa.perturbed)
+
+
+def test_tofu_holdout_files_are_people_never_trained_nested_as_the_forget_splits(tmp_path):
+    cfg = PeopleConfig(num_people=20, holdout_people=5, filler_train=10, filler_test=5, seed=0)
+    files = _load(people_tofu.write_tofu_files(str(tmp_path / "a"), cfg, seed=0))
+    people = {k: {r["person"] for r in files[k]} for k in files}
+    trained = set(range(20))
+    assert not (people["holdout01"] | people["holdout05"] | people["holdout10"]) & trained
+    assert people["holdout01"] <= people["holdout05"] <= people["holdout10"] <= set(range(20, 25))
+    for share in ("01", "05", "10"):
+        assert len(people["holdout" + share]) == len(people["forget" + share])
+        assert len(files["holdout" + share]) == len(files["forget" + share])   # the same rows a person
+    corpus = make_people_corpus(cfg)
+    for r in files["holdout10"]:
+        value = corpus.facts[r["person"]][r["attribute"]]
+        assert r["answer"] == ATTRIBUTES[r["attribute"]].statement.format(name=corpus.names[r["person"]], value=value)
+    # a corpus without holdout people writes no holdout file
+    assert "holdout10" not in people_tofu.write_tofu_files(str(tmp_path / "b"), PeopleConfig(
+        num_people=20, holdout_people=0, filler_train=10, filler_test=5, seed=0), seed=0)

@@ -96,6 +96,8 @@ def cmd_train(args) -> int:
 def cmd_forget(args) -> int:
     if args.task == "lm":
         return lm_commands.cmd_lm_forget(args)
+    if getattr(args, "nonmember_data", None):
+        raise UsageError("--nonmember-data goes with --task lm --hf-model")
     device = parse_device(args.device)
     steps = _steps(args, device)
     byo = _byo_given(args)

@@ -20,7 +20,8 @@ _OTHER_FLAGS = ("ckpt", "classes", "forget_subclass", "forget_random", "forget_p
 
 def _check_flags(args) -> None:
     if not args.hf_model:
-        raise UsageError("--forget-data and --retain-data read with the model's tokenizer: give --hf-model DIR")
+        raise UsageError("--forget-data, --retain-data and --nonmember-data read with the model's tokenizer: "
+                         "give --hf-model DIR")
     for flag in _OTHER_FLAGS:
         if getattr(args, flag, None):
             raise UsageError(f"--{flag.replace('_', '-')} does not go with --task lm --hf-model (forget rows with "
@@ -45,7 +46,8 @@ def cmd_lm_forget_hf(args) -> int:
     out = os.path.abspath(args.out.rstrip(os.sep) or args.out)
     record = args.record or record_path_for(out)
     inputs = [("--hf-model", args.hf_model), ("--data", args.data), ("--forget-data", args.forget_data),
-              ("--retain-data", args.retain_data), ("--forget-indices", args.forget_indices)]
+              ("--retain-data", args.retain_data), ("--forget-indices", args.forget_indices),
+              ("--nonmember-data", args.nonmember_data)]
     check_outputs([out, record], inputs)
     if os.path.realpath(out) == os.path.realpath(record):
         raise UsageError("--record must differ from --out")
@@ -57,9 +59,16 @@ def cmd_lm_forget_hf(args) -> int:
     indices = read_forget_indices(args.forget_indices) if args.forget_indices is not None else None
     data = formats.load_lm_data(tokenizer, data=args.data, forget_indices=indices, forget_data=args.forget_data,
                                 retain_data=args.retain_data, max_length=args.max_length)
+    nonmembers = None
+    if args.nonmember_data is not None:   # e.g. TOFU's holdout10.json, encoded as the forget rows are
+        try:
+            nonmembers = formats.encode_rows(formats.read_rows(args.nonmember_data), tokenizer, args.max_length,
+                                             "--nonmember-data").samples
+        except ValueError as exc:
+            raise UsageError(f"--nonmember-data: {exc}") from None
     if not distributed.is_main_process():  # torchrun: the same unlearn on every rank; rank 0 alone writes
         dfmu_ext.unlearn(model, data.train, forget_indices=data.forget_indices, retain_fraction=args.retain_fraction,
-                         mode=args.mode, seed=args.seed, device=device)
+                         mode=args.mode, seed=args.seed, device=device, nonmembers=nonmembers)
         return 0
     input_sha = folders.folder_sha256(args.hf_model)
     log(f"read {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}) "
@@ -70,7 +79,7 @@ def cmd_lm_forget_hf(args) -> int:
         partial = batch.file(record, last=True)
         res = dfmu_ext.unlearn(model, data.train, forget_indices=data.forget_indices,
                                retain_fraction=args.retain_fraction, mode=args.mode, seed=args.seed, device=device,
-                               progress=progress_enabled(args), record=partial)
+                               progress=progress_enabled(args), record=partial, nonmembers=nonmembers)
         output_sha = folders.save_folder(model, tokenizer, batch.file(out))
         rec = read_record(partial)
         # The record describes the folders as files: hashes over the tensors their safetensors hold
@@ -83,10 +92,14 @@ def cmd_lm_forget_hf(args) -> int:
                         "dtype": args.dtype, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
         rec["data"] = {k: os.path.abspath(v) for k, v in (("data", args.data), ("forget_data", args.forget_data),
                                                          ("retain_data", args.retain_data),
+                                                         ("nonmember_data", args.nonmember_data),
                                                          ("forget_indices_file", args.forget_indices)) if v}
         rec["data"]["max_length"] = args.max_length
         write_record(partial, rec)
         batch.publish()
+    side = res.info["forget_side"]
+    seen = f"; membership AUC against the non-members {side['auc_before']:.3f} -> {side['auc']:.3f}" \
+        if side.get("auc") is not None else ""
     log(f"forgot {len(data.forget_indices)} sequences in {res.timings['total']:.1f} s "
-        f"({res.retain_samples_used} retain sequences read); wrote {out} and its deletion record {record}")
+        f"({res.retain_samples_used} retain sequences read{seen}); wrote {out} and its deletion record {record}")
     return 0

@@ -89,7 +89,7 @@ def cmd_lm_train(args) -> int:
 
 
 def cmd_lm_forget(args) -> int:
-    if any(getattr(args, k, None) for k in ("hf_model", "forget_data", "retain_data")):
+    if any(getattr(args, k, None) for k in ("hf_model", "forget_data", "retain_data", "nonmember_data")):
         from .hf_commands import cmd_lm_forget_hf  # a Hugging Face folder and TOFU-format data
 
         return cmd_lm_forget_hf(args)

@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows to forget: TOFU JSON/JSON lines ({question, answer[, paraphrased_answer, "
                          "perturbed_answer]}) or {text} rows, or a saved datasets folder; e.g. forget10.json")
     lm.add_argument("--retain-data", default=None, metavar="PATH", help="rows to keep, same formats; e.g. retain90.json")
+    lm.add_argument("--nonmember-data", default=None, metavar="PATH",
+                    help="rows the model never saw, same formats (e.g. TOFU's holdout10.json): the forget side also "
+                         "ends once the forget rows' losses are not told from theirs, and the record holds that "
+                         "membership AUC")
     lm.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="the dtype the model is read, unlearned and saved in (default: fp32)")
     lm.add_argument("--max-length", type=int, default=512,

@@ -11,7 +11,9 @@ is the fact's held-out template (never trained).
 **Splits** (:func:`write_tofu_files`): as TOFU, by person: ``forget01/05/10.json`` hold every row of
 1%, 5% and 10% of the people (at least one), nested (forget01 inside forget05 inside forget10), and
 ``retain99/95/90.json`` every other row; ``full.json`` all rows. The people come from a seeded
-permutation: the same ``seed`` writes the same files.
+permutation: the same ``seed`` writes the same files. ``holdout01/05/10.json`` (when the corpus has
+holdout people) hold the same rows for as many people the model was never trained on, nested
+likewise, as TOFU's holdout splits: the non-members of ``dfmu forget --nonmember-data``.
 
 **Folders** (:func:`save_zoo_folder`): a randomly initialised zoo causal LM (``llama`` or ``gpt2``,
 :func:`dfmu_ext.zoo.lm_models.build_causal_lm`) and a word-level tokenizer over the rows' words
@@ -49,11 +51,12 @@ PARAPHRASES = {
 SPLITS = {1: ("forget01", "retain99"), 5: ("forget05", "retain95"), 10: ("forget10", "retain90")}
 
 
-def tofu_rows(corpus: PeopleCorpus, perturbed: int = 5, seed: int = 0) -> list[dict]:
-    """Every trained person's rows (module docstring), person-major; ``perturbed`` wrong answers each."""
+def tofu_rows(corpus: PeopleCorpus, perturbed: int = 5, seed: int = 0, people=None) -> list[dict]:
+    """Every trained person's rows (module docstring), or those of ``people`` (ids), person-major;
+    ``perturbed`` wrong answers each."""
     rng = random.Random(seed)
     rows = []
-    for pid in range(corpus.config.num_people):
+    for pid in (range(corpus.config.num_people) if people is None else people):
         name, facts = corpus.names[pid], corpus.facts[pid]
         for j, attr in enumerate(corpus.attributes):
             a = ATTRIBUTES[attr]
@@ -96,6 +99,15 @@ def write_tofu_files(out_dir: str, config: PeopleConfig | None = None, seed: int
                 path = os.path.join(out_dir, f"{name}.json")
                 _dump(batch.file(path), [r for r in rows if (r["person"] in people) == keep])
                 paths[name] = path
+        holdout = corpus.holdout_ids
+        if holdout:   # never trained: as many people as each forget split, nested (seed + 1: the rows above stay)
+            order = torch.randperm(len(holdout), generator=torch.Generator().manual_seed(int(seed) + 1)).tolist()
+            held = tofu_rows(corpus, perturbed, seed + 1, people=holdout)
+            for forget_name, people in tofu_splits(corpus.config.num_people, seed).items():
+                chosen = {holdout[i] for i in order[:min(len(people), len(holdout))]}
+                path = os.path.join(out_dir, forget_name.replace("forget", "holdout") + ".json")
+                _dump(batch.file(path), [r for r in held if r["person"] in chosen])
+                paths[forget_name.replace("forget", "holdout")] = path
         batch.publish()
     return paths
 
@@ -150,8 +162,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     paths = write_tofu_files(os.path.join(args.out, "data"), PeopleConfig(num_people=args.people, seed=args.seed),
                              seed=args.seed)
-    with open(paths["full"], encoding="utf-8") as f:
-        rows = json.load(f)
+    rows = []
+    for name in ("full", "holdout10"):   # the tokenizer knows the holdout people's words too
+        if name in paths:
+            with open(paths[name], encoding="utf-8") as f:
+                rows += json.load(f)
     save_zoo_folder(os.path.join(args.out, "model"), rows, args.arch, args.seed)
     print(f"wrote {len(paths)} TOFU files in {args.out}/data and a {args.arch} folder in {args.out}/model")
     return 0
