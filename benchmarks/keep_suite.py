@@ -303,7 +303,8 @@ def run_memorised(name, s, seed):
     t0 = time.perf_counter()
     retrain = build_train(r_set)
     out = {"Original": row(original, t_train), "Retrain": row(retrain, time.perf_counter() - t0)}
-    variants = {"DFMU, defaults": {}, "DFMU, nonmembers=": dict(nonmembers=nonmembers)}
+    variants = {"DFMU, defaults": {}, "DFMU, nonmembers=": dict(nonmembers=nonmembers),
+                "DFMU, nonmembers='shifted'": dict(nonmembers="shifted")}
     return {**out, **run_variants(original, members, forget_idx, s["fraction"], seed, variants, row)}
 
 

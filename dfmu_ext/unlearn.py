@@ -103,7 +103,9 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         guard_config.validate()
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
-    if nonmembers is not None and len(nonmembers) == 0:
+    if isinstance(nonmembers, str) and nonmembers != "shifted":
+        raise ValueError(f"nonmembers must be a dataset or 'shifted', got {nonmembers!r}")
+    if nonmembers is not None and not isinstance(nonmembers, str) and len(nonmembers) == 0:
         raise ValueError("nonmembers is empty: give data the model never saw, or leave it out")
     score_samples = score_samples if score_samples is not None else the_task.default_score_samples
     if score_samples < 2:
@@ -115,6 +117,8 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     holdout = {"validation_share": guard_config.validation if guard_config else 0.0,
                "min_validation": guard_config.min_validation if guard_config else 1}
     split = the_task.split(train_set, what, retain_fraction, seed, configs, holdout)
+    if nonmembers == "shifted":   # stand-ins made from the budget: no data beyond it
+        nonmembers = the_task.shifted_nonmembers(split, seed)
     split.extra["nonmembers"] = nonmembers   # a task may set its defaults and forget targets by them
     configs = the_task.configs(split, given)
     if device is not None:

@@ -135,3 +135,56 @@ def test_whole_classes_ignore_nonmember_targets(memorised):
     model, data = memorised
     res = dfmu_ext.unlearn(copy.deepcopy(model), data, [1], 0.3, seed=0, nonmembers=_noisy(100, 5))
     assert res.info["forget_targets"] == "off" and not res.info["forget_term_ran"]
+
+
+def test_shifted_copies_move_each_image_and_keep_its_label():
+    from dfmu_ext.splits import ShiftedCopies, shift_pixels
+
+    x = torch.randn(40, 2, 9, 7)
+    base = TensorDataset(x, torch.arange(40) % 3)
+    copies = ShiftedCopies(base, 2, seed=5)
+    assert len(copies) == 40 and torch.equal(copies.shifts, ShiftedCopies(base, 2, seed=5).shifts)
+    assert not torch.equal(copies.shifts, ShiftedCopies(base, 2, seed=6).shifts)
+    for i in range(40):
+        dy, dx = copies.shifts[i].tolist()
+        assert (dy, dx) != (0, 0) and max(abs(dy), abs(dx)) <= 2
+        moved, label = copies[i]
+        want = torch.zeros_like(x[i])
+        for r in range(9):            # by hand: pixel (r, c) goes to ((r + dy) mod 9, (c + dx) mod 7)
+            for c in range(7):
+                want[:, (r + dy) % 9, (c + dx) % 7] = x[i, :, r, c]
+        assert torch.equal(moved, want) and label == i % 3
+    assert [shift_pixels(s, s) for s in (4, 8, 28, 32, 224)] == [1, 1, 2, 2, 16]
+    with pytest.raises(ValueError, match="pixels must be >= 1"):
+        ShiftedCopies(base, 0)
+
+
+def test_shifted_nonmembers_come_from_the_budget_for_image_samples_only():
+    torch.manual_seed(0)
+    x, y = torch.rand(240, 1, 8, 8), torch.arange(240) % 3
+    data = TensorDataset(x, y)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(),
+                          nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):                                        # memorise the noise labels
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    idx = list(range(0, 240, 12))
+    res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=idx, retain_fraction=0.3, seed=0,
+                           nonmembers="shifted")
+    assert res.info["forget_targets"] == "nonmembers" and res.info["forget_side"]["stop"] == "nonmembers"
+    plain = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=idx, retain_fraction=0.3, seed=0)
+    assert res.retain_samples_used == plain.retain_samples_used       # nothing read beyond the budget
+    m = copy.deepcopy(model)
+    for bad, match in (("shifted!", "a dataset or 'shifted'"),):
+        with pytest.raises(ValueError, match=match):
+            dfmu_ext.unlearn(m, data, forget_indices=idx, nonmembers=bad)
+    with pytest.raises(ValueError, match="not whole classes"):
+        dfmu_ext.unlearn(m, data, [1], 0.3, nonmembers="shifted")
+    flat = TensorDataset(x.flatten(1), y)
+    mlp = nn.Sequential(nn.Linear(64, 3))
+    with pytest.raises(ValueError, match=r"needs image tensors \(\.\.\., H, W\)"):
+        dfmu_ext.unlearn(mlp, flat, forget_indices=idx, nonmembers="shifted")
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))

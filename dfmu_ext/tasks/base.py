@@ -160,6 +160,10 @@ class Task:
         in nats, 0 once reached), or None when the task has no such estimate."""
         return None
 
+    def shifted_nonmembers(self, split: Split, seed: int) -> Dataset:
+        """``unlearn(nonmembers="shifted")``: stand-ins for non-members made from the budget."""
+        raise ValueError(f"nonmembers='shifted' is for image classifiers, not the {self.name} task")
+
     def retention(self, model: nn.Module, dataset: Dataset, device) -> dict:
         """What the guard watches on ``dataset`` (the budget's validation part): ``{"p": (n,) per-unit
         right-answer probabilities, "accuracy": a, ...}`` (see :class:`dfmu_ext.guard.RetentionGuard`)."""

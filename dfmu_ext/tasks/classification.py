@@ -21,7 +21,7 @@ from ..model_io import cat, model_entry
 from ..pruning import MaskPlan, build_mask_plan, head_mask_for, suppress_head
 from ..result import FinetuneHistory, PruneResult
 from ..selection import SelectionConfig, select_units
-from ..splits import dataset_labels, stratified_fraction, take_batch
+from ..splits import ShiftedCopies, dataset_labels, shift_pixels, stratified_fraction, take_batch
 from ..steps import StepEngine, StepOptions
 from ..targets import (ForgetTargetConfig, disagreement, early_features, feature_loss, feature_neighbours,
                        feature_scales, head_inputs, neighbour_targets, nonmember_targets, penultimate_features)
@@ -273,6 +273,16 @@ class ClassificationTask(Task):
         if payload is None and not split.by_classes:
             info["_note"] = NOTHING_TO_MOVE.format(excess=excess, min_excess=config.min_excess)
         return Targets(payload, sorted(set(scored) | set(pool)), info)
+
+    def shifted_nonmembers(self, split, seed: int):
+        """The budget's images moved a few pixels (:class:`dfmu_ext.splits.ShiftedCopies`)."""
+        if split.by_classes:
+            raise ValueError("nonmembers='shifted' is for forgetting samples, not whole classes")
+        x = split.budget[0][0] if len(split.budget) else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or min(x.shape[-2:]) < 4:
+            raise ValueError("nonmembers='shifted' needs image tensors (..., H, W) of at least 4 x 4 pixels, "
+                             f"got {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+        return ShiftedCopies(split.budget, shift_pixels(*x.shape[-2:]), seed)
 
     def _nonmember_targets(self, model, split, scored, config, seed, nonmembers) -> Targets:
         r"""Samples forgotten with ``nonmembers`` given: :func:`dfmu_ext.targets.nonmember_targets`

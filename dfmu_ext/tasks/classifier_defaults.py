@@ -35,7 +35,8 @@ NONMEMBER_FORGET_TERM = ForgetTargetConfig(weight=1.0, steps=80)
 NOTHING_TO_MOVE = ("the forget samples' nearest retain samples disagree with their labels no more than the retain "
                    "samples' own do (excess {excess:.3f} < min_excess {min_excess}), so the forget term did not run "
                    "and only pruning and the fine-tune changed the model; if it memorised these samples, give "
-                   "nonmembers= (data of their kind it never saw)")
+                   "nonmembers= (data of their kind it never saw; for images, nonmembers='shifted' makes stand-ins "
+                   "from the budget)")
 
 
 def default_forget_term(by_classes: bool) -> ForgetTargetConfig:
