@@ -154,7 +154,7 @@ def test_shifted_copies_move_each_image_and_keep_its_label():
             for c in range(7):
                 want[:, (r + dy) % 9, (c + dx) % 7] = x[i, :, r, c]
         assert torch.equal(moved, want) and label == i % 3
-    assert [shift_pixels(s, s) for s in (4, 8, 28, 32, 224)] == [1, 1, 2, 2, 16]
+    assert [shift_pixels(s, s) for s in (4, 8, 28, 32, 42, 224)] == [1, 1, 1, 1, 2, 8]
     with pytest.raises(ValueError, match="pixels must be >= 1"):
         ShiftedCopies(base, 0)
 
