@@ -78,8 +78,10 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
     steps continue while the forget samples' losses are still told from the non-members' (membership
     AUC above 0.55), as long as the guard holds (``info["forget_side"]``; for causal LMs beside their
     estimate of Retrain, which still drives the side); without it the forget term's estimate of Retrain
-    decides. ``forget_attribute`` (one value per training sample) names an
-    attribute to forget, for a task that forgets attributes (:meth:`dfmu_ext.tasks.base.Task.claims`).
+    decides. ``nonmembers="shifted"`` (an image classifier forgetting samples) makes them from the budget:
+    its images moved a pixel (:class:`dfmu_ext.splits.ShiftedCopies`). ``forget_attribute`` (one value per
+    training sample) names an attribute to forget, for a task that forgets attributes
+    (:meth:`dfmu_ext.tasks.base.Task.claims`).
     A keyword a task has no use for is a one-line ValueError.
 
     Any model and data (:mod:`dfmu_ext.model_io`): tensors, tuples, dicts or ``ModelOutput``

@@ -59,7 +59,7 @@ class LMForgetTermConfig:
             answer token on the people corpus), where Retrain answers one value confidently and
             gives the fact's own 0.000-0.002. At 0 the membership AUC fell on 8 of 8 held-out
             people-corpus splits (0.85 -> 0.77; Retrain 0.52) and relearning on 7; where an attribute
-            takes few values (3-5) it forgets below chance (keep suite: 0.02 against Retrain's
+            takes few values (4-6) it forgets below chance (keep suite: 0.02 against Retrain's
             0.21). Not the default for that reason (benchmarks/RESULTS.md).
     """
 

@@ -18,8 +18,8 @@ tokens, and ``forget_indices`` name the sequences to forget (an entity's facts, 
    re-applied to the weights and both Adam moments after every step.
 5. The forget side (:func:`dfmu_ext.unlearn`): more forget-term steps while the forget sequences
    still give their own next tokens more probability than :math:`q` does
-   (:meth:`CausalLMTask.forget_gap` > 0), as the retention guard allows; with ``nonmembers=``, also
-   until their losses are not told from the non-members'.
+   (:meth:`CausalLMTask.forget_gap` > 0), as the retention guard allows; with ``nonmembers=`` it also
+   ends once their losses are no longer told from the non-members'.
 """
 from __future__ import annotations
 
