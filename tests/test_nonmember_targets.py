@@ -185,6 +185,10 @@ def test_shifted_nonmembers_come_from_the_budget_for_image_samples_only():
         dfmu_ext.unlearn(m, data, [1], 0.3, nonmembers="shifted")
     flat = TensorDataset(x.flatten(1), y)
     mlp = nn.Sequential(nn.Linear(64, 3))
-    with pytest.raises(ValueError, match=r"needs image tensors \(\.\.\., H, W\)"):
+    with pytest.raises(ValueError, match=r"needs \(image, label\) samples with image tensors \(\.\.\., H, W\)"):
         dfmu_ext.unlearn(mlp, flat, forget_indices=idx, nonmembers="shifted")
+    from dfmu_ext.splits import DictDataset
+    dicts = DictDataset({"pixel_values": x}, y)
+    with pytest.raises(ValueError, match="got dict samples"):
+        dfmu_ext.unlearn(m, dicts, forget_indices=idx, nonmembers="shifted")
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))

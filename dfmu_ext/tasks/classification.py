@@ -278,10 +278,13 @@ class ClassificationTask(Task):
         """The budget's images moved a few pixels (:class:`dfmu_ext.splits.ShiftedCopies`)."""
         if split.by_classes:
             raise ValueError("nonmembers='shifted' is for forgetting samples, not whole classes")
-        x = split.budget[0][0] if len(split.budget) else None
+        sample = split.budget[0] if len(split.budget) else None
+        x = sample[0] if isinstance(sample, (tuple, list)) and len(sample) == 2 else sample
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or min(x.shape[-2:]) < 4:
-            raise ValueError("nonmembers='shifted' needs image tensors (..., H, W) of at least 4 x 4 pixels, "
-                             f"got {type(x).__name__}{'' if not isinstance(x, torch.Tensor) else tuple(x.shape)}")
+            got = "dict samples" if isinstance(x, dict) else type(x).__name__ + (
+                str(tuple(x.shape)) if isinstance(x, torch.Tensor) else "")
+            raise ValueError("nonmembers='shifted' needs (image, label) samples with image tensors (..., H, W) of at "
+                             f"least 4 x 4 pixels, got {got}")
         return ShiftedCopies(split.budget, shift_pixels(*x.shape[-2:]), seed)
 
     def _nonmember_targets(self, model, split, scored, config, seed, nonmembers) -> Targets:
