@@ -105,9 +105,10 @@ def unlearn(model: nn.Module, train_set: Dataset, forget_classes=None, retain_fr
         guard_config.validate()
     if not 0.0 < retain_fraction <= 1.0:
         raise ValueError(f"retain_fraction must be in (0, 1], got {retain_fraction}")
-    if isinstance(nonmembers, str) and nonmembers != "shifted":
-        raise ValueError(f"nonmembers must be a dataset or 'shifted', got {nonmembers!r}")
-    if nonmembers is not None and not isinstance(nonmembers, str) and len(nonmembers) == 0:
+    if isinstance(nonmembers, str):
+        if nonmembers != "shifted":
+            raise ValueError(f"nonmembers must be a dataset or 'shifted', got {nonmembers!r}")
+    elif nonmembers is not None and len(nonmembers) == 0:
         raise ValueError("nonmembers is empty: give data the model never saw, or leave it out")
     score_samples = score_samples if score_samples is not None else the_task.default_score_samples
     if score_samples < 2:
@@ -264,12 +265,13 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     220 and forgot more (10% / 101: facts still answered 0.36 against 0.18; benchmarks/RESULTS.md)."""
     lever = objective is not None and targets.payload is not None
     auc = beside = None
+    auc_stop = 0.5 + margin
     if nonmembers is not None:
         forget_read = Subset(split.forget_set, targets.read)
         nonmember_losses = task.losses(model, nonmembers, device)
         auc = lambda: membership_auc(task.losses(model, forget_read, device), nonmember_losses)  # noqa: E731
     if auc is not None and task.forget_gap_stop is None:
-        measure, stop, name, key = auc, 0.5 + margin, "nonmembers", "auc"
+        measure, stop, name, key = auc, auc_stop, "nonmembers", "auc"
     else:  # (a forward pass of the forget samples per chunk: cheaper than the AUC's, so more chunks may run)
         measure = lambda: task.forget_gap(model, split, targets, device)  # noqa: E731
         stop, name, key, beside = task.forget_gap_stop, "estimate", "gap", auc
@@ -277,7 +279,7 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     if value is None or stop is None:
         return {"stop": name}
     seen = seen_before = beside() if beside is not None else None     # the AUC read beside the estimate
-    seen_best, unseen = seen, lambda: seen is not None and seen <= 0.5 + margin  # noqa: E731
+    seen_best, unseen = seen, lambda: seen is not None and seen <= auc_stop  # noqa: E731
     steps, limit, ended, cost = 0, FORGET_SIDE_STEPS[name], "reached", None
     best, best_steps, best_state = value, 0, None      # best_state None: the model holds the best now
     mark, idle, progress_step = value, 0, FORGET_SIDE_PROGRESS * (before - stop)
@@ -320,7 +322,7 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
            "kept_steps": best_steps if earlier else steps, "lever": lever, "ended": ended, "threshold": stop,
            "easings": eased, "undone_steps": undone}
     if beside is not None:
-        out.update(auc_before=seen_before, auc=seen_best if earlier else seen, auc_threshold=0.5 + margin)
+        out.update(auc_before=seen_before, auc=seen_best if earlier else seen, auc_threshold=auc_stop)
     return {**out, "refused_drop": cost} if cost is not None and ended == "guard" else out
 
 
