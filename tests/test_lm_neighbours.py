@@ -158,8 +158,19 @@ class _Table(torch.nn.Module):
         return self.table[input_ids]
 
 
+def _own_token_if_top_reference(p: torch.Tensor, own: int) -> torch.Tensor:
+    """float64, one neighbour's row at a time: the own token zeroed unless it is the row's top."""
+    out = p.double().clone()
+    for n in range(out.shape[0]):
+        if int(out[n].argmax()) != own:
+            out[n, own] = 0.0
+        out[n] /= out[n].sum()
+    return out
+
+
+@pytest.mark.parametrize("own_token_if_top", [True, False])
 @pytest.mark.parametrize("top", [3, 50])
-def test_template_targets_average_the_neighbours_distributions(top):
+def test_template_targets_average_the_neighbours_distributions(top, own_token_if_top):
     vocab = 50
     model = _Table(vocab)
     # the answer's logits read the token just before it: make that the person (the attribute comes first)
@@ -167,17 +178,25 @@ def test_template_targets_average_the_neighbours_distributions(top):
     b_rows = [[1, 20, 11, 34, 2], [1, 21, 12, 35, 2], [1, 22, 13, 36, 2]]
     forget, budget = _batch(f_rows), _batch(b_rows)
     near = swapped_neighbours(forget, budget, vocab, per_sequence=6, seed=0)
-    q = template_targets(model, forget, near, top=top)
+    with torch.no_grad():   # row 0's own answer (30) the top guess of its first neighbour's person only
+        model.table[near.inputs["input_ids"][near.source == 0][0, 2], 30] = 50.0
+    q = template_targets(model, forget, near, top=top, own_token_if_top=own_token_if_top)
     dense = q.to_dense()
     assert torch.equal(q.scored, forget[1][:, 1:] != IGNORE_INDEX)
     for i in range(3):
         mine = near.inputs["input_ids"][near.source == i]
-        p = torch.softmax(model.table.detach()[mine[:, 2]], -1).mean(0)   # position 2 predicts the answer
+        raw = torch.softmax(model.table.detach()[mine[:, 2]], -1)   # position 2 predicts the answer
+        own = f_rows[i][3]
+        p = (_own_token_if_top_reference(raw, own) if own_token_if_top else raw.double()).mean(0).float()
         want = torch.zeros(vocab)
         w, ids = p.topk(min(top, vocab))
         want[ids] = w / w.sum()
         torch.testing.assert_close(dense[i, 2], want, atol=1e-6, rtol=1e-5)
         assert float(dense[i].sum()) == pytest.approx(1.0, abs=1e-5)  # one scored position per row
+        if i == 0:     # the neighbour whose best guess is the own answer keeps it either way
+            assert float(dense[0, 2, own]) > 0.1
+        elif own_token_if_top and not bool((raw.argmax(1) == own).any()):
+            assert float(dense[i, 2, own]) == 0.0    # no neighbour's best guess: gone from the target
 
 
 @pytest.mark.parametrize("max_elements", [1, 60, 130, 10_000])
@@ -220,8 +239,9 @@ def test_template_targets_skip_positions_that_read_no_swap():
     dense = q.to_dense()
     for i in range(2):
         mine = near.inputs["input_ids"][near.source == i]
-        for t in range(3, 6):
-            p = torch.softmax(model.table.detach()[mine[:, t]], -1).mean(0)
+        for t in range(3, 6):   # the default: each neighbour keeps the own next token only as its top
+            raw = torch.softmax(model.table.detach()[mine[:, t]], -1)
+            p = _own_token_if_top_reference(raw, int(ids[i, t + 1])).mean(0).float()
             torch.testing.assert_close(dense[i, t], p / p.sum(), atol=1e-6, rtol=1e-5)
 
 
@@ -481,3 +501,33 @@ def test_own_token_share_reaches_the_forget_targets(monkeypatch):
     hit = q.ids == own[:, None]
     movable = (q.weights * ~hit).sum(1) > 0
     assert share == 0.0 and bool(movable.any()) and float((q.weights * hit)[movable].sum()) == 0.0
+
+
+@pytest.mark.parametrize("own_token_if_top", [True, False])
+def test_own_token_if_top_reaches_the_template_targets(monkeypatch, own_token_if_top):
+    from _lm_tiny import make_model, train
+
+    import dfmu_ext.tasks.causal_lm as causal_lm
+    from dfmu_ext.lm.targets import LMForgetTermConfig
+
+    seen = []
+    real = causal_lm.template_targets
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("own_token_if_top"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm, "template_targets", spy)
+    data, owner, vocab = _people(seed=1)
+    model = train(make_model(0, vocab=vocab), data, steps=200)
+    forget = torch.nonzero(owner == 0).flatten().tolist()
+    term = {} if own_token_if_top else dict(forget_term=LMForgetTermConfig(own_token_if_top=False))
+    res = dfmu_ext.unlearn(model, data, forget_indices=forget, retain_fraction=0.5, seed=0, **term)
+    assert seen == [own_token_if_top] and res.info["forget_term"]["own_token_if_top"] is own_token_if_top
+
+
+def test_own_token_if_top_must_be_a_bool():
+    from dfmu_ext.lm.targets import LMForgetTermConfig
+
+    with pytest.raises(ValueError, match="own_token_if_top must be True or False"):
+        LMForgetTermConfig(own_token_if_top="yes").validate()

@@ -60,7 +60,13 @@ class LMForgetTermConfig:
             gives the fact's own 0.000-0.002. At 0 the membership AUC fell on 8 of 8 held-out
             people-corpus splits (0.85 -> 0.77; Retrain 0.52) and relearning on 7; where an attribute
             takes few values (4-6) it forgets below chance (keep suite: 0.02 against Retrain's
-            0.21). Not the default for that reason (benchmarks/RESULTS.md).
+            0.21). Not the default for that reason (benchmarks/RESULTS.md; measured on the plain mean,
+            ``own_token_if_top=False``).
+        own_token_if_top: each neighbour's next-token distribution keeps the forget sequence's own
+            next token only where it is that neighbour's most likely token
+            (:func:`dfmu_ext.lm.neighbours.template_targets`): the prior's share of it is kept, the
+            share read back from the rest of the sequence is not. False: the plain mean (the
+            default before 2026-12-06).
     """
 
     weight: float = 1.0
@@ -74,10 +80,13 @@ class LMForgetTermConfig:
     source: str = "neighbours"  # q from the forget sequences' swapped neighbours (lm.neighbours), or "positions"
     per_sequence: int = 8       # neighbours per forget sequence that q averages over
     own_token_share: float = 1.0  # 1: the neighbours' mean as it is
+    own_token_if_top: bool = True  # each neighbour keeps the own next token only as its best guess
 
     def validate(self) -> None:
         if self.source not in ("neighbours", "positions"):
             raise ValueError(f"forget term: source must be 'neighbours' or 'positions', got {self.source!r}")
+        if not isinstance(self.own_token_if_top, bool):
+            raise ValueError(f"forget term: own_token_if_top must be True or False, got {self.own_token_if_top!r}")
         if not 0.0 <= self.own_token_share <= 1.0:
             raise ValueError(f"forget term: own_token_share must be in [0, 1], got {self.own_token_share}")
         if self.per_sequence < 1:

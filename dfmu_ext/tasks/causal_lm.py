@@ -131,7 +131,8 @@ class CausalLMTask(Task):
         if count > 0 or term.source == "neighbours":
             per = max(term.per_sequence, -(-count // max(len(pool), 1)))
             near = swapped_neighbours((xq, yq), budget, vocab, per, seed, rates=rates)
-        q = template_targets(model, (xq, yq), near) if near is not None and term.source == "neighbours" else None
+        q = template_targets(model, (xq, yq), near, own_token_if_top=term.own_token_if_top) \
+            if near is not None and term.source == "neighbours" else None
         if q is not None:   # only the positions that must change (the rest already answer as the targets do)
             q = informative(q, model, xq, self.target_min_kl)
         if q is not None and term.own_token_share < 1:
