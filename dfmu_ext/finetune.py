@@ -286,6 +286,7 @@ class Objective:
         raise NotImplementedError
 
     forget_steps: int | None = 0    # how many first steps carry the forget term (None: all)
+    forget_side: bool = False       # set by run_finetune: its steps are the forget side's (``forget="always"``)
 
     def backward_step(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -318,6 +319,7 @@ def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accurac
     # does not count towards the early stop, so the fine-tune never ends while the forget term pushes
     # (digits sub-classes: it ended after 9-33 of 80 steps, siblings 3-4 points under Retrain's)
     phased = forget is True and bool(objective.forget_steps)
+    objective.forget_side = forget == "always"   # (an objective may add terms there: the LM's own-token floor)
     try:
         with objective.context():
             for epoch in (range(objective.epochs) if max_steps is None else itertools.count()):

@@ -73,3 +73,22 @@ def neighbour_targets(forget_features: torch.Tensor, retain_features: torch.Tens
         for _, j in sims[:k]:
             out[i, int(retain_labels[j])] += 1.0 / k
     return out
+
+
+def own_token_floor(logits: torch.Tensor, q_dense: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor,
+                    floor: float) -> torch.Tensor:
+    """The LM forget term's own-token floor as a plain loop in float64: for every scored position
+    ``(i, t)`` whose own next token ``y = labels[i, t + 1]`` has target weight ``q_dense[i, t, y] <
+    floor``, ``max(0, log softmax(logits[i, t])[y] - log floor)``; summed and divided by the number
+    of scored positions."""
+    total = logits.double().sum() * 0.0   # (a graph even where nothing is floored)
+    for i in range(scored.shape[0]):
+        for t in range(scored.shape[1]):
+            if not bool(scored[i, t]) or float(q_dense[i, t].sum()) == 0.0:
+                continue
+            y = int(labels[i, t + 1])
+            if float(q_dense[i, t, y]) >= floor:
+                continue
+            logp = torch.log_softmax(logits[i, t].double(), dim=0)[y]
+            total = total + torch.clamp(logp - torch.log(torch.tensor(floor, dtype=torch.float64)), min=0.0)
+    return total / max(int(scored.sum()), 1)

@@ -137,6 +137,8 @@ class CausalLMTask(Task):
             q = informative(q, model, xq, self.target_min_kl)
         if q is not None and term.own_token_share < 1:
             q = q.own_token_scaled(yq, term.own_token_share)
+        if q is not None and term.own_token_floor is not None:   # (read on the forget side's steps)
+            q = q.with_floor(yq, term.own_token_floor)
         info = {"forget_targets": "neighbours" if q is not None else "positions",
                 "neighbours": 0 if near is None or count == 0 else min(count, len(near))}
         if q is not None:
