@@ -218,7 +218,8 @@ class SparseTargets:
         if index.dim() != 2 or not torch.equal(index[scored], torch.arange(ids.shape[0])):
             raise ValueError("index must be (N, T-1), numbering the P scored positions 0..P-1 in row-major order")
         if floored is not None and floored.shape != (ids.shape[0],):
-            raise ValueError(f"floored must be ({ids.shape[0]},), one token or -1 per position; got {tuple(floored.shape)}")
+            raise ValueError(f"floored must be ({ids.shape[0]},), one token or -1 per position; "
+                             f"got {tuple(floored.shape)}")
         self.ids, self.weights, self.index, self.vocab = ids, weights, index, int(vocab)
         self.floored = floored
 
