@@ -366,6 +366,7 @@ def run_finetune(objective: Objective, plan: MaskPlan, config, *, target_accurac
                     history.epochs_run = float(epoch + 1)
     finally:
         optimizer.zero_grad(set_to_none=True)
+        objective.forget_side = False
     if max_steps is not None:
         history.recovery_steps += history.steps - first_step
     history.seconds = time.perf_counter() - start
