@@ -267,6 +267,9 @@ class Objective:
         optimizer: a :class:`MomentumSGD`/:class:`AdamW` over the trained parameters.
         epochs: how many passes over the budget the fine-tune runs (before any early stop).
         comm: the process group's :class:`dfmu_ext.distributed.Comm` (counts summed over ranks).
+        forget_side: True while :func:`run_finetune` runs the forget side's steps (``forget="always"``),
+            False otherwise; an objective may add terms there (a causal LM's own-token floor,
+            :func:`dfmu_ext.lm.targets.own_token_floor_loss`).
     """
 
     optimizer = None
@@ -286,7 +289,7 @@ class Objective:
         raise NotImplementedError
 
     forget_steps: int | None = 0    # how many first steps carry the forget term (None: all)
-    forget_side: bool = False       # set by run_finetune: its steps are the forget side's (``forget="always"``)
+    forget_side: bool = False       # set by run_finetune
 
     def backward_step(self, loss: torch.Tensor) -> None:
         loss.backward()
