@@ -175,10 +175,11 @@ class LMObjective(Objective):
         self.cursor = (self.cursor + len(every)) % xf.shape[0]
         rows, share = self._mine(every, scored)
         logits = forward_logits(self.model, xf[rows].to(self.device))
-        loss = soft_target_loss(logits, q[rows], scored[rows])
-        if self.forget_side and q.floored is not None and self.term.own_token_floor_weight > 0:
+        q, scored = q[rows], scored[rows]
+        loss = soft_target_loss(logits, q, scored)
+        if self.forget_side and getattr(q, "floored", None) is not None and self.term.own_token_floor_weight > 0:
             loss = loss + self.term.own_token_floor_weight * own_token_floor_loss(
-                logits, q[rows], scored[rows], self.term.own_token_floor)
+                logits, q, scored, self.term.own_token_floor)
         return self.term.weight * share * loss
 
     def _queue_neighbours(self) -> None:
