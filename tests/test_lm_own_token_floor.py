@@ -9,7 +9,7 @@ import torch
 
 import dfmu_ext
 from dfmu_ext import reference
-from dfmu_ext.lm.targets import LMForgetTermConfig, SparseTargets, own_token_floor_loss
+from dfmu_ext.lm.targets import LMForgetTermConfig, SparseTargets, own_token_floor_loss, soft_target_loss
 from dfmu_ext.lm.task import IGNORE_INDEX
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -73,6 +73,25 @@ def test_floor_loss_matches_the_float64_reference_and_its_gradient(device, dtype
     torch.testing.assert_close(logits.grad.double().cpu(), ref_logits.grad, **tol)
 
 
+@pytest.mark.parametrize("weight", [0.3, 1.0])
+def test_the_forget_terms_floor_is_the_soft_cross_entropy_plus_the_weighted_floor(weight):
+    """``soft_target_loss(floor=)`` (one log-softmax for both) equals the two losses added, and so does
+    its gradient."""
+    q, labels, scored = _case(n=4, t=6, vocab=13, seed=5)
+    q = q.with_floor(labels, 0.05)
+    g = torch.Generator().manual_seed(2)
+    a = (3 * torch.randn(4, 7, 13, generator=g)).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    joint = soft_target_loss(a, q, scored, floor=0.05, floor_weight=weight)
+    apart = soft_target_loss(b, q, scored) + weight * own_token_floor_loss(b, q, scored, 0.05)
+    torch.testing.assert_close(joint, apart, rtol=1e-6, atol=1e-7)
+    joint.backward()
+    apart.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="needs targets with floored tokens"):
+        soft_target_loss(a, SparseTargets(q.ids, q.weights, q.index, q.vocab), scored, floor=0.05)
+
+
 def test_the_floor_pulls_until_the_floor_and_no_further():
     """One position, one token: the gradient on its logit is (1 - p) / |S| above the floor, 0 below."""
     vocab = 5
@@ -133,13 +152,14 @@ def test_the_floor_runs_on_the_forget_sides_steps_only(monkeypatch, floor, seed,
     import dfmu_ext.tasks.lm_finetune as lm_finetune
 
     calls = []
-    real = lm_finetune.own_token_floor_loss
+    real = lm_finetune.soft_target_loss
 
-    def spy(logits, q, scored, eps):
-        calls.append(eps)
-        return real(logits, q, scored, eps)
+    def spy(logits, q, scored, floor=None, floor_weight=1.0):   # the forget term adds the floor through it
+        if floor is not None:
+            calls.append(floor)
+        return real(logits, q, scored, floor=floor, floor_weight=floor_weight)
 
-    monkeypatch.setattr(lm_finetune, "own_token_floor_loss", spy)
+    monkeypatch.setattr(lm_finetune, "soft_target_loss", spy)
     data, owner, vocab = _people(seed=seed)
     model = train(make_model(0, vocab=vocab), data, steps=200)
     forget = torch.nonzero(owner == 0).flatten().tolist()

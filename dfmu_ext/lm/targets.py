@@ -313,29 +313,51 @@ def forget_targets(model: nn.Module, layer: nn.Module, forget: tuple[Inputs, tor
     return SparseTargets.from_neighbours(r_next[idx], scored, vocab), scored
 
 
-def soft_target_loss(logits: torch.Tensor, q, scored: torch.Tensor) -> torch.Tensor:
+def soft_target_loss(logits: torch.Tensor, q, scored: torch.Tensor, floor: float | None = None,
+                     floor_weight: float = 1.0) -> torch.Tensor:
     r""":math:`\mathrm{mean}_{(i,t)\ \mathrm{scored}} -\sum_v q_{i,t}(v) \log p_\theta(v \mid x_{i,\le t})`.
 
     With :class:`SparseTargets` the sum is a gather of the scored positions' log-softmax at the
     targets' token ids: the one positions x vocab tensor kept is the log-softmax of the scored
-    positions (what the loss needs). A dense ``(N, T-1, vocab)`` ``q`` is still taken."""
+    positions (what the loss needs). A dense ``(N, T-1, vocab)`` ``q`` is still taken. With ``floor``
+    (sparse targets with ``floored`` tokens), ``floor_weight`` times :func:`own_token_floor_loss` is
+    added, read off the same log-softmax (no second positions x vocab tensor)."""
     scored = scored.to(logits.device)
     if not isinstance(q, SparseTargets):
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         per_position = -(q.to(logp.device) * logp).sum(-1)
         return per_position[scored].sum() / scored.sum().clamp_min(1)
+    logp, row = _scored_log_probs(logits, q, scored)
+    if logp is None:
+        return logits.sum() * 0.0
+    picked = logp.gather(1, q.ids.to(logits.device)[row])
+    total = -(q.weights.to(logits.device)[row] * picked).sum()
+    if floor is not None:
+        total = total + floor_weight * _floor_sum(logp, q, row, floor)
+    return total / scored.sum().clamp_min(1)
+
+
+def _scored_log_probs(logits: torch.Tensor, q: SparseTargets, scored: torch.Tensor):
+    """``(logp, row)``: the float32 log-softmax at the scored positions with a target, and their rows
+    of ``q``; ``(None, None)`` when there are none."""
     if q.index.shape != scored.shape:
         raise ValueError(f"targets for {tuple(q.index.shape)} positions, scored mask {tuple(scored.shape)}")
     index = q.index.to(logits.device)
     at = scored & (index >= 0)                           # a scored position without a target adds 0
     if not bool(at.any()):
-        return logits.sum() * 0.0
-    row = index[at]
+        return None, None
     # one copy of the positions' logits, cast inside log_softmax (the float32 copy is not kept for backward)
-    logp = F.log_softmax(logits[:, :-1][at], dim=-1, dtype=torch.float32)
-    picked = logp.gather(1, q.ids.to(logits.device)[row])
-    per_position = -(q.weights.to(logits.device)[row] * picked).sum(1)
-    return per_position.sum() / scored.sum().clamp_min(1)
+    return F.log_softmax(logits[:, :-1][at], dim=-1, dtype=torch.float32), index[at]
+
+
+def _floor_sum(logp: torch.Tensor, q: SparseTargets, row: torch.Tensor, floor: float) -> torch.Tensor:
+    r""":math:`\sum_F \max(0, \log p(y) - \log \varepsilon)` over the rows of ``logp`` with a floored token."""
+    if q.floored is None:
+        raise ValueError("own_token_floor_loss needs targets with floored tokens (SparseTargets.with_floor)")
+    token = q.floored.to(logp.device)[row]
+    on = token >= 0
+    picked = logp[on].gather(1, token[on][:, None]).squeeze(1)
+    return torch.relu(picked - math.log(floor)).sum()
 
 
 def own_token_floor_loss(logits: torch.Tensor, q: SparseTargets, scored: torch.Tensor, floor: float) -> torch.Tensor:
@@ -348,18 +370,10 @@ def own_token_floor_loss(logits: torch.Tensor, q: SparseTargets, scored: torch.T
 
     :math:`S` the scored positions (the soft cross-entropy's count, so the two add as one mean). Its
     pull on the token's logit is :math:`1 - p` until :math:`p \le \varepsilon`, then none: the answer
-    goes as unlikely as an unseen person's, not below (gradient ascent without the floor)."""
-    if q.floored is None:
-        raise ValueError("own_token_floor_loss needs targets with floored tokens (SparseTargets.with_floor)")
+    goes as unlikely as an unseen person's, not below (gradient ascent without the floor). The forget
+    term adds it through :func:`soft_target_loss` (``floor=``), on one log-softmax."""
     scored = scored.to(logits.device)
-    if q.index.shape != scored.shape:
-        raise ValueError(f"targets for {tuple(q.index.shape)} positions, scored mask {tuple(scored.shape)}")
-    index = q.index.to(logits.device)
-    at = scored & (index >= 0)
-    token = q.floored.to(logits.device)[index[at]]
-    on = token >= 0
-    if not bool(on.any()):
+    logp, row = _scored_log_probs(logits, q, scored)
+    if logp is None:
         return logits.sum() * 0.0
-    logp = F.log_softmax(logits[:, :-1][at][on], dim=-1, dtype=torch.float32)
-    picked = logp.gather(1, token[on][:, None]).squeeze(1)
-    return torch.relu(picked - math.log(floor)).sum() / scored.sum().clamp_min(1)
+    return _floor_sum(logp, q, row, floor) / scored.sum().clamp_min(1)

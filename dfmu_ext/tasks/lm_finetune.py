@@ -19,7 +19,7 @@ from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
 from ..lm.edit import EditConfig, ProjectedUpdates
 from ..lm.neurons import mlp_projections
 from ..lm.reuse import exact_key, lookups_only
-from ..lm.targets import LMForgetTermConfig, own_token_floor_loss, soft_target_loss
+from ..lm.targets import LMForgetTermConfig, soft_target_loss
 from ..lm.task import batches, forward_logits, lm_loss
 
 
@@ -169,18 +169,17 @@ class LMObjective(Objective):
 
     def _forget_term(self) -> torch.Tensor:
         """The weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows;
-        on the forget side's steps with the own-token floor too (:func:`own_token_floor_loss`)."""
+        on the forget side's steps with the own-token floor too (:func:`dfmu_ext.lm.targets.own_token_floor_loss`)."""
         xf, q, scored = self.forget
         every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
         self.cursor = (self.cursor + len(every)) % xf.shape[0]
         rows, share = self._mine(every, scored)
+        # (the floored tokens are set on the neighbours' targets only; the older positions' estimate has none)
+        on = self.forget_side and q.floored is not None and self.term.own_token_floor_weight > 0
+        floor = self.term.own_token_floor if on else None
         logits = forward_logits(self.model, xf[rows].to(self.device))
-        q, scored = q[rows], scored[rows]
-        loss = soft_target_loss(logits, q, scored)
-        if self.forget_side and getattr(q, "floored", None) is not None and self.term.own_token_floor_weight > 0:
-            loss = loss + self.term.own_token_floor_weight * own_token_floor_loss(
-                logits, q, scored, self.term.own_token_floor)
-        return self.term.weight * share * loss
+        return self.term.weight * share * soft_target_loss(logits, q[rows], scored[rows], floor=floor,
+                                                           floor_weight=self.term.own_token_floor_weight)
 
     def _queue_neighbours(self) -> None:
         """Queue the distillation on the next ``batch_size`` swapped neighbours (chosen now, so the
