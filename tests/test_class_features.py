@@ -78,7 +78,9 @@ def test_feature_term_off_changes_nothing_and_on_pulls_the_class_to_its_neighbou
     for name, term in {"label": ForgetTargetConfig(weight=1.0, steps=20),
                        "label, feature_k 3": ForgetTargetConfig(weight=1.0, steps=20, feature_k=3),
                        "off": ForgetTargetConfig(weight=0.0, steps=20),
-                       "feature": ForgetTargetConfig(weight=0.0, steps=20, feature_weight=3.0, feature_k=5)}.items():
+                       # weight 10: at 3 the pull was 0.51-0.90 of the off run's distance over seeds 0-3 on an
+                       # Intel Xeon (0.89 at seed 2, where it was below 0.8 on the AMD EPYC it was written on)
+                       "feature": ForgetTargetConfig(weight=0.0, steps=20, feature_weight=10.0, feature_k=5)}.items():
         runs[name] = unlearn(copy.deepcopy(original), train, [3], retain_fraction=0.2, finetune=ft, guard=False,
                              forget_term=term, seed=2)
     a, b = runs["label"].model.state_dict(), runs["label, feature_k 3"].model.state_dict()
