@@ -241,8 +241,10 @@ def test_forget_side_says_why_it_stopped_and_warns_the_refused_trade(monkeypatch
     assert objective.optimizer.lr == 1.0                                 # the side's easing is its own
     if ended == "guard":
         assert side["gap"] == 1.0 and side["refused_drop"] == 0.031      # the state before the refused chunk
-        # the refused chunk was tried at the full step size and then at 1/2 and 1/4 of it, each undone
-        assert side["easings"] == U.FORGET_SIDE_EASINGS == 2 and side["undone_steps"] == 3 * 20
+        # the refused chunk was tried at the full step size and then at 1/2 and 1/4 of it, each undone with
+        # its FORGET_SIDE_RECOVERY chunks of retain-only steps
+        assert side["easings"] == U.FORGET_SIDE_EASINGS == 2
+        assert side["undone_steps"] == 3 * 10 * (1 + U.FORGET_SIDE_RECOVERY)
         refused = (r"estimate of Retrain is 1, above its stop 0.05 \(2 before the forget side's 10 extra "
                    r"steps\).*one more chunk, in steps 4x smaller, cost 3.1 points .* \(tolerance 2.0\)")
         with pytest.warns(dfmu_ext.ForgettingWarning, match=refused) as caught:
@@ -258,6 +260,7 @@ def test_a_refused_chunk_is_retried_in_smaller_steps(monkeypatch):
     the side goes on at lr / 2 to its stop, and the optimizer's lr is restored when the side ends."""
     U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
 
+    monkeypatch.setattr(U, "FORGET_SIDE_RECOVERY", 1)
     objective = _objective(0.8)
     runs = []   # (learning rate, forget) of each chunk run
 
@@ -283,6 +286,40 @@ def test_a_refused_chunk_is_retried_in_smaller_steps(monkeypatch):
     assert side["easings"] == 1 and side["undone_steps"] == 20 and "refused_drop" not in side
     assert objective.optimizer.lr == 0.8
     assert torch.equal(fake.model.weight, torch.full_like(fake.model.weight, 3.0))   # 5 chunks, 2 undone
+
+
+@pytest.mark.parametrize("back_after, kept", [(2, True), (None, False)])
+def test_a_chunk_beyond_the_tolerance_gets_retain_only_chunks_before_it_is_refused(monkeypatch, back_after, kept):
+    """A forget-side chunk beyond the tolerance is followed by retain-only chunks, at most
+    FORGET_SIDE_RECOVERY of them and none after the first check back within it: back within after the
+    second, the chunk is kept at its step size; never back, it is undone and retried at half."""
+    U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+    monkeypatch.setattr(U, "FORGET_SIDE_RECOVERY", 3)
+    monkeypatch.setattr(U, "FORGET_SIDE_EASINGS", 0)
+    runs = []
+
+    def chunk(*_a, forget=None, **_k):
+        runs.append(forget)
+
+    class Guard:
+        tolerance, config = 0.02, GuardConfig()
+
+        def check(self, model, stage=None):   # beyond after the first forget chunk until back_after retain chunks
+            retain = len(runs) - 1
+            bad = runs[0] == "always" and (back_after is None or retain < back_after)
+            return {"within": not bad, "drop": 0.05 if bad else 0.0}
+
+    monkeypatch.setattr(U, "run_finetune", chunk)
+    fake = _Side([2.0, 0.04])
+    targets = type("T", (), {"payload": object()})()
+    side = U._forget_side(fake, fake.model, None, targets, _objective(), None, None, None, None, Guard(), "cpu", False)
+    if kept:
+        assert runs == ["always", False, False] and side["ended"] == "reached" and side["gap"] == 0.04
+        assert side["extra_forget_steps"] == 10 and side["undone_steps"] == 0 and side["easings"] == 0
+    else:
+        assert runs == ["always", False, False, False] and side["ended"] == "guard" and side["gap"] == 2.0
+        assert side["extra_forget_steps"] == 0 and side["undone_steps"] == 40 and side["refused_drop"] == 0.05
 
 
 def test_forget_side_at_its_step_limit_says_so(monkeypatch):
