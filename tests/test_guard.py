@@ -374,6 +374,9 @@ class _SideWithNonmembers(_Side):
     def losses(self, _model, data, _device):
         return data if data is self.nonmembers else torch.tensor(self.forget_losses.pop(0))
 
+    def stricter_targets(self, _targets, _objective):   # (Task's default: no second stage)
+        return False
+
 
 def test_nonmembers_beside_the_estimate_end_the_side_once_unseen(monkeypatch):
     # a task with its own estimate (causal LMs): the estimate drives the side, the membership AUC is read

@@ -78,6 +78,9 @@ class LMForgetTermConfig:
             negative log-likelihood 5.1-6.3).
         own_token_floor_weight: :math:`\lambda`, the floor term's weight beside the soft
             cross-entropy's 1.
+        strict_stage: with ``nonmembers=``, a second forget-side stage on stricter targets
+            (:meth:`SparseTargets.own_token_unless_top`) while the non-members still tell the forget
+            sequences apart (:func:`dfmu_ext.unlearn`); False: none.
     """
 
     weight: float = 1.0
@@ -94,12 +97,14 @@ class LMForgetTermConfig:
     own_token_if_top: bool = True  # each neighbour keeps the own next token only as its best guess
     own_token_floor: float | None = 3e-3   # the forget side pushes the own token down to this, no further
     own_token_floor_weight: float = 0.3
+    strict_stage: bool = True     # (only with non-members: see unlearn's forget side)
 
     def validate(self) -> None:
         if self.source not in ("neighbours", "positions"):
             raise ValueError(f"forget term: source must be 'neighbours' or 'positions', got {self.source!r}")
-        if not isinstance(self.own_token_if_top, bool):
-            raise ValueError(f"forget term: own_token_if_top must be True or False, got {self.own_token_if_top!r}")
+        for name in ("own_token_if_top", "strict_stage"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"forget term: {name} must be True or False, got {getattr(self, name)!r}")
         if self.own_token_floor is not None and not 0.0 < self.own_token_floor < 1.0:
             raise ValueError(f"forget term: own_token_floor must be in (0, 1) or None, got {self.own_token_floor}")
         if self.own_token_floor_weight < 0:
@@ -264,6 +269,17 @@ class SparseTargets:
         total = weights.sum(1, keepdim=True)
         movable = (self.weights * ~hit).sum(1, keepdim=True) > 0
         weights = torch.where(movable, weights / total.clamp_min(1e-30), self.weights)
+        return SparseTargets(self.ids, weights, self.index, self.vocab, self.floored)
+
+    def own_token_unless_top(self, labels: torch.Tensor) -> "SparseTargets":
+        r"""The forget side's stricter targets: each position's own next token taken out where it is
+        not its top, :math:`q'(v) \propto q(v)\,[v \ne y \lor q(y) = \max q]` (``floored`` kept)."""
+        own = self._own(labels)
+        hit = self.ids == own[:, None]
+        weight = (self.weights * hit).sum(1)
+        out = ((weight > 0) & (weight < self.weights.max(1).values))[:, None]
+        weights = torch.where(hit & out, torch.zeros(()), self.weights)
+        weights = torch.where(out, weights / weights.sum(1, keepdim=True).clamp_min(1e-30), self.weights)
         return SparseTargets(self.ids, weights, self.index, self.vocab, self.floored)
 
     def _own(self, labels: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,12 @@ class Task:
         in nats, 0 once reached), or None when the task has no such estimate."""
         return None
 
+    def stricter_targets(self, targets: Targets, objective) -> bool:
+        """Make the forget targets stricter, in ``targets`` and in ``objective`` alike, for the forget
+        side's second stage: non-members still tell the forget samples apart once the task's estimate
+        was met (:func:`dfmu_ext.unlearn`). Returns whether it did (the default: the task has none)."""
+        return False
+
     def shifted_nonmembers(self, split: Split, seed: int) -> Dataset:
         """``unlearn(nonmembers="shifted")``: stand-ins for non-members made from the budget."""
         raise ValueError(f"nonmembers='shifted' is for image classifiers, not the {self.name} task")

@@ -1,0 +1,158 @@
+"""The forget side's second stage for causal LMs given non-members (issue 27): the stricter targets
+(:meth:`SparseTargets.own_token_unless_top`) against the float64 loop of
+:func:`dfmu_ext.reference.own_token_unless_top`, the task putting them in its targets and objective
+alike (:meth:`CausalLMTask.stricter_targets`), when the stage runs and what it reports
+(``dfmu_ext.unlearn._forget_side``), and an end-to-end run with non-members."""
+from __future__ import annotations
+
+import importlib
+import types
+import warnings
+
+import pytest
+import torch
+
+import dfmu_ext
+from dfmu_ext import reference
+from dfmu_ext.lm.targets import LMForgetTermConfig, SparseTargets
+from dfmu_ext.tasks.base import Targets
+from dfmu_ext.tasks.causal_lm import CausalLMTask
+from test_lm_own_token_floor import _case, _people
+
+U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
+
+
+@pytest.mark.parametrize("n, t, vocab, k, seed", [(3, 5, 11, 4, 0), (1, 1, 2, 2, 1), (4, 7, 33, 6, 2), (5, 3, 7, 7, 3)])
+def test_own_token_unless_top_matches_the_float64_reference(n, t, vocab, k, seed):
+    q, labels, scored = _case(n, t, vocab, k=k, seed=seed)
+    got = q.own_token_unless_top(labels)
+    want = reference.own_token_unless_top(q.to_dense(), labels, scored)
+    torch.testing.assert_close(got.to_dense().double(), want, rtol=1e-6, atol=1e-7)
+    assert torch.equal(got.ids, q.ids) and torch.equal(got.index, q.index)
+
+
+def test_own_token_unless_top_keeps_a_top_a_tie_an_outsider_and_the_floored_tokens():
+    """Positions: the own token the top (kept), tied with the top (kept), below it (taken out), and
+    outside the targets (nothing to take); ``floored`` stays, and :meth:`with_floor` marks anew."""
+    ids = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    weights = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    index = torch.arange(4)[None, :]
+    labels = torch.tensor([[-100, 1, 2, 3, 4]])
+    q = SparseTargets(ids, weights, index, 6).with_floor(labels, 0.05)
+    got = q.own_token_unless_top(labels)
+    torch.testing.assert_close(got.weights, torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.5 / 0.8, 0.3 / 0.8, 0.0],
+                                                          [0.5, 0.3, 0.2]]))
+    assert torch.equal(got.floored, q.floored) and q.floored.tolist() == [-1, -1, -1, 4]
+    assert got.with_floor(labels, 0.05).floored.tolist() == [-1, -1, 3, 4]
+
+
+def test_the_causal_lm_task_puts_the_stricter_targets_in_its_targets_and_objective():
+    q, labels, scored = _case(n=3, t=5, vocab=11, seed=4)
+    xq = {"input_ids": labels.clamp_min(0)}          # a scored position's label is its own next token
+    q = q.with_floor(labels, 3e-3)
+    targets = Targets((xq, q, scored), [0, 1, 2])
+    term = LMForgetTermConfig(own_token_floor=0.02)
+    objective = types.SimpleNamespace(forget=(xq, q, scored), term=term)
+    assert CausalLMTask().stricter_targets(targets, objective)
+    strict = targets.payload[1]
+    assert objective.forget[1] is strict and objective.forget[0] is xq and targets.payload[2] is scored
+    torch.testing.assert_close(strict.weights, q.own_token_unless_top(labels).weights)
+    assert torch.equal(strict.floored, q.own_token_unless_top(labels).with_floor(labels, 0.02).floored)
+    # nothing to make stricter: no targets, dense ones (the older positions' estimate), no forget term
+    assert not CausalLMTask().stricter_targets(Targets(None, [0]), objective)
+    assert not CausalLMTask().stricter_targets(Targets((xq, q.to_dense(), scored), [0]), objective)
+    assert not CausalLMTask().stricter_targets(targets, types.SimpleNamespace(forget=None, term=term))
+    off = types.SimpleNamespace(forget=(xq, q, scored), term=LMForgetTermConfig(strict_stage=False))
+    assert not CausalLMTask().stricter_targets(Targets((xq, q, scored), [0]), off) and off.forget[1] is q
+    with pytest.raises(ValueError, match="strict_stage must be True or False"):
+        LMForgetTermConfig(strict_stage=1).validate()
+
+
+class _Task:
+    """A task stand-in: the estimate's gap falls along ``gaps``; stricter targets when ``stricter``."""
+
+    forget_gap_stop = 0.05
+
+    def __init__(self, gaps, stricter=True):
+        self.gaps, self.stricter, self.calls = list(gaps), stricter, 0
+
+    def forget_gap(self, *_):
+        return self.gaps.pop(0) if len(self.gaps) > 1 else self.gaps[0]
+
+    def losses(self, *_):
+        return torch.zeros(1)
+
+    def stricter_targets(self, targets, objective):
+        self.calls += 1
+        return self.stricter
+
+
+class _Guard:
+    tolerance, config = 0.02, dfmu_ext.GuardConfig()
+
+    def check(self, model, stage=None):
+        return {"within": False, "drop": 0.05}
+
+
+@pytest.mark.parametrize("aucs, stricter, guard, strict", [
+    ([0.9, 0.8, 0.8, 0.7, 0.5], True, False, True),   # the estimate met, the AUC still high: the second stage
+    ([0.9, 0.5], True, False, False),                  # the AUC reached its stop beside the estimate
+    ([0.9, 0.8], False, False, False),                 # no stricter targets for this task
+    ([0.9], True, True, False),                        # the guard ended the side: no second stage
+])
+def test_the_second_stage_runs_on_stricter_targets_only_where_non_members_still_tell(monkeypatch, aucs, stricter,
+                                                                                      guard, strict):
+    read = list(aucs)
+    monkeypatch.setattr(U, "run_finetune", lambda *a, **k: None)
+    monkeypatch.setattr(U, "membership_auc", lambda *a: read.pop(0) if len(read) > 1 else read[0])
+    task = _Task([2.0, 0.04], stricter)
+    split = types.SimpleNamespace(forget_set=list(range(4)))
+    targets = types.SimpleNamespace(payload=object(), read=[0, 1])
+    objective = types.SimpleNamespace(optimizer=types.SimpleNamespace(lr=1.0))
+    side = U._forget_side(task, torch.nn.Linear(2, 2), split, targets, objective, None, None, None, [0], _Guard()
+                          if guard else None, "cpu", False)
+    assert side["stop"] == "estimate" and ("strict" in side) == strict
+    assert task.calls == (0 if guard or not aucs[1:] or aucs[1] <= 0.55 else 1)
+    if strict:
+        stage = side["strict"]
+        assert stage["stop"] == "strict" and stage["ended"] == "reached" and stage["threshold"] == 0.55
+        assert stage["auc_before"] == 0.8 and stage["auc"] == 0.5 == side["auc"]
+        assert stage["extra_forget_steps"] == 20 <= U.FORGET_SIDE_STEPS["strict"]
+    elif guard:
+        assert side["ended"] == "guard" and side["auc"] == 0.9
+
+
+@pytest.mark.parametrize("scrambled", [False, True])
+def test_unlearn_with_nonmembers_reports_the_second_stage_and_its_final_auc(scrambled):
+    """A tiny LM with never-trained people as non-members: the AUC reaches its stop beside the estimate
+    and no second stage runs. With their scored tokens scrambled (losses no forgotten fact reaches), the
+    AUC stays above it: the second stage runs, on its own limit, and its AUC is the side's final one."""
+    from _lm_tiny import make_model, train
+
+    data, owner, vocab = _people(people=14, seed=6)
+    train_part = torch.nonzero(owner < 12).flatten().tolist()
+    members = data.subset(train_part)
+    model = train(make_model(0, vocab=vocab), members, steps=200)
+    forget = [train_part.index(i) for i in torch.nonzero(owner == 0).flatten().tolist()]
+    nonmembers = data.subset(torch.nonzero(owner >= 12).flatten().tolist())
+    if scrambled:
+        ids, labels = nonmembers.input_ids.clone(), nonmembers.labels.clone()
+        at = labels != -100
+        ids[at] = labels[at] = torch.randint(3, vocab, (int(at.sum()),), generator=torch.Generator().manual_seed(0))
+        nonmembers = type(nonmembers)(ids, labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = dfmu_ext.unlearn(model, members, forget_indices=forget, retain_fraction=0.5, seed=0,
+                               nonmembers=nonmembers, guard=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, dfmu_ext.ForgettingWarning)]
+    side = res.info["forget_side"]
+    assert side["stop"] == "estimate" and ("strict" in side) == scrambled
+    if scrambled:
+        stage = side["strict"]
+        assert stage["stop"] == "strict" and side["auc"] == stage["auc"] > stage["threshold"] == 0.55
+        assert 0 < stage["extra_forget_steps"] <= U.FORGET_SIDE_STEPS["strict"] and stage["ended"] != "guard"
+        # the warning gives the second stage's numbers
+        assert len(said) == 1 and f"AUC {stage['auc']:.3f} after the forget side's {stage['extra_forget_steps']} " \
+            f"extra steps ({stage['auc_before']:.3g} before" in said[0]
+    else:
+        assert side["auc"] <= side["auc_threshold"]
