@@ -92,20 +92,3 @@ def own_token_floor(logits: torch.Tensor, q_dense: torch.Tensor, labels: torch.T
             logp = torch.log_softmax(logits[i, t].double(), dim=0)[y]
             total = total + torch.clamp(logp - torch.log(torch.tensor(floor, dtype=torch.float64)), min=0.0)
     return total / max(int(scored.sum()), 1)
-
-
-def own_token_unless_top(q_dense: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """The LM forget side's stricter targets as a plain loop in float64: at every scored position
-    ``(i, t)`` with a target, the own next token ``y = labels[i, t + 1]`` loses its weight, and the row
-    is renormalised, where that weight is above 0 and below the row's largest; other rows unchanged."""
-    out = q_dense.double().clone()
-    for i in range(scored.shape[0]):
-        for t in range(scored.shape[1]):
-            row = out[i, t]
-            if not bool(scored[i, t]) or float(row.sum()) == 0.0:
-                continue
-            y = int(labels[i, t + 1])
-            if 0.0 < float(row[y]) < float(row.max()):
-                row[y] = 0.0
-                out[i, t] = row / row.sum()
-    return out

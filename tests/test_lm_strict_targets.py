@@ -1,8 +1,7 @@
-"""The forget side's second stage for causal LMs given non-members (issue 27): the stricter targets
-(:meth:`SparseTargets.own_token_unless_top`) against the float64 loop of
-:func:`dfmu_ext.reference.own_token_unless_top`, the task putting them in its targets and objective
-alike (:meth:`CausalLMTask.stricter_targets`), when the stage runs and what it reports
-(``dfmu_ext.unlearn._forget_side``), and an end-to-end run with non-members."""
+"""The forget side's second stage for causal LMs given non-members (issue 27): the task putting its
+stricter targets (one made-up person's answer) in its targets and objective alike
+(:meth:`CausalLMTask.stricter_targets`), when the stage runs and what it reports
+(``dfmu_ext.unlearn._forget_side``), and end-to-end runs with non-members."""
 from __future__ import annotations
 
 import importlib
@@ -13,8 +12,7 @@ import pytest
 import torch
 
 import dfmu_ext
-from dfmu_ext import reference
-from dfmu_ext.lm.targets import LMForgetTermConfig, SparseTargets
+from dfmu_ext.lm.targets import LMForgetTermConfig
 from dfmu_ext.tasks.base import Targets
 from dfmu_ext.tasks.causal_lm import CausalLMTask
 from test_lm_own_token_floor import _case, _people
@@ -22,48 +20,59 @@ from test_lm_own_token_floor import _case, _people
 U = importlib.import_module("dfmu_ext.unlearn")   # (the package attribute is the function)
 
 
-@pytest.mark.parametrize("n, t, vocab, k, seed", [(3, 5, 11, 4, 0), (1, 1, 2, 2, 1), (4, 7, 33, 6, 2), (5, 3, 7, 7, 3)])
-def test_own_token_unless_top_matches_the_float64_reference(n, t, vocab, k, seed):
-    q, labels, scored = _case(n, t, vocab, k=k, seed=seed)
-    got = q.own_token_unless_top(labels)
-    want = reference.own_token_unless_top(q.to_dense(), labels, scored)
-    torch.testing.assert_close(got.to_dense().double(), want, rtol=1e-6, atol=1e-7)
-    assert torch.equal(got.ids, q.ids) and torch.equal(got.index, q.index)
+def _lm_objective(teacher, forget, term):
+    """An :class:`LMObjective` holding only what the second stage reads and writes."""
+    from dfmu_ext.tasks.lm_finetune import LMObjective
+
+    objective = LMObjective.__new__(LMObjective)
+    objective.teacher, objective.forget, objective.term = teacher, forget, term
+    return objective
 
 
-def test_own_token_unless_top_keeps_a_top_a_tie_an_outsider_and_the_floored_tokens():
-    """Positions: the own token the top (kept), tied with the top (kept), below it (taken out), and
-    outside the targets (nothing to take); ``floored`` stays, and :meth:`with_floor` marks anew."""
-    ids = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
-    weights = torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
-    index = torch.arange(4)[None, :]
-    labels = torch.tensor([[-100, 1, 2, 3, 4]])
-    q = SparseTargets(ids, weights, index, 6).with_floor(labels, 0.05)
-    got = q.own_token_unless_top(labels)
-    torch.testing.assert_close(got.weights, torch.tensor([[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.5 / 0.8, 0.3 / 0.8, 0.0],
-                                                          [0.5, 0.3, 0.2]]))
-    assert torch.equal(got.floored, q.floored) and q.floored.tolist() == [-1, -1, -1, 4]
-    assert got.with_floor(labels, 0.05).floored.tolist() == [-1, -1, 3, 4]
+def test_the_causal_lm_task_puts_one_neighbours_targets_in_its_targets_and_objective(monkeypatch):
+    """The second stage's targets: the original's (the teacher's) answer for each forget row's first
+    swapped neighbour, each keeping the own token only as its best guess, the informative positions
+    only, floored; put in the targets and the objective alike. Nothing changes without its source, a
+    teacher, a forget term, single-process training or ``strict_stage``."""
+    import dfmu_ext.tasks.causal_lm as C
+    from dfmu_ext.tasks.lm_finetune import LMObjective
 
-
-def test_the_causal_lm_task_puts_the_stricter_targets_in_its_targets_and_objective():
     q, labels, scored = _case(n=3, t=5, vocab=11, seed=4)
-    xq = {"input_ids": labels.clamp_min(0)}          # a scored position's label is its own next token
-    q = q.with_floor(labels, 3e-3)
-    targets = Targets((xq, q, scored), [0, 1, 2])
+    xq = {"input_ids": labels.clamp_min(0)}
+    near = types.SimpleNamespace(head=lambda count: ("head", count))
+    teacher, calls = object(), []
+
+    def template_targets(model, forget, neighbours, own_token_if_top):
+        calls.append((model, forget[1] is labels, neighbours, own_token_if_top))
+        return q
+
+    monkeypatch.setattr(C, "template_targets", template_targets)
+    monkeypatch.setattr(C, "informative", lambda got, model, x, kl: calls.append(("informative", model, kl)) or got)
     term = LMForgetTermConfig(own_token_floor=0.02)
-    objective = types.SimpleNamespace(forget=(xq, q, scored), term=term)
+    targets = Targets(("x", "q", "where"), [0], {"_one_neighbour": (xq, labels, near)})
+    objective = _lm_objective(teacher, ("x", "q", "where"), term)
     assert CausalLMTask().stricter_targets(targets, objective)
-    strict = targets.payload[1]
-    assert objective.forget[1] is strict and objective.forget[0] is xq and targets.payload[2] is scored
-    torch.testing.assert_close(strict.weights, q.own_token_unless_top(labels).weights)
-    assert torch.equal(strict.floored, q.own_token_unless_top(labels).with_floor(labels, 0.02).floored)
-    # nothing to make stricter: no targets, dense ones (the older positions' estimate), no forget term
-    assert not CausalLMTask().stricter_targets(Targets(None, [0]), objective)
-    assert not CausalLMTask().stricter_targets(Targets((xq, q.to_dense(), scored), [0]), objective)
-    assert not CausalLMTask().stricter_targets(targets, types.SimpleNamespace(forget=None, term=term))
-    off = types.SimpleNamespace(forget=(xq, q, scored), term=LMForgetTermConfig(strict_stage=False))
-    assert not CausalLMTask().stricter_targets(Targets((xq, q, scored), [0]), off) and off.forget[1] is q
+    assert calls == [(teacher, True, ("head", 3), True), ("informative", teacher, CausalLMTask.target_min_kl)]
+    one = targets.payload[1]
+    assert targets.payload[0] is xq and torch.equal(targets.payload[2], one.scored)
+    assert objective.forget[0] == "x" and objective.forget[1] is one and torch.equal(objective.forget[2], one.scored)
+    assert torch.equal(one.floored, q.with_floor(labels, 0.02).floored) and torch.equal(one.weights, q.weights)
+
+    class Parallel(LMObjective):   # (torchrun's objective: its teacher is sharded)
+        pass
+
+    fresh = lambda: Targets(("x", "q", "where"), [0], {"_one_neighbour": (xq, labels, near)})  # noqa: E731
+    for targets, objective in ((Targets(("x", "q", "where"), [0]), _lm_objective(teacher, ("x",), term)),
+                               (fresh(), _lm_objective(None, ("x",), term)),
+                               (fresh(), _lm_objective(teacher, None, term)),
+                               (fresh(), _lm_objective(teacher, ("x",), LMForgetTermConfig(strict_stage=False))),
+                               (fresh(), types.SimpleNamespace(teacher=teacher, forget=("x",), term=term))):
+        assert not CausalLMTask().stricter_targets(targets, objective) and targets.payload[1] == "q"
+    parallel = Parallel.__new__(Parallel)
+    parallel.teacher, parallel.forget, parallel.term = teacher, ("x",), term
+    assert not CausalLMTask().stricter_targets(fresh(), parallel)
+    monkeypatch.setattr(C, "template_targets", lambda *a, **k: None)   # no neighbour differs anywhere
+    assert not CausalLMTask().stricter_targets(fresh(), _lm_objective(teacher, ("x",), term))
     with pytest.raises(ValueError, match="strict_stage must be True or False"):
         LMForgetTermConfig(strict_stage=1).validate()
 

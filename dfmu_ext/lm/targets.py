@@ -78,9 +78,9 @@ class LMForgetTermConfig:
             negative log-likelihood 5.1-6.3).
         own_token_floor_weight: :math:`\lambda`, the floor term's weight beside the soft
             cross-entropy's 1.
-        strict_stage: with ``nonmembers=``, a second forget-side stage on stricter targets
-            (:meth:`SparseTargets.own_token_unless_top`) while the non-members still tell the forget
-            sequences apart (:func:`dfmu_ext.unlearn`); False: none.
+        strict_stage: with ``nonmembers=``, a second forget-side stage on stricter targets (one
+            made-up person's answer, :meth:`dfmu_ext.tasks.causal_lm.CausalLMTask.stricter_targets`)
+            while the non-members still tell the forget sequences apart (:func:`dfmu_ext.unlearn`).
     """
 
     weight: float = 1.0
@@ -269,17 +269,6 @@ class SparseTargets:
         total = weights.sum(1, keepdim=True)
         movable = (self.weights * ~hit).sum(1, keepdim=True) > 0
         weights = torch.where(movable, weights / total.clamp_min(1e-30), self.weights)
-        return SparseTargets(self.ids, weights, self.index, self.vocab, self.floored)
-
-    def own_token_unless_top(self, labels: torch.Tensor) -> "SparseTargets":
-        r"""The forget side's stricter targets: each position's own next token taken out where it is
-        not its top, :math:`q'(v) \propto q(v)\,[v \ne y \lor q(y) = \max q]` (``floored`` kept)."""
-        own = self._own(labels)
-        hit = self.ids == own[:, None]
-        weight = (self.weights * hit).sum(1)
-        out = ((weight > 0) & (weight < self.weights.max(1).values))[:, None]
-        weights = torch.where(hit & out, torch.zeros(()), self.weights)
-        weights = torch.where(out, weights / weights.sum(1, keepdim=True).clamp_min(1e-30), self.weights)
         return SparseTargets(self.ids, weights, self.index, self.vocab, self.floored)
 
     def _own(self, labels: torch.Tensor) -> torch.Tensor:
