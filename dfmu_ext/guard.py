@@ -216,3 +216,16 @@ def membership_auc(member_losses, nonmember_losses) -> float:
     if m.numel() == 0 or n.numel() == 0:
         raise ValueError("membership_auc needs at least one member and one non-member loss")
     return float(((n > m).double() + 0.5 * (n == m).double()).mean())
+
+
+def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
+    r"""The standard error of an AUC :math:`A` read off ``members`` and ``nonmembers`` scores (Hanley and
+    McNeil, 1982): :math:`\sqrt{\big(A(1-A) + (m-1)(Q_1 - A^2) + (n-1)(Q_2 - A^2)\big) / (mn)}`, with
+    :math:`Q_1 = A / (2 - A)` and :math:`Q_2 = 2A^2 / (1 + A)`."""
+    if members < 1 or nonmembers < 1 or not 0.0 <= auc <= 1.0:
+        raise ValueError(f"auc_standard_error needs an AUC in [0, 1] and counts >= 1, got {auc}, {members}, "
+                         f"{nonmembers}")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    var = auc * (1 - auc) + (members - 1) * (q1 - auc * auc) + (nonmembers - 1) * (q2 - auc * auc)
+    var /= members * nonmembers
+    return max(var, 0.0) ** 0.5

@@ -15,7 +15,8 @@ from . import record as deletion_record
 from ._common import model_device, synchronize
 from .distributed import Comm, current_comm
 from .finetune import run_finetune
-from .guard import ForgettingWarning, GuardConfig, RetentionGuard, caller_stacklevel, membership_auc
+from .guard import (ForgettingWarning, GuardConfig, RetentionGuard, auc_standard_error, caller_stacklevel,
+                    membership_auc)
 from .model_io import copy_model, model_entry
 from .result import FinetuneHistory, UnlearnResult
 from .tasks import task_for
@@ -210,6 +211,8 @@ FORGET_SIDE_PROGRESS = 0.1
 FORGET_SIDE_EASINGS = 2
 #: the most chunks of retain-only steps a forget-side chunk beyond the tolerance gets before it is refused
 FORGET_SIDE_RECOVERY = 3
+#: the second stage starts where the AUC exceeds its stop by this many standard errors (one-sided 95%)
+STRICT_STAGE_Z = 1.645
 
 
 def _prune_within(task, model, batch, is_forget, split, configs, mode, comm, watch):
@@ -256,11 +259,9 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
 
     A chunk beyond the tolerance gets up to :data:`FORGET_SIDE_RECOVERY` chunks of retain-only steps
     (ending at the first back within it). One still beyond is refused: undone and run again at half the
-    step size (the optimizer's learning rate, for the rest of the side), at most
-    :data:`FORGET_SIDE_EASINGS` times, before the side ends (``"guard"``). Why both: whether a chunk fits
-    the tolerance is a knife edge, one refusal ending all forgetting. With one retain-only chunk, 3 of 4
-    people-corpus originals trained on another CPU refused the side's first chunk at every step size and
-    answered 54-71% of the forgotten facts (Retrain 2-12%); with three, 10-12% (benchmarks/RESULTS.md).
+    step size (for the rest of the side), at most :data:`FORGET_SIDE_EASINGS` times, before the side
+    ends (``"guard"``). Why: one refusal ended all forgetting; with one retain-only chunk, 3 of 4 dev
+    people-corpus originals (another CPU) answered 54-71% of the forgotten facts, with three 10-12%.
 
     With ``nonmembers`` and a task that has its own estimate (causal LMs), the estimate still drives
     the side (its stop, plateau and lowest state) and the membership AUC is read beside it after every
@@ -271,8 +272,9 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
     Where the estimate's side ends (not by the guard) with the AUC still above its stop, a second stage
     (``strict``, reported under ``"strict"``; ``"auc"`` is then its final AUC) runs on the task's
     :meth:`~dfmu_ext.tasks.base.Task.stricter_targets` with the AUC as its measure, at most
-    ``FORGET_SIDE_STEPS["strict"]`` steps. On 8 held-out people-corpus splits it took the AUC from
-    0.62-0.70 to 0.49-0.55 (Retrain 0.48-0.56), and TOFU's forget quality from >= 0.05 on 6 to 2."""
+    ``FORGET_SIDE_STEPS["strict"]`` steps, where the AUC is above the stop by :data:`STRICT_STAGE_Z`
+    standard errors (``"auc_se"``; without it, it overshot on the keep suite's few dozen sequences a
+    side). Held out it took the AUC from 0.62-0.70 to 0.49-0.55 (Retrain 0.48-0.56; RESULTS)."""
     lever = objective is not None and targets.payload is not None
     auc = beside = None
     auc_stop = 0.5 + margin
@@ -335,7 +337,9 @@ def _forget_side(task, model, split, targets, objective, plan, config, history, 
            "easings": eased, "undone_steps": undone}
     if beside is not None:
         out.update(auc_before=seen_before, auc=seen_best if earlier else seen, auc_threshold=auc_stop)
-        if ended != "guard" and out["auc"] > auc_stop and task.stricter_targets(targets, objective):
+        out["auc_se"] = auc_standard_error(out["auc"], len(forget_read), len(nonmembers))
+        told = out["auc"] - STRICT_STAGE_Z * out["auc_se"] > auc_stop   # (a few dozen sequences: noise)
+        if ended != "guard" and told and task.stricter_targets(targets, objective):
             out["strict"] = _forget_side(task, model, split, targets, objective, plan, config, history, nonmembers,
                                          watch, device, progress, margin, chunk, strict=True)
             out["auc"] = out["strict"]["auc"]

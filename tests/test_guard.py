@@ -474,6 +474,18 @@ def test_bad_keywords_are_one_line_errors_and_change_nothing(trained, bad, match
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values()))
 
 
+def test_auc_standard_error_by_hand_and_bad_inputs():
+    from dfmu_ext.guard import auc_standard_error
+
+    # A = 0.75, 10 and 20 scores: Q1 = 0.6, Q2 = 0.642857; (0.1875 + 9 * 0.0375 + 19 * 0.080357) / 200
+    assert auc_standard_error(0.75, 10, 20) == pytest.approx((2.0517857 / 200) ** 0.5, rel=1e-6)
+    assert auc_standard_error(1.0, 5, 5) == 0.0 and auc_standard_error(0.5, 1, 1) == pytest.approx(0.5)
+    assert auc_standard_error(0.6, 400, 400) < auc_standard_error(0.6, 40, 40)
+    for bad in ((1.2, 3, 3), (0.5, 0, 3), (0.5, 3, 0)):
+        with pytest.raises(ValueError, match="auc_standard_error needs"):
+            auc_standard_error(*bad)
+
+
 def test_membership_auc_by_hand():
     from dfmu_ext.guard import membership_auc
 

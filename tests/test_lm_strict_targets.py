@@ -105,6 +105,7 @@ class _Guard:
 
 @pytest.mark.parametrize("aucs, stricter, guard, strict", [
     ([0.9, 0.8, 0.8, 0.7, 0.5], True, False, True),   # the estimate met, the AUC still high: the second stage
+    ([0.9, 0.58], True, False, False),                 # above its stop, within the noise of 200 + 200 losses
     ([0.9, 0.5], True, False, False),                  # the AUC reached its stop beside the estimate
     ([0.9, 0.8], False, False, False),                 # no stricter targets for this task
     ([0.9], True, True, False),                        # the guard ended the side: no second stage
@@ -115,13 +116,15 @@ def test_the_second_stage_runs_on_stricter_targets_only_where_non_members_still_
     monkeypatch.setattr(U, "run_finetune", lambda *a, **k: None)
     monkeypatch.setattr(U, "membership_auc", lambda *a: read.pop(0) if len(read) > 1 else read[0])
     task = _Task([2.0, 0.04], stricter)
-    split = types.SimpleNamespace(forget_set=list(range(4)))
-    targets = types.SimpleNamespace(payload=object(), read=[0, 1])
+    split = types.SimpleNamespace(forget_set=list(range(400)))
+    targets = types.SimpleNamespace(payload=object(), read=list(range(200)))
     objective = types.SimpleNamespace(optimizer=types.SimpleNamespace(lr=1.0))
-    side = U._forget_side(task, torch.nn.Linear(2, 2), split, targets, objective, None, None, None, [0], _Guard()
-                          if guard else None, "cpu", False)
+    side = U._forget_side(task, torch.nn.Linear(2, 2), split, targets, objective, None, None, None, list(range(200)),
+                          _Guard() if guard else None, "cpu", False)
     assert side["stop"] == "estimate" and ("strict" in side) == strict
-    assert task.calls == (0 if guard or not aucs[1:] or aucs[1] <= 0.55 else 1)
+    assert task.calls == (0 if guard or aucs[1] <= 0.58 else 1)
+    if not strict:   # (Hanley-McNeil on the 200 forget losses read and the 200 non-members)
+        assert side["auc_se"] == pytest.approx(dfmu_ext.guard.auc_standard_error(side["auc"], 200, 200))
     if strict:
         stage = side["strict"]
         assert stage["stop"] == "strict" and stage["ended"] == "reached" and stage["threshold"] == 0.55
