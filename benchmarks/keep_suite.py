@@ -143,6 +143,8 @@ def lm_variants():
         "DFMU, defaults without guard": dict(guard=False),
         # the forget term into every trained parameter (the routing to the entity's rows off)
         "DFMU, forget_into=trained": dict(finetune=tf(forget_into="trained")),
+        # the forget side's term one simulated relearning step away (dfmu_ext.lm.relearning)
+        "DFMU, relearn_step=1e-3": dict(forget_term=LMForgetTermConfig(relearn_step=1e-3)),
     }
 
 

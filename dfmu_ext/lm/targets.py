@@ -81,6 +81,11 @@ class LMForgetTermConfig:
         strict_stage: with ``nonmembers=``, a second forget-side stage on stricter targets (one
             made-up person's answer, :meth:`dfmu_ext.tasks.causal_lm.CausalLMTask.stricter_targets`)
             while the non-members still tell the forget sequences apart (:func:`dfmu_ext.unlearn`).
+        relearn_step: :math:`s`: on the forget side's steps the term's gradient is taken one simulated
+            relearning step away, the trained weights moved by :math:`s` per coordinate against the sign
+            of the forget sequences' own language-model loss gradient (:mod:`dfmu_ext.lm.relearning`).
+            0: off. 1e-3 is about what the battery's relearning attack moves a weight in its 10 AdamW
+            steps at 3e-4; the trade it buys is in benchmarks/RESULTS.md. Single process only.
     """
 
     weight: float = 1.0
@@ -98,6 +103,7 @@ class LMForgetTermConfig:
     own_token_floor: float | None = 3e-3   # the forget side pushes the own token down to this, no further
     own_token_floor_weight: float = 0.3
     strict_stage: bool = True     # (only with non-members: see unlearn's forget side)
+    relearn_step: float = 0.0
 
     def validate(self) -> None:
         if self.source not in ("neighbours", "positions"):
@@ -107,6 +113,8 @@ class LMForgetTermConfig:
                 raise ValueError(f"forget term: {name} must be True or False, got {getattr(self, name)!r}")
         if self.own_token_floor is not None and not 0.0 < self.own_token_floor < 1.0:
             raise ValueError(f"forget term: own_token_floor must be in (0, 1) or None, got {self.own_token_floor}")
+        if not (isinstance(self.relearn_step, (int, float)) and 0.0 <= self.relearn_step < 1.0):
+            raise ValueError(f"forget term: relearn_step must be in [0, 1), got {self.relearn_step!r}")
         if self.own_token_floor_weight < 0:
             raise ValueError(f"forget term: own_token_floor_weight must be >= 0, got {self.own_token_floor_weight}")
         if not 0.0 <= self.own_token_share <= 1.0:

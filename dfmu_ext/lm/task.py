@@ -281,3 +281,14 @@ def cat_batches(parts: Sequence[tuple[Inputs, torch.Tensor]], pad_id: int = 0) -
     inputs = Inputs({k: torch.cat([_pad_to(x[k], length, fill.get(k, pad_id)) if x[k].dim() == 2 else x[k]
                                    for x, _ in parts]) for k in keys})
     return inputs, torch.cat([_pad_to(y, length, IGNORE_INDEX) for _, y in parts])
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's token embedding: ``get_input_embeddings()`` where the model has it (Hugging Face),
+    else its first ``nn.Embedding`` with the most rows."""
+    getter = getattr(model, "get_input_embeddings", None)
+    found = getter() if callable(getter) else None
+    if isinstance(found, nn.Embedding):
+        return found
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(embeddings, key=lambda m: m.num_embeddings) if embeddings else None

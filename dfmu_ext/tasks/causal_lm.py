@@ -199,6 +199,8 @@ class CausalLMTask(Task):
 
     def objective(self, model, split, targets, pruned, configs, device, seed, comm, steps, teacher):
         if comm is not None and comm.world_size > 1:  # torchrun: FSDP2 (or DDP) fine-tune, see tasks/lm_parallel.py
+            if configs["forget_term"].relearn_step:
+                raise ValueError("forget term: relearn_step runs in one process only, not under torchrun")
             from .lm_parallel import ParallelLMObjective
             objective = ParallelLMObjective.build(model, split, targets, pruned, configs, device, seed, comm, teacher)
         else:

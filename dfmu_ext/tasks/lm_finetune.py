@@ -18,9 +18,10 @@ from .._common import eval_mode, seeded, train_mode
 from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
 from ..lm.edit import EditConfig, ProjectedUpdates
 from ..lm.neurons import mlp_projections
+from ..lm.relearning import relearning_step
 from ..lm.reuse import exact_key, lookups_only
 from ..lm.targets import LMForgetTermConfig, soft_target_loss
-from ..lm.task import batches, forward_logits, lm_loss
+from ..lm.task import batches, forward_logits, input_embedding, lm_loss
 
 
 @dataclass
@@ -171,15 +172,30 @@ class LMObjective(Objective):
         """The weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows;
         on the forget side's steps with the own-token floor too (:func:`dfmu_ext.lm.targets.own_token_floor_loss`)."""
         xf, q, scored = self.forget
-        every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
-        self.cursor = (self.cursor + len(every)) % xf.shape[0]
-        rows, share = self._mine(every, scored)
+        rows, share = self._forget_rows()
         # (the floored tokens are set on the neighbours' targets only; the older positions' estimate has none)
         on = self.forget_side and q.floored is not None and self.term.own_token_floor_weight > 0
         floor = self.term.own_token_floor if on else None
         logits = forward_logits(self.model, xf[rows].to(self.device))
         return self.term.weight * share * soft_target_loss(logits, q[rows], scored[rows], floor=floor,
                                                            floor_weight=self.term.own_token_floor_weight)
+
+    def _forget_rows(self, advance: bool = True) -> tuple[list[int], float]:
+        """The next ``term.batch_size`` forget rows (cycled) this process computes, and their mean's factor."""
+        xf, _, scored = self.forget
+        every = [(self.cursor + i) % xf.shape[0] for i in range(min(self.term.batch_size, xf.shape[0]))]
+        if advance:
+            self.cursor = (self.cursor + len(every)) % xf.shape[0]
+        return self._mine(every, scored)
+
+    def _around(self, name: str):
+        """Where queued term ``name`` runs: the forget term on the forget side one simulated relearning step
+        away (``forget_term.relearn_step``, :mod:`dfmu_ext.lm.relearning`; on the forget phase alone it did little)."""
+        if name != "forget" or not self.forget_side or not self.term.relearn_step:
+            return contextlib.nullcontext()
+        xf, _, scored = self.forget
+        rows, _ = self._forget_rows(advance=False)
+        return relearning_step(self.model, self.params, xf[rows].to(self.device), scored[rows], self.term.relearn_step)
 
     def _queue_neighbours(self) -> None:
         """Queue the distillation on the next ``batch_size`` swapped neighbours (chosen now, so the
@@ -205,15 +221,16 @@ class LMObjective(Objective):
         terms, self.terms = self.terms, []
         total = 0.0
         for name, routed, term_fn, *ids in terms:
-            term = term_fn()
-            value = float(term.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"fine-tune loss became {value} (its {name} term)")
-            if routed:
-                self._routed_backward(term, keep)
-            else:
-                self._backward(term, ids[0] if ids else None)
-            del term
+            with self._around(name):   # (its backward, too, before the weights are put back)
+                term = term_fn()
+                value = float(term.detach())
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"fine-tune loss became {value} (its {name} term)")
+                if routed:
+                    self._routed_backward(term, keep)
+                else:
+                    self._backward(term, ids[0] if ids else None)
+                del term
             total += value
         return total
 
@@ -317,17 +334,6 @@ def reset_rows(weight: torch.Tensor, tokens: torch.Tensor, seed: int) -> None:
     g = torch.Generator().manual_seed(int(seed) + 104729)
     noise = torch.randn(int(tokens.numel()), weight.shape[1], generator=g).to(weight.device)
     weight[tokens.to(weight.device)] = (ref.mean(0) + ref.std(0) * noise).to(weight.dtype)
-
-
-def input_embedding(model: nn.Module) -> nn.Embedding | None:
-    """The model's token embedding: ``get_input_embeddings()`` where the model has it (Hugging Face),
-    else its first ``nn.Embedding`` with the most rows."""
-    getter = getattr(model, "get_input_embeddings", None)
-    found = getter() if callable(getter) else None
-    if isinstance(found, nn.Embedding):
-        return found
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    return max(embeddings, key=lambda m: m.num_embeddings) if embeddings else None
 
 
 def trained_parameters(model: nn.Module, train: str, layers) -> list[torch.Tensor]:

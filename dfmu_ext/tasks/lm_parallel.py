@@ -66,10 +66,10 @@ from .._common import seeded, train_mode
 from ..distributed import Comm
 from ..finetune import AdamW, distill_loss
 from ..lm.neurons import NeuronLayer, neuron_mask_plan
-from ..lm.task import forward_logits, lm_loss, scored_tokens
+from ..lm.task import forward_logits, input_embedding, lm_loss, scored_tokens
 from ..model_io import copy_model
 from ..pruning import MaskPlan
-from .lm_finetune import LMObjective, _training_only, input_embedding
+from .lm_finetune import LMObjective, _training_only
 
 PARALLEL_ENV = "DFMU_LM_PARALLEL"
 

@@ -1,0 +1,65 @@
+r"""One simulated relearning step: the forget term read where a relearning attack would take the model.
+
+A relearning attack fine-tunes the unlearned model on a few of the forgotten sequences and reads what
+comes back. Its first AdamW step moves every parameter by about its learning rate, along the sign of the
+gradient of the language-model loss on them. :func:`relearning_step` moves the trained parameters
+:math:`\theta` that way, by ``size`` per coordinate, for the duration of a block:
+
+.. math::  \theta' = \theta - s\,\mathrm{sign}\big(\nabla_\theta\, \ell_{\mathrm{LM}}(\theta; x_f)\big),
+
+with :math:`\ell_{\mathrm{LM}}` the mean next-token loss of the forget rows' own tokens at their scored
+positions. A forget term whose gradient is taken at :math:`\theta'` and applied at :math:`\theta` (a
+first-order step of :math:`\min_\theta L_f(\theta')`, as tamper-resistant training does with a whole
+simulated fine-tune) asks that the forgetting still holds one attack step away, not only where it
+stands. The parameters are put back bit for bit when the block ends (from a copy: :math:`\theta' + s\,
+\mathrm{sign}` is not :math:`\theta` in floating point), also when it raises. Cost: one forward and
+backward of the forget rows, and one copy of the trained parameters while the block runs.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .task import IGNORE_INDEX, forward_logits, lm_loss
+
+__all__ = ["own_token_labels", "relearning_step"]
+
+
+def own_token_labels(input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Labels (``-100`` where not scored) asking for each sequence's own next token at its ``scored``
+    positions: ``scored`` is ``(N, T - 1)``, position ``t`` predicting token ``t + 1``."""
+    if scored.shape != (input_ids.shape[0], input_ids.shape[1] - 1):
+        raise ValueError(f"scored mask {tuple(scored.shape)} does not fit input ids {tuple(input_ids.shape)}")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    at = scored.to(input_ids.device).bool()
+    labels[:, 1:][at] = input_ids[:, 1:][at]
+    return labels
+
+
+@contextmanager
+def relearning_step(model: nn.Module, params: list[torch.Tensor], inputs, scored: torch.Tensor, size: float):
+    r"""Within the block, ``params`` (the trained parameters) are at :math:`\theta'` (module docstring):
+    moved by ``size`` per coordinate against the sign of the gradient of ``model``'s mean next-token loss
+    on ``inputs``' own tokens at the ``scored`` positions. A parameter with no gradient stays. Restored
+    exactly on exit. ``size`` 0 moves nothing and computes nothing."""
+    if not size > 0:
+        yield
+        return
+    labels = own_token_labels(inputs["input_ids"], scored)
+    with torch.enable_grad():
+        loss = lm_loss(forward_logits(model, inputs), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(g.sign().to(p.dtype), alpha=size)
+        del grads
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)

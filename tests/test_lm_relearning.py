@@ -1,0 +1,157 @@
+"""The forget term one simulated relearning step away (``LMForgetTermConfig(relearn_step=)``, issue 27's
+relearning target): the weights inside the step against a float64 gradient computed by hand, put back bit for
+bit, and the objective's forget-side gradient against the forget term's own gradient at the moved weights."""
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfmu_ext.lm.relearning import own_token_labels, relearning_step
+from dfmu_ext.lm.targets import LMForgetTermConfig
+from dfmu_ext.lm.task import IGNORE_INDEX, take
+
+
+def _tiny(rows: int):
+    from _lm_tiny import make_model, qa_set, train
+
+    data = qa_set()
+    return train(make_model(0), data, steps=60), take(data, list(range(rows)))
+
+
+def test_own_token_labels_ask_for_the_next_token_at_the_scored_positions_only():
+    ids = torch.tensor([[1, 5, 7, 9, 2], [1, 6, 8, 0, 0]])
+    scored = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    want = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 9, IGNORE_INDEX],
+                         [IGNORE_INDEX, 6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    assert torch.equal(own_token_labels(ids, scored), want)
+    with pytest.raises(ValueError, match="does not fit"):
+        own_token_labels(ids, scored[:, :3])
+
+
+@pytest.mark.parametrize("size", [1e-3, 0.05])
+def test_the_step_moves_each_weight_against_its_gradient_sign_and_puts_it_back(size):
+    model, (x, y) = _tiny(6)
+    model = model.double()
+    scored = y[:, 1:] != IGNORE_INDEX
+    params = [p for n, p in model.named_parameters() if not n.startswith("pos")]   # a parameter left out stays
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # the reference: the mean next-token NLL of the own tokens, its gradient in float64 by autograd on a copy
+    ref = copy.deepcopy(model)
+    logits = ref(x["input_ids"], x.get("attention_mask"))
+    logp = F.log_softmax(logits[:, :-1], -1).gather(-1, x["input_ids"][:, 1:, None])[..., 0]
+    loss = -(logp * scored).sum() / scored.sum()
+    names = [n for n, _ in model.named_parameters() if not n.startswith("pos")]
+    grads = dict(zip(names, torch.autograd.grad(loss, [dict(ref.named_parameters())[n] for n in names])))
+
+    with relearning_step(model, params, x, scored, size):
+        for n, p in model.named_parameters():
+            if n.startswith("pos"):
+                assert torch.equal(p, before[n])
+                continue
+            g = grads[n]
+            clear = g.abs() > 1e-12          # (a sign read off a float64 zero is either way)
+            want = before[n] - size * g.sign()
+            assert torch.allclose(p[clear], want[clear], rtol=0, atol=1e-15)
+            assert bool(clear.any())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_the_weights_come_back_when_the_block_raises_and_size_zero_moves_nothing():
+    model, (x, y) = _tiny(4)
+    scored = y[:, 1:] != IGNORE_INDEX
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="inside"):
+        with relearning_step(model, params, x, scored, 0.01):
+            assert any(not torch.equal(p, b) for p, b in zip(params, before))
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with relearning_step(model, params, x, scored, 0.0):
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("bad", [-1e-3, 1.0, "0.001", float("nan")])
+def test_a_bad_relearn_step_is_a_one_line_error(bad):
+    with pytest.raises(ValueError, match="relearn_step"):
+        LMForgetTermConfig(relearn_step=bad).validate()
+
+
+def _objective(relearn_step):
+    from test_lm_per_term import _setup
+
+    model, teacher, obj, (xb, yb), forget, q, near, vocab = _setup("trained")
+    obj.term = LMForgetTermConfig(batch_size=2, relearn_step=relearn_step)
+    return model, obj, (xb, yb)
+
+
+def _forget_grads(obj, batch, forget_side, around=contextlib.nullcontext):
+    """``.grad`` after the step's queued forget term alone (the budget's term and the neighbours' left out),
+    run inside ``around()`` (within the objective's context: its gradient hooks apply there)."""
+    obj.forget_side = forget_side
+    with obj.context(), around():
+        obj.loss(batch, True)
+        obj.terms = [t for t in obj.terms if t[0] == "forget"]
+        obj.optimizer.zero_grad(set_to_none=True)
+        obj.backward_terms(None)
+    return [p.grad.clone() for p in obj.params]
+
+
+def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_the_forget_side_only():
+    model, plain, batch = _objective(0.0)
+    _, shifted, _ = _objective(0.02)
+    assert all(torch.equal(a, b) for a, b in zip(plain.params, shifted.params))
+
+    # off the forget side (the fine-tune's forget phase) the setting changes nothing
+    off = [_forget_grads(o, batch, False) for o in (plain, shifted)]
+    assert all(torch.equal(a, b) for a, b in zip(*off))
+    for o in (plain, shifted):
+        o.cursor = 0
+
+    # on it: the term's gradient at theta' (moved by hand here), the weights back at theta afterwards
+    at = [p.detach().clone() for p in shifted.params]
+    xf, _, scored = shifted.forget
+    rows = [0, 1]
+    want = _forget_grads(plain, batch, True, lambda: relearning_step(plain.model, plain.params, xf[rows], scored[rows],
+                                                                     0.02))
+    got = _forget_grads(shifted, batch, True)
+    assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-12) for g, w in zip(got, want))
+    assert any(not torch.allclose(g, u, rtol=1e-6, atol=1e-9)
+               for g, u in zip(got, _forget_grads(_objective(0.0)[1], batch, True)))
+    assert all(torch.equal(p, a) for p, a in zip(shifted.params, at))
+
+
+def test_unlearn_with_the_step_on_runs_the_forget_side_and_records_the_setting():
+    """End to end on a tiny LM: the forget side's steps run one relearning step away, the weights the
+    objective saw at the end are the model's (nothing left moved), and the result's info says so."""
+    import dfmu_ext
+    from _lm_tiny import make_model, train
+    from test_lm_per_term import _people
+
+    data, owner, vocab = _people(people=10, seed=3)
+    model = train(make_model(0, vocab=vocab), data, steps=200)
+    forget = torch.nonzero(owner == 0).flatten().tolist()
+    runs = {}
+    for step in (0.0, 1e-3):
+        res = dfmu_ext.unlearn(copy.deepcopy(model), data, forget_indices=forget, retain_fraction=0.5, seed=0,
+                               guard=False, forget_term=LMForgetTermConfig(relearn_step=step))
+        side = res.info["forget_side"]
+        assert side["stop"] == "estimate" and side["extra_forget_steps"] > 0
+        assert res.info["forget_term"]["relearn_step"] == step
+        assert all(torch.isfinite(p).all() for p in res.model.parameters())
+        runs[step] = {n: p.detach().clone() for n, p in res.model.named_parameters()}
+    assert any(not torch.equal(runs[0.0][n], runs[1e-3][n]) for n in runs[0.0])
+
+
+def test_under_torchrun_the_setting_is_a_one_line_error():
+    from dfmu_ext.tasks.causal_lm import CausalLMTask
+
+    class TwoRanks:
+        world_size = 2
+
+    configs = {"forget_term": LMForgetTermConfig(relearn_step=1e-3)}
+    with pytest.raises(ValueError, match="relearn_step runs in one process only"):
+        CausalLMTask().objective(None, None, None, None, configs, None, 0, TwoRanks(), None, None)
