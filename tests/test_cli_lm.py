@@ -53,6 +53,11 @@ def test_train_then_forget_lm_checkpoint(cache):
     assert cli.main(["forget", "--task", "lm", "--ckpt", str(ckpt), "--forget-indices", str(indices), "--out",
                      str(out2), "--device", "cpu", "--quiet"]) == 0
     assert json.loads((cache / "out2" / "f-report" / "report.json").read_text())["forget_sequences"] == 4
+    # the forget side one simulated relearning step away: the setting reaches unlearn and its record
+    out3 = cache / "out3" / "f.pt"
+    assert cli.main(["forget", "--task", "lm", "--ckpt", str(ckpt), "--forget-people", "0.25", "--relearn-step",
+                     "1e-3", "--out", str(out3), "--device", "cpu", "--quiet"]) == 0
+    assert json.dumps(json.loads((cache / "out3" / "f.record.json").read_text())).count('"relearn_step": 0.001') == 1
 
 
 def test_compare_lm_runs_the_named_methods(cache):
@@ -71,6 +76,9 @@ def test_compare_lm_runs_the_named_methods(cache):
     (["compare", "--task", "lm", "--methods", "SalUn"], "SalUn does not run on causal-lm"),
     (["compare", "--task", "lm", "--fractions", "0.1,0.2"], "one retain fraction"),
     (["forget", "--task", "lm", "--out", "x.pt"], "give --ckpt"),
+    (["forget", "--task", "lm", "--out", "x.pt", "--relearn-step", "1.5"], "--relearn-step: forget term: "
+                                                                             "relearn_step must be in [0, 1)"),
+    (["forget", "--out", "x.pt", "--classes", "3", "--relearn-step", "1e-3"], "--relearn-step goes with --task lm"),
 ])
 def test_lm_usage_errors_are_one_line(cache, argv, message, capsys):
     with pytest.raises(UsageError) as info:

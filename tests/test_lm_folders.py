@@ -83,17 +83,18 @@ def test_round_trip_from_a_folder_and_tofu_files_to_a_folder_verify_accepts(hf, 
     assert cli.main(["verify", "--record", str(tmp_path / "out" / "forgot.record.json"), "--weights", str(out)]) == 1
 
 
-def test_one_data_file_with_forget_indices_and_bf16(hf, tmp_path):
+def test_one_data_file_with_forget_indices_bf16_and_a_relearning_step(hf, tmp_path):
     root, paths = hf
     (tmp_path / "idx.txt").write_text("0 1 2 3\n")
     out = tmp_path / "o"
     assert cli.main(["forget", "--task", "lm", "--hf-model", str(root / "llama"), "--data", paths["full"],
-                     "--forget-indices", str(tmp_path / "idx.txt"), "--dtype", "bf16", "--out", str(out),
-                     "--quiet"]) == 0
+                     "--forget-indices", str(tmp_path / "idx.txt"), "--dtype", "bf16", "--relearn-step", "1e-3",
+                     "--out", str(out), "--quiet"]) == 0
     state = safetensors_state_dict(str(out))
     assert {v.dtype for v in state.values()} == {torch.bfloat16}
     rec = read_record(str(tmp_path / "o.record.json"))
     assert rec["forgotten"]["samples"] == 4 and rec["model"]["dtype"] == "bf16"
+    assert json.dumps(rec).count('"relearn_step": 0.001') == 1   # (the forget side one relearning step away)
     assert rec["output"]["weights_sha256"] == state_dict_sha256(state)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .._io import OutputBatch, temp_prefix
+from ..distributed import env_world_size
 from ..zoo import data as data_mod
 from ..zoo.checkpoints import CheckpointError, load_checkpoint
 from ..zoo.coarse import subclass_indices
@@ -263,3 +264,19 @@ def check_subclass(info, subclass: str, labels: torch.Tensor) -> None:
     if int((labels == coarse).sum()) == train_idx.numel():
         raise UsageError(f"--forget-subclass {subclass} is every training sample of class {coarse} "
                          f"({info.class_names[coarse]}): forget the class with --classes {coarse} instead")
+
+
+def forget_term_kwargs(args) -> dict:
+    """``unlearn``'s ``forget_term`` for ``--relearn-step`` (checked before anything is read); {} without it."""
+    if getattr(args, "relearn_step", None) is None:
+        return {}
+    from ..lm.targets import LMForgetTermConfig
+
+    term = LMForgetTermConfig(relearn_step=args.relearn_step)
+    try:
+        term.validate()
+    except ValueError as exc:
+        raise UsageError(f"--relearn-step: {exc}") from None
+    if env_world_size() > 1:
+        raise UsageError("--relearn-step runs in one process only, not under torchrun")
+    return {"forget_term": term}

@@ -10,8 +10,8 @@ from .. import distributed
 from .._io import OutputBatch
 from ..lm import folders, formats
 from ..record import read_record, record_path_for, write_record
-from .checks import UsageError, check_outputs, logger_for, parse_device, prepare_folder, progress_enabled, \
-    read_forget_indices
+from .checks import UsageError, check_outputs, forget_term_kwargs, logger_for, parse_device, prepare_folder, \
+    progress_enabled, read_forget_indices
 
 #: Flags of other paths that mean nothing with --hf-model.
 _OTHER_FLAGS = ("ckpt", "classes", "forget_subclass", "forget_random", "forget_people", "arch", "arch_kwargs",
@@ -42,6 +42,7 @@ def cmd_lm_forget_hf(args) -> int:
     import dfmu_ext
 
     _check_flags(args)
+    term = forget_term_kwargs(args)
     device, log = parse_device(args.device), logger_for(args)
     out = os.path.abspath(args.out.rstrip(os.sep) or args.out)
     record = args.record or record_path_for(out)
@@ -68,7 +69,7 @@ def cmd_lm_forget_hf(args) -> int:
             raise UsageError(f"--nonmember-data: {exc}") from None
     if not distributed.is_main_process():  # torchrun: the same unlearn on every rank; rank 0 alone writes
         dfmu_ext.unlearn(model, data.train, forget_indices=data.forget_indices, retain_fraction=args.retain_fraction,
-                         mode=args.mode, seed=args.seed, device=device, nonmembers=nonmembers)
+                         mode=args.mode, seed=args.seed, device=device, nonmembers=nonmembers, **term)
         return 0
     input_sha = folders.folder_sha256(args.hf_model)
     log(f"read {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}) "
@@ -79,7 +80,7 @@ def cmd_lm_forget_hf(args) -> int:
         partial = batch.file(record, last=True)
         res = dfmu_ext.unlearn(model, data.train, forget_indices=data.forget_indices,
                                retain_fraction=args.retain_fraction, mode=args.mode, seed=args.seed, device=device,
-                               progress=progress_enabled(args), record=partial, nonmembers=nonmembers)
+                               progress=progress_enabled(args), record=partial, nonmembers=nonmembers, **term)
         output_sha = folders.save_folder(model, tokenizer, batch.file(out))
         rec = read_record(partial)
         # The record describes the folders as files: hashes over the tensors their safetensors hold

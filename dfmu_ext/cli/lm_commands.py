@@ -17,8 +17,8 @@ from ..training.causal_lm import LMTrainConfig
 from ..zoo.lm_training import load_causal_lm, train_people_lm
 from ..zoo.people import PeopleConfig, make_people_corpus
 from ..zoo.checkpoints import CheckpointError
-from .checks import (UsageError, check_outputs, logger_for, parse_device, parse_forget_indices, parse_fractions,
-                     prepare_folder, progress_enabled)
+from .checks import (UsageError, check_outputs, forget_term_kwargs, logger_for, parse_device, parse_forget_indices,
+                     parse_fractions, prepare_folder, progress_enabled)
 
 DEFAULT_SHARE = 0.05
 
@@ -93,6 +93,7 @@ def cmd_lm_forget(args) -> int:
         from .hf_commands import cmd_lm_forget_hf  # a Hugging Face folder and TOFU-format data
 
         return cmd_lm_forget_hf(args)
+    term = forget_term_kwargs(args)
     device, log = _start(args)
     if not args.ckpt:
         raise UsageError("give --ckpt (a `dfmu train --task lm` checkpoint)")
@@ -119,7 +120,7 @@ def cmd_lm_forget(args) -> int:
         indices = scenario.forget_indices
     if not distributed.is_main_process():  # torchrun: the same unlearn on every rank; rank 0 alone measures and writes
         unlearn(model, corpus.train, forget_indices=indices, retain_fraction=args.retain_fraction, mode=args.mode,
-                seed=args.seed, device=device, task="causal-lm")
+                seed=args.seed, device=device, task="causal-lm", **term)
         return 0
     with OutputBatch(protect=[p for _, p in inputs]) as batch:
         for folder, flag in ((os.path.dirname(os.path.abspath(args.out)), "--out"),
@@ -128,7 +129,7 @@ def cmd_lm_forget(args) -> int:
         before = lm_exp.measure(model, scenario, args.seed) if scenario is not None else None
         res = unlearn(model, corpus.train, forget_indices=indices, retain_fraction=args.retain_fraction, mode=args.mode,
                       seed=args.seed, device=device, progress=progress_enabled(args), task="causal-lm",
-                      record=batch.file(record, last=True))
+                      record=batch.file(record, last=True), **term)
         report = {"task": "causal-lm", "forget_sequences": int(len(indices)), "timings": res.timings,
                   "retain_samples_used": res.retain_samples_used, "pruned_units": res.pruned_units,
                   "total_units": res.total_units}
