@@ -80,10 +80,10 @@ def test_a_bad_relearn_step_is_a_one_line_error(bad):
         LMForgetTermConfig(relearn_step=bad).validate()
 
 
-def _objective(relearn_step):
+def _objective(relearn_step, into="trained"):
     from test_lm_per_term import _setup
 
-    model, teacher, obj, (xb, yb), forget, q, near, vocab = _setup("trained")
+    model, teacher, obj, (xb, yb), forget, q, near, vocab = _setup(into)
     obj.term = LMForgetTermConfig(batch_size=2, relearn_step=relearn_step)
     return model, obj, (xb, yb)
 
@@ -96,13 +96,15 @@ def _forget_grads(obj, batch, forget_side, around=contextlib.nullcontext):
         obj.loss(batch, True)
         obj.terms = [t for t in obj.terms if t[0] == "forget"]
         obj.optimizer.zero_grad(set_to_none=True)
-        obj.backward_terms(None)
-    return [p.grad.clone() for p in obj.params]
+        obj.backward_terms(obj.rows[0] if obj.rows is not None else None)   # (as backward_step routes it)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in obj.params]   # (routed: rows only)
 
 
-def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_the_forget_side_only():
-    model, plain, batch = _objective(0.0)
-    _, shifted, _ = _objective(0.02)
+@pytest.mark.parametrize("into", ["trained", "entity"])   # the forget term into every trained weight / the rows
+def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_the_forget_side_only(into):
+    model, plain, batch = _objective(0.0, into)
+    _, shifted, _ = _objective(0.02, into)
+    assert shifted.into_rows == (into == "entity")
     assert all(torch.equal(a, b) for a, b in zip(plain.params, shifted.params))
 
     # off the forget side (the fine-tune's forget phase) the setting changes nothing
@@ -120,7 +122,7 @@ def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_th
     got = _forget_grads(shifted, batch, True)
     assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-12) for g, w in zip(got, want))
     assert any(not torch.allclose(g, u, rtol=1e-6, atol=1e-9)
-               for g, u in zip(got, _forget_grads(_objective(0.0)[1], batch, True)))
+               for g, u in zip(got, _forget_grads(_objective(0.0, into)[1], batch, True)))
     assert all(torch.equal(p, a) for p, a in zip(shifted.params, at))
 
 
