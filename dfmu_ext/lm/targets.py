@@ -84,8 +84,8 @@ class LMForgetTermConfig:
         relearn_step: :math:`s`: on the forget side's steps the term's gradient is taken one simulated
             relearning step away, the trained weights moved by :math:`s` per coordinate against the sign
             of the forget sequences' own language-model loss gradient (:mod:`dfmu_ext.lm.relearning`).
-            0: off. 1e-3 is about what the battery's relearning attack moves a weight in its 10 AdamW
-            steps at 3e-4; the trade it buys is in benchmarks/RESULTS.md. Single process only.
+            0: off. 1e-3 is a third of the most the battery's relearning attack (10 AdamW steps at 3e-4)
+            moves a weight; the trade it buys is in benchmarks/RESULTS.md. Single process only.
     """
 
     weight: float = 1.0
