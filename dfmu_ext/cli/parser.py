@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--relearn-step", type=float, default=None, metavar="S",
                     help="with --task lm: the forget side's gradient taken one simulated relearning step of S per "
                          "weight away (e.g. 1e-3; one process): less comes back under a relearning attack, at a "
-                         "cost in forget quality (docs/lm.md)")
+                         "cost in what is kept (docs/lm.md)")
     lm.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="the dtype the model is read, unlearned and saved in (default: fp32)")
     lm.add_argument("--max-length", type=int, default=512,
