@@ -147,6 +147,35 @@ def test_relearn_attack_leaves_the_model_untouched(trained, facts):
     assert E.relearn_attack(trained, train_facts, eval_facts, steps=0) == E.answer_accuracy(trained, eval_facts)
 
 
+def test_relearn_attack_trains_only_the_named_parameters(trained, facts, monkeypatch):
+    train_facts, eval_facts = facts.subset(range(4)), facts.subset(range(4, 16))
+    every = [name for name, _ in trained.named_parameters()]
+    acc = E.relearn_attack(trained, train_facts, eval_facts, steps=3)
+    # naming every parameter is the default attack, step for step
+    assert E.relearn_attack(trained, train_facts, eval_facts, steps=3, parameters=every) == acc
+    attackers = []
+    real_copy = E.copy_model
+    monkeypatch.setattr(E, "copy_model", lambda m: attackers.append(real_copy(m)) or attackers[-1])
+    before = state(trained)
+    for pieces, moved in (("attn", {"attn.qkv", "attn.proj"}), (["mlp.0", "head"], {"mlp.0", "head"})):
+        attackers.clear()
+        out = E.relearn_attack(trained, train_facts, eval_facts, steps=3, parameters=pieces)
+        assert 0.0 <= out <= 1.0 and same_state(before, state(trained))
+        changed = {name.rsplit(".", 1)[0] for name, p in attackers[0].named_parameters()
+                   if not torch.equal(p, dict(trained.named_parameters())[name])}
+        assert changed == moved   # the named ones moved (weights and biases), every other one is bit-identical
+
+
+def test_relearn_attack_one_line_errors_for_parameters(trained, facts):
+    before = state(trained)
+    for bad, match in ((["nothing-here"], "no parameter name"), ([], "name pieces"), ([""], "name pieces"),
+                       ([3], "name pieces")):
+        with pytest.raises(ValueError, match=match) as e:
+            E.relearn_attack(trained, facts, facts, steps=1, parameters=bad)
+        assert "\n" not in str(e.value)
+    assert same_state(before, state(trained))
+
+
 def test_lm_battery(trained, facts):
     para = qa_set(16, seed=0, vary=False)  # the same answers, other prompts for some of them
     out = E.lm_battery(trained, forget_qa=facts.subset(range(8)), forget_para=para.subset(range(8)),

@@ -176,7 +176,7 @@ def membership_auc(model: nn.Module, members, nonmembers, batch_size: int = _EVA
 
 
 def relearn_attack(model: nn.Module, train_facts, eval_facts, steps: int = RELEARN_STEPS, lr: float = RELEARN_LR,
-                   batch_size: int = _EVAL_BATCH, seed: int = 0) -> float:
+                   batch_size: int = _EVAL_BATCH, seed: int = 0, parameters=None) -> float:
     r"""Few-shot relearning: answer accuracy on ``eval_facts`` after ``steps`` fine-tuning steps on
     ``train_facts``, run on a deep copy (``model`` is not touched).
 
@@ -193,6 +193,12 @@ def relearn_attack(model: nn.Module, train_facts, eval_facts, steps: int = RELEA
     chance. At lr 1e-3 the attack itself damages what it should reveal (original 0.84; on a smaller
     2-layer model 0.31); at 1e-4 it brings back less of what a partial unlearning only suppressed
     (2-layer model, NPO at lr 2e-4: 0.18 before, 0.37 after at 1e-4, 0.60 at 3e-4, Retrain 0.13-0.17).
+
+    ``parameters``: None, the attack trains every parameter; a name piece or a list of them, it trains
+    only the parameters whose name (``model.named_parameters()``) contains one, the rest stay where
+    they are. Which group brings the facts back tells where an unlearning left the route to them open
+    (``("attn",)``, ``("mlp",)``, the embeddings; benchmarks/RESULTS.md). A list no name matches is
+    an error.
     """
     train_facts = check_lm_dataset(train_facts, "train_facts")
     steps, batch_size = int(steps), _check_batch_size(batch_size)
@@ -201,11 +207,14 @@ def relearn_attack(model: nn.Module, train_facts, eval_facts, steps: int = RELEA
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     check_lm_dataset(eval_facts, "eval_facts")
+    pieces = _name_pieces(model, parameters)
     device = model_device(model)
     attacker = copy_model(model)
+    params = [p for name, p in attacker.named_parameters() if pieces is None or any(k in name for k in pieces)]
     for p in attacker.parameters():
+        p.requires_grad_(False)
+    for p in params:
         p.requires_grad_(True)
-    params = [p for p in attacker.parameters()]
     opt = AdamW(params, lr=lr, weight_decay=0.0)
     chunks = list(batches(train_facts, batch_size, device=device))
     total = sum(int(scored_tokens(y).sum()) for _, y in chunks)
@@ -220,6 +229,19 @@ def relearn_attack(model: nn.Module, train_facts, eval_facts, steps: int = RELEA
     acc = answer_accuracy(attacker, eval_facts, batch_size)
     del attacker, opt
     return acc
+
+
+def _name_pieces(model: nn.Module, parameters) -> tuple[str, ...] | None:
+    """:func:`relearn_attack`'s ``parameters`` as a tuple of non-empty name pieces (None: every
+    parameter), checked against ``model``'s parameter names."""
+    if parameters is None:
+        return None
+    pieces = (parameters,) if isinstance(parameters, str) else tuple(parameters)
+    if not pieces or not all(isinstance(k, str) and k for k in pieces):
+        raise ValueError(f"parameters must be None or non-empty name pieces, got {parameters!r}")
+    if not any(any(k in name for k in pieces) for name, _ in model.named_parameters()):
+        raise ValueError(f"parameters: no parameter name of the model contains any of {list(pieces)}")
+    return pieces
 
 
 def lm_battery(model: nn.Module, *, forget_qa, forget_para, retain_qa, retain_para=None, filler_test,
