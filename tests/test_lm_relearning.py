@@ -60,6 +60,34 @@ def test_the_step_moves_each_weight_against_its_gradient_sign_and_puts_it_back(s
         assert torch.equal(p, before[n])
 
 
+def test_frozen_weights_move_in_the_step_and_are_frozen_again():
+    """A frozen parameter given to the step moves by its float64 gradient's sign like a trained one, no
+    gradient is left on it, and it is frozen again (and bit-identical) when the block ends."""
+    model, (x, y) = _tiny(5)
+    model = model.double()
+    model.zero_grad(set_to_none=True)   # (the training's)
+    scored = y[:, 1:] != IGNORE_INDEX
+    named = dict(model.named_parameters())
+    frozen = [n for n in named if not n.startswith("pos")][:3]
+    for n in frozen:
+        named[n].requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    ref = copy.deepcopy(model).requires_grad_(True)
+    logits = ref(x["input_ids"], x.get("attention_mask"))
+    logp = F.log_softmax(logits[:, :-1], -1).gather(-1, x["input_ids"][:, 1:, None])[..., 0]
+    grads = torch.autograd.grad(-(logp * scored).sum() / scored.sum(), [dict(ref.named_parameters())[n] for n in frozen])
+    with relearning_step(model, [named[n] for n in frozen], x, scored, 0.01):
+        for n, g in zip(frozen, grads):
+            clear = g.abs() > 1e-12
+            assert bool(clear.any())
+            want = before[n] - 0.01 * g.sign()
+            assert torch.allclose(named[n][clear], want[clear], rtol=0, atol=1e-15)
+        assert all(torch.equal(p, before[n]) for n, p in named.items() if n not in frozen)
+    for n, p in named.items():
+        assert torch.equal(p, before[n]) and p.grad is None
+        assert p.requires_grad == (n not in frozen)
+
+
 def test_the_weights_come_back_when_the_block_raises_and_size_zero_moves_nothing():
     model, (x, y) = _tiny(4)
     scored = y[:, 1:] != IGNORE_INDEX
@@ -80,11 +108,17 @@ def test_a_bad_relearn_step_is_a_one_line_error(bad):
         LMForgetTermConfig(relearn_step=bad).validate()
 
 
-def _objective(relearn_step, into="trained"):
+@pytest.mark.parametrize("bad", ["all", "Frozen", None, 1])
+def test_a_bad_relearn_moves_is_a_one_line_error(bad):
+    with pytest.raises(ValueError, match="relearn_moves must be one of"):
+        LMForgetTermConfig(relearn_moves=bad).validate()
+
+
+def _objective(relearn_step, into="trained", moves="frozen"):
     from test_lm_per_term import _setup
 
     model, teacher, obj, (xb, yb), forget, q, near, vocab = _setup(into)
-    obj.term = LMForgetTermConfig(batch_size=2, relearn_step=relearn_step)
+    obj.term = LMForgetTermConfig(batch_size=2, relearn_step=relearn_step, relearn_moves=moves)
     return model, obj, (xb, yb)
 
 
@@ -100,10 +134,11 @@ def _forget_grads(obj, batch, forget_side, around=contextlib.nullcontext):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in obj.params]   # (routed: rows only)
 
 
+@pytest.mark.parametrize("moves", ["frozen", "trained"])
 @pytest.mark.parametrize("into", ["trained", "entity"])   # the forget term into every trained weight / the rows
-def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_the_forget_side_only(into):
+def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_the_forget_side_only(into, moves):
     model, plain, batch = _objective(0.0, into)
-    _, shifted, _ = _objective(0.02, into)
+    _, shifted, _ = _objective(0.02, into, moves)
     assert shifted.into_rows == (into == "entity")
     assert all(torch.equal(a, b) for a, b in zip(plain.params, shifted.params))
 
@@ -117,13 +152,19 @@ def test_the_objective_takes_the_forget_term_gradient_at_the_moved_weights_on_th
     at = [p.detach().clone() for p in shifted.params]
     xf, _, scored = shifted.forget
     rows = [0, 1]
-    want = _forget_grads(plain, batch, True, lambda: relearning_step(plain.model, plain.params, xf[rows], scored[rows],
-                                                                     0.02))
+    trained = {id(p) for p in plain.params}
+    moved = plain.params if moves == "trained" else [p for p in plain.model.parameters() if id(p) not in trained]
+    assert moved and len(moved) < len(list(plain.model.parameters()))
+    frozen_before = [p.detach().clone() for p in shifted.model.parameters() if all(p is not q for q in shifted.params)]
+    want = _forget_grads(plain, batch, True, lambda: relearning_step(plain.model, moved, xf[rows], scored[rows], 0.02))
     got = _forget_grads(shifted, batch, True)
     assert all(torch.allclose(g, w, rtol=1e-10, atol=1e-12) for g, w in zip(got, want))
     assert any(not torch.allclose(g, u, rtol=1e-6, atol=1e-9)
                for g, u in zip(got, _forget_grads(_objective(0.0, into)[1], batch, True)))
     assert all(torch.equal(p, a) for p, a in zip(shifted.params, at))
+    frozen_after = [p for p in shifted.model.parameters() if all(p is not q for q in shifted.params)]
+    assert len(frozen_after) == len(frozen_before) > 0
+    assert all(torch.equal(p, b) for p, b in zip(frozen_after, frozen_before))   # (and frozen again: the next test)
 
 
 def test_unlearn_with_the_step_on_runs_the_forget_side_and_records_the_setting():

@@ -13,7 +13,14 @@ first-order step of :math:`\min_\theta L_f(\theta')`, as tamper-resistant traini
 simulated fine-tune) asks that the forgetting still holds one attack step away, not only where it
 stands. The parameters are put back bit for bit when the block ends (from a copy: :math:`\theta' + s\,
 \mathrm{sign}` is not :math:`\theta` in floating point), also when it raises. Cost: one forward and
-backward of the forget rows, and one copy of the trained parameters while the block runs.
+backward of the forget rows, and one copy of the moved parameters while the block runs.
+
+Which parameters move is the caller's choice. The fine-tune trains a few MLPs; an attacker moves every
+weight, and on the people corpus the relearned facts came back more through the attention (which DFMU
+never trains) than through the MLPs. Moving the weights the fine-tune leaves *frozen* (the MLPs it trains
+stay at :math:`\theta` and take the gradient) asks that the trained weights hold the forgetting against
+an attack on the weights they cannot repair: held out, relearning 0.16 → 0.085 (Retrain 0.044) at the
+same cost (benchmarks/RESULTS.md, "the relearning step moving the frozen weights").
 """
 from __future__ import annotations
 
@@ -40,17 +47,25 @@ def own_token_labels(input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Ten
 
 @contextmanager
 def relearning_step(model: nn.Module, params: list[torch.Tensor], inputs, scored: torch.Tensor, size: float):
-    r"""Within the block, ``params`` (the trained parameters) are at :math:`\theta'` (module docstring):
+    r"""Within the block, ``params`` (the moved parameters) are at :math:`\theta'` (module docstring):
     moved by ``size`` per coordinate against the sign of the gradient of ``model``'s mean next-token loss
-    on ``inputs``' own tokens at the ``scored`` positions. A parameter with no gradient stays. Restored
-    exactly on exit. ``size`` 0 moves nothing and computes nothing."""
+    on ``inputs``' own tokens at the ``scored`` positions. A frozen parameter among them is given a gradient
+    for this computation and frozen again; a parameter with no gradient stays. Restored exactly on exit.
+    ``size`` 0 moves nothing and computes nothing."""
     if not size > 0:
         yield
         return
     labels = own_token_labels(inputs["input_ids"], scored)
-    with torch.enable_grad():
-        loss = lm_loss(forward_logits(model, inputs), labels)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    frozen = [p for p in params if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = lm_loss(forward_logits(model, inputs), labels)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -86,6 +86,9 @@ class LMForgetTermConfig:
             of the forget sequences' own language-model loss gradient (:mod:`dfmu_ext.lm.relearning`).
             0: off. 1e-3 is a third of the most the battery's relearning attack (10 AdamW steps at 3e-4)
             moves a weight; the trade it buys is in benchmarks/RESULTS.md. Single process only.
+        relearn_moves: which weights the simulated step moves: ``"frozen"``, those the fine-tune does not
+            train (the attention, norms, embeddings; held out relearning 0.085 against ``"trained"``'s 0.16,
+            Retrain 0.044, at the same cost in kept facts), or ``"trained"`` (the default before 2026-12-07).
     """
 
     weight: float = 1.0
@@ -104,10 +107,12 @@ class LMForgetTermConfig:
     own_token_floor_weight: float = 0.3
     strict_stage: bool = True     # (only with non-members: see unlearn's forget side)
     relearn_step: float = 0.0
+    relearn_moves: str = "frozen"
 
     def validate(self) -> None:
-        if self.source not in ("neighbours", "positions"):
-            raise ValueError(f"forget term: source must be 'neighbours' or 'positions', got {self.source!r}")
+        for name, allowed in (("source", ("neighbours", "positions")), ("relearn_moves", ("frozen", "trained"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"forget term: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("own_token_if_top", "strict_stage"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"forget term: {name} must be True or False, got {getattr(self, name)!r}")

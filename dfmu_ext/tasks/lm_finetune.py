@@ -197,7 +197,10 @@ class LMObjective(Objective):
             return contextlib.nullcontext()
         xf, _, scored = self.forget
         rows, _ = self._forget_rows(advance=False)
-        return relearning_step(self.model, self.params, xf[rows].to(self.device), scored[rows], self.term.relearn_step)
+        trained = {id(p) for p in self.params}   # moved: the weights the fine-tune trains, or those it leaves frozen
+        moved = self.params if self.term.relearn_moves == "trained" else [
+            p for p in self.model.parameters() if id(p) not in trained]
+        return relearning_step(self.model, moved, xf[rows].to(self.device), scored[rows], self.term.relearn_step)
 
     def _queue_neighbours(self) -> None:
         """Queue the distillation on the next ``batch_size`` swapped neighbours (chosen now, so the
