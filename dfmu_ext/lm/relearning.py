@@ -2,7 +2,7 @@ r"""One simulated relearning step: the forget term read where a relearning attac
 
 A relearning attack fine-tunes the unlearned model on a few of the forgotten sequences and reads what
 comes back. Its first AdamW step moves every parameter by about its learning rate, along the sign of the
-gradient of the language-model loss on them. :func:`relearning_step` moves the trained parameters
+gradient of the language-model loss on them. :func:`relearning_step` moves given parameters
 :math:`\theta` that way, by ``size`` per coordinate, for the duration of a block:
 
 .. math::  \theta' = \theta - s\,\mathrm{sign}\big(\nabla_\theta\, \ell_{\mathrm{LM}}(\theta; x_f)\big),
@@ -15,12 +15,23 @@ stands. The parameters are put back bit for bit when the block ends (from a copy
 \mathrm{sign}` is not :math:`\theta` in floating point), also when it raises. Cost: one forward and
 backward of the forget rows, and one copy of the moved parameters while the block runs.
 
-Which parameters move is the caller's choice. The fine-tune trains a few MLPs; an attacker moves every
-weight, and on the people corpus the relearned facts came back more through the attention (which DFMU
-never trains) than through the MLPs. Moving the weights the fine-tune leaves *frozen* (the MLPs it trains
-stay at :math:`\theta` and take the gradient) asks that the trained weights hold the forgetting against
-an attack on the weights they cannot repair: held out, relearning 0.16 → 0.085 (Retrain 0.044) at the
-same cost (benchmarks/RESULTS.md, "the relearning step moving the frozen weights").
+The settings (``LMForgetTermConfig``, opt-in) and why:
+
+- ``relearn_step`` :math:`s` = 1e-3 is a third of the most the battery's relearning attack (10 AdamW steps
+  at 3e-4) moves a weight.
+- ``relearn_moves``: which parameters move. The fine-tune trains a few MLPs; an attacker moves every
+  weight, and on the people corpus the relearned facts came back more through the attention (which DFMU
+  never trains) than through the MLPs. Moving the weights the fine-tune leaves ``"frozen"`` (the MLPs it
+  trains stay at :math:`\theta` and take the gradient) asks that the trained weights hold the forgetting
+  against an attack on the weights they cannot repair: held out, relearning 0.085 (Retrain 0.044) where
+  moving the ``"trained"`` MLPs (the opt-in before 2026-12-07) gave 0.16, at the same cost
+  (benchmarks/RESULTS.md).
+- ``relearn_rest_share`` :math:`r`: the step alone forgets past Retrain. The forgotten answers'
+  probability that the term holds at the targets one step away is below them at :math:`\theta` (held
+  out, facts still answered 0.015 against Retrain's 0.08). So the forget side's term is
+  :math:`r\,L_f(\theta) + (1 - r)\,L_f(\theta')` on the same rows: :math:`r` = 0.25 took the forgotten
+  facts to Retrain's level on the development splits (0.049 → 0.067, Retrain 0.069) with relearning
+  0.095 → 0.114 (Retrain 0.057). It costs one more forward and backward of the forget rows.
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ from torch import nn
 
 from .task import IGNORE_INDEX, forward_logits, lm_loss
 
-__all__ = ["own_token_labels", "relearning_step"]
+__all__ = ["moved_parameters", "own_token_labels", "relearning_step"]
 
 
 def own_token_labels(input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,16 @@ def own_token_labels(input_ids: torch.Tensor, scored: torch.Tensor) -> torch.Ten
     at = scored.to(input_ids.device).bool()
     labels[:, 1:][at] = input_ids[:, 1:][at]
     return labels
+
+
+def moved_parameters(model: nn.Module, trained: list[torch.Tensor], moves: str) -> list[torch.Tensor]:
+    """The parameters the step moves: the fine-tune's ``trained`` ones (``"trained"``), or every other
+    parameter of ``model`` (``"frozen"``: for a large model a copy and a gradient of most of its weights
+    while the step holds, where ``"trained"`` costs those of the trained MLPs only)."""
+    if moves == "trained":
+        return list(trained)
+    ids = {id(p) for p in trained}
+    return [p for p in model.parameters() if id(p) not in ids]
 
 
 @contextmanager

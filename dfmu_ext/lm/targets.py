@@ -81,14 +81,11 @@ class LMForgetTermConfig:
         strict_stage: with ``nonmembers=``, a second forget-side stage on stricter targets (one
             made-up person's answer, :meth:`dfmu_ext.tasks.causal_lm.CausalLMTask.stricter_targets`)
             while the non-members still tell the forget sequences apart (:func:`dfmu_ext.unlearn`).
-        relearn_step: :math:`s`: on the forget side's steps the term's gradient is taken one simulated
-            relearning step away, the trained weights moved by :math:`s` per coordinate against the sign
-            of the forget sequences' own language-model loss gradient (:mod:`dfmu_ext.lm.relearning`).
-            0: off. 1e-3 is a third of the most the battery's relearning attack (10 AdamW steps at 3e-4)
-            moves a weight; the trade it buys is in benchmarks/RESULTS.md. Single process only.
-        relearn_moves: which weights the simulated step moves: ``"frozen"``, those the fine-tune does not
-            train (the attention, norms, embeddings; held out relearning 0.085 against ``"trained"``'s 0.16,
-            Retrain 0.044, at the same cost in kept facts), or ``"trained"`` (the default before 2026-12-07).
+        relearn_step, relearn_moves, relearn_rest_share: :math:`s`, which weights move, :math:`r`: on the
+            forget side's steps the term is :math:`r\,L_f(\theta) + (1 - r)\,L_f(\theta')`, :math:`\theta'`
+            one simulated relearning step of :math:`s` per weight away on the weights the fine-tune leaves
+            ``"frozen"`` (or on the ``"trained"`` ones); why each, and their defaults:
+            :mod:`dfmu_ext.lm.relearning`. :math:`s` = 0: off. Single process only.
     """
 
     weight: float = 1.0
@@ -108,6 +105,7 @@ class LMForgetTermConfig:
     strict_stage: bool = True     # (only with non-members: see unlearn's forget side)
     relearn_step: float = 0.0
     relearn_moves: str = "frozen"
+    relearn_rest_share: float = 0.25
 
     def validate(self) -> None:
         for name, allowed in (("source", ("neighbours", "positions")), ("relearn_moves", ("frozen", "trained"))):
@@ -118,8 +116,11 @@ class LMForgetTermConfig:
                 raise ValueError(f"forget term: {name} must be True or False, got {getattr(self, name)!r}")
         if self.own_token_floor is not None and not 0.0 < self.own_token_floor < 1.0:
             raise ValueError(f"forget term: own_token_floor must be in (0, 1) or None, got {self.own_token_floor}")
-        if not (isinstance(self.relearn_step, (int, float)) and 0.0 <= self.relearn_step < 1.0):
-            raise ValueError(f"forget term: relearn_step must be in [0, 1), got {self.relearn_step!r}")
+        step, rest = self.relearn_step, self.relearn_rest_share
+        if not (isinstance(step, (int, float)) and not isinstance(step, bool) and 0.0 <= step < 1.0):
+            raise ValueError(f"forget term: relearn_step must be in [0, 1), got {step!r}")
+        if not (isinstance(rest, (int, float)) and not isinstance(rest, bool) and 0.0 <= rest <= 1.0):
+            raise ValueError(f"forget term: relearn_rest_share must be in [0, 1], got {rest!r}")
         if self.own_token_floor_weight < 0:
             raise ValueError(f"forget term: own_token_floor_weight must be >= 0, got {self.own_token_floor_weight}")
         if not 0.0 <= self.own_token_share <= 1.0:

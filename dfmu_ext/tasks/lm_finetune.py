@@ -18,7 +18,7 @@ from .._common import eval_mode, seeded, train_mode
 from ..finetune import AdamW, MomentumSGD, Objective, distill_loss, epochs_for
 from ..lm.edit import EditConfig, ProjectedUpdates
 from ..lm.neurons import mlp_projections
-from ..lm.relearning import relearning_step
+from ..lm.relearning import moved_parameters, relearning_step
 from ..lm.reuse import exact_key, lookups_only
 from ..lm.targets import LMForgetTermConfig, soft_target_loss
 from ..lm.task import batches, forward_logits, input_embedding, lm_loss
@@ -49,10 +49,9 @@ class LMFinetuneConfig:
                 or self.neighbours < 0 or self.partners < 0:
             raise ValueError("epochs must be >= 0, lr > 0, batch_size >= 1, min_steps, distill, neighbours and "
                              "partners >= 0")
-        if self.forget_into not in ("auto", "trained", "entity"):
-            raise ValueError(f"finetune.forget_into must be 'auto', 'trained' or 'entity', got {self.forget_into!r}")
-        if self.train not in ("all", "mlp", "mlp+entity"):
-            raise ValueError(f"finetune.train must be 'all', 'mlp' or 'mlp+entity', got {self.train!r}")
+        for name, allowed in (("forget_into", ("auto", "trained", "entity")), ("train", ("all", "mlp", "mlp+entity"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"finetune.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.nearest <= 1.0:
             raise ValueError(f"finetune.nearest must be in [0, 1], got {self.nearest}")
 
@@ -62,8 +61,7 @@ class LMFinetuneConfig:
 
 @contextlib.contextmanager
 def _training_only(model: nn.Module, params: list[torch.Tensor]):
-    """Within the block only ``params`` require a gradient (the others get none computed or left
-    behind); every flag is restored on exit, also on error."""
+    """Within the block only ``params`` require a gradient; every flag is restored on exit, also on error."""
     keep = {id(p) for p in params}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
     for p in frozen:
@@ -158,7 +156,7 @@ class LMObjective(Objective):
         self.budget_ids = x["input_ids"] if "input_ids" in x else None
         self.terms = []
         if forget_phase and self.forget is not None:
-            self.terms.append(("forget", self.into_rows, self._forget_term))
+            self.terms += self._forget_terms()
         if self.teacher is not None and self.config.distill > 0:
             loss = loss + self.config.distill * self._distill(x, logits)
             if self.neighbours is not None:   # where they differ from the forget sequences (lm.neighbours)
@@ -170,17 +168,24 @@ class LMObjective(Objective):
         per row, what the term's mean counts): all of them, 1, here; a rank's share under torchrun."""
         return rows, 1.0
 
-    def _forget_term(self) -> torch.Tensor:
-        """The weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows;
+    def _forget_terms(self) -> list:
+        r"""The forget term, queued; on the forget side under ``relearn_step``, ``relearn_rest_share`` of it at
+        :math:`\theta` (first, on the same rows) and the rest one simulated relearning step away (:meth:`_around`)."""
+        rest = self.term.relearn_rest_share if self.forget_side and self.term.relearn_step else 0.0
+        moved = ("forget", self.into_rows, lambda: self._forget_term(1.0 - rest))
+        return [("forget_rest", self.into_rows, lambda: self._forget_term(rest, False)), moved] if rest else [moved]
+
+    def _forget_term(self, scale: float = 1.0, advance: bool = True) -> torch.Tensor:
+        """``scale`` times the weighted soft cross-entropy to the targets on the next ``term.batch_size`` forget rows;
         on the forget side's steps with the own-token floor too (:func:`dfmu_ext.lm.targets.own_token_floor_loss`)."""
         xf, q, scored = self.forget
-        rows, share = self._forget_rows()
+        rows, share = self._forget_rows(advance)
         # (the floored tokens are set on the neighbours' targets only; the older positions' estimate has none)
         on = self.forget_side and q.floored is not None and self.term.own_token_floor_weight > 0
         floor = self.term.own_token_floor if on else None
         logits = forward_logits(self.model, xf[rows].to(self.device))
-        return self.term.weight * share * soft_target_loss(logits, q[rows], scored[rows], floor=floor,
-                                                           floor_weight=self.term.own_token_floor_weight)
+        return scale * self.term.weight * share * soft_target_loss(logits, q[rows], scored[rows], floor=floor,
+                                                                   floor_weight=self.term.own_token_floor_weight)
 
     def _forget_rows(self, advance: bool = True) -> tuple[list[int], float]:
         """The next ``term.batch_size`` forget rows (cycled) this process computes, and their mean's factor."""
@@ -197,9 +202,7 @@ class LMObjective(Objective):
             return contextlib.nullcontext()
         xf, _, scored = self.forget
         rows, _ = self._forget_rows(advance=False)
-        trained = {id(p) for p in self.params}   # moved: the weights the fine-tune trains, or those it leaves frozen
-        moved = self.params if self.term.relearn_moves == "trained" else [
-            p for p in self.model.parameters() if id(p) not in trained]
+        moved = moved_parameters(self.model, self.params, self.term.relearn_moves)
         return relearning_step(self.model, moved, xf[rows].to(self.device), scored[rows], self.term.relearn_step)
 
     def _queue_neighbours(self) -> None:
