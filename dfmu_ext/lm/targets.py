@@ -105,7 +105,7 @@ class LMForgetTermConfig:
     strict_stage: bool = True     # (only with non-members: see unlearn's forget side)
     relearn_step: float = 0.0
     relearn_moves: str = "frozen"
-    relearn_rest_share: float = 0.25
+    relearn_rest_share: float = 0.0
 
     def validate(self) -> None:
         for name, allowed in (("source", ("neighbours", "positions")), ("relearn_moves", ("frozen", "trained"))):
