@@ -16,7 +16,9 @@ For each (size, dtype, sequence length, batch) row it measures, each in a fresh 
   2-step edit (off by default), ``dfmu-nodistill`` without the distillation term (its teacher copy
   and teacher logits), ``dfmu-eager`` with the distillation as it was computed before issue 28's lean
   :func:`dfmu_ext.finetune.distill_loss` (eager ``log_softmax``/``kl_div`` on float32 copies: the
-  "before" of that change), ``dfmu+ckpt`` with gradient checkpointing on;
+  "before" of that change), ``dfmu+ckpt`` with gradient checkpointing on, ``dfmu-relearn`` with the
+  opt-in simulated relearning step (``relearn_step=1e-3``, moving the weights the fine-tune leaves frozen)
+  and ``dfmu-relearn-trained`` the same moving the trained ones;
 - ``finetune``: one epoch of plain fine-tuning (AdamW, every parameter) on the same 8 sequences;
 - ``targets``: the LM forget term's targets at TOFU forget10's shape (400 forget sequences of 128
   tokens, a 128k vocabulary, k=200) on a 10M model, stored sparsely (the dense q: 26 GB).
@@ -72,7 +74,7 @@ GRIDS = {
         ("10m", "fp32", 512, 4, ("score", "plain", "plain+ckpt", "dfmu", "finetune")),
         ("10m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
         ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-eager", "dfmu-edit", "dfmu-nodistill",
-                                  "finetune")),
+                                  "dfmu-relearn", "dfmu-relearn-trained", "finetune")),
         ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
     ],
     "large": [
@@ -213,7 +215,9 @@ def _runner(what: str, model, seq: int, batch: int, vocab: int, device, neighbou
 
     ft = LMFinetuneConfig(epochs=1, batch_size=batch, min_steps=0, distill=0.0 if kind == "dfmu-nodistill" else 5.0,
                           neighbours=neighbours)
-    term = LMForgetTermConfig(batch_size=max(1, batch // 2), references=8, k=20)
+    relearn = dict(relearn_step=1e-3, relearn_moves="trained" if kind.endswith("trained") else "frozen")
+    term = LMForgetTermConfig(batch_size=max(1, batch // 2), references=8, k=20,
+                              **(relearn if kind.startswith("dfmu-relearn") else {}))
     # DFMU's default is no edit (EditConfig(steps=0)); dfmu-edit measures the opt-in 2-step edit
     edit = EditConfig(steps=2, batch_size=max(1, batch // 2), references=4) if kind == "dfmu-edit" else None
     if kind == "dfmu-eager":

@@ -57,7 +57,13 @@ def test_train_then_forget_lm_checkpoint(cache):
     out3 = cache / "out3" / "f.pt"
     assert cli.main(["forget", "--task", "lm", "--ckpt", str(ckpt), "--forget-people", "0.25", "--relearn-step",
                      "1e-3", "--out", str(out3), "--device", "cpu", "--quiet"]) == 0
-    assert json.dumps(json.loads((cache / "out3" / "f.record.json").read_text())).count('"relearn_step": 0.001') == 1
+    record = json.dumps(json.loads((cache / "out3" / "f.record.json").read_text()))
+    assert record.count('"relearn_step": 0.001') == 1 and record.count('"relearn_moves": "frozen"') == 1
+    out4 = cache / "out4" / "f.pt"   # the step on the trained weights instead
+    assert cli.main(["forget", "--task", "lm", "--ckpt", str(ckpt), "--forget-people", "0.25", "--relearn-step",
+                     "1e-3", "--relearn-moves", "trained", "--out", str(out4), "--device", "cpu", "--quiet"]) == 0
+    record = json.dumps(json.loads((cache / "out4" / "f.record.json").read_text()))
+    assert record.count('"relearn_moves": "trained"') == 1
 
 
 def test_compare_lm_runs_the_named_methods(cache):
@@ -79,6 +85,10 @@ def test_compare_lm_runs_the_named_methods(cache):
     (["forget", "--task", "lm", "--out", "x.pt", "--relearn-step", "1.5"], "--relearn-step: forget term: "
                                                                              "relearn_step must be in [0, 1)"),
     (["forget", "--out", "x.pt", "--classes", "3", "--relearn-step", "1e-3"], "--relearn-step goes with --task lm"),
+    (["forget", "--out", "x.pt", "--classes", "3", "--relearn-moves", "trained"],
+     "--relearn-moves goes with --task lm"),
+    (["forget", "--task", "lm", "--out", "x.pt", "--relearn-moves", "trained"],
+     "--relearn-moves goes with --relearn-step"),
 ])
 def test_lm_usage_errors_are_one_line(cache, argv, message, capsys):
     with pytest.raises(UsageError) as info:

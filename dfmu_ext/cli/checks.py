@@ -267,12 +267,16 @@ def check_subclass(info, subclass: str, labels: torch.Tensor) -> None:
 
 
 def forget_term_kwargs(args) -> dict:
-    """``unlearn``'s ``forget_term`` for ``--relearn-step`` (checked before anything is read); {} without it."""
+    """``unlearn``'s ``forget_term`` for ``--relearn-step`` and ``--relearn-moves`` (checked before anything is
+    read); {} without them."""
+    moves = getattr(args, "relearn_moves", None)
     if getattr(args, "relearn_step", None) is None:
+        if moves is not None:
+            raise UsageError("--relearn-moves goes with --relearn-step")
         return {}
     from ..lm.targets import LMForgetTermConfig
 
-    term = LMForgetTermConfig(relearn_step=args.relearn_step)
+    term = LMForgetTermConfig(relearn_step=args.relearn_step, **({"relearn_moves": moves} if moves else {}))
     try:
         term.validate()
     except ValueError as exc:

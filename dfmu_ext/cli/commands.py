@@ -98,8 +98,9 @@ def cmd_forget(args) -> int:
         return lm_commands.cmd_lm_forget(args)
     if getattr(args, "nonmember_data", None):
         raise UsageError("--nonmember-data goes with --task lm --hf-model")
-    if getattr(args, "relearn_step", None) is not None:
-        raise UsageError("--relearn-step goes with --task lm")
+    for flag in ("relearn_step", "relearn_moves"):
+        if getattr(args, flag, None) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} goes with --task lm")
     device = parse_device(args.device)
     steps = _steps(args, device)
     byo = _byo_given(args)

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --task lm: the forget side's gradient taken one simulated relearning step of S per "
                          "weight away (e.g. 1e-3; one process): less comes back under a relearning attack, at a "
                          "cost in what is kept (docs/lm.md)")
+    lm.add_argument("--relearn-moves", choices=["frozen", "trained"], default=None,
+                    help="with --relearn-step: the weights the simulated step moves, those the fine-tune leaves "
+                         "frozen (the default) or the trained ones")
     lm.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                     help="the dtype the model is read, unlearned and saved in (default: fp32)")
     lm.add_argument("--max-length", type=int, default=512,
