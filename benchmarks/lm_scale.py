@@ -70,11 +70,12 @@ GRIDS = {
     "small": [
         ("10m-128k", "fp32", 128, 400, ("targets",)),
         ("10m", "fp32", 128, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-nodistill", "finetune")),
-        ("10m", "fp32", 256, 4, ("plain", "finetune", "dfmu", "dfmu-eager", "dfmu-edit")),
+        ("10m", "fp32", 256, 4, ("plain", "finetune", "dfmu", "dfmu-eager", "dfmu-edit", "dfmu-relearn",
+                                 "dfmu-relearn-trained")),
         ("10m", "fp32", 512, 4, ("score", "plain", "plain+ckpt", "dfmu", "finetune")),
         ("10m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
         ("100m", "fp32", 256, 4, ("score", "plain", "plain+ckpt", "dfmu", "dfmu-eager", "dfmu-edit", "dfmu-nodistill",
-                                  "dfmu-relearn", "dfmu-relearn-trained", "finetune")),
+                                  "finetune")),
         ("100m", "bf16", 256, 4, ("score", "plain", "dfmu", "dfmu-eager", "finetune")),
     ],
     "large": [
