@@ -64,8 +64,9 @@ SIZES = {
                num_key_value_heads=8, vocab_size=128256),
 }
 
-#: (size, dtype, seq, batch, measurements). "small" runs in a few minutes on 2 CPU cores; "full" adds
-#: the large sizes (run once, alone on the machine: the 1B row holds about 10 GB).
+#: (size, dtype, seq, batch, measurements). "full" adds the large sizes to "small" (run once, alone on the
+#: machine: the 1B row holds about 10 GB). A dfmu row runs DFMU's forget side too (up to 300 steps): 215 s for
+#: the 10M row at 256 tokens on 2 CPU cores (2026-12-07), so the 100M rows want a larger --timeout.
 GRIDS = {
     "small": [
         ("10m-128k", "fp32", 128, 400, ("targets",)),
