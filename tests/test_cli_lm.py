@@ -73,6 +73,7 @@ def test_compare_lm_runs_the_named_methods(cache):
     result = json.loads((out / "comparison.json").read_text())
     assert set(result["summary"]["0.25"]) == {"Original", "Retrain", "DFMU", "GA"}
     assert os.path.getsize(out / "comparison.png") > 0
+    assert (out / "comparison_frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("argv, message", [

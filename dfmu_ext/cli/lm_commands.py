@@ -10,6 +10,7 @@ from .. import distributed
 from .._io import OutputBatch, write_json
 from ..baselines import SPECS, resolve_methods
 from ..experiments import lm as lm_exp
+from ..experiments import lm_plots
 from ..unlearn import unlearn
 from ..record import record_path_for
 from ..zoo.checkpoints import save_checkpoint
@@ -162,17 +163,22 @@ def _comparison(args, device, methods: dict, shares, seeds, log) -> dict:
                                     device=device, progress=progress_enabled(args), log=log)
 
 
-def _run_and_write(args, device, log, methods: dict, shares, seeds, stem: str, title: str) -> int:
-    """Run the comparison, write ``<stem>.json`` and ``<stem>.png`` in --out-dir (all or nothing), print the table."""
+def _run_and_write(args, device, log, methods: dict, shares, seeds, stem: str, title: str,
+                   frontier: bool = False) -> int:
+    """Run the comparison, write ``<stem>.json`` and ``<stem>.png`` in --out-dir (and, with ``frontier``,
+    ``<stem>_frontier.png``: forgetting against what is kept) all or nothing, print the table."""
     check_outputs([args.out_dir], [])
     with OutputBatch() as batch:
         prepare_folder(args.out_dir, "--out-dir", batch)
         result = _comparison(args, device, methods, shares, seeds, log)
         write_json(batch.file(os.path.join(args.out_dir, f"{stem}.json")), result)
-        lm_exp.plot_lm(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}.png")), title)
+        lm_plots.plot_lm(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}.png")), title)
+        if frontier:
+            lm_plots.plot_lm_frontier(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}_frontier.png")),
+                                      f"{title}: forgetting against what is kept")
         batch.publish()
     _print_table(result["summary"], log)
-    log(f"wrote {stem}.json and {stem}.png in {args.out_dir}")
+    log(f"wrote {stem}.json, {stem}.png{f' and {stem}_frontier.png' if frontier else ''} in {args.out_dir}")
     return 0
 
 
@@ -194,4 +200,5 @@ def cmd_lm_compare(args) -> int:
     shares = parse_fractions(args.forget_shares)
     methods = {n: SPECS[n].fn for n in names if n != "Retrain"}
     return _run_and_write(args, device, log, methods, shares, list(range(args.seeds)), "comparison",
-                          f"people corpus: {args.seeds} seed(s), {_retain_fraction(args):.0%} of the retain data")
+                          f"people corpus: {args.seeds} seed(s), {_retain_fraction(args):.0%} of the retain data",
+                          frontier=True)

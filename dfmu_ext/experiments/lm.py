@@ -22,7 +22,6 @@ Authors and World Facts sets, which this corpus has no counterpart of).
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -240,44 +239,3 @@ def run_lm_comparison(methods: dict, *, shares=FORGET_SHARES, seeds=(0, 1, 2), r
     return {"runs": runs, "summary": aggregate(runs), "corpus": corpus.describe(),
             "config": {"shares": list(shares), "seeds": list(seeds), "retain_fraction": retain_fraction,
                        "arch": arch, "device": str(device)}}
-
-
-#: The panels of the LM plot, in order (their titles and scales as declared in dfmu_ext.eval.lm).
-PLOT_PANELS = tuple({m.key: m for m in LM_BATTERY}[k] for k in ("forget_acc", "forget_para_acc", "retain_acc",
-                                                                "mia_auc", "relearn_acc", "perplexity"))
-
-
-def plot_lm(summary: dict, path: str, title: str = "") -> None:
-    """One panel per metric; a group of bars per forget share, one bar per method (mean, std as error bar);
-    Retrain's value drawn as a dashed line over its group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .._io import save_figure_atomic
-
-    shares = sorted(summary)
-    methods = list(next(iter(summary.values())))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
-    width = 0.8 / max(1, len(methods))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, metric in zip(axes.flat, PLOT_PANELS):
-        key, scale = metric.key, metric.scale
-        for i, m in enumerate(methods):
-            xs = [g + (i - (len(methods) - 1) / 2) * width for g in range(len(shares))]
-            means = [summary[s][m].get(key, (math.nan, math.nan))[0] * scale for s in shares]
-            stds = [summary[s][m].get(key, (math.nan, math.nan))[1] * scale for s in shares]
-            ax.bar(xs, means, width, yerr=stds, capsize=2, label=m, color=colours[i % len(colours)])
-        if "Retrain" in methods:
-            for g, s in enumerate(shares):
-                ax.hlines(summary[s]["Retrain"][key][0] * scale, g - 0.45, g + 0.45, colors="black",
-                          linestyles="dashed", linewidth=1)
-        ax.set_xticks(range(len(shares)))
-        ax.set_xticklabels([f"forget {s:.0%}" for s in shares], fontsize=8)
-        ax.set_title(metric.axis, fontsize=10)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(methods), frameon=False, fontsize=9)
-    fig.suptitle(title or "entity unlearning (dashed: Retrain)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-    save_figure_atomic(fig, path)
