@@ -9,8 +9,10 @@ import os
 
 import pytest
 
+from dfmu_ext import cli
 from dfmu_ext.experiments import lm as lm_exp
-from dfmu_ext.experiments.lm_plots import FQ_FLOOR, frontier_points, plot_lm, plot_lm_frontier
+from dfmu_ext.experiments.lm_plots import (FQ_FLOOR, frontier_points, missing_references, plot_lm,
+                                            plot_lm_frontier)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,9 +51,24 @@ def test_frontier_points_by_hand():
 
 def test_frontier_points_need_the_references():
     summary = lm_exp.aggregate(RUNS)
+    assert missing_references(summary) is None
     del summary[0.1]["Retrain"]
+    assert missing_references(summary) == "forget share 0.1: the frontier needs the Retrain row(s)"
     with pytest.raises(ValueError, match="forget share 0.1: the frontier needs the Retrain row"):
         frontier_points(summary)
+
+
+def test_compare_without_a_retrain_row_skips_only_the_frontier(tmp_path, monkeypatch, capsys):
+    """A Retrain that failed leaves its row out: `dfmu compare --task lm` still writes its table and bars,
+    and says why there is no frontier (one line), instead of failing after every run."""
+    runs = [{**r, "methods": {m: v for m, v in r["methods"].items() if m != "Retrain"}} for r in RUNS]
+    monkeypatch.setattr(lm_exp, "run_lm_comparison", lambda *a, **k: {"runs": runs, "summary": lm_exp.aggregate(runs)})
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--task", "lm", "--seeds", "2", "--forget-shares", "0.01,0.1", "--methods", "GA",
+                     "--device", "cpu", "--out-dir", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["comparison.json", "comparison.png"]
+    printed = capsys.readouterr()
+    assert "no comparison_frontier.png: forget share 0.01: the frontier needs the Retrain row(s)" in printed.err + printed.out
 
 
 def test_plots_from_memory_and_from_json(tmp_path):

@@ -22,7 +22,7 @@ import math
 from ..eval.field import FORGET_QUALITY, MODEL_UTILITY
 from ..eval.lm import LM_BATTERY
 
-__all__ = ["PLOT_PANELS", "FQ_FLOOR", "plot_lm", "frontier_points", "plot_lm_frontier"]
+__all__ = ["PLOT_PANELS", "FQ_FLOOR", "plot_lm", "missing_references", "frontier_points", "plot_lm_frontier"]
 
 #: The panels of the LM plot, in order (their titles and scales as declared in dfmu_ext.eval.lm).
 PLOT_PANELS = tuple({m.key: m for m in LM_BATTERY}[k] for k in ("forget_acc", "forget_para_acc", "retain_acc",
@@ -75,16 +75,27 @@ def plot_lm(summary: dict, path: str, title: str = "") -> None:
     save_figure_atomic(fig, path)
 
 
+def missing_references(summary: dict) -> str | None:
+    """None when every forget share of ``summary`` has the ``Original`` and ``Retrain`` rows the frontier is
+    drawn against, else a one-line reason (the first share without them)."""
+    for share in sorted(summary, key=_share_key):
+        missing = [r for r in ("Original", "Retrain") if r not in summary[share]]
+        if missing:
+            return f"forget share {share}: the frontier needs the {' and '.join(missing)} row(s)"
+    return None
+
+
 def frontier_points(summary: dict) -> dict:
     """``{share: {method: (forget quality, relearning − Retrain's, model utility − original's)}}``, the last
     two in points (the means over seeds; see the module's docstring). Needs the ``Original`` and ``Retrain``
-    rows of every share; a method without one of the three measures gets NaN there."""
+    rows of every share (:func:`missing_references`; a ValueError otherwise); a method without one of the
+    three measures gets NaN there."""
+    reason = missing_references(summary)
+    if reason:
+        raise ValueError(reason)
     out = {}
     for share in sorted(summary, key=_share_key):
         rows = summary[share]
-        missing = [r for r in ("Original", "Retrain") if r not in rows]
-        if missing:
-            raise ValueError(f"forget share {share}: the frontier needs the {' and '.join(missing)} row(s)")
         mean = lambda m, k: rows[m][k][0] if k in rows[m] else math.nan  # noqa: E731
         out[_share_key(share)] = {
             m: (mean(m, FORGET_QUALITY.key),
