@@ -4,7 +4,7 @@ spread over 0.05-0.3. Run through ``benchmarks/keep_suite.py --setups <names>`` 
 or alone:
 
     python benchmarks/keep_suite_classes.py --setups digits-class-mlp --seeds 0,1,2 --out runs/keep_suite_classes
-    python benchmarks/keep_suite_classes.py --table runs/keep_suite_classes/keep_suite.json
+    python benchmarks/keep_suite_classes.py --table runs/keep_suite_classes/keep_suite.json [--plot frontier.png]
 
 Each run trains an original on all classes and Retrain on the retain classes only (the same recipe,
 the same initial weights), then applies, each to a copy of the original: head-mask (the trivial
@@ -248,6 +248,76 @@ def targets(results: dict, label: str = "DFMU, defaults") -> str:
     return "\n".join(lines)
 
 
+#: the frontier's row labels in the legend (the rest as they are)
+_FRONTIER_NAMES = {"Original": "Original (doing nothing)", "Retrain": "Retrain (the target)",
+                   "head-mask": "head-mask (the trivial baseline)",
+                   "DFMU, defaults without guard": "DFMU without the guard (the previous default)"}
+
+
+def frontier(results: dict, path: str, title: str = "") -> str:
+    """The whole-class frontier: per setup, the probe's paired gap to Retrain (x) against TA's (top) and
+    RA's (bottom) paired gaps (y), points, mean over seeds, one marker per row (Retrain at the origin, a
+    star; the original an X; every other row a hollow marker named once in the legend below, so no label
+    covers a point). The shaded band is issue 27's +-1 point. Written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import textwrap
+
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from dfmu_ext._io import save_figure_atomic
+
+    setups: dict[str, list[dict]] = {}
+    for key, run in results.items():
+        setups.setdefault(key.rsplit("/seed", 1)[0], []).append(run)
+    names = [n for n in setups if n in CLASS_SETUPS]
+    if not names:
+        raise ValueError("frontier: no run of a whole-class setup in these results")
+    labels = [lab for lab in ROWS if any(lab in r for runs in setups.values() for r in runs)]
+    styles, j = {}, 0
+    for lab in labels:
+        if lab == "Retrain":
+            styles[lab] = dict(marker="*", ms=15, color="black", zorder=2)
+        elif lab == "Original":
+            styles[lab] = dict(marker="X", ms=11, color="darkgray", zorder=2)
+        else:
+            styles[lab] = dict(marker="osD^vP<>ph"[j % 10], ms=9, color=plt.cm.tab10(j % 10), mfc="none", mew=1.8,
+                               zorder=3)
+            j += 1
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names) + 1, 7.4), squeeze=False, layout="constrained")
+    for col, name in enumerate(names):
+        runs = setups[name]
+        for row, key in enumerate(("ta", "ra")):
+            ax = axes[row][col]
+            ax.add_patch(Rectangle((-1, -1), 2, 2, color="tab:green", alpha=0.12, lw=0, zorder=0))
+            ax.axhline(0, color="black", lw=0.8, ls=":")
+            ax.axvline(0, color="black", lw=0.8, ls=":")
+            for lab in labels:
+                got = [r for r in runs if lab in r]
+                if not got:
+                    continue
+                x = _mean_std([100 * (r[lab]["probe"] - r["Retrain"]["probe"]) for r in got])[0]
+                y = _mean_std([100 * (r[lab][key] - r["Retrain"][key]) for r in got])[0]
+                ax.plot([x], [y], ls="none", **styles[lab])
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("probe − Retrain's (points)", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"{key.upper()} − Retrain's (points)", fontsize=8)
+            if row == 0:
+                ax.set_title(f"{name} ({len(runs)} seeds)", fontsize=9)
+    handles = [Line2D([], [], ls="none", label=_FRONTIER_NAMES.get(lab, lab), **styles[lab]) for lab in labels]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), max(2, len(names))), frameon=False,
+               fontsize=8)
+    title = title or ("whole classes: what the features still separate against what is kept (paired gaps to "
+                      "Retrain, mean over seeds; shaded: within 1 point of Retrain on both)")
+    fig.suptitle(textwrap.fill(title, 40 * len(names) + 20), fontsize=10)
+    save_figure_atomic(fig, path)
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/keep_suite_classes")
@@ -255,6 +325,7 @@ def main(argv=None):
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--table", help="print the tables of this keep_suite.json and stop")
     ap.add_argument("--rows", help="';'-separated method rows to run (default: all; Original and Retrain always)")
+    ap.add_argument("--plot", help="with --table: also draw the frontier (probe against TA and RA) to this PNG")
     args = ap.parse_args(argv)
     if args.table:
         with open(args.table) as f:
@@ -263,6 +334,8 @@ def main(argv=None):
         for label in ROWS[3:]:
             if any(label in r for r in results.values()):
                 print(targets(results, label) + "\n")
+        if args.plot:
+            print(f"wrote {frontier(results, args.plot)}")
         return 0
     torch.set_num_threads(1)
     results = {}
