@@ -342,9 +342,7 @@ def test_compare_smoke(tmp_path, monkeypatch, capsys):
 def test_merge_comparisons_pools_classes_and_prefers_reruns(tmp_path, monkeypatch, capsys):
     """benchmarks/merge_comparisons.py: one row per method over every (class, seed) pair; a failed
     run is replaced by a later successful re-run of the same (classes, method, fraction, seed)."""
-    import importlib.util
-    import os
-
+    from _benchmarks import load_benchmark
     from dfmu_ext.experiments import run_comparison
 
     monkeypatch.setenv("DFMU_CACHE", str(tmp_path / "cache"))
@@ -360,10 +358,7 @@ def test_merge_comparisons_pools_classes_and_prefers_reruns(tmp_path, monkeypatc
     run_comparison("digits", "mlp", [5], [0.13], 1, ["DFMU"], "cpu", str(tmp_path / "c5_rerun"), **kw)
     capsys.readouterr()
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_comparisons.py")
-    spec = importlib.util.spec_from_file_location("merge_comparisons", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("merge_comparisons")
     out = tmp_path / "merged"
     assert mod.main([str(tmp_path / d) for d in ("c3", "c5", "c5_rerun")] + ["--out-dir", str(out)]) == 0
     merged = json.loads((out / "comparison.json").read_text())

@@ -1,17 +1,14 @@
 """benchmarks/keep_suite_classes.py's frontier plot: drawn whole from a results file's shape, refused
 in one line when the results hold no whole-class setup."""
-import importlib.util
 import os
 
 import pytest
 
+from _benchmarks import load_benchmark
+
 
 def _module():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "keep_suite_classes.py")
-    spec = importlib.util.spec_from_file_location("keep_suite_classes", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("keep_suite_classes")
 
 
 def _run(shift: float) -> dict:

@@ -2,13 +2,13 @@
 run on the same originals (benchmarks/merge_lm_comparisons.py): points computed by hand, plots written
 whole, and bad inputs refused with nothing written."""
 import copy
-import importlib.util
 import json
 import math
 import os
 
 import pytest
 
+from _benchmarks import load_benchmark
 from dfmu_ext import cli
 from dfmu_ext.experiments import lm as lm_exp
 from dfmu_ext.experiments.lm_plots import (FQ_FLOOR, frontier_points, missing_references, plot_lm,
@@ -90,11 +90,7 @@ def test_plots_from_memory_and_from_json(tmp_path):
 
 
 def _merge_module():
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "merge_lm_comparisons.py")
-    spec = importlib.util.spec_from_file_location("merge_lm_comparisons", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("merge_lm_comparisons")
 
 
 def _report(runs):
