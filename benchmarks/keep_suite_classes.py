@@ -248,9 +248,8 @@ def targets(results: dict, label: str = "DFMU, defaults") -> str:
     return "\n".join(lines)
 
 
-#: the frontier's row labels in the legend (the rest as they are)
-_FRONTIER_NAMES = {"Original": "Original (doing nothing)", "Retrain": "Retrain (the target)",
-                   "head-mask": "head-mask (the trivial baseline)",
+#: the frontier's row labels in the legend beyond the references' (the rest as they are)
+_FRONTIER_NAMES = {"head-mask": "head-mask (the trivial baseline)",
                    "DFMU, defaults without guard": "DFMU without the guard (the previous default)"}
 
 
@@ -269,6 +268,7 @@ def frontier(results: dict, path: str, title: str = "") -> str:
     from matplotlib.patches import Rectangle
 
     from dfmu_ext._io import save_figure_atomic
+    from dfmu_ext.experiments.plots import legend_name, method_styles
 
     setups: dict[str, list[dict]] = {}
     for key, run in results.items():
@@ -277,16 +277,7 @@ def frontier(results: dict, path: str, title: str = "") -> str:
     if not names:
         raise ValueError("frontier: no run of a whole-class setup in these results")
     labels = [lab for lab in ROWS if any(lab in r for runs in setups.values() for r in runs)]
-    styles, j = {}, 0
-    for lab in labels:
-        if lab == "Retrain":
-            styles[lab] = dict(marker="*", ms=15, color="black", zorder=2)
-        elif lab == "Original":
-            styles[lab] = dict(marker="X", ms=11, color="darkgray", zorder=2)
-        else:
-            styles[lab] = dict(marker="osD^vP<>ph"[j % 10], ms=9, color=plt.cm.tab10(j % 10), mfc="none", mew=1.8,
-                               zorder=3)
-            j += 1
+    styles = method_styles(labels)
     fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names) + 1, 7.4), squeeze=False, layout="constrained")
     for col, name in enumerate(names):
         runs = setups[name]
@@ -308,7 +299,8 @@ def frontier(results: dict, path: str, title: str = "") -> str:
                 ax.set_ylabel(f"{key.upper()} − Retrain's (points)", fontsize=8)
             if row == 0:
                 ax.set_title(f"{name} ({len(runs)} seeds)", fontsize=9)
-    handles = [Line2D([], [], ls="none", label=_FRONTIER_NAMES.get(lab, lab), **styles[lab]) for lab in labels]
+    handles = [Line2D([], [], ls="none", label=_FRONTIER_NAMES.get(lab, legend_name(lab)), **styles[lab])
+               for lab in labels]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), max(2, len(names))), frameon=False,
                fontsize=8)
     title = title or ("whole classes: what the features still separate against what is kept (paired gaps to "

@@ -174,14 +174,14 @@ def _run_and_write(args, device, log, methods: dict, shares, seeds, stem: str, t
         write_json(batch.file(os.path.join(args.out_dir, f"{stem}.json")), result)
         lm_plots.plot_lm(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}.png")), title)
         missing = lm_plots.missing_references(result["summary"]) if frontier else None
-        if frontier and not missing:
+        drew = frontier and not missing
+        if drew:
             lm_plots.plot_lm_frontier(result["summary"], batch.file(os.path.join(args.out_dir, f"{stem}_frontier.png")),
                                       f"{title}: forgetting against what is kept")
         batch.publish()
     _print_table(result["summary"], log)
     if missing:   # (a Retrain that failed: the table and the bars still hold every method that ran)
         log(f"no {stem}_frontier.png: {missing}")
-    drew = frontier and not missing
     log(f"wrote {stem}.json, {stem}.png{f' and {stem}_frontier.png' if drew else ''} in {args.out_dir}")
     return 0
 

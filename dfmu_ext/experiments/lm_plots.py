@@ -21,6 +21,7 @@ import math
 
 from ..eval.field import FORGET_QUALITY, MODEL_UTILITY
 from ..eval.lm import LM_BATTERY
+from .plots import legend_name, method_styles
 
 __all__ = ["PLOT_PANELS", "FQ_FLOOR", "plot_lm", "missing_references", "frontier_points", "plot_lm_frontier"]
 
@@ -29,10 +30,6 @@ PLOT_PANELS = tuple({m.key: m for m in LM_BATTERY}[k] for k in ("forget_acc", "f
                                                                 "mia_auc", "relearn_acc", "perplexity"))
 #: The frontier's lowest forget quality drawn (the original's is ~1e-19: drawn here, so the axis stays legible).
 FQ_FLOOR = 1e-6
-#: The reference rows' markers (filled, under the methods'): Retrain is the target, the original doing nothing.
-_REFERENCES = {"Retrain": dict(marker="*", ms=16, color="black", zorder=2),
-               "Original": dict(marker="X", ms=12, color="darkgray", zorder=2)}
-_MARKERS = "osD^vP<>phd8H"
 
 
 def _share_key(share) -> float:
@@ -121,14 +118,7 @@ def plot_lm_frontier(summary: dict, path: str, title: str = "") -> str:
     points = frontier_points(summary)
     shares = list(points)
     methods = list(dict.fromkeys(m for rows in points.values() for m in rows))
-    styles, j = {}, 0
-    for m in methods:
-        if m in _REFERENCES:
-            styles[m] = _REFERENCES[m]
-        else:
-            styles[m] = dict(marker=_MARKERS[j % len(_MARKERS)], ms=9, color=plt.cm.tab10(j % 10), mfc="none",
-                             mew=1.8, zorder=3)
-            j += 1
+    styles = method_styles(methods)
     fig, axes = plt.subplots(2, len(shares), figsize=(4.6 * len(shares) + 1, 8.2), squeeze=False,
                              layout="constrained")
     for col, share in enumerate(shares):
@@ -150,8 +140,7 @@ def plot_lm_frontier(summary: dict, path: str, title: str = "") -> str:
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.set_ylabel("model utility − original's (points)", fontsize=8)
-    handles = [Line2D([], [], ls="none", label="Retrain (the target)" if m == "Retrain" else
-                      "Original (doing nothing)" if m == "Original" else m, **styles[m]) for m in methods]
+    handles = [Line2D([], [], ls="none", label=legend_name(m), **styles[m]) for m in methods]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=8)
     fig.suptitle(title or "forgetting against what is kept (mean over seeds)", fontsize=10)
     save_figure_atomic(fig, path)

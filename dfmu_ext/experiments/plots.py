@@ -12,7 +12,8 @@ from ..eval.evaluate import BATTERY
 from ..eval.metrics import METRICS
 from .runner import mean_std
 
-__all__ = ["plot_summary", "plot_comparison", "plot_frontier", "plot_scenario_frontier", "scenario_frontier_rows"]
+__all__ = ["plot_summary", "plot_comparison", "plot_frontier", "plot_scenario_frontier", "scenario_frontier_rows",
+           "method_styles", "legend_name"]
 
 #: The declared metrics the comparison plots read (their axis names from the declarations).
 _DECLARED = {m.key: m for m in (*METRICS, *BATTERY)}
@@ -170,6 +171,32 @@ _SCENARIO_AXES = {
 }
 #: Marker shapes of the methods (the star is Retrain's, the X the original's).
 _METHOD_MARKERS = "osD^vP<>phd8H"
+#: The reference rows' legend names.
+_REFERENCE_NAMES = {"Retrain": "Retrain (the target)", "Original": "Original (doing nothing)"}
+
+
+def method_styles(methods) -> dict[str, dict]:
+    """One marker style per method, for the frontier plots (``plt.plot(..., **style)``): Retrain a black
+    star and the original a grey X, both filled and drawn under the methods; every other method, in order,
+    its own hollow marker and ``tab10`` colour (a method on top of a reference point stays visible)."""
+    import matplotlib.pyplot as plt
+
+    styles, j = {}, 0
+    for m in methods:
+        if m == "Retrain":
+            styles[m] = dict(marker="*", ms=16, color="black", zorder=2)
+        elif m == "Original":
+            styles[m] = dict(marker="X", ms=12, color="darkgray", zorder=2)
+        else:
+            styles[m] = dict(marker=_METHOD_MARKERS[j % len(_METHOD_MARKERS)], ms=9, color=plt.cm.tab10(j % 10),
+                             mfc="none", mew=1.8, zorder=3)
+            j += 1
+    return styles
+
+
+def legend_name(method: str) -> str:
+    """A row's name in a frontier legend: the reference rows say what they are."""
+    return _REFERENCE_NAMES.get(method, method)
 
 
 def scenario_frontier_rows(runs: list[dict], kind: str) -> list[dict]:
@@ -215,7 +242,7 @@ def plot_scenario_frontier(runs_or_rows: list[dict], kind: str, out_path: str, t
     fig, ax = plt.subplots(figsize=(10, 5.4), layout="constrained")
     xmax = ymax = 0.0
     handles = []
-    j = 0
+    styles = method_styles([r["method"] for r in rows if math.isfinite(r["forget_gap"]["mean"])])   # (those drawn)
     for r in rows:
         m = r["method"]
         x, sx = r["forget_gap"]["mean"], r["forget_gap"]["std"]
@@ -226,19 +253,7 @@ def plot_scenario_frontier(runs_or_rows: list[dict], kind: str, out_path: str, t
             y, sy = 0.0, 0.0  # no cost measured (e.g. a coarse class without siblings)
         sx = sx if math.isfinite(sx) and sx > 0 else 0.0
         sy = sy if math.isfinite(sy) and sy > 0 else 0.0
-        # filled reference points below, hollow method markers above: a method on top of the original
-        # or of Retrain stays visible
-        if m == "Retrain":
-            style = dict(marker="*", ms=16, color="black", zorder=2)
-            name = "Retrain (the target)"
-        elif m == "Original":
-            style = dict(marker="X", ms=12, color="darkgray", zorder=2)
-            name = "Original (doing nothing)"
-        else:
-            style = dict(marker=_METHOD_MARKERS[j % len(_METHOD_MARKERS)], ms=9, color=plt.cm.tab10(j % 10),
-                         mfc="none", mew=1.8, zorder=3)
-            name = m
-            j += 1
+        style, name = styles[m], legend_name(m)
         if sx or sy:  # the gaps are absolute values: the bars stop at 0
             ax.errorbar([x], [y], xerr=[[min(sx, x)], [sx]], yerr=[[min(sy, y)], [sy]], fmt="none", capsize=3,
                         elinewidth=1, ecolor=style["color"], alpha=0.6, zorder=1)
